@@ -1,0 +1,53 @@
+# clinml project image: the `clinml` command line and the prediction service.
+#
+#   docker build -t clinml .
+#   docker run --rm -p 3000:3000 -v "$PWD/.clinml:/data" clinml            # serve
+#   docker run --rm -v "$PWD/.clinml:/data" clinml clinml monitor pathology --batch /data/b.parquet
+#
+# State (Feast repo, MLflow database, BentoML store, reports) lives in the /data volume
+# (CLINML_HOME); the image holds code only. For a self-contained image with the
+# champion baked in, build the bento instead: `clinml package pathology --build`, then
+# `bentoml containerize clinml:latest`.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN groupadd --gid 10001 clinml \
+    && useradd --uid 10001 --gid clinml --create-home --home-dir /home/clinml clinml
+
+WORKDIR /app
+
+# The CPU build of torch first, from PyTorch's index, so the pinned torch==2.13.0 in
+# pyproject.toml does not pull a multi-GB CUDA build. (GPU images: use a CUDA base and
+# drop the --index-url.)
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+
+COPY pyproject.toml README.md ./
+COPY clinml ./clinml
+COPY features ./features
+COPY training ./training
+COPY serving ./serving
+COPY monitoring ./monitoring
+COPY pipelines ./pipelines
+COPY configs ./configs
+RUN pip install . \
+    && mkdir -p /data \
+    && chown clinml:clinml /data
+
+ENV CLINML_HOME=/data \
+    CLINML_CONFIG_DIR=/app/configs \
+    BENTOML_HOME=/data/bentoml \
+    BENTOML_DO_NOT_TRACK=true \
+    CLINML_USECASE=pathology
+
+USER clinml
+VOLUME ["/data"]
+EXPOSE 3000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status == 200 else 1)"]
+
+CMD ["bentoml", "serve", "serving.service:ClinicalService", "--host", "0.0.0.0", "--port", "3000"]

@@ -1,0 +1,111 @@
+"""Deploy-time settings: where things run, read from ``CLINML_*`` environment variables.
+
+What a model *is* lives in the use-case spec (``clinml.spec``); where its state lives
+lives here. Every path a run writes is derived from one root, ``CLINML_HOME`` (default
+``./.clinml``), so deleting that directory resets the installation.
+
+Reading settings has no side effects: nothing is created until a stage writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The use-case specs shipped with the project sit beside the packages. In a bento or a
+# container the source tree is copied whole, so the same relative location holds there.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+class Settings(BaseSettings):
+    """Environment-driven settings (prefix ``CLINML_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CLINML_", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".clinml"),
+        description="Root of everything clinml writes: data, Feast, MLflow, BentoML, reports.",
+    )
+    config_dir: Path = Field(
+        default=DEFAULT_CONFIG_DIR,
+        description="Where use-case specs are looked up by name.",
+    )
+    usecase: str = Field(default="pathology", description="Use case the service serves.")
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking and registry URI; default: SQLite under CLINML_HOME.",
+    )
+    max_records_per_request: int = Field(
+        default=1000, ge=1, le=100_000, description="Cap on records in one /predict call."
+    )
+
+    @field_validator("home", "config_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.home)
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.paths.mlflow_db}"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every location under ``CLINML_HOME``, derived from the one root."""
+
+    home: Path
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.home / "mlflow" / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.home / "mlflow" / "artifacts"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.home / "bentoml"
+
+    def usecase(self, name: str) -> UseCasePaths:
+        return UseCasePaths(self.home / name)
+
+
+@dataclass(frozen=True)
+class UseCasePaths:
+    """Locations belonging to one use case."""
+
+    root: Path
+
+    @property
+    def offline(self) -> Path:
+        """Validated, identifier-free parquet: the Feast offline store's files."""
+        return self.root / "offline"
+
+    @property
+    def features_file(self) -> Path:
+        return self.offline / "features.parquet"
+
+    @property
+    def labels_file(self) -> Path:
+        return self.offline / "labels.parquet"
+
+    @property
+    def feast_repo(self) -> Path:
+        return self.root / "feast"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def batches(self) -> Path:
+        return self.root / "batches"

@@ -1,0 +1,301 @@
+"""The use-case spec: everything clinml knows about one dataset, in one YAML file.
+
+A team brings its own dataset by writing a spec, not code. The file is read as YAML,
+``${VAR}`` references in strings are expanded from the environment, and the result is
+validated by :class:`UseCaseSpec` (``extra="forbid"``, so a misspelt key is an error, not
+a silent default). Validation errors are re-raised as :class:`~clinml.errors.SpecError`
+with the file name and the field path, e.g.
+``configs/pathology.yaml: features[2].max: Input should be a valid number``.
+
+Usage::
+
+    spec = load_spec("pathology")              # configs/pathology.yaml
+    spec = load_spec("site/sepsis.yaml")       # any path
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from clinml.errors import SpecError
+
+Identifier = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$", max_length=63)]
+CandidateName = Literal["svm", "rf", "gbm", "mlp"]
+Metric = Literal["roc_auc", "accuracy", "precision", "recall", "f1"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    """Where the raw data comes from: a built-in loader or a CSV/Parquet file."""
+
+    loader: str | None = Field(default=None, description="Name of a built-in loader.")
+    path: Path | None = Field(
+        default=None, description="CSV or Parquet file (relative to the spec)."
+    )
+    seed: int = Field(default=0, description="Seed for loaders that synthesise columns.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SourceSpec:
+        if (self.loader is None) == (self.path is None):
+            raise ValueError("give exactly one of 'loader' or 'path'")
+        if self.path is not None and self.path.suffix.lower() not in {".csv", ".parquet"}:
+            raise ValueError("'path' must end in .csv or .parquet")
+        return self
+
+
+class EntitySpec(_Strict):
+    """The entity predictions are about (a patient) and its key column."""
+
+    name: Identifier = "patient"
+    key: Identifier = "patient_id"
+    description: str = ""
+
+
+class LabelSpec(_Strict):
+    """The outcome column and which of its two values is the positive class."""
+
+    column: Identifier
+    positive_class: str
+    negative_class: str
+
+    @model_validator(mode="after")
+    def _distinct(self) -> LabelSpec:
+        if self.positive_class == self.negative_class:
+            raise ValueError("positive_class and negative_class must differ")
+        return self
+
+
+class ColumnSpec(_Strict):
+    """One column: its type, unit and allowed values.
+
+    Numeric columns (``float``, ``int``) must declare ``min`` and ``max``; categorical
+    columns must declare ``categories``. These drive the data-quality gate and the
+    request schema of the service.
+    """
+
+    name: Identifier
+    type: Literal["float", "int", "category"]
+    unit: str | None = None
+    description: str = ""
+    min: float | None = None
+    max: float | None = None
+    categories: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_categories(self) -> ColumnSpec:
+        if self.type == "category":
+            if not self.categories:
+                raise ValueError("a category column needs a non-empty 'categories' list")
+            if self.min is not None or self.max is not None:
+                raise ValueError("a category column takes 'categories', not 'min'/'max'")
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError("'categories' has duplicates")
+        else:
+            if self.min is None or self.max is None:
+                raise ValueError(f"a {self.type} column needs both 'min' and 'max'")
+            if self.min > self.max:
+                raise ValueError("'min' is greater than 'max'")
+            if self.categories is not None:
+                raise ValueError(f"a {self.type} column takes 'min'/'max', not 'categories'")
+        return self
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.type != "category"
+
+
+class TrainingSpec(_Strict):
+    """How candidates are trained and compared."""
+
+    test_size: float = Field(default=0.25, gt=0.0, lt=0.9)
+    seed: int = 0
+    candidates: dict[CandidateName, dict[str, Any]] = Field(
+        default_factory=lambda: {"svm": {}, "rf": {}, "gbm": {}, "mlp": {}},
+        description="Candidate name -> hyperparameters (empty for defaults).",
+        min_length=1,
+    )
+
+
+class EvaluationSpec(_Strict):
+    """How a probability becomes a label."""
+
+    operating_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class MonitoringSpec(_Strict):
+    """How drift is tested (Evidently stat-test names) and when it alerts."""
+
+    numeric_method: Literal["ks", "wasserstein", "psi", "jensenshannon", "anderson"] = "ks"
+    categorical_method: Literal["chisquare", "z", "psi", "jensenshannon"] = "chisquare"
+
+    drift_share: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Dataset drift when at least this share of features drifted.",
+    )
+    column_threshold: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Per-feature threshold: a p-value below it (ks, chisquare, z) or a "
+        "distance above it (wasserstein, psi, jensenshannon) means the feature drifted.",
+    )
+
+
+class UseCaseSpec(_Strict):
+    """One use case: the data, the label, the features and the thresholds."""
+
+    name: Identifier
+    description: str = ""
+    source: SourceSpec
+    entity: EntitySpec = EntitySpec()
+    event_timestamp: Identifier = "event_timestamp"
+    label: LabelSpec
+    features: list[ColumnSpec] = Field(min_length=1, description="Model inputs, in order.")
+    attributes: list[ColumnSpec] = Field(
+        default_factory=list,
+        description="Columns kept for subgroup evaluation and monitoring, never model inputs.",
+    )
+    sensitive_attributes: list[Identifier] = Field(default_factory=list)
+    identifier_columns: list[Identifier] = Field(
+        default_factory=list, description="PHI columns, dropped at ingestion."
+    )
+    primary_metric: Metric = "roc_auc"
+    feature_service: str = Field(pattern=r"^[a-z_][a-z0-9_]*_v[0-9]+$")
+    training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
+
+    # Where the spec was read from; set by load_spec, never by the YAML itself.
+    _source_file: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _columns_consistent(self) -> UseCaseSpec:
+        names = [c.name for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"columns declared twice: {', '.join(dupes)}")
+        reserved = {self.entity.key, self.event_timestamp, self.label.column}
+        if len(reserved) != 3:
+            raise ValueError("entity.key, event_timestamp and label.column must be distinct")
+        clash = sorted(reserved & set(names))
+        if clash:
+            raise ValueError(f"{', '.join(clash)} cannot also be a feature or attribute")
+        unknown = sorted(set(self.sensitive_attributes) - set(names))
+        if unknown:
+            raise ValueError(f"sensitive_attributes not declared as columns: {', '.join(unknown)}")
+        phi = sorted(set(self.identifier_columns) & (set(names) | reserved))
+        if phi:
+            raise ValueError(
+                "identifier_columns are dropped at ingestion, so they cannot be used: "
+                + ", ".join(phi)
+            )
+        return self
+
+    @property
+    def source_file(self) -> Path | None:
+        """The YAML file this spec was loaded from, if any."""
+        return self._source_file
+
+    @property
+    def columns(self) -> list[ColumnSpec]:
+        """Features then attributes: everything stored in the feature store."""
+        return [*self.features, *self.attributes]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [c.name for c in self.features]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the validated spec, recorded with every model version."""
+        canonical = self.model_dump_json()
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise SpecError(f"{where}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, where) for v in value]
+    return value
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def resolve_spec_path(name_or_path: str | Path, config_dir: Path | None = None) -> Path:
+    """A spec given by name (``pathology``) is looked up in the config directory."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.parent != Path("."):
+        return candidate
+    from clinml.settings import Settings
+
+    directory = config_dir or Settings().config_dir
+    return directory / f"{name_or_path}.yaml"
+
+
+def load_spec(name_or_path: str | Path, config_dir: Path | None = None) -> UseCaseSpec:
+    """Read and validate a use-case spec.
+
+    Args:
+        name_or_path: a spec name looked up in ``config_dir`` (``CLINML_CONFIG_DIR``,
+            default ``configs/``), or a path to a YAML file.
+        config_dir: overrides the settings' config directory for name lookups.
+
+    Returns:
+        The validated spec; ``source.path`` is made absolute relative to the spec file.
+
+    Raises:
+        SpecError: the file is missing, is not YAML, or fails validation. The message
+            names the file and the field path.
+    """
+    path = resolve_spec_path(name_or_path, config_dir)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SpecError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of fields at the top level")
+    raw = _expand_env(raw, str(path))
+    try:
+        spec = UseCaseSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{_field_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SpecError(f"{path}: {problems[0]}{more}") from None
+    if spec.source.path is not None and not spec.source.path.is_absolute():
+        absolute = (path.parent / spec.source.path).resolve()
+        spec = spec.model_copy(update={"source": spec.source.model_copy(update={"path": absolute})})
+    spec._source_file = path.resolve()
+    return spec

@@ -1,0 +1,173 @@
+"""The ``clinml`` command line.
+
+Every command takes a use case by name (looked up in ``configs/``) or a spec path. Errors
+a user can act on are printed as one line with exit status 2; ``clinml monitor`` exits 0
+without drift and 1 with drift.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clinml.errors import ClinmlError
+
+app = typer.Typer(
+    name="clinml",
+    help="Clinical prediction models: validate, feature-store, train, register, serve, monitor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+UseCase = Annotated[
+    str, typer.Argument(help="Use-case name in configs/ (e.g. pathology) or a spec path.")
+]
+DataFile = Annotated[
+    Path | None,
+    typer.Option("--data", help="Ingest this CSV/Parquet file instead of the spec's source."),
+]
+
+
+def _setup(usecase: str):  # -> tuple[Settings, UseCaseSpec]
+    from clinml.spec import load_spec
+    from pipelines import runtime
+
+    settings = runtime.load_settings()
+    runtime.configure(settings)
+    return settings, load_spec(usecase, settings.config_dir)
+
+
+@app.command()
+def validate(usecase: UseCase, data: DataFile = None) -> None:
+    """Run the data-quality gate only; writes nothing. Exit 1 if the batch fails."""
+    from datetime import UTC, datetime
+
+    from clinml.tables import read_table
+    from features.ingest import load_raw, normalise_types
+    from features.validate import validate_frame
+
+    _, spec = _setup(usecase)
+    frame = (
+        load_raw(spec, datetime.now(UTC))
+        if data is None
+        else normalise_types(read_table(data), spec)
+    )
+    report = validate_frame(frame, spec)
+    typer.echo(f"{spec.name}: {report.summary()}")
+    for line in report.failures:
+        typer.echo(f"  - {line}")
+    raise typer.Exit(0 if report.success else 1)
+
+
+@app.command()
+def ingest(usecase: UseCase, data: DataFile = None) -> None:
+    """Validate the data, write the offline store, apply and materialize the Feast repo."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+
+    settings, spec = _setup(usecase)
+    stages.ingest(spec, settings, Progress(total=2), data=data)
+
+
+@app.command()
+def train(usecase: UseCase) -> None:
+    """Train every candidate, log them to MLflow, register the best as the champion."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+
+    settings, spec = _setup(usecase)
+    stages.train(spec, settings, Progress(total=1))
+
+
+@app.command()
+def package(
+    usecase: UseCase,
+    build: Annotated[bool, typer.Option("--build", help="Also run `bentoml build`.")] = False,
+) -> None:
+    """Import the champion into the BentoML store (and build the bento)."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+
+    settings, spec = _setup(usecase)
+    stages.package(spec, settings, Progress(total=2 if build else 1), build=build)
+
+
+@app.command()
+def run(usecase: UseCase, data: DataFile = None) -> None:
+    """ingest + train + package: the whole pipeline up to a servable champion."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+
+    settings, spec = _setup(usecase)
+    progress = Progress(total=4)
+    stages.ingest(spec, settings, progress, data=data)
+    stages.train(spec, settings, progress)
+    stages.package(spec, settings, progress)
+
+
+@app.command()
+def serve(
+    usecase: UseCase,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+) -> None:
+    """Serve the packaged champion with `bentoml serve` (foreground)."""
+    import subprocess
+
+    from serving.launch import serve_command, service_env
+
+    settings, spec = _setup(usecase)
+    typer.echo(f"serving {spec.name} on http://{host}:{port} (API docs at /docs)")
+    raise typer.Exit(
+        subprocess.call(serve_command(host, port), env=service_env(settings, spec.name))
+    )
+
+
+@app.command()
+def monitor(
+    usecase: UseCase,
+    batch: Annotated[Path, typer.Option(help="CSV/Parquet file of records to check.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Report directory (default: the use case's reports/).")
+    ] = None,
+) -> None:
+    """Drift of a batch against the champion's training reference. Exit 0 none, 1 drift."""
+    from clinml.tables import read_table
+    from pipelines import stages
+
+    settings, spec = _setup(usecase)
+    outcome = stages.monitor(spec, settings, read_table(batch), out)
+    typer.echo(outcome.line)
+    typer.echo(f"report: {outcome.html}\nverdict: {outcome.json}")
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def demo(
+    usecase: Annotated[str, typer.Argument(help="Built-in use case to run.")] = "pathology",
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Keep the service running afterwards.")
+    ] = False,
+    port: Annotated[int, typer.Option(help="Port for the service (a free one if busy).")] = 3000,
+) -> None:
+    """Run every stage on a built-in use case, call the service, check drift."""
+    from pipelines import demo as demo_pipeline
+
+    settings, spec = _setup(usecase)
+    demo_pipeline.run(spec, settings, port=port, keep_serving=serve)
+
+
+def main() -> None:
+    """Console entry point: ClinmlError -> one line on stderr, exit status 2."""
+    try:
+        app()
+    except ClinmlError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

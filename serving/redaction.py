@@ -1,0 +1,38 @@
+"""Keep submitted values out of the service's logs.
+
+BentoML logs every rejected request with its traceback, and a pydantic error for the
+request envelope (invalid JSON, an empty or oversized list) carries the raw input in its
+text. This filter replaces such a record with the error count, types and field paths.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# BentoML's HTTP app logs request exceptions here (bentoml._internal.server.http_app).
+BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"
+
+
+class RedactValidationErrors(logging.Filter):
+    """Drop the traceback and input of logged request-validation errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValidationError):
+            errors = exc.errors(include_input=False, include_context=False, include_url=False)
+            where = sorted({".".join(map(str, e["loc"])) or "(body)" for e in errors})
+            kinds = sorted({e["type"] for e in errors})
+            record.msg = "rejected request: %d validation error(s) %s at %s"
+            record.args = (len(errors), ",".join(kinds), ", ".join(where[:10]))
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install() -> None:
+    """Attach the filter to BentoML's HTTP logger (idempotent)."""
+    logger = logging.getLogger(BENTOML_HTTP_LOGGER)
+    if not any(isinstance(f, RedactValidationErrors) for f in logger.filters):
+        logger.addFilter(RedactValidationErrors())

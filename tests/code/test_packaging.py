@@ -1,0 +1,55 @@
+"""Static checks of the Dockerfile and bentofile (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from tests.conftest import PROJECT_ROOT
+
+
+def _instructions() -> list[tuple[str, str]]:
+    text = (PROJECT_ROOT / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n\s*", " ", text)  # fold line continuations
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_installs_the_project_and_runs_the_service_as_non_root() -> None:
+    steps = _instructions()
+    keywords = [k for k, _ in steps]
+    assert keywords[0] == "FROM" and "python:3.11" in steps[0][1]
+    runs = " ".join(rest for k, rest in steps if k == "RUN")
+    assert "pip install ." in runs
+    assert "torch==2.13.0" in runs
+    users = [rest for k, rest in steps if k == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+    assert keywords.index("USER") < keywords.index("CMD")
+    assert "useradd" in runs and users[-1] in runs
+    cmd = dict(steps)["CMD"]
+    assert "serving.service:ClinicalService" in cmd and "bentoml" in cmd
+    assert "HEALTHCHECK" in keywords and "/readyz" in dict(steps)["HEALTHCHECK"]
+
+
+def test_dockerfile_copies_every_package_it_installs() -> None:
+    copied = {rest.split()[0] for k, rest in _instructions() if k == "COPY"}
+    packages = ["clinml", "features", "training", "serving", "monitoring", "pipelines"]
+    for package in [*packages, "configs"]:
+        assert package in copied, package
+
+
+def test_bentofile_points_at_the_service_and_builds_offline() -> None:
+    bentofile = yaml.safe_load((PROJECT_ROOT / "bentofile.yaml").read_text())
+    assert bentofile["service"] == "serving.service:ClinicalService"
+    assert bentofile["python"]["lock_packages"] is False
+    assert "configs/*.yaml" in bentofile["include"]
+    pins = {p.split("==")[0]: p for p in bentofile["python"]["packages"] if "==" in p}
+    pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
+    for name in ("bentoml", "mlflow", "scikit-learn", "torch"):
+        assert f'"{pins[name]}"' in pyproject, f"{name} pinned differently in pyproject.toml"

@@ -1,0 +1,107 @@
+"""The Feast repo generated from a spec: point-in-time joins and materialization."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clinml.settings import Paths
+from clinml.spec import UseCaseSpec
+from features import ingest
+from features import store as feature_store
+from tests.conftest import NOW, make_tiny_frame
+
+pytestmark = pytest.mark.slow  # imports Feast and Great Expectations
+
+
+@pytest.fixture
+def published(tiny_spec: UseCaseSpec, tmp_path: Path):
+    """A tiny use case ingested and applied in a temporary data directory.
+
+    Patient T00000 gets a second, later feature row (heart_rate 199) 10 days after
+    its first one, so point-in-time retrieval has something to get wrong.
+    """
+    frame = make_tiny_frame(n=60)
+    first = frame.iloc[0]
+    late = first.copy()
+    late["event_timestamp"] = first["event_timestamp"] + timedelta(days=10)
+    late["heart_rate"] = 199.0
+    frame = pd.concat([frame, late.to_frame().T], ignore_index=True).astype(
+        {"heart_rate": float, "creatinine": float}
+    )
+    paths = Paths(tmp_path).usecase(tiny_spec.name)
+    ingest.run(tiny_spec, paths, NOW, frame=frame)
+    store = feature_store.open_store(tiny_spec, paths)
+    feature_store.apply(store, tiny_spec, paths)
+    return store, paths, frame, first
+
+
+def test_generated_repo_has_entity_view_and_versioned_service(
+    published, tiny_spec: UseCaseSpec
+) -> None:
+    store, paths, _, _ = published
+    assert (paths.feast_repo / "feature_store.yaml").is_file()
+    assert not list(paths.feast_repo.glob("*.py"))  # nothing for `feast apply` to import
+    assert [e.name for e in store.list_entities()] == ["patient"]
+    service = store.get_feature_service("tiny_v1")
+    [projection] = service.feature_view_projections
+    assert [f.name for f in projection.features] == ["heart_rate", "creatinine", "ward"]
+    assert feature_store.service_feature_refs(store, tiny_spec) == [
+        "tiny_features:heart_rate",
+        "tiny_features:creatinine",
+        "tiny_features:ward",
+    ]
+
+
+def test_a_value_that_arrives_later_is_not_used(published, tiny_spec: UseCaseSpec) -> None:
+    store, _, _, first = published
+    t0 = first["event_timestamp"]
+    events = pd.DataFrame(
+        {
+            "patient_id": [first["patient_id"]] * 3,
+            "event_timestamp": [
+                t0 + timedelta(days=5),
+                t0 + timedelta(days=10),
+                t0 - timedelta(days=1),
+            ],
+            "outcome": ["yes", "no", "no"],
+        }
+    )
+    frame = feature_store.training_frame(store, tiny_spec, events)
+    # Same order as the events, with features and the attribute joined.
+    assert list(frame["event_timestamp"]) == list(events["event_timestamp"])
+    assert list(frame.columns) == [
+        "patient_id",
+        "event_timestamp",
+        "outcome",
+        "heart_rate",
+        "creatinine",
+        "ward",
+        "site",
+    ]
+    assert frame.loc[0, "heart_rate"] == pytest.approx(first["heart_rate"])  # before the late row
+    assert frame.loc[1, "heart_rate"] == 199.0  # at the late row's timestamp
+    assert pd.isna(frame.loc[2, "heart_rate"])  # before any feature row: nothing, not a default
+
+
+def test_materialize_loads_the_newest_row_of_every_entity(
+    published, tiny_spec: UseCaseSpec
+) -> None:
+    """Guards against feast#5228 (the newest row skipped) as well as missing entities."""
+    store, _, frame, first = published
+    feature_store.materialize(
+        store,
+        tiny_spec,
+        frame["event_timestamp"].min() - timedelta(seconds=1),
+        NOW + timedelta(seconds=1),
+    )
+    ids = sorted(frame["patient_id"].unique())
+    online = feature_store.online_features(store, tiny_spec, [*ids, "nobody"])
+    known = online[online["patient_id"] != "nobody"]
+    assert len(known) == len(ids)
+    assert not known[["heart_rate", "creatinine", "ward"]].isna().any().any()
+    assert online.set_index("patient_id").loc[first["patient_id"], "heart_rate"] == 199.0
+    assert online.set_index("patient_id").loc["nobody"].isna().all()

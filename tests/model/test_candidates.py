@@ -1,0 +1,117 @@
+"""Each candidate trains on a small frame, and a fitted model survives save and load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clinml.errors import SpecError
+from clinml.spec import UseCaseSpec
+from tests.conftest import make_tiny_frame
+from training import model_io
+from training.candidates import CANDIDATES, build_pipeline
+from training.evaluate import evaluate
+
+
+@pytest.fixture(scope="module")
+def split(tiny_spec: UseCaseSpec):
+    frame = make_tiny_frame(n=600, seed=11)
+    y = (frame["outcome"] == "yes").to_numpy(dtype=int)
+    x = frame[tiny_spec.feature_names]
+    return x.iloc[:450], y[:450], x.iloc[450:], y[450:]
+
+
+def test_registry_has_the_four_candidates() -> None:
+    assert set(CANDIDATES) == {"svm", "rf", "gbm", "mlp"}
+
+
+@pytest.mark.parametrize("name", sorted(CANDIDATES))
+def test_candidate_learns_the_signal(name: str, tiny_spec: UseCaseSpec, split) -> None:
+    x_train, y_train, x_test, y_test = split
+    params = tiny_spec.training.candidates[name]
+    model = build_pipeline(name, tiny_spec, params, seed=0).fit(x_train, y_train)
+    probability = model.predict_proba(x_test)[:, 1]
+    assert probability.shape == (len(x_test),)
+    assert np.all((probability >= 0) & (probability <= 1))
+    metrics = evaluate(y_test, probability, operating_threshold=0.5)
+    # The outcome is a logistic function of the features: any working model beats 0.7.
+    assert metrics["roc_auc"] > 0.7, metrics
+    assert set(metrics) == {"roc_auc", "accuracy", "precision", "recall", "f1"}
+
+
+def test_mlp_is_seeded(tiny_spec: UseCaseSpec, split) -> None:
+    x_train, y_train, x_test, _ = split
+    params = tiny_spec.training.candidates["mlp"]
+    first = (
+        build_pipeline("mlp", tiny_spec, params, seed=5).fit(x_train, y_train).predict_proba(x_test)
+    )
+    second = (
+        build_pipeline("mlp", tiny_spec, params, seed=5).fit(x_train, y_train).predict_proba(x_test)
+    )
+    np.testing.assert_array_equal(first, second)
+
+
+def test_unknown_hyperparameter_is_a_spec_error(tiny_spec: UseCaseSpec) -> None:
+    with pytest.raises(SpecError, match=r"training.candidates.rf: .*n_trees"):
+        build_pipeline("rf", tiny_spec, {"n_trees": 5}, seed=0)
+
+
+def test_unseen_category_is_encoded_as_zeros_not_an_error(tiny_spec: UseCaseSpec, split) -> None:
+    x_train, y_train, x_test, _ = split
+    model = build_pipeline("rf", tiny_spec, {"n_estimators": 10}, seed=0).fit(x_train, y_train)
+    odd = x_test.head(2).assign(ward="maternity")
+    assert model.predict_proba(odd).shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", sorted(CANDIDATES))
+def test_saved_model_loads_with_identical_probabilities(
+    name: str, tiny_spec: UseCaseSpec, split, tmp_path: Path
+) -> None:
+    x_train, y_train, x_test, _ = split
+    model = build_pipeline(name, tiny_spec, tiny_spec.training.candidates[name], seed=0).fit(
+        x_train, y_train
+    )
+    model_io.save(model, tmp_path / "m", {"features": tiny_spec.feature_names})
+    loaded = model_io.load(tmp_path / "m")
+    shuffled = x_test[list(reversed(x_test.columns))]  # columns are matched by name
+    np.testing.assert_allclose(
+        loaded.predict_proba(shuffled), model.predict_proba(x_test)[:, 1], rtol=0, atol=1e-12
+    )
+
+
+def test_loading_refuses_a_corrupted_file(tiny_spec: UseCaseSpec, split, tmp_path: Path) -> None:
+    x_train, y_train, _, _ = split
+    model = build_pipeline("gbm", tiny_spec, {"max_iter": 5}, seed=0).fit(x_train, y_train)
+    directory = model_io.save(model, tmp_path / "m", {"features": tiny_spec.feature_names})
+    with (directory / model_io.MODEL_FILE).open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(model_io.ModelLoadError, match="SHA-256 differs"):
+        model_io.load(directory)
+
+
+class Intruder:
+    """A type outside the allow-list (sklearn, numpy, training)."""
+
+    def __init__(self) -> None:
+        self.payload = "anything"
+
+
+def test_loading_refuses_untrusted_types(tmp_path: Path) -> None:
+    import skops.io
+
+    directory = tmp_path / "m"
+    directory.mkdir()
+    skops.io.dump({"model": Intruder()}, directory / model_io.MODEL_FILE)
+    manifest = {
+        "format": model_io.FORMAT,
+        "features": ["a"],
+        "sha256": model_io.sha256_of(directory / model_io.MODEL_FILE),
+    }
+    (directory / model_io.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(
+        model_io.ModelLoadError, match=r"untrusted types \['tests.model.test_candidates.Intruder'\]"
+    ):
+        model_io.load(directory)

@@ -1,0 +1,78 @@
+"""The drift verdict: quiet on data like the reference, loud on shifted data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clinml.errors import ClinmlError
+from clinml.spec import UseCaseSpec
+from monitoring import drift
+from tests.conftest import make_tiny_frame
+
+pytestmark = pytest.mark.slow  # imports Evidently
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return make_tiny_frame(n=800, seed=100)
+
+
+def test_an_unshifted_batch_shows_no_drift(
+    tiny_spec: UseCaseSpec, reference, tmp_path: Path
+) -> None:
+    verdict = drift.run(tiny_spec, reference, make_tiny_frame(n=200, seed=101), tmp_path)
+    assert not verdict.drift
+    assert verdict.exit_code == 0
+    assert verdict.line().startswith("no drift:")
+    assert {f.feature for f in verdict.features} == {"heart_rate", "creatinine", "ward"}
+
+
+# A constant column (every ward "icu") makes Evidently's correlation summary divide by zero.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+def test_a_shifted_batch_shows_drift(tiny_spec: UseCaseSpec, reference, tmp_path: Path) -> None:
+    shifted = make_tiny_frame(n=200, seed=102)
+    shifted["creatinine"] *= 88.4  # the lab switched to µmol/L (clipped to the allowed max below)
+    shifted["creatinine"] = shifted["creatinine"].clip(upper=20)
+    shifted["ward"] = "icu"
+    verdict = drift.run(tiny_spec, reference, shifted, tmp_path)
+    assert verdict.drift
+    assert verdict.exit_code == 1
+    assert {f.feature for f in verdict.drifted_features} == {"creatinine", "ward"}
+    assert verdict.drifted_share == pytest.approx(2 / 3)
+    assert verdict.line().startswith("DRIFT: 2 of 3 features drifted (67%; alert at 50%)")
+
+    written = json.loads((tmp_path / drift.JSON_FILE).read_text())
+    assert written["drift"] is True
+    assert sorted(written["drifted_features"]) == ["creatinine", "ward"]
+    by_name = {f["feature"]: f for f in written["features"]}
+    assert (by_name["creatinine"]["method"], by_name["creatinine"]["score_kind"]) == (
+        "ks",
+        "p_value",
+    )
+    assert by_name["creatinine"]["score"] < by_name["creatinine"]["threshold"] == 0.05
+    assert (by_name["ward"]["method"], by_name["ward"]["score_kind"]) == ("chisquare", "p_value")
+    html = (tmp_path / drift.HTML_FILE).read_text()
+    assert "<html" in html.lower() and len(html) > 10_000
+
+
+def test_drift_share_threshold_comes_from_the_spec(
+    tiny_spec: UseCaseSpec, reference, tmp_path: Path
+) -> None:
+    shifted = make_tiny_frame(n=200, seed=103).assign(ward="icu")  # one of three features
+    strict = tiny_spec.model_copy(
+        update={"monitoring": tiny_spec.monitoring.model_copy(update={"drift_share": 0.3})}
+    )
+    assert not drift.run(tiny_spec, reference, shifted, tmp_path).drift
+    assert drift.run(strict, reference, shifted, tmp_path).drift
+
+
+def test_a_batch_without_the_features_is_an_error(
+    tiny_spec: UseCaseSpec, reference, tmp_path: Path
+) -> None:
+    with pytest.raises(ClinmlError, match="the batch lacks feature columns: heart_rate"):
+        drift.run(tiny_spec, reference, reference.drop(columns=["heart_rate"]), tmp_path)
+    with pytest.raises(ClinmlError, match="the batch is empty"):
+        drift.run(tiny_spec, reference, reference.head(0), tmp_path)

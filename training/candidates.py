@@ -1,0 +1,90 @@
+"""The candidate models, as an explicit registry.
+
+Every candidate is a scikit-learn ``Pipeline``: the shared preprocessing (standardised
+numeric features, one-hot categories) followed by the candidate's classifier. Adding a
+candidate means adding one entry to ``CANDIDATES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sklearn.base import ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.svm import SVC
+
+from clinml.errors import SpecError
+from clinml.spec import UseCaseSpec
+from training.mlp import TorchMLPClassifier
+
+
+def _svm(params: dict[str, Any], seed: int) -> ClassifierMixin:
+    # SVC(probability=True) is deprecated in scikit-learn 1.9; Platt scaling fitted
+    # on cross-validated decision values is its documented replacement.
+    return CalibratedClassifierCV(
+        SVC(**{"C": 1.0, "kernel": "rbf", **params, "random_state": seed}),
+        method="sigmoid",
+        ensemble=False,
+        cv=5,
+    )
+
+
+def _random_forest(params: dict[str, Any], seed: int) -> ClassifierMixin:
+    return RandomForestClassifier(
+        **{"n_estimators": 200, "n_jobs": -1, **params, "random_state": seed}
+    )
+
+
+def _gradient_boosting(params: dict[str, Any], seed: int) -> ClassifierMixin:
+    return HistGradientBoostingClassifier(**{**params, "random_state": seed})
+
+
+def _mlp(params: dict[str, Any], seed: int) -> ClassifierMixin:
+    return TorchMLPClassifier(**{**params, "seed": seed})
+
+
+CANDIDATES: dict[str, Callable[[dict[str, Any], int], ClassifierMixin]] = {
+    "svm": _svm,
+    "rf": _random_forest,
+    "gbm": _gradient_boosting,
+    "mlp": _mlp,
+}
+
+
+def make_preprocessor(spec: UseCaseSpec) -> ColumnTransformer:
+    """Standardise numeric features and one-hot encode categories (unknowns -> all zeros)."""
+    numeric = [c.name for c in spec.features if c.is_numeric]
+    categorical = [c for c in spec.features if not c.is_numeric]
+    steps: list[tuple[str, Any, list[str]]] = []
+    if numeric:
+        steps.append(("numeric", StandardScaler(), numeric))
+    if categorical:
+        encoder = OneHotEncoder(
+            categories=[c.categories for c in categorical],
+            handle_unknown="ignore",
+            sparse_output=False,
+        )
+        steps.append(("categorical", encoder, [c.name for c in categorical]))
+    return ColumnTransformer(steps, remainder="drop", verbose_feature_names_out=False)
+
+
+def build_pipeline(name: str, spec: UseCaseSpec, params: dict[str, Any], seed: int) -> Pipeline:
+    """Preprocessing plus the named candidate.
+
+    Raises:
+        SpecError: the candidate is unknown or a hyperparameter is not accepted.
+    """
+    if name not in CANDIDATES:
+        raise SpecError(
+            f"training.candidates: unknown candidate '{name}' (known: {', '.join(CANDIDATES)})"
+        )
+    try:
+        model = CANDIDATES[name](params, seed)
+    except TypeError as exc:
+        raise SpecError(f"training.candidates.{name}: {exc}") from None
+    return Pipeline([("preprocess", make_preprocessor(spec)), ("model", model)])

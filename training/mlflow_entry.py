@@ -1,0 +1,8 @@
+"""MLflow "models from code" entry point: MLflow copies this file into every logged model
+and runs it at load time instead of unpickling an object."""
+
+from mlflow.models import set_model
+
+from training.pyfunc import ClinicalPyfunc
+
+set_model(ClinicalPyfunc())
