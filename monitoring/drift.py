@@ -79,9 +79,10 @@ def _score_kind(method: str) -> str:
     return "p_value" if method in P_VALUE_METHODS or "p_value" in method else "distance"
 
 
-def _severity(column: FeatureDrift) -> tuple[bool, float]:
-    """Drifted first, most severe first: low p-values, or large distances."""
-    return (not column.drifted, column.score if column.score_kind == "p_value" else -column.score)
+def _severity(column: FeatureDrift) -> tuple[bool, float, str]:
+    """Drifted first, most severe first (low p-values, large distances), then by name."""
+    score = column.score if column.score_kind == "p_value" else -column.score
+    return (not column.drifted, score, column.feature)
 
 
 def _check_columns(frame: pd.DataFrame, spec: UseCaseSpec, what: str) -> None:

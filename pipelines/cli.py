@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clinml.errors import ClinmlError
+from clinml.errors import ClinmlError, NotReadyError
+
+if TYPE_CHECKING:
+    from clinml.settings import Settings
+    from clinml.spec import UseCaseSpec
 
 app = typer.Typer(
     name="clinml",
@@ -32,7 +36,7 @@ DataFile = Annotated[
 ]
 
 
-def _setup(usecase: str):  # -> tuple[Settings, UseCaseSpec]
+def _setup(usecase: str) -> tuple[Settings, UseCaseSpec]:
     from clinml.spec import load_spec
     from pipelines import runtime
 
@@ -118,10 +122,20 @@ def serve(
     """Serve the packaged champion with `bentoml serve` (foreground)."""
     import subprocess
 
+    import bentoml
+    from bentoml.exceptions import NotFound
+
     from serving.launch import serve_command, service_env
 
     settings, spec = _setup(usecase)
-    typer.echo(f"serving {spec.name} on http://{host}:{port} (API docs at /docs)")
+    try:
+        bentoml.models.get(f"{spec.name}:latest")
+    except NotFound:
+        raise NotReadyError(
+            f"no packaged model for '{spec.name}': run `clinml package {spec.name}` first"
+        ) from None
+    url = f"http://{host}:{port}"
+    typer.echo(f"serving {spec.name} on {url} (API docs: {url}/, OpenAPI: {url}/docs.json)")
     raise typer.Exit(
         subprocess.call(serve_command(host, port), env=service_env(settings, spec.name))
     )

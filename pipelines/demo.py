@@ -40,6 +40,9 @@ def _write_batches(spec: UseCaseSpec, settings: Settings) -> dict[str, pd.DataFr
     paths.batches.mkdir(parents=True, exist_ok=True)
     for name, frame in batches.items():
         frame.to_parquet(paths.batches / f"{name}.parquet", index=False)
+    # A ready-made request body for trying the service by hand (curl -d @request.json).
+    example = {"records": batches["unshifted"][spec.feature_names].head(3).to_dict("records")}
+    (paths.batches / "request.json").write_text(json.dumps(example, indent=2))
     return batches
 
 
@@ -96,9 +99,7 @@ def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) ->
                 progress.detail(f"{name:>9} batch of {len(batch)}: {outcome.line}")
         _where_next(spec, settings, service.url, outcomes, keep_serving)
         if keep_serving:
-            typer.echo(
-                f"\nServing on {service.url} (API docs: {service.url}/docs). Ctrl-C to stop."
-            )
+            typer.echo(f"\nServing on {service.url} (API docs: {service.url}/). Ctrl-C to stop.")
             try:
                 service.wait()
             except KeyboardInterrupt:
@@ -122,7 +123,7 @@ def _where_next(
         "  MLflow UI:                  .venv/bin/mlflow ui --backend-store-uri "
         f"{settings.mlflow_uri}"
         " --port 5000   (then open http://127.0.0.1:5000)",
-        f"  service API docs:           {url}/docs"
+        f"  service API docs:           {url}/  (OpenAPI: {url}/docs.json)"
         + ("" if serving else f"   (run `clinml serve {spec.name}` first)"),
         f"  drift report (shifted):     {outcomes['shifted'].html}",
         f"  drift verdict (JSON):       {outcomes['shifted'].json}",

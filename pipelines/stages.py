@@ -46,8 +46,8 @@ def ingest(
     with progress.step(f"publish features to Feast (feature service {spec.feature_service})"):
         store = feature_store.open_store(spec, paths)
         feature_store.apply(store, spec, paths)
-        events = pd.read_parquet(paths.labels_file, columns=[spec.event_timestamp])
-        start = events[spec.event_timestamp].min() - timedelta(seconds=1)
+        stamps = pd.read_parquet(paths.features_file, columns=[spec.event_timestamp])
+        start = stamps[spec.event_timestamp].min() - timedelta(seconds=1)
         feature_store.materialize(store, spec, start.to_pydatetime(), now + timedelta(seconds=1))
         progress.detail(f"Feast repo: {paths.feast_repo} (online store: SQLite)")
 

@@ -5,8 +5,8 @@ or directly: ``bentoml serve serving.service:ClinicalService``. The use case com
 ``CLINML_USECASE``; its spec generates the request schema, and the model is the
 ``champion`` imported into the BentoML store by ``clinml package``.
 
-Endpoints: ``POST /predict`` plus BentoML's ``/livez``, ``/readyz``, ``/metrics`` and the
-OpenAPI docs at ``/docs``.
+Endpoints: ``POST /predict`` plus BentoML's ``/livez``, ``/readyz``, ``/metrics``, and
+the API docs page (Swagger UI) at ``/`` with the OpenAPI document at ``/docs.json``.
 """
 
 from __future__ import annotations

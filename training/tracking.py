@@ -72,7 +72,10 @@ class Tracker:
 
         try:
             return self.client.get_model_version_by_alias(model_name, alias)
-        except MlflowException:
+        except MlflowException as exc:
+            # A missing model or alias; anything else (an unreachable store) propagates.
+            if exc.error_code not in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+                raise
             raise NotReadyError(
                 f"no '{alias}' version of model '{model_name}' in {self.uri}: "
                 f"run `clinml train {model_name}` first"

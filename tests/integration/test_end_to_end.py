@@ -162,6 +162,8 @@ def test_health_and_openapi(client) -> None:
     assert client.get("/readyz").status_code == 200
     schema = client.get("/docs.json").json()
     assert "/predict" in schema["paths"]
+    docs_page = client.get("/")
+    assert docs_page.status_code == 200 and "swagger" in docs_page.text.lower()
 
 
 def test_monitor_cli_exit_codes(pipeline, home: Path, pathology_spec: UseCaseSpec) -> None:
