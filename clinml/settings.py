@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from clinml.pseudonym import DEVELOPMENT_KEY, Pseudonymiser
 
 # The use-case specs shipped with the project sit beside the packages. In a bento or a
 # container the source tree is copied whole, so the same relative location holds there.
@@ -39,6 +41,11 @@ class Settings(BaseSettings):
         default=None,
         description="MLflow tracking and registry URI; default: SQLite under CLINML_HOME.",
     )
+    pseudonym_key: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_KEY),
+        description="Key of the keyed hash that pseudonymises patient ids. The default is "
+        "a public development key; production must set its own.",
+    )
     max_records_per_request: int = Field(
         default=1000, ge=1, le=100_000, description="Cap on records in one /predict call."
     )
@@ -51,6 +58,9 @@ class Settings(BaseSettings):
     @property
     def paths(self) -> Paths:
         return Paths(self.home)
+
+    def pseudonymiser(self) -> Pseudonymiser:
+        return Pseudonymiser(self.pseudonym_key.get_secret_value())
 
     @property
     def mlflow_uri(self) -> str:

@@ -43,11 +43,16 @@ class SourceSpec(_Strict):
         default=None, description="CSV or Parquet file (relative to the spec)."
     )
     seed: int = Field(default=0, description="Seed for loaders that synthesise columns.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the loader (e.g. n_patients)."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SourceSpec:
         if (self.loader is None) == (self.path is None):
             raise ValueError("give exactly one of 'loader' or 'path'")
+        if self.path is not None and self.options:
+            raise ValueError("'options' only applies to a 'loader'")
         if self.path is not None and self.path.suffix.lower() not in {".csv", ".parquet"}:
             raise ValueError("'path' must end in .csv or .parquet")
         return self
@@ -59,6 +64,11 @@ class EntitySpec(_Strict):
     name: Identifier = "patient"
     key: Identifier = "patient_id"
     description: str = ""
+    generated: bool = Field(
+        default=False,
+        description="The data has no entity ids: ingestion derives one per row from its "
+        "content, so every row is its own patient (see docs/byod.md).",
+    )
 
 
 class LabelSpec(_Strict):
@@ -67,6 +77,11 @@ class LabelSpec(_Strict):
     column: Identifier
     positive_class: str
     negative_class: str
+    known_at: Identifier | None = Field(
+        default=None,
+        description="Column saying when each label became known. Rows whose label is not "
+        "known yet (null) are stored as features but are not training events.",
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> LabelSpec:
@@ -90,6 +105,11 @@ class ColumnSpec(_Strict):
     min: float | None = None
     max: float | None = None
     categories: list[str] | None = None
+    nullable: bool = Field(
+        default=False,
+        description="Null is a legitimate value (e.g. a lab not ordered); the model "
+        "imputes it explicitly. Otherwise a null fails the quality gate.",
+    )
 
     @model_validator(mode="after")
     def _range_or_categories(self) -> ColumnSpec:
@@ -123,6 +143,42 @@ class TrainingSpec(_Strict):
         default_factory=lambda: {"svm": {}, "rf": {}, "gbm": {}, "mlp": {}},
         description="Candidate name -> hyperparameters (empty for defaults).",
         min_length=1,
+    )
+
+
+class QualitySpec(_Strict):
+    """Tolerances of the expectations learned from the reference data.
+
+    The first accepted batch becomes the reference profile (observed ranges, null
+    rates, category sets, label rate); later batches must stay within these tolerances
+    of it, on top of the spec's own hard limits.
+    """
+
+    range_margin: float = Field(
+        default=0.25,
+        ge=0.0,
+        description="A value may exceed the reference's observed range by this fraction of "
+        "its width (still within the spec's min/max).",
+    )
+    out_of_range_share: float = Field(
+        default=0.001,
+        ge=0.0,
+        lt=1.0,
+        description="Share of rows allowed outside the learned range before the batch fails.",
+    )
+    null_rate_margin: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Allowed rise of a nullable column's null rate."
+    )
+    label_rate_band: tuple[float, float] | None = Field(
+        default=None,
+        description="Allowed positive-label rate; default: the reference rate x [0.5, 1.5], "
+        "widened by 3 binomial standard errors for the batch size.",
+    )
+    unseen_category_share: float = Field(
+        default=0.01,
+        ge=0.0,
+        lt=1.0,
+        description="Share of rows allowed in declared categories never seen in the reference.",
     )
 
 
@@ -161,6 +217,11 @@ class UseCaseSpec(_Strict):
     source: SourceSpec
     entity: EntitySpec = EntitySpec()
     event_timestamp: Identifier = "event_timestamp"
+    event_timestamp_generated: bool = Field(
+        default=False,
+        description="The data has no timestamps: ingestion stamps every row of a batch with "
+        "the ingestion time (see docs/byod.md).",
+    )
     label: LabelSpec
     features: list[ColumnSpec] = Field(min_length=1, description="Model inputs, in order.")
     attributes: list[ColumnSpec] = Field(
@@ -173,6 +234,13 @@ class UseCaseSpec(_Strict):
     )
     primary_metric: Metric = "roc_auc"
     feature_service: str = Field(pattern=r"^[a-z_][a-z0-9_]*_v[0-9]+$")
+    feature_ttl_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a feature value stays valid; older online values are stale. "
+        "None: valid until replaced.",
+    )
+    quality: QualitySpec = QualitySpec()
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
@@ -189,6 +257,10 @@ class UseCaseSpec(_Strict):
         reserved = {self.entity.key, self.event_timestamp, self.label.column}
         if len(reserved) != 3:
             raise ValueError("entity.key, event_timestamp and label.column must be distinct")
+        if self.label.known_at is not None:
+            if self.label.known_at in reserved | set(names):
+                raise ValueError("label.known_at must be a column of its own")
+            reserved.add(self.label.known_at)
         clash = sorted(reserved & set(names))
         if clash:
             raise ValueError(f"{', '.join(clash)} cannot also be a feature or attribute")

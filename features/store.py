@@ -15,8 +15,9 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -49,6 +50,19 @@ def view_name(spec: UseCaseSpec) -> str:
     return f"{spec.name}_features"
 
 
+def registry_tags(spec: UseCaseSpec) -> dict[str, str]:
+    """Tags on every registered object: which use case and spec version made it."""
+    return {
+        "clinml.usecase": spec.name,
+        "clinml.spec_sha256": spec.fingerprint()[:16],
+        "clinml.entity_ids": "pseudonymised",
+    }
+
+
+def ttl(spec: UseCaseSpec) -> timedelta | None:
+    return None if spec.feature_ttl_days is None else timedelta(days=spec.feature_ttl_days)
+
+
 def _feast_type(column: ColumnSpec) -> Any:
     from feast.types import Float64, Int64, String
 
@@ -69,7 +83,8 @@ def make_source(spec: UseCaseSpec, paths: UseCasePaths) -> Any:
         name=f"{spec.name}_source",
         path=str(paths.features_file),
         timestamp_field=spec.event_timestamp,
-        description=f"Validated {spec.name} features written by clinml ingest.",
+        description=f"Validated, pseudonymised {spec.name} features written by clinml ingest.",
+        tags=registry_tags(spec),
     )
 
 
@@ -95,29 +110,38 @@ def definitions(spec: UseCaseSpec, paths: UseCasePaths) -> Definitions:
         name=spec.entity.name,
         join_keys=[spec.entity.key],
         value_type=ValueType.STRING,
-        description=spec.entity.description,
+        description=spec.entity.description or f"The {spec.entity.name}, by pseudonymous id.",
+        tags=registry_tags(spec),
     )
     source = make_source(spec, paths)
     # Why: one view holds the model inputs and the subgroup attributes, so a training
-    # frame and its subgroups come from the same point-in-time join. No TTL: every
-    # value stays valid until a newer one arrives (staleness rules come with serving).
+    # frame and its subgroups come from the same point-in-time join. Its TTL is the
+    # spec's: older values are not joined in training and are reported stale online.
     view = FeatureView(
         name=view_name(spec),
         entities=[entity],
         schema=[
-            Field(name=c.name, dtype=_feast_type(c), description=c.description)
+            Field(
+                name=c.name,
+                dtype=_feast_type(c),
+                description=c.description + (f" [{c.unit}]" if c.unit else ""),
+                tags={"unit": c.unit or "", "type": c.type},
+            )
             for c in spec.columns
         ],
         source=source,
+        ttl=ttl(spec),
         online=True,
-        description=spec.description,
+        description=spec.description or f"Features of {spec.name}.",
+        tags=registry_tags(spec),
     )
     # Why: the versioned contract between training and serving: exactly the model
     # inputs, in spec order. A model records the service it was trained on.
     service = FeatureService(
         name=spec.feature_service,
         features=[view[spec.feature_names]],
-        description=f"Model inputs for {spec.name}.",
+        description=f"Model inputs for {spec.name}, in spec order.",
+        tags=registry_tags(spec),
     )
     return Definitions(entity, source, view, service)
 
@@ -142,12 +166,51 @@ def apply(store: FeatureStore, spec: UseCaseSpec, paths: UseCasePaths) -> Defini
     return defs
 
 
-def materialize(store: FeatureStore, spec: UseCaseSpec, start: datetime, end: datetime) -> None:
-    """Load the newest value per entity in ``[start, end]`` into the online store.
+@dataclass(frozen=True)
+class MaterializeResult:
+    mode: str  # "full" or "incremental"
+    start: datetime
+    end: datetime
+    rows_read: int
+    entities_written: int
 
-    ``materialize`` (not ``materialize_incremental``) so the first run sees all history.
+
+def materialize(
+    store: FeatureStore,
+    spec: UseCaseSpec,
+    end: datetime,
+    start: datetime | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> MaterializeResult:
+    """Load the newest value per entity in ``[start, end)`` into the online store.
+
+    With ``start``, a full load from it. Without, an incremental load from where the
+    last run ended; the first run of a view is full, from its earliest offline row
+    (Feast's own ``materialize_incremental`` would look back only one TTL). The SQLite
+    online store is written in bulk (``features.online_sqlite``); other online stores
+    through Feast's ``materialize``.
     """
-    store.materialize(start_date=start, end_date=end, feature_views=[view_name(spec)])
+    from features import online_sqlite
+
+    view = store.get_feature_view(view_name(spec))
+    mode = "full" if start is not None or view.most_recent_end_time is None else "incremental"
+    if start is None:
+        start = view.most_recent_end_time or (
+            earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
+        )
+    if store.config.online_store.type == "sqlite":
+        bulk = online_sqlite.bulk_materialize(store, spec, view, start, end, progress)
+        return MaterializeResult(mode, start, end, bulk.rows_read, bulk.entities_written)
+    store.materialize(start_date=start, end_date=end, feature_views=[view.name])
+    return MaterializeResult(mode, start, end, rows_read=-1, entities_written=-1)
+
+
+def earliest_offline_timestamp(spec: UseCaseSpec, view: Any) -> datetime:
+    path = view.batch_source.path
+    stamps = pd.read_parquet(path, columns=[spec.event_timestamp])[spec.event_timestamp]
+    if stamps.empty:
+        raise ValueError(f"no rows in {path} to materialize")
+    return stamps.min().to_pydatetime()
 
 
 def service_feature_refs(store: FeatureStore, spec: UseCaseSpec) -> list[str]:
@@ -194,10 +257,72 @@ def training_frame(store: FeatureStore, spec: UseCaseSpec, events: pd.DataFrame)
     )
 
 
-def online_features(store: FeatureStore, spec: UseCaseSpec, entity_ids: list[str]) -> pd.DataFrame:
-    """The online feature-service values for some entities (None where missing)."""
+MISSING = "missing"
+STALE = "stale"
+_FIELD_STATUS_PRESENT = 1  # feast.protos...FieldStatus.PRESENT
+
+
+@dataclass(frozen=True)
+class OnlineLookup:
+    """Online feature-service values for some entities, with what is wrong with them.
+
+    Attributes:
+        values: one row per requested id, in request order: the entity key, then the
+            features in spec order. A missing value is None, never a default.
+        event_times: when each row's values were recorded (NaT where missing).
+        problems: per row, ``{feature: "missing" | "stale"}``; empty when usable.
+    """
+
+    values: pd.DataFrame
+    event_times: pd.Series
+    problems: list[dict[str, str]]
+
+    @property
+    def usable(self) -> list[bool]:
+        return [not p for p in self.problems]
+
+
+def online_lookup(
+    store: FeatureStore, spec: UseCaseSpec, entity_ids: list[str], as_of: datetime
+) -> OnlineLookup:
+    """Read the feature service online and tell missing values from stale ones.
+
+    A feature is *missing* when the store has no value for the entity (or a null in a
+    column the spec does not declare nullable) and *stale* when its value was recorded
+    more than the spec's TTL before ``as_of``. Nothing is imputed.
+    """
     rows = [{spec.entity.key: entity_id} for entity_id in entity_ids]
-    result = store.get_online_features(
+    response = store.get_online_features(
         features=store.get_feature_service(spec.feature_service), entity_rows=rows
     )
-    return pd.DataFrame(result.to_dict())
+    data = response.to_dict(include_event_timestamps=True)
+    names = list(response.proto.metadata.feature_names.val)
+    statuses = {
+        name: list(result.statuses)
+        for name, result in zip(names, response.proto.results, strict=True)
+    }
+    features = spec.feature_names
+    nullable = {c.name for c in spec.features if c.nullable}
+    values = pd.DataFrame({spec.entity.key: entity_ids, **{f: data[f] for f in features}})
+    stamps = pd.DataFrame({f: data[f"{f}__ts"] for f in features})
+    recorded = stamps.where(stamps > 0).apply(lambda c: pd.to_datetime(c, unit="s", utc=True))
+    limit = ttl(spec)
+    oldest_valid = pd.Timestamp(as_of) - limit if limit is not None else None
+    problems: list[dict[str, str]] = []
+    for i in range(len(entity_ids)):
+        row: dict[str, str] = {}
+        for f in features:
+            present = statuses[f][i] == _FIELD_STATUS_PRESENT
+            if not present or (data[f][i] is None and f not in nullable):
+                row[f] = MISSING
+            elif oldest_valid is not None and recorded.at[i, f] < oldest_valid:
+                row[f] = STALE
+        problems.append(row)
+    return OnlineLookup(values=values, event_times=recorded.max(axis=1), problems=problems)
+
+
+def online_features(store: FeatureStore, spec: UseCaseSpec, entity_ids: list[str]) -> pd.DataFrame:
+    """The online feature-service values for some entities (None where missing)."""
+    from datetime import UTC
+
+    return online_lookup(store, spec, entity_ids, datetime.now(UTC)).values

@@ -50,10 +50,19 @@ def build_expectations(spec: UseCaseSpec) -> list[Any]:
     import great_expectations.expectations as gxe
 
     key, ts, label = spec.entity.key, spec.event_timestamp, spec.label.column
+    known_at = spec.label.known_at
     out: list[Any] = []
-    for column in [key, ts, label, *(c.name for c in spec.columns)]:
+    required = [key, ts, *([known_at] if known_at else []), *(c.name for c in spec.columns)]
+    for column in [*required, label]:
         out.append(gxe.ExpectColumnToExist(column=column))
-        out.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
+    for column in required:
+        nullable = any(c.name == column and c.nullable for c in spec.columns)
+        if not nullable:
+            out.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
+    if known_at is None:
+        # Without a known-at column every row is a training event and needs its label;
+        # with one, a null label means "not known yet".
+        out.append(gxe.ExpectColumnValuesToNotBeNull(column=label))
     out.append(gxe.ExpectColumnValuesToBeInTypeList(column=key, type_list=TEXT_TYPES))
     # No type expectation on the timestamp: ingestion parses it to UTC first and an
     # unparseable value becomes null, which the not-null expectation reports.

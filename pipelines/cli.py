@@ -67,14 +67,35 @@ def validate(usecase: UseCase, data: DataFile = None) -> None:
     raise typer.Exit(0 if report.success else 1)
 
 
+Append = Annotated[
+    bool, typer.Option("--append", help="Add to the stored data instead of replacing it.")
+]
+
+
 @app.command()
-def ingest(usecase: UseCase, data: DataFile = None) -> None:
-    """Validate the data, write the offline store, apply and materialize the Feast repo."""
+def ingest(usecase: UseCase, data: DataFile = None, append: Append = False) -> None:
+    """Validate a batch, write the offline store and register the Feast definitions."""
     from pipelines import stages
     from pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
-    stages.ingest(spec, settings, Progress(total=2), data=data)
+    stages.ingest(spec, settings, Progress(total=2), data=data, append=append)
+    typer.echo(f"next: clinml materialize {usecase}")
+
+
+@app.command()
+def materialize(
+    usecase: UseCase,
+    full: Annotated[
+        bool, typer.Option("--full", help="Reload all offline history, not just what is new.")
+    ] = False,
+) -> None:
+    """Load the newest feature values into the online store (incremental by default)."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+
+    settings, spec = _setup(usecase)
+    stages.materialize(spec, settings, Progress(total=1), full=full)
 
 
 @app.command()
@@ -102,13 +123,14 @@ def package(
 
 @app.command()
 def run(usecase: UseCase, data: DataFile = None) -> None:
-    """ingest + train + package: the whole pipeline up to a servable champion."""
+    """ingest + materialize + train + package: the pipeline up to a servable champion."""
     from pipelines import stages
     from pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
-    progress = Progress(total=4)
+    progress = Progress(total=5)
     stages.ingest(spec, settings, progress, data=data)
+    stages.materialize(spec, settings, progress, full=True)
     stages.train(spec, settings, progress)
     stages.package(spec, settings, progress)
 

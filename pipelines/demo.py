@@ -73,8 +73,9 @@ def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) ->
     """The whole demo; prints progress and ends with where to look next."""
     from serving.launch import ServiceProcess, free_port, port_is_free
 
-    progress = Progress(total=7)
+    progress = Progress(total=8)
     stages.ingest(spec, settings, progress)
+    stages.materialize(spec, settings, progress, full=True)
     stages.train(spec, settings, progress)
     stages.package(spec, settings, progress)
     batches = _write_batches(spec, settings)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from clinml.errors import NotReadyError
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
@@ -24,32 +25,63 @@ def _now() -> datetime:
 
 
 def ingest(
-    spec: UseCaseSpec, settings: Settings, progress: Progress, data: Path | None = None
+    spec: UseCaseSpec,
+    settings: Settings,
+    progress: Progress,
+    data: Path | None = None,
+    append: bool = False,
 ) -> None:
-    """Validate and write the offline data, then apply and materialize the Feast repo."""
+    """Validate and write the offline data, then register the Feast definitions."""
     from features import ingest as ingest_stage
     from features import store as feature_store
-    from features.validate import ValidationReport
 
     paths = settings.paths.usecase(spec.name)
-    now = _now()
     with progress.step(f"ingest and validate '{spec.name}' (Great Expectations)"):
         frame = None if data is None else read_table(data)
-        result = ingest_stage.run(spec, paths, now, frame=frame)
-        report: ValidationReport = result.validation
-        progress.detail(f"{report.summary()}")
+        result = ingest_stage.run(
+            spec, paths, _now(), settings.pseudonymiser(), frame=frame, append=append
+        )
+        progress.detail(result.validation.summary())
         progress.detail(
-            f"{result.rows} rows, {result.patients} patients; dropped identifier columns: "
-            f"{', '.join(result.dropped_identifiers) or 'none'}"
+            f"{result.rows} rows ({result.labelled_rows} with a known label), "
+            f"{result.patients} patients; {result.added_rows} rows added"
+        )
+        progress.detail(
+            f"dropped identifier columns: {', '.join(result.dropped_identifiers) or 'none'}; "
+            f"{spec.entity.key} pseudonymised"
         )
         progress.detail(f"offline data: {result.features_file.parent}")
-    with progress.step(f"publish features to Feast (feature service {spec.feature_service})"):
+    with progress.step(f"register Feast definitions (feature service {spec.feature_service})"):
         store = feature_store.open_store(spec, paths)
         feature_store.apply(store, spec, paths)
-        stamps = pd.read_parquet(paths.features_file, columns=[spec.event_timestamp])
-        start = stamps[spec.event_timestamp].min() - timedelta(seconds=1)
-        feature_store.materialize(store, spec, start.to_pydatetime(), now + timedelta(seconds=1))
-        progress.detail(f"Feast repo: {paths.feast_repo} (online store: SQLite)")
+        progress.detail(f"Feast repo: {paths.feast_repo}")
+
+
+def materialize(
+    spec: UseCaseSpec, settings: Settings, progress: Progress, full: bool = False
+) -> None:
+    """Load the newest offline values into the online store (incremental by default)."""
+    from features import store as feature_store
+
+    paths = settings.paths.usecase(spec.name)
+    if not paths.features_file.is_file():
+        raise NotReadyError(
+            f"no ingested data for '{spec.name}': run `clinml ingest {spec.name}` first"
+        )
+    with progress.step("materialize features into the online store (SQLite)"):
+        store = feature_store.open_store(spec, paths)
+        feature_store.apply(store, spec, paths)
+        start = None
+        if full:
+            view = store.get_feature_view(feature_store.view_name(spec))
+            start = feature_store.earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
+        with progress.bar("entities written") as bar:
+            result = feature_store.materialize(store, spec, _now(), start=start, progress=bar)
+        progress.detail(
+            f"{result.mode} load of {result.start:%Y-%m-%d %H:%M} to {result.end:%Y-%m-%d %H:%M} "
+            f"UTC: {result.rows_read:,} offline rows, newest of {result.entities_written:,} "
+            "entities written"
+        )
 
 
 def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
@@ -61,7 +93,7 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
 
     paths = settings.paths.usecase(spec.name)
     with progress.step(f"train {len(spec.training.candidates)} candidates (MLflow runs)"):
-        events = read_labels(spec, paths)
+        events = read_labels(spec, paths, _now())
         store = feature_store.open_store(spec, paths)
         result = train_stage.run(
             spec, store, Tracker.from_settings(settings), events, report=progress.detail

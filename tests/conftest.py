@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from clinml.pseudonym import Pseudonymiser
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="clinml-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_SESSION_DIR / "prometheus")
@@ -26,6 +28,7 @@ os.environ.setdefault("FEAST_USAGE", "False")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+PSEUDONYMISER = Pseudonymiser("test-key")
 
 
 @pytest.fixture(scope="session")

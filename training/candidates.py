@@ -22,33 +22,56 @@ from clinml.errors import SpecError
 from clinml.spec import UseCaseSpec
 from training.mlp import TorchMLPClassifier
 
+# A kernel SVM's cost grows with the square of the rows: above this many training rows
+# the RBF kernel is approximated (Nystroem features + a linear SVM). Override per spec
+# with the svm hyperparameter `max_kernel_rows`.
+SVM_MAX_KERNEL_ROWS = 5_000
+NYSTROEM_COMPONENTS = 300
 
-def _svm(params: dict[str, Any], seed: int) -> ClassifierMixin:
+
+def svm_variant(params: dict[str, Any], n_rows: int) -> str:
+    """``"rbf_kernel"`` (exact) or ``"nystroem_linear"`` (approximate), by training size."""
+    limit = params.get("max_kernel_rows", SVM_MAX_KERNEL_ROWS)
+    return "rbf_kernel" if n_rows <= limit else "nystroem_linear"
+
+
+def _svm(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
+    from sklearn.kernel_approximation import Nystroem
+    from sklearn.svm import LinearSVC
+
+    variant = svm_variant(params, n_rows)
+    params = {k: v for k, v in params.items() if k != "max_kernel_rows"}
+    if variant == "rbf_kernel":
+        base: Any = SVC(**{"C": 1.0, "kernel": "rbf", **params, "random_state": seed})
+    else:
+        gamma = params.pop("gamma", None)
+        kernel = Nystroem(
+            kernel="rbf", gamma=gamma, n_components=NYSTROEM_COMPONENTS, random_state=seed
+        )
+        base = Pipeline(
+            [("kernel", kernel), ("svm", LinearSVC(**{"C": 1.0, **params}, random_state=seed))]
+        )
     # SVC(probability=True) is deprecated in scikit-learn 1.9; Platt scaling fitted
     # on cross-validated decision values is its documented replacement.
-    return CalibratedClassifierCV(
-        SVC(**{"C": 1.0, "kernel": "rbf", **params, "random_state": seed}),
-        method="sigmoid",
-        ensemble=False,
-        cv=5,
-    )
+    return CalibratedClassifierCV(base, method="sigmoid", ensemble=False, cv=5)
 
 
-def _random_forest(params: dict[str, Any], seed: int) -> ClassifierMixin:
+def _random_forest(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
     return RandomForestClassifier(
         **{"n_estimators": 200, "n_jobs": -1, **params, "random_state": seed}
     )
 
 
-def _gradient_boosting(params: dict[str, Any], seed: int) -> ClassifierMixin:
+def _gradient_boosting(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
     return HistGradientBoostingClassifier(**{**params, "random_state": seed})
 
 
-def _mlp(params: dict[str, Any], seed: int) -> ClassifierMixin:
+def _mlp(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
     return TorchMLPClassifier(**{**params, "seed": seed})
 
 
-CANDIDATES: dict[str, Callable[[dict[str, Any], int], ClassifierMixin]] = {
+# name -> factory(hyperparameters, seed, training rows) -> unfitted classifier
+CANDIDATES: dict[str, Callable[[dict[str, Any], int, int], ClassifierMixin]] = {
     "svm": _svm,
     "rf": _random_forest,
     "gbm": _gradient_boosting,
@@ -73,8 +96,10 @@ def make_preprocessor(spec: UseCaseSpec) -> ColumnTransformer:
     return ColumnTransformer(steps, remainder="drop", verbose_feature_names_out=False)
 
 
-def build_pipeline(name: str, spec: UseCaseSpec, params: dict[str, Any], seed: int) -> Pipeline:
-    """Preprocessing plus the named candidate.
+def build_pipeline(
+    name: str, spec: UseCaseSpec, params: dict[str, Any], seed: int, n_rows: int = 0
+) -> Pipeline:
+    """Preprocessing plus the named candidate, sized for ``n_rows`` training rows.
 
     Raises:
         SpecError: the candidate is unknown or a hyperparameter is not accepted.
@@ -84,7 +109,7 @@ def build_pipeline(name: str, spec: UseCaseSpec, params: dict[str, Any], seed: i
             f"training.candidates: unknown candidate '{name}' (known: {', '.join(CANDIDATES)})"
         )
     try:
-        model = CANDIDATES[name](params, seed)
+        model = CANDIDATES[name](params, seed, n_rows)
     except TypeError as exc:
         raise SpecError(f"training.candidates.{name}: {exc}") from None
     return Pipeline([("preprocess", make_preprocessor(spec)), ("model", model)])

@@ -25,7 +25,7 @@ from clinml.errors import ClinmlError, SpecError
 from clinml.spec import UseCaseSpec
 from features.store import training_frame
 from training import model_io
-from training.candidates import build_pipeline
+from training.candidates import build_pipeline, svm_variant
 from training.evaluate import evaluate
 from training.tracking import CHAMPION, Tracker
 
@@ -92,7 +92,7 @@ def _fit(
 ) -> Any:
     from sklearn.utils._param_validation import InvalidParameterError
 
-    pipeline = build_pipeline(name, spec, params, spec.training.seed)
+    pipeline = build_pipeline(name, spec, params, spec.training.seed, n_rows=len(x))
     try:
         return pipeline.fit(x, y)
     except InvalidParameterError as exc:
@@ -170,6 +170,8 @@ def run(
             )
             mlflow.log_params({"candidate": name, **{f"hp.{k}": v for k, v in params.items()}})
             mlflow.log_params({"train_rows": len(train_idx), "test_rows": len(test_idx)})
+            if name == "svm":  # the scale choice is part of what was trained
+                mlflow.log_param("svm_variant", svm_variant(params, len(train_idx)))
             mlflow.log_metrics({**metrics, "fit_seconds": fit_seconds})
             model_dir = model_io.save(pipeline, Path(tmp) / "model", manifest)
             info = mlflow.pyfunc.log_model(

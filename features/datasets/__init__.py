@@ -1,20 +1,21 @@
 """Built-in data loaders, looked up by the spec's ``source.loader``.
 
-A loader takes ``(seed, now)`` and returns the raw frame: the entity key, the event
+A loader takes ``(seed, now, **options)`` (options from the spec's ``source.options``)
+and returns the raw frame: the entity key, the event
 timestamp, the label, every feature and attribute, and any identifier columns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 
 import pandas as pd
 
-from features.datasets import pathology
+from features.datasets import pathology, readmission
 
-Loader = Callable[[int, datetime], pd.DataFrame]
+Loader = Callable[..., pd.DataFrame]  # (seed: int, now: datetime, **options)
 
 LOADERS: dict[str, Loader] = {
     "pathology": pathology.load,
+    "readmission": readmission.load,
 }

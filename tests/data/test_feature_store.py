@@ -12,7 +12,7 @@ from clinml.settings import Paths
 from clinml.spec import UseCaseSpec
 from features import ingest
 from features import store as feature_store
-from tests.conftest import NOW, make_tiny_frame
+from tests.conftest import NOW, PSEUDONYMISER, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Feast and Great Expectations
 
@@ -33,7 +33,7 @@ def published(tiny_spec: UseCaseSpec, tmp_path: Path):
         {"heart_rate": float, "creatinine": float}
     )
     paths = Paths(tmp_path).usecase(tiny_spec.name)
-    ingest.run(tiny_spec, paths, NOW, frame=frame)
+    ingest.run(tiny_spec, paths, NOW, PSEUDONYMISER, frame=frame)
     store = feature_store.open_store(tiny_spec, paths)
     feature_store.apply(store, tiny_spec, paths)
     return store, paths, frame, first
@@ -61,7 +61,7 @@ def test_a_value_that_arrives_later_is_not_used(published, tiny_spec: UseCaseSpe
     t0 = first["event_timestamp"]
     events = pd.DataFrame(
         {
-            "patient_id": [first["patient_id"]] * 3,
+            "patient_id": [PSEUDONYMISER.one(first["patient_id"])] * 3,
             "event_timestamp": [
                 t0 + timedelta(days=5),
                 t0 + timedelta(days=10),
@@ -92,16 +92,13 @@ def test_materialize_loads_the_newest_row_of_every_entity(
 ) -> None:
     """Guards against feast#5228 (the newest row skipped) as well as missing entities."""
     store, _, frame, first = published
-    feature_store.materialize(
-        store,
-        tiny_spec,
-        frame["event_timestamp"].min() - timedelta(seconds=1),
-        NOW + timedelta(seconds=1),
-    )
-    ids = sorted(frame["patient_id"].unique())
+    result = feature_store.materialize(store, tiny_spec, NOW + timedelta(seconds=1))
+    assert result.mode == "full"  # the first run of a view loads all history
+    ids = sorted(PSEUDONYMISER.many(frame["patient_id"].unique()))
     online = feature_store.online_features(store, tiny_spec, [*ids, "nobody"])
     known = online[online["patient_id"] != "nobody"]
     assert len(known) == len(ids)
     assert not known[["heart_rate", "creatinine", "ward"]].isna().any().any()
-    assert online.set_index("patient_id").loc[first["patient_id"], "heart_rate"] == 199.0
-    assert online.set_index("patient_id").loc["nobody"].isna().all()
+    by_id = online.set_index("patient_id")
+    assert by_id.loc[PSEUDONYMISER.one(first["patient_id"]), "heart_rate"] == 199.0
+    assert by_id.loc["nobody"].isna().all()

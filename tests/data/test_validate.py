@@ -14,7 +14,7 @@ from clinml.settings import Paths
 from clinml.spec import UseCaseSpec
 from features import ingest
 from features.validate import validate_frame
-from tests.conftest import NOW, make_tiny_frame
+from tests.conftest import NOW, PSEUDONYMISER, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Great Expectations
 
@@ -78,13 +78,13 @@ def _digest(directory: Path) -> dict[str, str]:
 
 def test_a_failing_batch_writes_nothing(tiny_spec: UseCaseSpec, tmp_path: Path) -> None:
     paths = Paths(tmp_path).usecase(tiny_spec.name)
-    first = ingest.run(tiny_spec, paths, NOW, frame=make_tiny_frame(seed=1))
+    first = ingest.run(tiny_spec, paths, NOW, PSEUDONYMISER, frame=make_tiny_frame(seed=1))
     assert first.rows == 300 and first.dropped_identifiers == ["mrn"]
     before = _digest(tmp_path)
     rows_before = len(pd.read_parquet(paths.features_file))
 
     with pytest.raises(DataValidationError) as caught:
-        ingest.run(tiny_spec, paths, NOW, frame=_corrupt(make_tiny_frame(seed=2)))
+        ingest.run(tiny_spec, paths, NOW, PSEUDONYMISER, frame=_corrupt(make_tiny_frame(seed=2)))
     assert "Nothing was written" in str(caught.value)
     assert "SECRET" not in str(caught.value)
     assert _digest(tmp_path) == before
@@ -94,7 +94,7 @@ def test_a_failing_batch_writes_nothing(tiny_spec: UseCaseSpec, tmp_path: Path) 
 def test_a_first_failing_batch_creates_no_files(tiny_spec: UseCaseSpec, tmp_path: Path) -> None:
     paths = Paths(tmp_path).usecase(tiny_spec.name)
     with pytest.raises(DataValidationError):
-        ingest.run(tiny_spec, paths, NOW, frame=_corrupt(make_tiny_frame()))
+        ingest.run(tiny_spec, paths, NOW, PSEUDONYMISER, frame=_corrupt(make_tiny_frame()))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -103,7 +103,7 @@ def test_identifier_columns_never_reach_the_offline_store(
 ) -> None:
     paths = Paths(tmp_path).usecase(tiny_spec.name)
     frame = make_tiny_frame()
-    ingest.run(tiny_spec, paths, NOW, frame=frame)
+    ingest.run(tiny_spec, paths, NOW, PSEUDONYMISER, frame=frame)
     stored = pd.concat(
         [pd.read_parquet(paths.features_file), pd.read_parquet(paths.labels_file)], axis=1
     )

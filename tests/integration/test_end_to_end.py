@@ -31,14 +31,15 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline(home: Path, pathology_spec: UseCaseSpec):
-    """Run ingest, train and package exactly as the CLI does, into ``home``."""
+    """Run ingest, materialize, train and package as `clinml run` does, into ``home``."""
     from pipelines import stages
     from pipelines.progress import Progress
 
     settings = Settings(home=home)
     lines: list[str] = []
-    progress = Progress(total=4, echo=lines.append)
+    progress = Progress(total=5, echo=lines.append)
     stages.ingest(pathology_spec, settings, progress)
+    stages.materialize(pathology_spec, settings, progress, full=True)
     version = stages.train(pathology_spec, settings, progress)
     stages.package(pathology_spec, settings, progress)
     return settings, version, lines
@@ -70,7 +71,8 @@ def test_pipeline_reports_every_stage(pipeline) -> None:
     _, version, lines = pipeline
     text = "\n".join(lines)
     assert "137 checks passed on 569 rows" in text
-    assert "dropped identifier columns: mrn" in text
+    assert "dropped identifier columns: mrn; patient_id pseudonymised" in text
+    assert "full load of" in text and "newest of 569 entities written" in text
     for candidate in ("svm", "rf", "gbm", "mlp"):
         assert any(line.strip().startswith(candidate) for line in lines), candidate
     assert f"registered as pathology version {version}" in text

@@ -115,3 +115,19 @@ def test_loading_refuses_untrusted_types(tmp_path: Path) -> None:
         model_io.ModelLoadError, match=r"untrusted types \['tests.model.test_candidates.Intruder'\]"
     ):
         model_io.load(directory)
+
+
+def test_svm_switches_to_a_kernel_approximation_above_the_row_limit(
+    tiny_spec: UseCaseSpec, split
+) -> None:
+    from training.candidates import svm_variant
+
+    x_train, y_train, x_test, y_test = split
+    assert svm_variant({}, 5_000) == "rbf_kernel"
+    assert svm_variant({}, 5_001) == "nystroem_linear"
+    assert svm_variant({"max_kernel_rows": 100}, 450) == "nystroem_linear"
+    model = build_pipeline("svm", tiny_spec, {"max_kernel_rows": 100}, seed=0, n_rows=len(x_train))
+    calibrated = model.named_steps["model"]
+    assert type(calibrated.estimator).__name__ == "Pipeline"  # Nystroem + LinearSVC
+    model.fit(x_train, y_train)
+    assert evaluate(y_test, model.predict_proba(x_test)[:, 1], 0.5)["roc_auc"] > 0.7

@@ -1,0 +1,197 @@
+"""Bulk materialization into Feast's SQLite online store.
+
+Feast's own ``materialize`` into SQLite converts every value to a protobuf through
+Arrow and writes one ``INSERT`` per entity and feature, about 1 600 entity-rows per
+second on a 2-core machine. This module writes the same rows, in Feast's own table
+layout and value encoding, in bulk: it picks the newest row per entity in the window
+with pandas, encodes each column with Feast's converters, writes with ``executemany``
+in one transaction, and records the interval in the registry exactly as Feast does, so
+``get_online_features`` and ``materialize_incremental`` work on the result unchanged.
+``tests/data/test_online_sqlite.py`` checks that both paths give identical online reads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from clinml.spec import UseCaseSpec
+
+if TYPE_CHECKING:
+    from feast import FeatureStore, FeatureView
+
+CHUNK_ROWS = 50_000  # entities encoded and written per transaction step
+CACHE_KIB = 512 * 1024  # SQLite page cache for the bulk write: keeps the index in memory
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    rows_read: int
+    entities_written: int
+    values_written: int
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint; negative int64 values as ten-byte two's complement."""
+    if 0 <= value < 0x80:
+        return bytes((value,))
+    value &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Feast's ValueProto field tags: int64_val = 4 (varint), double_val = 5 (64-bit),
+# string_val = 2 (length-delimited). A null is the empty message.
+_INT64_TAG, _DOUBLE_TAG, _STRING_TAG = b"\x20", b"\x29", b"\x12"
+
+
+def encode_column(values: pd.Series, kind: str) -> tuple[list[bytes], list[str | None]]:
+    """Serialized Feast ValueProto and ``value_text`` per value, as Feast writes them.
+
+    ``kind`` is the spec column type (``float``, ``int``, ``category``). The test suite
+    checks the bytes against Feast's own converters.
+    """
+    present = values.notna().to_numpy()
+    blobs: list[bytes] = []
+    texts: list[str | None] = []
+    if kind == "float":
+        packed = np.zeros(len(values), dtype=[("tag", "u1"), ("value", "<f8")])
+        packed["tag"] = _DOUBLE_TAG[0]
+        packed["value"] = values.to_numpy(dtype=float, na_value=0.0)
+        raw = packed.tobytes()
+        numbers = values.to_numpy(dtype=float, na_value=0.0).tolist()
+        blobs = [raw[9 * i : 9 * i + 9] for i in range(len(values))]
+        texts = [str(v) for v in numbers]
+    elif kind == "int":
+        numbers = values.to_numpy(dtype="float", na_value=0.0).astype(np.int64).tolist()
+        blobs = [_INT64_TAG + _varint(v) for v in numbers]
+        texts = [str(v) for v in numbers]
+    else:
+        strings = values.astype(object).where(values.notna(), "").tolist()
+        encoded = [v.encode() for v in strings]
+        blobs = [_STRING_TAG + _varint(len(b)) + b for b in encoded]
+        texts = strings
+    if not present.all():
+        for i in np.flatnonzero(~present):
+            blobs[i], texts[i] = b"", None
+    return blobs, texts
+
+
+def _entity_keys(join_key: str, ids: list[str]) -> list[bytes]:
+    """Feast's v3 entity-key serialization (one string join key)."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    return [
+        serialize_entity_key(
+            EntityKey(join_keys=[join_key], entity_values=[Value(string_val=v)]),
+            entity_key_serialization_version=3,
+        )
+        for v in ids
+    ]
+
+
+def _feast_epoch(stamps: pd.Series) -> list[int]:
+    """Event times as Feast's SQLite adapter stores them: ``int(naive_utc.timestamp())``.
+
+    Feast passes naive UTC datetimes through ``datetime.timestamp``, which reads them in
+    the machine's local zone, and reads them back the same way; doing exactly the same
+    keeps the round trip identical on any machine.
+    """
+    naive = stamps.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+    return [int(t.timestamp()) for t in naive.astype(object)]
+
+
+def db_path(store: FeatureStore) -> Path:
+    path = Path(store.config.online_store.path)
+    return path if path.is_absolute() else Path(store.repo_path) / path
+
+
+def newest_rows(
+    frame: pd.DataFrame, spec: UseCaseSpec, start: datetime, end: datetime
+) -> pd.DataFrame:
+    """The newest row per entity with ``start <= timestamp < end``, as Feast selects them."""
+    ts = frame[spec.event_timestamp]
+    window = frame[(ts >= pd.Timestamp(start)) & (ts < pd.Timestamp(end))]
+    ordered = window.sort_values(spec.event_timestamp, kind="stable")
+    return ordered.drop_duplicates(spec.entity.key, keep="last").reset_index(drop=True)
+
+
+def bulk_materialize(
+    store: FeatureStore,
+    spec: UseCaseSpec,
+    view: FeatureView,
+    start: datetime,
+    end: datetime,
+    progress: Callable[[int, int], Any] | None = None,
+) -> BulkResult:
+    """Write the newest row per entity in ``[start, end)`` into the online store.
+
+    Args:
+        store: an applied feature store with the SQLite online store.
+        spec: the use-case spec (entity key, timestamp, column types).
+        view: the feature view being materialized.
+        start: window start (inclusive).
+        end: window end (exclusive).
+        progress: called after each chunk with (entities written so far, entities in all).
+
+    Returns:
+        How many offline rows were read and how many entities and values written.
+    """
+    from feast.infra.online_stores.sqlite import _table_id
+
+    columns = spec.columns
+    key, ts = spec.entity.key, spec.event_timestamp
+    offline = pd.read_parquet(view.batch_source.path, columns=[key, ts, *(c.name for c in columns)])
+    newest = newest_rows(offline, spec, start, end)
+    table = _table_id(store.config.project, view, False)
+    sql = (
+        f'INSERT INTO "{table}" '
+        "(entity_key, feature_name, value, value_text, event_ts, created_ts) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+        "value = excluded.value, value_text = excluded.value_text, "
+        "event_ts = excluded.event_ts, created_ts = excluded.created_ts"
+    )
+    # Rows are written in primary-key order (entity key, then feature name), so the
+    # table's B-tree grows by appends instead of random inserts.
+    newest = newest.assign(_key=_entity_keys(key, newest[key].tolist())).sort_values("_key")
+    ordered_columns = sorted(columns, key=lambda c: c.name)
+    created = int(datetime.now(UTC).replace(tzinfo=None).timestamp())
+    connection = sqlite3.connect(db_path(store))
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    values_written = 0
+    try:
+        for first in range(0, len(newest), CHUNK_ROWS):
+            chunk = newest.iloc[first : first + CHUNK_ROWS]
+            keys = chunk["_key"].tolist()
+            stamps = _feast_epoch(chunk[ts])
+            encoded = [encode_column(chunk[c.name], c.type) for c in ordered_columns]
+            names = [c.name for c in ordered_columns]
+            rows = [
+                (entity, name, blobs[i], texts[i], stamps[i], created)
+                for i, entity in enumerate(keys)
+                for name, (blobs, texts) in zip(names, encoded, strict=True)
+            ]
+            with connection:
+                connection.executemany(sql, rows)
+            values_written += len(rows)
+            if progress is not None:
+                progress(first + len(chunk), len(newest))
+    finally:
+        connection.close()
+    store.registry.apply_materialization(view, store.config.project, start, end, commit=True)
+    return BulkResult(len(offline), len(newest), values_written)
