@@ -20,11 +20,13 @@ class DataValidationError(ClinmlError):
     Attributes:
         failures: one human-readable line per failed expectation. The lines name
             columns and counts, never the offending values (they may be PHI).
+        report: the markdown report of the failure, when one was written.
     """
 
-    def __init__(self, message: str, failures: list[str]):
+    def __init__(self, message: str, failures: list[str], report: object = None):
         super().__init__(message)
         self.failures = failures
+        self.report = report
 
 
 class NotReadyError(ClinmlError):

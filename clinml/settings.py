@@ -117,5 +117,15 @@ class UseCasePaths:
         return self.root / "reports"
 
     @property
+    def validation_reports(self) -> Path:
+        """One directory per run of the quality gate: report.md and summary.json."""
+        return self.reports / "validation"
+
+    @property
+    def quality_profile(self) -> Path:
+        """The reference profile the gate's learned expectations come from."""
+        return self.root / "quality" / "profile.json"
+
+    @property
     def batches(self) -> Path:
         return self.root / "batches"

@@ -4,7 +4,10 @@
 
 1. load the raw frame (a built-in loader or CSV/Parquet) and normalise declared types;
 2. add the entity key or timestamp if the spec says the data has none (docs/byod.md);
-3. pass the quality gate: a failing batch raises before anything is written;
+3. pass the quality gate (the spec's limits and, once learned, the reference profile:
+   ``features.profile``); a failing batch raises before anything is written, leaving
+   a report under ``reports/validation/``. The first accepted batch becomes the
+   reference profile (or any batch, with ``learn_profile=True``);
 4. drop the identifier (PHI) columns and pseudonymise the entity key (keyed hash);
 5. write, under the use case's ``offline/`` directory:
 
@@ -35,7 +38,8 @@ from clinml.pseudonym import Pseudonymiser, pseudonymise_column
 from clinml.settings import UseCasePaths
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
-from features.validate import ValidationReport, require_valid
+from features.profile import QualityProfile, learn
+from features.validate import ValidationReport, require_valid, write_report
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class IngestResult:
     features_file: Path
     labels_file: Path
     validation: ValidationReport
+    report: Path
+    learned_profile: bool
 
 
 def load_raw(spec: UseCaseSpec, now: datetime) -> pd.DataFrame:
@@ -85,6 +91,11 @@ def normalise_types(frame: pd.DataFrame, spec: UseCaseSpec) -> pd.DataFrame:
         if column in frame.columns:
             values = frame[column]
             frame[column] = values.where(values.isna(), values.astype(str)).astype(object)
+    for column in spec.columns:
+        # true/false columns declared as int flags arrive as bool from many exports.
+        present = column.type == "int" and column.name in frame.columns
+        if present and pd.api.types.is_bool_dtype(frame[column.name]):
+            frame[column.name] = frame[column.name].astype("int64")
     for column in (spec.event_timestamp, spec.label.known_at):
         if column is not None and column in frame.columns:
             frame[column] = pd.to_datetime(frame[column], utc=True, errors="coerce")
@@ -140,6 +151,7 @@ def run(
     pseudonymiser: Pseudonymiser,
     frame: pd.DataFrame | None = None,
     append: bool = False,
+    learn_profile: bool = False,
 ) -> IngestResult:
     """Validate a batch and write the offline parquet files.
 
@@ -150,6 +162,7 @@ def run(
         pseudonymiser: the keyed hash applied to the entity key.
         frame: a raw batch to ingest instead of ``spec.source`` (tests, backfills).
         append: add to the stored data instead of replacing it.
+        learn_profile: make this batch the reference profile (after the spec's checks).
 
     Returns:
         Counts and the paths written.
@@ -159,7 +172,13 @@ def run(
     """
     raw = load_raw(spec, now) if frame is None else normalise_types(frame, spec)
     raw = add_generated_columns(raw, spec, now)
-    report = require_valid(raw, spec)
+    profile_file = paths.quality_profile
+    profile = None
+    if not learn_profile and profile_file.is_file():
+        profile = QualityProfile.load(profile_file)
+    report_dir = paths.validation_reports / pd.Timestamp(now).strftime("%Y%m%dT%H%M%S%fZ")
+    report = require_valid(raw, spec, profile, report_dir)
+    report_file = write_report(report, spec, report_dir)[1]
 
     dropped = [c for c in spec.identifier_columns if c in raw.columns]
     key, ts, label = spec.entity.key, spec.event_timestamp, spec.label.column
@@ -179,6 +198,8 @@ def run(
             labels = _merge(pd.read_parquet(paths.labels_file), labels, [key, ts], prefer_new=True)
     _write_atomically(features.reset_index(drop=True), paths.features_file)
     _write_atomically(labels.reset_index(drop=True), paths.labels_file)
+    if profile is None:
+        learn(raw, spec, now).save(profile_file)
     return IngestResult(
         rows=len(clean),
         patients=int(clean[key].nunique()),
@@ -188,6 +209,8 @@ def run(
         features_file=paths.features_file,
         labels_file=paths.labels_file,
         validation=report,
+        report=report_file,
+        learned_profile=profile is None,
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -283,14 +283,64 @@ class OnlineLookup:
 
 
 def online_lookup(
-    store: FeatureStore, spec: UseCaseSpec, entity_ids: list[str], as_of: datetime
+    store: FeatureStore,
+    spec: UseCaseSpec,
+    entity_ids: list[str],
+    as_of: datetime,
+    reader: Any = None,
 ) -> OnlineLookup:
     """Read the feature service online and tell missing values from stale ones.
 
     A feature is *missing* when the store has no value for the entity (or a null in a
     column the spec does not declare nullable) and *stale* when its value was recorded
     more than the spec's TTL before ``as_of``. Nothing is imputed.
+
+    Args:
+        store: the applied feature store.
+        spec: the use-case spec.
+        entity_ids: pseudonymised entity ids, in the order wanted back.
+        as_of: the time the values are needed for.
+        reader: an ``online_sqlite.OnlineReader`` to reuse (serving keeps one); by
+            default one is opened for the SQLite store, and other stores are read
+            through Feast's ``get_online_features``.
     """
+    from features import online_sqlite
+
+    if reader is None and store.config.online_store.type == "sqlite":
+        reader = online_sqlite.OnlineReader.for_store(store, spec)
+    rows = (
+        reader.read(entity_ids) if reader is not None else _read_with_feast(store, spec, entity_ids)
+    )
+    features = spec.feature_names
+    nullable = {c.name for c in spec.features if c.nullable}
+    limit = ttl(spec)
+    oldest_valid = pd.Timestamp(as_of) - limit if limit is not None else None
+    values: dict[str, list[Any]] = {f: [] for f in features}
+    recorded_at: list[Any] = []
+    problems: list[dict[str, str]] = []
+    for row in rows:
+        row = row or {}
+        found: dict[str, str] = {}
+        stamps = []
+        for f in features:
+            value, recorded = row.get(f, (None, None))
+            values[f].append(value)
+            if f not in row or (value is None and f not in nullable):
+                found[f] = MISSING
+                continue
+            stamps.append(recorded)
+            if oldest_valid is not None and recorded < oldest_valid:
+                found[f] = STALE
+        recorded_at.append(max(stamps) if stamps else pd.NaT)
+        problems.append(found)
+    frame = pd.DataFrame({spec.entity.key: entity_ids, **values})
+    return OnlineLookup(frame, pd.Series(recorded_at, dtype="datetime64[ns, UTC]"), problems)
+
+
+def _read_with_feast(
+    store: FeatureStore, spec: UseCaseSpec, entity_ids: list[str]
+) -> list[dict[str, tuple[Any, datetime]] | None]:
+    """Rows in the reader's shape, through Feast's own online API (any online store)."""
     rows = [{spec.entity.key: entity_id} for entity_id in entity_ids]
     response = store.get_online_features(
         features=store.get_feature_service(spec.feature_service), entity_rows=rows
@@ -298,31 +348,19 @@ def online_lookup(
     data = response.to_dict(include_event_timestamps=True)
     names = list(response.proto.metadata.feature_names.val)
     statuses = {
-        name: list(result.statuses)
-        for name, result in zip(names, response.proto.results, strict=True)
+        name: list(r.statuses) for name, r in zip(names, response.proto.results, strict=True)
     }
-    features = spec.feature_names
-    nullable = {c.name for c in spec.features if c.nullable}
-    values = pd.DataFrame({spec.entity.key: entity_ids, **{f: data[f] for f in features}})
-    stamps = pd.DataFrame({f: data[f"{f}__ts"] for f in features})
-    recorded = stamps.where(stamps > 0).apply(lambda c: pd.to_datetime(c, unit="s", utc=True))
-    limit = ttl(spec)
-    oldest_valid = pd.Timestamp(as_of) - limit if limit is not None else None
-    problems: list[dict[str, str]] = []
+    out: list[dict[str, tuple[Any, datetime]] | None] = []
     for i in range(len(entity_ids)):
-        row: dict[str, str] = {}
-        for f in features:
-            present = statuses[f][i] == _FIELD_STATUS_PRESENT
-            if not present or (data[f][i] is None and f not in nullable):
-                row[f] = MISSING
-            elif oldest_valid is not None and recorded.at[i, f] < oldest_valid:
-                row[f] = STALE
-        problems.append(row)
-    return OnlineLookup(values=values, event_times=recorded.max(axis=1), problems=problems)
+        row = {
+            f: (data[f][i], datetime.fromtimestamp(data[f"{f}__ts"][i], UTC))
+            for f in spec.feature_names
+            if statuses[f][i] == _FIELD_STATUS_PRESENT
+        }
+        out.append(row or None)
+    return out
 
 
 def online_features(store: FeatureStore, spec: UseCaseSpec, entity_ids: list[str]) -> pd.DataFrame:
     """The online feature-service values for some entities (None where missing)."""
-    from datetime import UTC
-
     return online_lookup(store, spec, entity_ids, datetime.now(UTC)).values

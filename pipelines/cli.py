@@ -46,24 +46,62 @@ def _setup(usecase: str) -> tuple[Settings, UseCaseSpec]:
 
 
 @app.command()
+def init(
+    data: Annotated[Path, typer.Option("--data", help="CSV or Parquet file to draft a spec from.")],
+    name: Annotated[str, typer.Option(help="Use-case name (lower-case identifier).")],
+    entity: Annotated[str | None, typer.Option(help="Patient-id column.")] = None,
+    timestamp: Annotated[str | None, typer.Option(help="Event-time column.")] = None,
+    label: Annotated[str | None, typer.Option(help="Outcome column.")] = None,
+    positive_class: Annotated[
+        str | None, typer.Option("--positive-class", help="Label value that is positive.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the draft (default: configs/NAME.yaml).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Draft a use-case spec from a data file, for you to review and edit."""
+    from features.draft import draft_from_file
+    from pipelines import runtime
+
+    settings = runtime.load_settings()
+    target = out or settings.config_dir / f"{name}.yaml"
+    written = draft_from_file(
+        data,
+        name,
+        target,
+        overwrite=force,
+        entity=entity,
+        timestamp=timestamp,
+        label=label,
+        positive_class=positive_class,
+    )
+    typer.echo(f"draft written to {written}: review every field, then `clinml validate {written}`")
+
+
+@app.command()
 def validate(usecase: UseCase, data: DataFile = None) -> None:
-    """Run the data-quality gate only; writes nothing. Exit 1 if the batch fails."""
+    """Run the quality gate only; writes just its report. Exit 1 if the batch fails."""
     from datetime import UTC, datetime
 
     from clinml.tables import read_table
-    from features.ingest import load_raw, normalise_types
-    from features.validate import validate_frame
+    from features.ingest import add_generated_columns, load_raw, normalise_types
+    from features.profile import QualityProfile
+    from features.validate import validate_frame, write_report
 
-    _, spec = _setup(usecase)
-    frame = (
-        load_raw(spec, datetime.now(UTC))
-        if data is None
-        else normalise_types(read_table(data), spec)
-    )
-    report = validate_frame(frame, spec)
+    settings, spec = _setup(usecase)
+    now = datetime.now(UTC)
+    frame = load_raw(spec, now) if data is None else normalise_types(read_table(data), spec)
+    frame = add_generated_columns(frame, spec, now)
+    paths = settings.paths.usecase(spec.name)
+    profile_file = paths.quality_profile
+    profile = QualityProfile.load(profile_file) if profile_file.is_file() else None
+    report = validate_frame(frame, spec, profile)
+    _, markdown = write_report(report, spec, paths.validation_reports / f"{now:%Y%m%dT%H%M%S%fZ}")
     typer.echo(f"{spec.name}: {report.summary()}")
     for line in report.failures:
         typer.echo(f"  - {line}")
+    typer.echo(f"report: {markdown}")
     raise typer.Exit(0 if report.success else 1)
 
 
@@ -73,13 +111,23 @@ Append = Annotated[
 
 
 @app.command()
-def ingest(usecase: UseCase, data: DataFile = None, append: Append = False) -> None:
+def ingest(
+    usecase: UseCase,
+    data: DataFile = None,
+    append: Append = False,
+    learn_profile: Annotated[
+        bool,
+        typer.Option("--learn-profile", help="Make this batch the quality gate's reference."),
+    ] = False,
+) -> None:
     """Validate a batch, write the offline store and register the Feast definitions."""
     from pipelines import stages
     from pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
-    stages.ingest(spec, settings, Progress(total=2), data=data, append=append)
+    stages.ingest(
+        spec, settings, Progress(total=2), data=data, append=append, learn_profile=learn_profile
+    )
     typer.echo(f"next: clinml materialize {usecase}")
 
 

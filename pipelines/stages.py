@@ -30,6 +30,7 @@ def ingest(
     progress: Progress,
     data: Path | None = None,
     append: bool = False,
+    learn_profile: bool = False,
 ) -> None:
     """Validate and write the offline data, then register the Feast definitions."""
     from features import ingest as ingest_stage
@@ -39,9 +40,17 @@ def ingest(
     with progress.step(f"ingest and validate '{spec.name}' (Great Expectations)"):
         frame = None if data is None else read_table(data)
         result = ingest_stage.run(
-            spec, paths, _now(), settings.pseudonymiser(), frame=frame, append=append
+            spec,
+            paths,
+            _now(),
+            settings.pseudonymiser(),
+            frame=frame,
+            append=append,
+            learn_profile=learn_profile,
         )
-        progress.detail(result.validation.summary())
+        progress.detail(f"{result.validation.summary()}; report: {result.report}")
+        if result.learned_profile:
+            progress.detail(f"reference profile learned from this batch: {paths.quality_profile}")
         progress.detail(
             f"{result.rows} rows ({result.labelled_rows} with a known label), "
             f"{result.patients} patients; {result.added_rows} rows added"

@@ -38,10 +38,11 @@ The risk model (``true_risk``, exposed so tests can compute the oracle AUROC)::
 Acuity and frailty are unobserved, so no model can reach the oracle AUROC. The base rate
 is about 14%.
 
-Timestamps: features are known at discharge (``event_timestamp`` = discharge time). The
-label becomes known 30 days after discharge (``label_timestamp``); for encounters whose
-30 days have not passed by ``end``, the label is missing (null), as it would be in a live
-EHR extract.
+Encounters whose discharge would fall after ``end`` are left out: those patients are
+still in hospital. Timestamps: features are known at discharge (``event_timestamp`` =
+discharge time). The label becomes known 30 days after discharge (``label_timestamp``);
+for encounters whose 30 days have not passed by ``end``, the label is missing (null), as
+it would be in a live EHR extract.
 
 Shifts (:class:`Shift`), each a parameter: the site mix, creatinine reported in µmol/L
 instead of mg/dL, a winter case mix (more COPD and older patients, higher acuity), and the
@@ -282,6 +283,9 @@ def generate(
         step += 1
 
     enc = buffers.concat()
+    # Patients still in hospital at the end of the window have no discharge yet.
+    discharged = enc["discharge"] <= window_days
+    enc = {name: values[discharged] for name, values in enc.items()}
     return _assemble(
         enc, rng, start, window_days, site, female, conditions, comorbidity_other, age0, shift
     )

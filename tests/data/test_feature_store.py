@@ -102,3 +102,42 @@ def test_materialize_loads_the_newest_row_of_every_entity(
     by_id = online.set_index("patient_id")
     assert by_id.loc[PSEUDONYMISER.one(first["patient_id"]), "heart_rate"] == 199.0
     assert by_id.loc["nobody"].isna().all()
+
+
+def test_online_lookup_tells_missing_from_stale(tiny_spec: UseCaseSpec, tmp_path: Path) -> None:
+    spec = tiny_spec.model_copy(update={"feature_ttl_days": 30.0})
+    frame = make_tiny_frame(n=200, seed=31)
+    paths = Paths(tmp_path).usecase(spec.name)
+    ingest.run(spec, paths, NOW, PSEUDONYMISER, frame=frame)
+    store = feature_store.open_store(spec, paths)
+    feature_store.apply(store, spec, paths)
+    feature_store.materialize(store, spec, NOW)
+
+    latest = frame.groupby("patient_id")["event_timestamp"].max()
+    fresh_id = latest[latest > NOW - timedelta(days=20)].index[0]
+    stale_id = latest[latest < NOW - timedelta(days=60)].index[0]
+    ids = [
+        PSEUDONYMISER.one(fresh_id),
+        PSEUDONYMISER.one(stale_id),
+        PSEUDONYMISER.one("never-seen"),
+    ]
+    for reader in (None, "feast"):  # the direct SQLite reader and Feast's own API agree
+        lookup = (
+            feature_store.online_lookup(store, spec, ids, NOW)
+            if reader is None
+            else _lookup_through_feast(store, spec, ids)
+        )
+        assert lookup.problems[0] == {}
+        assert lookup.problems[1] == dict.fromkeys(spec.feature_names, "stale")
+        assert lookup.problems[2] == dict.fromkeys(spec.feature_names, "missing")
+        assert lookup.usable == [True, False, False]
+        assert lookup.values.loc[2, spec.feature_names].isna().all()  # nothing imputed
+        assert lookup.values.loc[1, "heart_rate"] is not None  # a stale value is still shown
+        assert lookup.event_times[0] == latest[fresh_id]
+
+
+def _lookup_through_feast(store, spec, ids):
+    from unittest import mock
+
+    with mock.patch.object(store.config.online_store, "type", "feast-api"):
+        return feature_store.online_lookup(store, spec, ids, NOW)

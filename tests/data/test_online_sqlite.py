@@ -64,3 +64,46 @@ def test_bulk_and_feast_materialize_write_identical_rows(
     # The registry records the interval, so the next incremental run starts from it.
     recorded = bulk_store.get_feature_view(view.name).most_recent_end_time
     assert recorded is not None and abs(recorded - end) < timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "values", "value_type"),
+    [
+        ("float", [1.5, -0.0, 1e-300, -2.25e12, None, 3.0], "DOUBLE"),
+        ("int", [0, 1, 127, 128, 300, -5, 2**62, None], "INT64"),
+        ("category", ["icu", "", "Ünïcödé ward", "x" * 300, None], "STRING"),
+    ],
+)
+def test_value_encoding_matches_feast_both_ways(kind: str, values: list, value_type: str) -> None:
+    from feast.infra.online_stores.helpers import extract_text_and_num
+    from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
+    from feast.value_type import ValueType
+
+    series = pd.Series(
+        values, dtype=object if kind == "category" else ("float" if kind == "float" else "Int64")
+    )
+    blobs, texts = online_sqlite.encode_column(series, kind)
+    protos = python_values_to_proto_values(
+        [None if v is None else v for v in values], getattr(ValueType, value_type)
+    )
+    assert blobs == [p.SerializeToString() for p in protos]
+    assert texts == [extract_text_and_num(p, False)[0] for p in protos]
+    decoded = [online_sqlite.decode_value(b) for b in blobs]
+    assert decoded == [
+        feast_value_type_to_python_type(p) if v is not None else None
+        for p, v in zip(protos, values, strict=True)
+    ]
+
+
+def test_direct_reader_returns_what_feast_returns(tiny_spec: UseCaseSpec, tmp_path: Path) -> None:
+    frame = make_tiny_frame(n=80, seed=9)
+    store = _published(tiny_spec, tmp_path, frame)
+    feature_store.materialize(store, tiny_spec, NOW)
+    ids = [*PSEUDONYMISER.many(frame["patient_id"].head(30)), "ps_nobody"]
+    direct = online_sqlite.OnlineReader.for_store(store, tiny_spec).read(ids)
+    through_feast = feature_store._read_with_feast(store, tiny_spec, ids)
+    assert direct[-1] is None and through_feast[-1] is None
+    for mine, theirs in zip(direct, through_feast, strict=True):
+        if mine is None:
+            continue
+        assert {k: v for k, v in mine.items() if k in tiny_spec.feature_names} == theirs

@@ -70,7 +70,8 @@ def records(pipeline, pathology_spec: UseCaseSpec) -> pd.DataFrame:
 def test_pipeline_reports_every_stage(pipeline) -> None:
     _, version, lines = pipeline
     text = "\n".join(lines)
-    assert "137 checks passed on 569 rows" in text
+    assert "137 checks (spec) passed on 569 rows" in text
+    assert "reference profile learned from this batch" in text
     assert "dropped identifier columns: mrn; patient_id pseudonymised" in text
     assert "full load of" in text and "newest of 569 entities written" in text
     for candidate in ("svm", "rf", "gbm", "mlp"):
