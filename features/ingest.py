@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -152,6 +154,7 @@ def run(
     frame: pd.DataFrame | None = None,
     append: bool = False,
     learn_profile: bool = False,
+    report: Callable[[str], None] = lambda _: None,
 ) -> IngestResult:
     """Validate a batch and write the offline parquet files.
 
@@ -163,6 +166,7 @@ def run(
         frame: a raw batch to ingest instead of ``spec.source`` (tests, backfills).
         append: add to the stored data instead of replacing it.
         learn_profile: make this batch the reference profile (after the spec's checks).
+        report: receives a line as each phase (load, gate, write) finishes.
 
     Returns:
         Counts and the paths written.
@@ -170,15 +174,22 @@ def run(
     Raises:
         DataValidationError: the batch failed the gate; nothing was written.
     """
+    started = time.perf_counter()
+
+    def phase(text: str) -> None:
+        report(f"{text} ({time.perf_counter() - started:.1f}s)")
+
     raw = load_raw(spec, now) if frame is None else normalise_types(frame, spec)
     raw = add_generated_columns(raw, spec, now)
+    phase(f"loaded {len(raw):,} rows")
     profile_file = paths.quality_profile
     profile = None
     if not learn_profile and profile_file.is_file():
         profile = QualityProfile.load(profile_file)
     report_dir = paths.validation_reports / pd.Timestamp(now).strftime("%Y%m%dT%H%M%S%fZ")
-    report = require_valid(raw, spec, profile, report_dir)
-    report_file = write_report(report, spec, report_dir)[1]
+    validation = require_valid(raw, spec, profile, report_dir)
+    report_file = write_report(validation, spec, report_dir)[1]
+    phase("quality gate passed")
 
     dropped = [c for c in spec.identifier_columns if c in raw.columns]
     key, ts, label = spec.entity.key, spec.event_timestamp, spec.label.column
@@ -200,6 +211,7 @@ def run(
     _write_atomically(labels.reset_index(drop=True), paths.labels_file)
     if profile is None:
         learn(raw, spec, now).save(profile_file)
+    phase(f"wrote {len(features):,} feature rows and {len(labels):,} labels")
     return IngestResult(
         rows=len(clean),
         patients=int(clean[key].nunique()),
@@ -208,7 +220,7 @@ def run(
         dropped_identifiers=dropped,
         features_file=paths.features_file,
         labels_file=paths.labels_file,
-        validation=report,
+        validation=validation,
         report=report_file,
         learned_profile=profile is None,
     )

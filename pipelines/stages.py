@@ -47,6 +47,7 @@ def ingest(
             frame=frame,
             append=append,
             learn_profile=learn_profile,
+            report=progress.detail,
         )
         progress.detail(f"{result.validation.summary()}; report: {result.report}")
         if result.learned_profile:

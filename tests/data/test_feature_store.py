@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -141,3 +142,31 @@ def _lookup_through_feast(store, spec, ids):
 
     with mock.patch.object(store.config.online_store, "type", "feast-api"):
         return feature_store.online_lookup(store, spec, ids, NOW)
+
+
+def test_incremental_materialization_loads_only_what_is_new(
+    tiny_spec: UseCaseSpec, tmp_path: Path
+) -> None:
+    paths = Paths(tmp_path).usecase(tiny_spec.name)
+    first = make_tiny_frame(n=150, seed=51)
+    ingest.run(tiny_spec, paths, NOW, PSEUDONYMISER, frame=first)
+    store = feature_store.open_store(tiny_spec, paths)
+    feature_store.apply(store, tiny_spec, paths)
+    full = feature_store.materialize(store, tiny_spec, NOW)
+    assert (full.mode, full.entities_written) == ("full", 150)
+
+    # A day later, 30 of the patients come back with new measurements.
+    later = first.head(30).assign(
+        event_timestamp=NOW + timedelta(hours=6), heart_rate=lambda f: f["heart_rate"] + 1.0
+    )
+    ingest.run(tiny_spec, paths, NOW + timedelta(days=1), PSEUDONYMISER, frame=later, append=True)
+    incremental = feature_store.materialize(store, tiny_spec, NOW + timedelta(days=1))
+    assert incremental.mode == "incremental"
+    assert abs(incremental.start - NOW) < timedelta(seconds=1)
+    assert incremental.entities_written == 30 and incremental.rows_read == 180
+
+    online = feature_store.online_features(
+        store, tiny_spec, PSEUDONYMISER.many(first["patient_id"])
+    )
+    np.testing.assert_allclose(online["heart_rate"].head(30), later["heart_rate"])
+    np.testing.assert_allclose(online["heart_rate"].iloc[30:], first["heart_rate"].iloc[30:])
