@@ -130,6 +130,9 @@ def run(patients: int, feast_materialize: bool, reads: int) -> str:
         # objects (the id list, the store) dominate the p99 of both readers.
         gc.collect()
         gc.freeze()
+        # Reads right after a 1.4 GB write compete with the kernel writing it back;
+        # flush first so the reads measure reading.
+        os.sync()
         reader = online_sqlite.OnlineReader.for_store(store, spec)
         service = store.get_feature_service(spec.feature_service)
         rng = random.Random(7)

@@ -176,8 +176,6 @@ def bulk_materialize(
     ordered_columns = sorted(columns, key=lambda c: c.name)
     created = int(datetime.now(UTC).replace(tzinfo=None).timestamp())
     connection = sqlite3.connect(db_path(store))
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     values_written = 0
     try:
