@@ -234,15 +234,8 @@ def draft_spec(
         primary = [c for c in usable if _ENTITY_NAME.match(_normalise(c))]
         mrn_like = [c for c in usable if _MRN_NAME.match(_normalise(c))]
         candidates = primary or mrn_like
-        if len(candidates) == 1:
-            entity = candidates[0]
-        elif candidates:
-            problems.append(
-                "cannot tell which column is the patient id: pass --entity "
-                f"(candidates: {', '.join(candidates)})"
-            )
-        else:
-            entity_generated = True
+        entity = _only(candidates, "the patient id", "--entity", problems)
+        entity_generated = not candidates
 
     # Timestamp: the only date-like column that is not a date of birth.
     timestamp_generated = False
@@ -253,15 +246,8 @@ def draft_spec(
             for c in columns
             if c not in taken and profiles[c].kind == "datetime" and not _is_phi_name(c)
         ]
-        if len(candidates) == 1:
-            timestamp = candidates[0]
-        elif candidates:
-            problems.append(
-                "cannot tell which column is the event time: pass --timestamp "
-                f"(candidates: {', '.join(candidates)})"
-            )
-        else:
-            timestamp_generated = True
+        timestamp = _only(candidates, "the event time", "--timestamp", problems)
+        timestamp_generated = not candidates
     elif profiles[timestamp].kind != "datetime":
         raise DraftError(
             f"--timestamp: column '{timestamp}' does not hold dates or times "
@@ -276,14 +262,8 @@ def draft_spec(
     ]
     if label is None:
         candidates = [c for c in label_like if c not in {entity, timestamp}]
-        if len(candidates) == 1:
-            label = candidates[0]
-        elif candidates:
-            problems.append(
-                "cannot tell which column is the label: pass --label "
-                f"(candidates: {', '.join(candidates)})"
-            )
-        else:
+        label = _only(candidates, "the label", "--label", problems)
+        if not candidates:
             problems.append(
                 "cannot tell which column is the label: pass --label (no two-valued column "
                 "is named like label, target, outcome, y, class, diagnosis, readmitted*, "
@@ -449,6 +429,17 @@ def draft_spec(
     ]
     spec["identifier_columns"] = identifier_columns
     return spec
+
+
+def _only(candidates: list[str], role: str, flag: str, problems: list[str]) -> str | None:
+    """The single candidate; with several, record which flag settles it and return None."""
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        problems.append(
+            f"cannot tell which column is {role}: pass {flag} (candidates: {', '.join(candidates)})"
+        )
+    return None
 
 
 def write_draft(
