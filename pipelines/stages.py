@@ -112,7 +112,7 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
             f"champion: {result.champion.name} registered as {result.model_name} version "
             f"{result.version} ({spec.primary_metric}="
             f"{result.champion.metrics[spec.primary_metric]:.3f} "
-            f"on {result.test_rows} held-out patients)"
+            f"on {result.test_rows:,} held-out rows of {result.test_patients:,} patients)"
         )
     return result.version
 

@@ -56,6 +56,7 @@ class TrainResult:
     candidates: list[CandidateResult] = field(default_factory=list)
     train_rows: int = 0
     test_rows: int = 0
+    test_patients: int = 0
 
 
 def patient_split(frame: pd.DataFrame, spec: UseCaseSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +212,7 @@ def run(
         candidates=results,
         train_rows=len(train_idx),
         test_rows=len(test_idx),
+        test_patients=int(frame.iloc[test_idx][spec.entity.key].nunique()),
     )
 
 
