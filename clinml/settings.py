@@ -10,6 +10,7 @@ Reading settings has no side effects: nothing is created until a stage writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -120,6 +121,10 @@ class UseCasePaths:
     def validation_reports(self) -> Path:
         """One directory per run of the quality gate: report.md and summary.json."""
         return self.reports / "validation"
+
+    def validation_run(self, when: datetime) -> Path:
+        """The report directory of the gate run at ``when`` (UTC, to the microsecond)."""
+        return self.validation_reports / f"{when.astimezone(UTC):%Y%m%dT%H%M%S%fZ}"
 
     @property
     def quality_profile(self) -> Path:

@@ -125,6 +125,20 @@ def add_generated_columns(frame: pd.DataFrame, spec: UseCaseSpec, now: datetime)
     return frame
 
 
+def prepare_batch(
+    spec: UseCaseSpec, now: datetime, frame: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The batch the gate sees: ``frame`` (or ``spec.source``) typed, ids/times generated."""
+    raw = load_raw(spec, now) if frame is None else normalise_types(frame, spec)
+    return add_generated_columns(raw, spec, now)
+
+
+def reference_profile(paths: UseCasePaths) -> QualityProfile | None:
+    """The stored reference profile, if a batch has been accepted before."""
+    path = paths.quality_profile
+    return QualityProfile.load(path) if path.is_file() else None
+
+
 def _write_atomically(frame: pd.DataFrame, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -179,14 +193,10 @@ def run(
     def phase(text: str) -> None:
         report(f"{text} ({time.perf_counter() - started:.1f}s)")
 
-    raw = load_raw(spec, now) if frame is None else normalise_types(frame, spec)
-    raw = add_generated_columns(raw, spec, now)
+    raw = prepare_batch(spec, now, frame)
     phase(f"loaded {len(raw):,} rows")
-    profile_file = paths.quality_profile
-    profile = None
-    if not learn_profile and profile_file.is_file():
-        profile = QualityProfile.load(profile_file)
-    report_dir = paths.validation_reports / pd.Timestamp(now).strftime("%Y%m%dT%H%M%S%fZ")
+    profile = None if learn_profile else reference_profile(paths)
+    report_dir = paths.validation_run(now)
     validation = require_valid(raw, spec, profile, report_dir)
     report_file = write_report(validation, spec, report_dir)[1]
     phase("quality gate passed")
@@ -210,7 +220,7 @@ def run(
     _write_atomically(features.reset_index(drop=True), paths.features_file)
     _write_atomically(labels.reset_index(drop=True), paths.labels_file)
     if profile is None:
-        learn(raw, spec, now).save(profile_file)
+        learn(raw, spec, now).save(paths.quality_profile)
     phase(f"wrote {len(features):,} feature rows and {len(labels):,} labels")
     return IngestResult(
         rows=len(clean),

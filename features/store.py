@@ -9,7 +9,7 @@ Usage::
 
     store = open_store(spec, paths)          # writes feature_store.yaml, opens the repo
     apply(store, spec, paths)                # entity, source, view, feature service
-    materialize(store, spec, start, end)     # offline parquet -> SQLite online store
+    materialize(store, spec, end)            # offline parquet -> online store (incremental)
     frame = training_frame(store, spec, events)   # point-in-time join
 """
 
@@ -179,25 +179,25 @@ def materialize(
     store: FeatureStore,
     spec: UseCaseSpec,
     end: datetime,
-    start: datetime | None = None,
+    full: bool = False,
     progress: Callable[[int, int], Any] | None = None,
 ) -> MaterializeResult:
-    """Load the newest value per entity in ``[start, end)`` into the online store.
+    """Load the newest value per entity up to ``end`` into the online store.
 
-    With ``start``, a full load from it. Without, an incremental load from where the
-    last run ended; the first run of a view is full, from its earliest offline row
-    (Feast's own ``materialize_incremental`` would look back only one TTL). The SQLite
-    online store is written in bulk (``features.online_sqlite``); other online stores
-    through Feast's ``materialize``.
+    Incremental by default: from where the last run ended. With ``full``, and always on
+    a view's first run, from its earliest offline row (Feast's own
+    ``materialize_incremental`` would look back only one TTL). The SQLite online store
+    is written in bulk (``features.online_sqlite``); other online stores through
+    Feast's ``materialize``.
     """
     from features import online_sqlite
 
     view = store.get_feature_view(view_name(spec))
-    mode = "full" if start is not None or view.most_recent_end_time is None else "incremental"
-    if start is None:
-        start = view.most_recent_end_time or (
-            earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
-        )
+    mode = "full" if full or view.most_recent_end_time is None else "incremental"
+    if mode == "full":
+        start = earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
+    else:
+        start = view.most_recent_end_time
     if store.config.online_store.type == "sqlite":
         bulk = online_sqlite.bulk_materialize(store, spec, view, start, end, progress)
         return MaterializeResult(mode, start, end, bulk.rows_read, bulk.entities_written)
@@ -306,11 +306,16 @@ def online_lookup(
     """
     from features import online_sqlite
 
-    if reader is None and store.config.online_store.type == "sqlite":
-        reader = online_sqlite.OnlineReader.for_store(store, spec)
-    rows = (
-        reader.read(entity_ids) if reader is not None else _read_with_feast(store, spec, entity_ids)
-    )
+    if reader is not None:
+        rows = reader.read(entity_ids)
+    elif store.config.online_store.type == "sqlite":
+        own = online_sqlite.OnlineReader.for_store(store, spec)
+        try:
+            rows = own.read(entity_ids)
+        finally:
+            own.close()
+    else:
+        rows = _read_with_feast(store, spec, entity_ids)
     features = spec.feature_names
     nullable = {c.name for c in spec.features if c.nullable}
     limit = ttl(spec)

@@ -85,19 +85,15 @@ def validate(usecase: UseCase, data: DataFile = None) -> None:
     from datetime import UTC, datetime
 
     from clinml.tables import read_table
-    from features.ingest import add_generated_columns, load_raw, normalise_types
-    from features.profile import QualityProfile
+    from features.ingest import prepare_batch, reference_profile
     from features.validate import validate_frame, write_report
 
     settings, spec = _setup(usecase)
     now = datetime.now(UTC)
-    frame = load_raw(spec, now) if data is None else normalise_types(read_table(data), spec)
-    frame = add_generated_columns(frame, spec, now)
     paths = settings.paths.usecase(spec.name)
-    profile_file = paths.quality_profile
-    profile = QualityProfile.load(profile_file) if profile_file.is_file() else None
-    report = validate_frame(frame, spec, profile)
-    _, markdown = write_report(report, spec, paths.validation_reports / f"{now:%Y%m%dT%H%M%S%fZ}")
+    frame = prepare_batch(spec, now, None if data is None else read_table(data))
+    report = validate_frame(frame, spec, reference_profile(paths))
+    _, markdown = write_report(report, spec, paths.validation_run(now))
     typer.echo(f"{spec.name}: {report.summary()}")
     for line in report.failures:
         typer.echo(f"  - {line}")

@@ -8,7 +8,7 @@ progress. Tests call the stage functions themselves with their own collaborators
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -81,12 +81,8 @@ def materialize(
     with progress.step("materialize features into the online store (SQLite)"):
         store = feature_store.open_store(spec, paths)
         feature_store.apply(store, spec, paths)
-        start = None
-        if full:
-            view = store.get_feature_view(feature_store.view_name(spec))
-            start = feature_store.earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
         with progress.bar("entities written") as bar:
-            result = feature_store.materialize(store, spec, _now(), start=start, progress=bar)
+            result = feature_store.materialize(store, spec, _now(), full=full, progress=bar)
         progress.detail(
             f"{result.mode} load of {result.start:%Y-%m-%d %H:%M} to {result.end:%Y-%m-%d %H:%M} "
             f"UTC: {result.rows_read:,} offline rows, newest of {result.entities_written:,} "
