@@ -80,12 +80,28 @@ CANDIDATES: dict[str, Callable[[dict[str, Any], int, int], ClassifierMixin]] = {
 
 
 def make_preprocessor(spec: UseCaseSpec) -> ColumnTransformer:
-    """Standardise numeric features and one-hot encode categories (unknowns -> all zeros)."""
-    numeric = [c.name for c in spec.features if c.is_numeric]
+    """Standardise numeric features and one-hot encode categories (unknowns -> all zeros).
+
+    Numeric features the spec declares ``nullable`` are imputed explicitly: the training
+    median, plus an indicator column saying the value was absent. A null category
+    encodes as all zeros, like an unknown one.
+    """
+    from sklearn.impute import SimpleImputer
+
+    numeric = [c.name for c in spec.features if c.is_numeric and not c.nullable]
+    nullable = [c.name for c in spec.features if c.is_numeric and c.nullable]
     categorical = [c for c in spec.features if not c.is_numeric]
     steps: list[tuple[str, Any, list[str]]] = []
     if numeric:
         steps.append(("numeric", StandardScaler(), numeric))
+    if nullable:
+        imputed = Pipeline(
+            [
+                ("impute", SimpleImputer(strategy="median", add_indicator=True)),
+                ("scale", StandardScaler()),
+            ]
+        )
+        steps.append(("nullable", imputed, nullable))
     if categorical:
         encoder = OneHotEncoder(
             categories=[c.categories for c in categorical],

@@ -131,3 +131,25 @@ def test_svm_switches_to_a_kernel_approximation_above_the_row_limit(
     assert type(calibrated.estimator).__name__ == "Pipeline"  # Nystroem + LinearSVC
     model.fit(x_train, y_train)
     assert evaluate(y_test, model.predict_proba(x_test)[:, 1], 0.5)["roc_auc"] > 0.7
+
+
+def test_nullable_numeric_features_are_imputed_with_an_indicator(
+    tiny_spec: UseCaseSpec, split, tmp_path: Path
+) -> None:
+    features = [
+        f.model_copy(update={"nullable": f.name == "creatinine"}) for f in tiny_spec.features
+    ]
+    spec = tiny_spec.model_copy(update={"features": features})
+    x_train, y_train, x_test, _ = split
+    x_train = x_train.copy()
+    x_train.loc[x_train.index[:40], "creatinine"] = np.nan
+    model = build_pipeline("svm", spec, {}, seed=0, n_rows=len(x_train)).fit(x_train, y_train)
+    transformed = model.named_steps["preprocess"].transform(
+        x_test.head(2).assign(creatinine=[np.nan, 1.0])
+    )
+    # heart_rate, creatinine, creatinine-missing indicator, three one-hot wards
+    assert transformed.shape == (2, 6)
+    model_io.save(model, tmp_path / "m", {"features": spec.feature_names})
+    loaded = model_io.load(tmp_path / "m")
+    probability = loaded.predict_proba(x_test.head(2).assign(creatinine=[np.nan, 1.0]))
+    assert np.isfinite(probability).all()
