@@ -47,14 +47,40 @@ class Settings(BaseSettings):
         description="Key of the keyed hash that pseudonymises patient ids. The default is "
         "a public development key; production must set its own.",
     )
+    audit_log: Path | None = Field(
+        default=None,
+        description="Append-only log of every model alias move; default: "
+        "CLINML_HOME/audit/model_registry.jsonl. Put it on storage that outlives the data "
+        "directory (and ship it to WORM storage in production).",
+    )
+    actor: str | None = Field(
+        default=None,
+        description="Who is running the command, as recorded in the audit log; default: the "
+        "operating-system user.",
+    )
     max_records_per_request: int = Field(
         default=1000, ge=1, le=100_000, description="Cap on records in one /predict call."
     )
 
-    @field_validator("home", "config_dir")
+    @field_validator("home", "config_dir", "audit_log")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value.expanduser().resolve()
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit_log or self.paths.audit_log
+
+    @property
+    def actor_name(self) -> str:
+        import getpass
+
+        if self.actor:
+            return self.actor
+        try:
+            return getpass.getuser()
+        except (KeyError, OSError):
+            return "unknown"
 
     @property
     def paths(self) -> Paths:
@@ -81,6 +107,10 @@ class Paths:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.home / "mlflow" / "artifacts"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.home / "audit" / "model_registry.jsonl"
 
     @property
     def bentoml_home(self) -> Path:

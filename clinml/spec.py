@@ -28,7 +28,10 @@ from clinml.errors import SpecError
 
 Identifier = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$", max_length=63)]
 CandidateName = Literal["svm", "rf", "gbm", "mlp"]
-Metric = Literal["roc_auc", "accuracy", "precision", "recall", "f1"]
+# Metrics a spec may name as primary; all are higher-is-better (training/metrics.py).
+Metric = Literal[
+    "roc_auc", "average_precision", "accuracy", "sensitivity", "specificity", "precision", "f1"
+]
 
 
 class _Strict(BaseModel):
@@ -134,14 +137,67 @@ class ColumnSpec(_Strict):
         return self.type != "category"
 
 
+class SearchSpec(_Strict):
+    """The hyperparameter-search budget, shared by every candidate."""
+
+    n_iter: int = Field(
+        default=6,
+        ge=1,
+        description="Configurations sampled from each candidate's search space (the first is "
+        "always the candidate's own params).",
+    )
+    cv_folds: int = Field(
+        default=3, ge=2, le=10, description="Patient-grouped, stratified cross-validation folds."
+    )
+    max_rows: int = Field(
+        default=20_000,
+        ge=100,
+        description="The search runs on a patient-grouped sample of at most this many training "
+        "rows; the chosen configuration is then refitted on all of them.",
+    )
+    time_budget_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop sampling a candidate's configurations once its search has run this "
+        "long (at least one configuration is always evaluated).",
+    )
+
+
+class CandidateSpec(_Strict):
+    """One candidate: fixed hyperparameters and, optionally, a search space."""
+
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Hyperparameters (empty for the built-in defaults)."
+    )
+    search: dict[str, list[Any]] | None = Field(
+        default=None,
+        description="Hyperparameter -> values to sample from, overriding params. None: the "
+        "built-in space for the candidate; {}: no search, train params as given.",
+    )
+
+
 class TrainingSpec(_Strict):
     """How candidates are trained and compared."""
 
     test_size: float = Field(default=0.25, gt=0.0, lt=0.9)
     seed: int = 0
-    candidates: dict[CandidateName, dict[str, Any]] = Field(
-        default_factory=lambda: {"svm": {}, "rf": {}, "gbm": {}, "mlp": {}},
-        description="Candidate name -> hyperparameters (empty for defaults).",
+    temporal_holdout_months: float | None = Field(
+        default=None,
+        gt=0,
+        description="Hold out every event in the most recent N months as a second, temporal "
+        "test set; training uses only the events before it.",
+    )
+    class_weight: Literal["balanced", "none"] = Field(
+        default="none",
+        description="'balanced': weight classes inversely to their frequency while fitting, "
+        "then correct the probabilities back to the true prevalence. Measured on the "
+        "readmission cohort it does not raise AUROC and worsens the trees' calibration "
+        "(docs/training.md), so it is off by default.",
+    )
+    search: SearchSpec = SearchSpec()
+    candidates: dict[CandidateName, CandidateSpec] = Field(
+        default_factory=lambda: {n: CandidateSpec() for n in ("svm", "rf", "gbm", "mlp")},
+        description="Candidate name -> its params and search space.",
         min_length=1,
     )
 
@@ -183,9 +239,67 @@ class QualitySpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    """How a probability becomes a label."""
+    """How models are evaluated and how a probability becomes a label.
 
-    operating_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    The operating threshold is chosen by exactly one rule: a fixed ``operating_threshold``,
+    the fewest alerts that still reach ``min_sensitivity``, or the most sensitive threshold
+    within ``max_alerts_per_100`` patients. Rules are applied to out-of-fold predictions
+    on the training data, never to the test split.
+    """
+
+    operating_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    min_sensitivity: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_alerts_per_100: float | None = Field(default=None, gt=0.0, le=100.0)
+    bootstrap: int = Field(
+        default=1000, ge=100, description="Patient-level bootstrap resamples for 95% CIs."
+    )
+    calibration_bins: int = Field(default=10, ge=2, le=50)
+    min_group_size: int = Field(
+        default=100,
+        ge=1,
+        description="Subgroups (and intersections) smaller than this are listed, not evaluated.",
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> EvaluationSpec:
+        rules = [self.operating_threshold, self.min_sensitivity, self.max_alerts_per_100]
+        if sum(r is not None for r in rules) > 1:
+            raise ValueError(
+                "give only one of operating_threshold, min_sensitivity, max_alerts_per_100"
+            )
+        return self
+
+    @property
+    def threshold_rule(self) -> str:
+        """The rule in words, e.g. ``sensitivity >= 0.8``."""
+        if self.min_sensitivity is not None:
+            return f"sensitivity >= {self.min_sensitivity:g}"
+        if self.max_alerts_per_100 is not None:
+            return f"at most {self.max_alerts_per_100:g} alerts per 100 patients"
+        return f"fixed threshold {self.operating_threshold or 0.5:g}"
+
+
+class PromotionSpec(_Strict):
+    """The gate a challenger must pass to become champion (``clinml promote``)."""
+
+    max_metric_drop: float = Field(
+        default=0.01,
+        ge=0.0,
+        description="The challenger's primary metric may be at most this much below the "
+        "champion's on the same test data.",
+    )
+    max_subgroup_gap: float = Field(
+        default=0.10,
+        ge=0.0,
+        description="No evaluated subgroup's primary metric may fall more than this below the "
+        "overall figure.",
+    )
+    max_ece: float = Field(
+        default=0.05, gt=0.0, description="Largest allowed expected calibration error."
+    )
+    require_valid_data: bool = Field(
+        default=True, description="The latest ingested batch must have passed validation."
+    )
 
 
 class MonitoringSpec(_Strict):
@@ -214,6 +328,9 @@ class UseCaseSpec(_Strict):
 
     name: Identifier
     description: str = ""
+    intended_use: str = Field(default="", description="Who uses the model, for what decision.")
+    out_of_scope_use: list[str] = Field(default_factory=list)
+    limitations: list[str] = Field(default_factory=list)
     source: SourceSpec
     entity: EntitySpec = EntitySpec()
     event_timestamp: Identifier = "event_timestamp"
@@ -243,6 +360,7 @@ class UseCaseSpec(_Strict):
     quality: QualitySpec = QualitySpec()
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    promotion: PromotionSpec = PromotionSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
 
     # Where the spec was read from; set by load_spec, never by the YAML itself.

@@ -144,12 +144,164 @@ def materialize(
 
 @app.command()
 def train(usecase: UseCase) -> None:
-    """Train every candidate, log them to MLflow, register the best as the champion."""
+    """Search and train every candidate, evaluate, register the best as the challenger."""
     from pipelines import stages
     from pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
     stages.train(spec, settings, Progress(total=1))
+
+
+Reason = Annotated[str | None, typer.Option("--reason", help="Why; recorded in the audit log.")]
+
+
+@app.command()
+def promote(
+    usecase: UseCase,
+    force: Annotated[
+        bool, typer.Option("--force", help="Override a failed gate (needs --reason).")
+    ] = False,
+    reason: Reason = None,
+) -> None:
+    """Make the challenger the champion if it passes the gate. Exit 1 when refused."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+    from training.governance import PromotionRefused
+
+    settings, spec = _setup(usecase)
+    try:
+        stages.promote(spec, settings, Progress(total=1), force=force, reason=reason)
+    except PromotionRefused as refused:
+        typer.echo(f"refused: {refused}", err=True)
+        typer.echo("override with --force --reason TEXT (recorded)", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def rollback(usecase: UseCase, reason: Reason = None) -> None:
+    """Point the champion back at the previous champion (recorded in the audit log)."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+
+    settings, spec = _setup(usecase)
+    stages.rollback(spec, settings, Progress(total=1), reason=reason)
+
+
+models_app = typer.Typer(
+    help="Registered model versions: list, show, model cards, alias history.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+VersionRef = Annotated[
+    str, typer.Argument(help="Version number or alias (champion, challenger, previous_champion).")
+]
+
+
+@models_app.command("list")
+def models_list(usecase: UseCase) -> None:
+    """Every registered version, newest first, with aliases and headline metrics."""
+    from datetime import UTC, datetime
+
+    from training import governance
+    from training.tracking import Tracker
+
+    settings, spec = _setup(usecase)
+    tracker = Tracker.from_settings(settings)
+    found = governance.versions(tracker, spec.name)
+    if not found:
+        raise NotReadyError(f"no registered versions of '{spec.name}': run `clinml train` first")
+    pointers = governance.aliases(tracker, spec.name)
+    metric = f"test_{spec.primary_metric}"
+    typer.echo(f"{'version':>7}  {'created (UTC)':<16}  {'candidate':<9}  {metric:<14}  aliases")
+    for v in found:
+        created = datetime.fromtimestamp(v.creation_timestamp / 1000, UTC)
+        tags = v.tags or {}
+        typer.echo(
+            f"{v.version:>7}  {created:%Y-%m-%d %H:%M}  {tags.get('candidate', '?'):<9}  "
+            f"{tags.get(metric, '?'):<14}  {', '.join(pointers.get(str(v.version), [])) or '-'}"
+        )
+
+
+@models_app.command("show")
+def models_show(usecase: UseCase, ref: VersionRef = "champion") -> None:
+    """One version: aliases, provenance tags and held-out metrics."""
+    from training import governance
+    from training.tracking import Tracker
+
+    settings, spec = _setup(usecase)
+    tracker = Tracker.from_settings(settings)
+    version = governance.resolve(tracker, spec.name, ref)
+    run = tracker.client.get_run(version.run_id)
+    typer.echo(
+        f"{spec.name} version {version.version}  aliases: "
+        + (", ".join(governance.aliases(tracker, spec.name).get(str(version.version), [])) or "-")
+    )
+    typer.echo(f"  run: {version.run_id}")
+    for key, value in sorted((version.tags or {}).items()):
+        typer.echo(f"  {key}: {value}")
+    typer.echo("  held-out metrics (95% CI):")
+    metrics = run.data.metrics
+    for name in (
+        "roc_auc",
+        "average_precision",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "brier",
+        "ece",
+    ):
+        if name in metrics:
+            low = metrics.get(f"{name}_ci_low", float("nan"))
+            high = metrics.get(f"{name}_ci_high", float("nan"))
+            typer.echo(f"    {name:<18} {metrics[name]:.4f}  [{low:.4f}, {high:.4f}]")
+
+
+@models_app.command("card")
+def models_card(usecase: UseCase, ref: VersionRef = "champion") -> None:
+    """A version's model card: a summary here, the full card as HTML and JSON on disk."""
+    from training import governance
+    from training.card import card_summary
+    from training.tracking import Tracker
+
+    settings, spec = _setup(usecase)
+    tracker = Tracker.from_settings(settings)
+    version = governance.resolve(tracker, spec.name, ref)
+    target = settings.paths.usecase(spec.name).reports / "model_cards" / f"v{version.version}"
+    card = governance.download_card(tracker, version, target)
+    for line in card_summary(card):
+        typer.echo(line)
+    typer.echo(f"card: {target / 'model_card' / 'model_card.html'}")
+    typer.echo(f"json: {target / 'model_card' / 'model_card.json'}")
+
+
+@models_app.command("history")
+def models_history(usecase: UseCase) -> None:
+    """Every alias move (and refused promotion) from the audit log, oldest first."""
+    from clinml.audit import AuditLog
+    from training import governance
+
+    settings, spec = _setup(usecase)
+    log = AuditLog(settings.audit_log_path)
+    log.verify()
+    records = governance.history(log, spec.name)
+    if not records:
+        typer.echo(f"no alias moves recorded for {spec.name} in {log.path}")
+        return
+    for r in records:
+        failed = [g["check"] for g in r.get("gate", []) if not g["passed"]]
+        gate = (
+            "gate passed"
+            if r.get("gate") and not failed
+            else (f"gate failed: {', '.join(failed)}" if failed else "no gate")
+        )
+        typer.echo(
+            f"{r['seq']:>4}  {r['time']}  {r['action']:<15} v{r.get('from_version') or '-'} -> "
+            f"v{r.get('to_version') or '-'}  by {r['actor']}  {gate}"
+            + (f"  reason: {r['reason']}" if r.get("reason") else "")
+        )
+    typer.echo(f"audit log: {log.path} ({len(records)} records for {spec.name}; chain verified)")
 
 
 @app.command()
@@ -167,15 +319,16 @@ def package(
 
 @app.command()
 def run(usecase: UseCase, data: DataFile = None) -> None:
-    """ingest + materialize + train + package: the pipeline up to a servable champion."""
+    """ingest + materialize + train + promote + package: up to a servable champion."""
     from pipelines import stages
     from pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
-    progress = Progress(total=5)
+    progress = Progress(total=6)
     stages.ingest(spec, settings, progress, data=data)
     stages.materialize(spec, settings, progress, full=True)
     stages.train(spec, settings, progress)
+    stages.promote(spec, settings, progress)
     stages.package(spec, settings, progress)
 
 

@@ -1,8 +1,9 @@
 """``clinml demo``: every stage in order on a built-in use case, then a look at each result.
 
-ingest -> validate -> Feast -> train (4 candidates) -> register champion -> BentoML
-package -> ``bentoml serve`` + real HTTP requests -> drift check on an unshifted and a
-deliberately shifted batch -> where to look next.
+ingest -> validate -> Feast -> train (4 candidates, grouped-CV search) -> register the
+challenger -> gated promotion to champion (audit log) -> BentoML package -> ``bentoml
+serve`` + real HTTP requests -> drift check on an unshifted and a deliberately shifted
+batch -> where to look next.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) ->
     """The whole demo; prints progress and ends with where to look next."""
     from serving.launch import ServiceProcess, free_port, port_is_free
 
-    progress = Progress(total=8)
+    progress = Progress(total=9)
     stages.ingest(spec, settings, progress)
     stages.materialize(spec, settings, progress, full=True)
     stages.train(spec, settings, progress)
+    stages.promote(spec, settings, progress)
     stages.package(spec, settings, progress)
     batches = _write_batches(spec, settings)
     paths = settings.paths.usecase(spec.name)
@@ -129,6 +131,8 @@ def _where_next(
         f"  drift report (shifted):     {outcomes['shifted'].html}",
         f"  drift verdict (JSON):       {outcomes['shifted'].json}",
         f"  Feast repo:                 {paths.feast_repo}",
+        f"  model card:                 clinml models card {spec.name}",
+        f"  alias history (audit log):  clinml models history {spec.name}",
         f"  re-run a drift check:       clinml monitor {spec.name} "
         f"--batch {paths.batches / 'shifted.parquet'}",
     ]

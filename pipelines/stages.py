@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -18,6 +19,9 @@ from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
 from pipelines.progress import Progress
+
+if TYPE_CHECKING:
+    from training.governance import Decision
 
 
 def _now() -> datetime:
@@ -91,26 +95,103 @@ def materialize(
 
 
 def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
-    """Train every candidate and register the best as the champion; returns its version."""
+    """Search, train and evaluate every candidate; register the best as the challenger."""
     from features import store as feature_store
     from features.ingest import read_labels
     from training import train as train_stage
     from training.tracking import Tracker
 
     paths = settings.paths.usecase(spec.name)
-    with progress.step(f"train {len(spec.training.candidates)} candidates (MLflow runs)"):
+    with progress.step(
+        f"train {len(spec.training.candidates)} candidates: grouped-CV search, refit, "
+        "clinical evaluation (MLflow runs)"
+    ):
         events = read_labels(spec, paths, _now())
         store = feature_store.open_store(spec, paths)
         result = train_stage.run(
             spec, store, Tracker.from_settings(settings), events, report=progress.detail
         )
+        metrics = result.selected.metrics
+        primary = spec.primary_metric
         progress.detail(
-            f"champion: {result.champion.name} registered as {result.model_name} version "
-            f"{result.version} ({spec.primary_metric}="
-            f"{result.champion.metrics[spec.primary_metric]:.3f} "
-            f"on {result.test_rows:,} held-out rows of {result.test_patients:,} patients)"
+            f"challenger: {result.selected.name} = {result.model_name} version {result.version}"
+            f" ({primary} {metrics[primary]:.3f} "
+            f"[{metrics.get(primary + '_ci_low', float('nan')):.3f}, "
+            f"{metrics.get(primary + '_ci_high', float('nan')):.3f}] on {result.test_rows:,} "
+            f"held-out rows of {result.test_patients:,} patients)"
         )
+        progress.detail(f"next: clinml promote {spec.name}")
     return result.version
+
+
+def promote(
+    spec: UseCaseSpec,
+    settings: Settings,
+    progress: Progress,
+    force: bool = False,
+    reason: str | None = None,
+) -> Decision:
+    """Gate the challenger against the champion on current test data; move the alias."""
+    from clinml.audit import AuditLog
+    from features import store as feature_store
+    from features.ingest import read_labels
+    from training import governance
+    from training.tracking import Tracker
+
+    paths = settings.paths.usecase(spec.name)
+    tracker = Tracker.from_settings(settings)
+    with progress.step(f"promotion gate for {spec.name} (challenger vs champion)"):
+        tracker.version_by_alias(spec.name, governance.CHALLENGER)  # fail fast, before Feast
+        store = feature_store.open_store(spec, paths)
+        frame = feature_store.training_frame(store, spec, read_labels(spec, paths, _now()))
+        data = governance.TestData.from_frame(spec, frame)
+        progress.detail(f"current test data: {len(data.y):,} rows")
+        try:
+            decision = governance.promote(
+                spec,
+                tracker,
+                AuditLog(settings.audit_log_path),
+                data,
+                governance.ValidationStatus.latest(paths.validation_reports),
+                settings.actor_name,
+                force=force,
+                reason=reason,
+            )
+        except governance.PromotionRefused as refused:
+            _report_checks(refused.decision, progress)
+            raise
+        _report_checks(decision, progress)
+        moved = f"from version {decision.champion}" if decision.champion else "(first champion)"
+        progress.detail(
+            f"{decision.action}: champion -> version {decision.challenger} {moved}; "
+            f"recorded in {settings.audit_log_path}"
+        )
+    return decision
+
+
+def _report_checks(decision: Decision, progress: Progress) -> None:
+    for check in decision.checks:
+        progress.detail(f"{'pass' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+
+
+def rollback(
+    spec: UseCaseSpec, settings: Settings, progress: Progress, reason: str | None = None
+) -> tuple[str, str]:
+    """Point ``champion`` back at the previous champion."""
+    from clinml.audit import AuditLog
+    from training import governance
+    from training.tracking import Tracker
+
+    with progress.step(f"roll back the {spec.name} champion"):
+        moved = governance.rollback(
+            spec,
+            Tracker.from_settings(settings),
+            AuditLog(settings.audit_log_path),
+            settings.actor_name,
+            reason,
+        )
+        progress.detail(f"champion: version {moved[0]} -> version {moved[1]}")
+    return moved
 
 
 def package(spec: UseCaseSpec, settings: Settings, progress: Progress, build: bool = False) -> None:

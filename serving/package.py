@@ -41,9 +41,7 @@ def import_champion(spec: UseCaseSpec, tracker: Tracker) -> PackagedModel:
             "run_id": version.run_id,
             "candidate": tags.get("candidate", ""),
             "feature_service": tags.get("feature_service", spec.feature_service),
-            "operating_threshold": float(
-                tags.get("operating_threshold", spec.evaluation.operating_threshold)
-            ),
+            "operating_threshold": float(tags.get("operating_threshold", 0.5)),
         },
     )
     return PackagedModel(str(bento_model.tag), spec.name, str(version.version))

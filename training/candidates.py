@@ -2,7 +2,15 @@
 
 Every candidate is a scikit-learn ``Pipeline``: the shared preprocessing (standardised
 numeric features, one-hot categories) followed by the candidate's classifier. Adding a
-candidate means adding one entry to ``CANDIDATES``.
+candidate means adding one entry to ``CANDIDATES`` and one to ``SEARCH_SPACES``.
+
+Class imbalance: with ``class_weight="balanced"`` the tree and MLP candidates fit with
+balanced sample weights (minority errors cost more, so the model does not just learn
+the majority class), and :class:`PriorCorrected` maps their probabilities back to the
+real prevalence (weighting multiplies the odds by ``w1/w0``; dividing it out is exact for
+a model that fits the weighted likelihood), so calibration is not sacrificed. The SVM
+weights classes inside the SVM and its Platt calibration, fitted unweighted, restores
+the prevalence.
 """
 
 from __future__ import annotations
@@ -10,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sklearn.base import ClassifierMixin
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
@@ -35,47 +44,119 @@ def svm_variant(params: dict[str, Any], n_rows: int) -> str:
     return "rbf_kernel" if n_rows <= limit else "nystroem_linear"
 
 
-def _svm(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
+class PriorCorrected(ClassifierMixin, BaseEstimator):
+    """Fit a classifier with balanced class weights; predict at the true prevalence.
+
+    Args:
+        estimator: an unfitted binary classifier whose ``fit`` takes ``sample_weight``.
+    """
+
+    def __init__(self, estimator: Any):
+        self.estimator = estimator
+
+    def fit(self, X: Any, y: Any) -> PriorCorrected:
+        target = np.asarray(y)
+        self.classes_, index, counts = np.unique(target, return_inverse=True, return_counts=True)
+        if len(self.classes_) != 2:
+            raise ValueError(f"PriorCorrected needs two classes, got {len(self.classes_)}")
+        class_weights = len(target) / (2.0 * counts)
+        self.estimator_ = clone(self.estimator).fit(X, target, sample_weight=class_weights[index])
+        # The weighted fit estimates odds x w1/w0; this factor undoes it.
+        self.odds_correction_ = float(class_weights[0] / class_weights[1])
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        weighted = self.estimator_.predict_proba(X)[:, 1]
+        corrected = weighted * self.odds_correction_
+        positive = corrected / (corrected + (1.0 - weighted))
+        return np.column_stack([1.0 - positive, positive])
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
+
+
+def _svm(params: dict[str, Any], seed: int, n_rows: int, balanced: bool) -> ClassifierMixin:
     from sklearn.kernel_approximation import Nystroem
     from sklearn.svm import LinearSVC
 
     variant = svm_variant(params, n_rows)
     params = {k: v for k, v in params.items() if k != "max_kernel_rows"}
+    weights = {"class_weight": "balanced"} if balanced else {}
     if variant == "rbf_kernel":
-        base: Any = SVC(**{"C": 1.0, "kernel": "rbf", **params, "random_state": seed})
+        base: Any = SVC(**{"C": 1.0, "kernel": "rbf", **weights, **params, "random_state": seed})
     else:
         gamma = params.pop("gamma", None)
+        gamma = None if gamma == "scale" else gamma
         kernel = Nystroem(
             kernel="rbf", gamma=gamma, n_components=NYSTROEM_COMPONENTS, random_state=seed
         )
-        base = Pipeline(
-            [("kernel", kernel), ("svm", LinearSVC(**{"C": 1.0, **params}, random_state=seed))]
-        )
+        svm = LinearSVC(**{"C": 1.0, **weights, **params}, random_state=seed)
+        base = Pipeline([("kernel", kernel), ("svm", svm)])
     # SVC(probability=True) is deprecated in scikit-learn 1.9; Platt scaling fitted
     # on cross-validated decision values is its documented replacement.
     return CalibratedClassifierCV(base, method="sigmoid", ensemble=False, cv=5)
 
 
-def _random_forest(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
-    return RandomForestClassifier(
-        **{"n_estimators": 200, "n_jobs": -1, **params, "random_state": seed}
-    )
+def _weighted(model: ClassifierMixin, balanced: bool) -> ClassifierMixin:
+    return PriorCorrected(model) if balanced else model
 
 
-def _gradient_boosting(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
-    return HistGradientBoostingClassifier(**{**params, "random_state": seed})
+class RandomForest(RandomForestClassifier):
+    """A random forest that predicts on one thread, adding the trees in a fixed order.
+
+    scikit-learn's forest sums tree probabilities from several threads in whatever order
+    they finish, so the last bits of a probability vary between calls; this one is
+    bitwise reproducible (and, for the small batches a service sees, faster). Fitting
+    still uses ``n_jobs``.
+    """
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        X = self._validate_X_predict(X)
+        proba = np.zeros((X.shape[0], self.n_classes_), dtype=np.float64)
+        for tree in self.estimators_:
+            proba += tree.predict_proba(X, check_input=False)
+        return proba / len(self.estimators_)
 
 
-def _mlp(params: dict[str, Any], seed: int, n_rows: int) -> ClassifierMixin:
-    return TorchMLPClassifier(**{**params, "seed": seed})
+def _random_forest(
+    params: dict[str, Any], seed: int, n_rows: int, balanced: bool
+) -> ClassifierMixin:
+    forest = RandomForest(**{"n_estimators": 200, "n_jobs": -1, **params, "random_state": seed})
+    return _weighted(forest, balanced)
 
 
-# name -> factory(hyperparameters, seed, training rows) -> unfitted classifier
-CANDIDATES: dict[str, Callable[[dict[str, Any], int, int], ClassifierMixin]] = {
+def _gradient_boosting(
+    params: dict[str, Any], seed: int, n_rows: int, balanced: bool
+) -> ClassifierMixin:
+    return _weighted(HistGradientBoostingClassifier(**{**params, "random_state": seed}), balanced)
+
+
+def _mlp(params: dict[str, Any], seed: int, n_rows: int, balanced: bool) -> ClassifierMixin:
+    return _weighted(TorchMLPClassifier(**{**params, "seed": seed}), balanced)
+
+
+# name -> factory(hyperparameters, seed, training rows, balanced) -> unfitted classifier
+CANDIDATES: dict[str, Callable[[dict[str, Any], int, int, bool], ClassifierMixin]] = {
     "svm": _svm,
     "rf": _random_forest,
     "gbm": _gradient_boosting,
     "mlp": _mlp,
+}
+
+# name -> hyperparameter -> values the search samples from (a spec's `search` overrides).
+SEARCH_SPACES: dict[str, dict[str, list[Any]]] = {
+    "svm": {"C": [0.1, 0.3, 1.0, 3.0, 10.0], "gamma": ["scale", 0.01, 0.03, 0.1]},
+    "rf": {"min_samples_leaf": [1, 5, 20, 50], "max_features": ["sqrt", 0.3, 0.5]},
+    "gbm": {
+        "learning_rate": [0.03, 0.06, 0.1],
+        "max_leaf_nodes": [15, 31, 63],
+        "l2_regularization": [0.0, 1.0],
+    },
+    "mlp": {
+        "hidden_units": [[32], [64, 32], [128, 64]],
+        "learning_rate": [3e-4, 1e-3, 3e-3],
+        "weight_decay": [0.0, 1e-4],
+    },
 }
 
 
@@ -117,6 +198,8 @@ def build_pipeline(
 ) -> Pipeline:
     """Preprocessing plus the named candidate, sized for ``n_rows`` training rows.
 
+    Class weighting follows ``spec.training.class_weight``.
+
     Raises:
         SpecError: the candidate is unknown or a hyperparameter is not accepted.
     """
@@ -125,7 +208,8 @@ def build_pipeline(
             f"training.candidates: unknown candidate '{name}' (known: {', '.join(CANDIDATES)})"
         )
     try:
-        model = CANDIDATES[name](params, seed, n_rows)
+        balanced = spec.training.class_weight == "balanced"
+        model = CANDIDATES[name](dict(params), seed, n_rows, balanced)
     except TypeError as exc:
         raise SpecError(f"training.candidates.{name}: {exc}") from None
     return Pipeline([("preprocess", make_preprocessor(spec)), ("model", model)])

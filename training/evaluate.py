@@ -1,40 +1,169 @@
-"""Held-out evaluation of a fitted candidate.
+"""Clinical evaluation of one model on one set of held-out rows.
 
-The skeleton reports discrimination and threshold metrics; calibration, confidence
-intervals and subgroups are deliberately left to the model-governance work.
+An :class:`Evaluation` is what training logs for every candidate, what the model card
+shows and what the promotion gate compares: the metrics with patient-level bootstrap
+95% CIs, the confusion matrix at the operating threshold, the calibration table and
+the subgroup table for the spec's sensitive attributes (and their pairwise
+intersections). The arithmetic lives in :mod:`training.metrics`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+import pandas as pd
+
+from clinml.spec import UseCaseSpec
+from training import metrics as m
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything measured about one model on one held-out set."""
+
+    threshold: float
+    rule: str
+    rows: int
+    patients: int
+    positives: int
+    metrics: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    confusion: dict[str, int]
+    calibration: pd.DataFrame = field(repr=False)
+    subgroups: pd.DataFrame = field(repr=False)
+    n_boot: int = 0
+    ece_by_chance: float = math.nan
+
+    @property
+    def alerts_per_100(self) -> float:
+        alerts = self.confusion["tp"] + self.confusion["fp"]
+        return 100.0 * alerts / self.rows if self.rows else math.nan
+
+    def flat(self, prefix: str = "") -> dict[str, float]:
+        """Metrics, CI bounds, threshold and confusion counts as MLflow metric names."""
+        out: dict[str, float] = {}
+        for name, value in self.metrics.items():
+            out[f"{prefix}{name}"] = value
+            low, high = self.ci.get(name, (math.nan, math.nan))
+            out[f"{prefix}{name}_ci_low"] = low
+            out[f"{prefix}{name}_ci_high"] = high
+        out[f"{prefix}operating_threshold"] = self.threshold
+        out[f"{prefix}alerts_per_100"] = self.alerts_per_100
+        out[f"{prefix}ece_by_chance"] = self.ece_by_chance
+        out.update({f"{prefix}{k}": float(v) for k, v in self.confusion.items()})
+        return {k: v for k, v in out.items() if not math.isnan(v)}
+
+    def worst_gap(self, metric: str) -> tuple[str, str, float] | None:
+        """(attribute, group, gap) of the evaluated subgroup furthest below overall."""
+        column = f"gap_{metric}"
+        if self.subgroups.empty or column not in self.subgroups:
+            return None
+        evaluated = self.subgroups[self.subgroups["evaluated"] & self.subgroups[column].notna()]
+        if evaluated.empty:
+            return None
+        row = evaluated.loc[evaluated[column].idxmin()]
+        return str(row["attribute"]), str(row["group"]), float(row[column])
+
+    def to_dict(self, primary_metric: str) -> dict[str, Any]:
+        """The JSON form used by the model card and the evaluation artifact."""
+        return {
+            "test_rows": self.rows,
+            "test_patients": self.patients,
+            "positives": self.positives,
+            "bootstrap": {"n_boot": self.n_boot, "level": 0.95, "unit": "patient"},
+            "primary_metric": primary_metric,
+            "metrics": {
+                name: {
+                    "value": value,
+                    "ci_low": self.ci.get(name, (math.nan, math.nan))[0],
+                    "ci_high": self.ci.get(name, (math.nan, math.nan))[1],
+                }
+                for name, value in self.metrics.items()
+            },
+            "operating_point": {
+                "threshold": self.threshold,
+                "rule": self.rule,
+                "confusion": dict(self.confusion),
+                "alerts_per_100": self.alerts_per_100,
+            },
+            "calibration": self.calibration.to_dict(orient="records"),
+            "ece_by_chance": self.ece_by_chance,
+            "subgroups": self.subgroups.to_dict(orient="records"),
+        }
+
+
+def choose_threshold(spec: UseCaseSpec, y: np.ndarray, probability: np.ndarray) -> float:
+    """The operating threshold by the spec's rule, from out-of-fold predictions."""
+    rule = spec.evaluation
+    if rule.min_sensitivity is not None:
+        return m.choose_threshold(y, probability, min_sensitivity=rule.min_sensitivity)
+    if rule.max_alerts_per_100 is not None:
+        return m.choose_threshold(y, probability, max_alerts_per_100=rule.max_alerts_per_100)
+    return rule.operating_threshold if rule.operating_threshold is not None else 0.5
 
 
 def evaluate(
-    y_true: np.ndarray, probability: np.ndarray, operating_threshold: float
-) -> dict[str, float]:
-    """Metrics of positive-class probabilities against 0/1 outcomes.
+    spec: UseCaseSpec,
+    y: np.ndarray,
+    probability: np.ndarray,
+    threshold: float,
+    patients: np.ndarray,
+    attributes: pd.DataFrame,
+    n_boot: int | None = None,
+) -> Evaluation:
+    """Evaluate positive-class probabilities against 0/1 outcomes.
 
     Args:
-        y_true: 1 for the positive class, 0 otherwise.
+        spec: supplies the sensitive attributes, bootstrap size, bins and group size.
+        y: 1 for the positive class, 0 otherwise.
         probability: predicted probability of the positive class.
-        operating_threshold: probabilities at or above it are called positive.
-
-    Returns:
-        ``roc_auc``, ``accuracy``, ``precision``, ``recall`` (sensitivity) and ``f1``.
+        threshold: the operating threshold (probabilities at or above it alert).
+        patients: each row's patient; the bootstrap resamples patients, not rows.
+        attributes: each row's sensitive attributes (columns may be a superset).
+        n_boot: bootstrap resamples (default: the spec's).
     """
-    y_true = np.asarray(y_true).astype(int)
-    predicted = (np.asarray(probability) >= operating_threshold).astype(int)
-    return {
-        "roc_auc": float(roc_auc_score(y_true, probability)),
-        "accuracy": float(accuracy_score(y_true, predicted)),
-        "precision": float(precision_score(y_true, predicted, zero_division=0)),
-        "recall": float(recall_score(y_true, predicted, zero_division=0)),
-        "f1": float(f1_score(y_true, predicted, zero_division=0)),
-    }
+    y = np.asarray(y).astype(int)
+    probability = np.asarray(probability, dtype=float)
+    settings = spec.evaluation
+    n_boot = settings.bootstrap if n_boot is None else n_boot
+    bins = settings.calibration_bins
+    subgroups = (
+        m.subgroup_table(
+            attributes.reset_index(drop=True),
+            y,
+            probability,
+            threshold,
+            spec.sensitive_attributes,
+            min_size=settings.min_group_size,
+            metrics=tuple(
+                dict.fromkeys((spec.primary_metric, "sensitivity", "specificity", "ece"))
+            ),
+        )
+        if spec.sensitive_attributes
+        else pd.DataFrame()
+    )
+    return Evaluation(
+        threshold=float(threshold),
+        rule=settings.threshold_rule,
+        rows=len(y),
+        patients=int(pd.Series(patients).nunique()),
+        positives=int(y.sum()),
+        metrics=m.point_metrics(y, probability, threshold, n_bins=bins),
+        ci=m.bootstrap_ci(
+            y,
+            probability,
+            threshold,
+            groups=patients,
+            n_boot=n_boot,
+            seed=spec.training.seed,
+            n_bins=bins,
+        ),
+        confusion=m.confusion(y, probability, threshold),
+        calibration=m.calibration_table(y, probability, n_bins=bins),
+        subgroups=subgroups,
+        n_boot=n_boot,
+        ece_by_chance=m.ece_by_chance(probability, n_bins=bins, seed=spec.training.seed),
+    )

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from clinml.settings import Settings
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+# The champion before the current one, kept reachable for rollback.
+PREVIOUS_CHAMPION = "previous_champion"
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ def test_init_then_run_on_a_csv(tmp_path: Path) -> None:
 
     ran = clinml("run", str(spec_file), home=home)
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "registered as visits version 1" in ran.stdout
+    assert "registered visits version 1 as 'challenger'" in ran.stdout
+    assert "promote: champion -> version 1 (first champion)" in ran.stdout
     paths = Settings(home=home).paths.usecase("visits")
     stored = pd.read_parquet(paths.features_file)
     assert len(stored) == 400 and stored["patient_id"].str.startswith("ps_").all()

@@ -13,7 +13,7 @@ from clinml.spec import UseCaseSpec
 from tests.conftest import make_tiny_frame
 from training import model_io
 from training.candidates import CANDIDATES, build_pipeline
-from training.evaluate import evaluate
+from training.metrics import METRICS, point_metrics
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +31,20 @@ def test_registry_has_the_four_candidates() -> None:
 @pytest.mark.parametrize("name", sorted(CANDIDATES))
 def test_candidate_learns_the_signal(name: str, tiny_spec: UseCaseSpec, split) -> None:
     x_train, y_train, x_test, y_test = split
-    params = tiny_spec.training.candidates[name]
+    params = tiny_spec.training.candidates[name].params
     model = build_pipeline(name, tiny_spec, params, seed=0).fit(x_train, y_train)
     probability = model.predict_proba(x_test)[:, 1]
     assert probability.shape == (len(x_test),)
     assert np.all((probability >= 0) & (probability <= 1))
-    metrics = evaluate(y_test, probability, operating_threshold=0.5)
+    metrics = point_metrics(y_test, probability, 0.5)
     # The outcome is a logistic function of the features: any working model beats 0.7.
     assert metrics["roc_auc"] > 0.7, metrics
-    assert set(metrics) == {"roc_auc", "accuracy", "precision", "recall", "f1"}
+    assert set(metrics) == set(METRICS)
 
 
 def test_mlp_is_seeded(tiny_spec: UseCaseSpec, split) -> None:
     x_train, y_train, x_test, _ = split
-    params = tiny_spec.training.candidates["mlp"]
+    params = tiny_spec.training.candidates["mlp"].params
     first = (
         build_pipeline("mlp", tiny_spec, params, seed=5).fit(x_train, y_train).predict_proba(x_test)
     )
@@ -71,7 +71,7 @@ def test_saved_model_loads_with_identical_probabilities(
     name: str, tiny_spec: UseCaseSpec, split, tmp_path: Path
 ) -> None:
     x_train, y_train, x_test, _ = split
-    model = build_pipeline(name, tiny_spec, tiny_spec.training.candidates[name], seed=0).fit(
+    model = build_pipeline(name, tiny_spec, tiny_spec.training.candidates[name].params, seed=0).fit(
         x_train, y_train
     )
     model_io.save(model, tmp_path / "m", {"features": tiny_spec.feature_names})
@@ -130,7 +130,7 @@ def test_svm_switches_to_a_kernel_approximation_above_the_row_limit(
     calibrated = model.named_steps["model"]
     assert type(calibrated.estimator).__name__ == "Pipeline"  # Nystroem + LinearSVC
     model.fit(x_train, y_train)
-    assert evaluate(y_test, model.predict_proba(x_test)[:, 1], 0.5)["roc_auc"] > 0.7
+    assert point_metrics(y_test, model.predict_proba(x_test)[:, 1], 0.5)["roc_auc"] > 0.7
 
 
 def test_nullable_numeric_features_are_imputed_with_an_indicator(
@@ -153,3 +153,48 @@ def test_nullable_numeric_features_are_imputed_with_an_indicator(
     loaded = model_io.load(tmp_path / "m")
     probability = loaded.predict_proba(x_test.head(2).assign(creatinine=[np.nan, 1.0]))
     assert np.isfinite(probability).all()
+
+
+def test_class_weighting_keeps_probabilities_at_the_true_prevalence() -> None:
+    """Balanced weights shift the odds by n0/n1; PriorCorrected divides that back out."""
+    from sklearn.linear_model import LogisticRegression
+
+    from training.candidates import PriorCorrected
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20_000, 3))
+    risk = 1 / (1 + np.exp(-(x @ np.array([1.0, -0.5, 0.3]) - 3.2)))
+    y = (rng.random(len(x)) < risk).astype(int)
+    assert 0.04 < y.mean() < 0.10  # imbalanced
+
+    weighted = LogisticRegression().fit(x, y, sample_weight=np.where(y == 1, 1 / y.mean(), 1.0))
+    corrected = PriorCorrected(LogisticRegression()).fit(x, y)
+    p_weighted = weighted.predict_proba(x)[:, 1]
+    p_corrected = corrected.predict_proba(x)[:, 1]
+    assert p_weighted.mean() > 0.3  # weighting alone inflates every probability
+    assert abs(p_corrected.mean() - y.mean()) < 0.005
+    assert point_metrics(y, p_corrected, 0.5)["ece"] < 0.01
+    assert np.abs(p_corrected - risk).mean() < 0.005  # recovers the true risk
+    # Same ranking as its own weighted fit: the correction is monotone.
+    inner = corrected.estimator_.predict_proba(x)[:, 1]
+    assert point_metrics(y, p_corrected, 0.5)["roc_auc"] == pytest.approx(
+        point_metrics(y, inner, 0.5)["roc_auc"], abs=1e-12
+    )
+
+
+def test_forest_probabilities_match_scikit_learn_and_repeat_exactly(tiny_spec, split) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+
+    from training.candidates import RandomForest
+
+    x_train, y_train, x_test, _ = split
+    encoded = build_pipeline("rf", tiny_spec, {}, seed=0)[:-1].fit(x_train).transform(x_test)
+    params = {"n_estimators": 40, "n_jobs": 2, "random_state": 0}
+    train = build_pipeline("rf", tiny_spec, {}, seed=0)[:-1].fit(x_train).transform(x_train)
+    ours = RandomForest(**params).fit(train, y_train)
+    theirs = RandomForestClassifier(**params).fit(train, y_train)
+    np.testing.assert_allclose(
+        ours.predict_proba(encoded), theirs.predict_proba(encoded), atol=1e-12
+    )
+    first = ours.predict_proba(encoded)
+    assert all(np.array_equal(first, ours.predict_proba(encoded)) for _ in range(5))

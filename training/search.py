@@ -1,0 +1,187 @@
+"""Hyperparameter search with patient-grouped cross-validation, under the spec's budget.
+
+For each candidate the search samples up to ``training.search.n_iter`` configurations
+from its space (the candidate's own ``params`` first), scores each by stratified,
+patient-grouped K-fold cross-validation, and keeps the best. The budget is bounded two
+ways: the search runs on a patient-grouped sample of at most ``search.max_rows`` training
+rows (so its cost does not grow with the cohort; only the final refit does), and an
+optional ``search.time_budget_s`` stops sampling early.
+
+The score is the spec's primary metric when it ranks probabilities (``roc_auc``,
+``average_precision``); for a threshold metric it is ``roc_auc``, because a threshold
+metric depends on a threshold the search has not chosen yet. The winning
+configuration's out-of-fold probabilities are kept: the operating threshold is chosen
+on them, so the test split is never used to pick anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from clinml.errors import SpecError
+from clinml.spec import UseCaseSpec
+from training.candidates import SEARCH_SPACES, build_pipeline
+from training.metrics import point_metrics
+
+RANKING_METRICS = ("roc_auc", "average_precision")
+
+
+@dataclass(frozen=True)
+class Trial:
+    params: dict[str, Any]
+    score: float
+    fold_scores: list[float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of one candidate's search."""
+
+    candidate: str
+    scoring: str
+    best_params: dict[str, Any]
+    best_score: float
+    trials: list[Trial]
+    search_rows: int
+    seconds: float
+    oof_outcome: np.ndarray = field(repr=False)
+    oof_probability: np.ndarray = field(repr=False)
+
+    def trials_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {
+                    "trial": i,
+                    "params": repr(t.params),
+                    f"cv_{self.scoring}": t.score,
+                    "fold_scores": repr([round(s, 4) for s in t.fold_scores]),
+                    "seconds": round(t.seconds, 2),
+                    "selected": t.params == self.best_params,
+                }
+                for i, t in enumerate(self.trials)
+            ]
+        )
+
+
+def scoring_metric(spec: UseCaseSpec) -> str:
+    return spec.primary_metric if spec.primary_metric in RANKING_METRICS else "roc_auc"
+
+
+def configurations(
+    name: str, params: dict[str, Any], space: dict[str, list[Any]] | None, n_iter: int, seed: int
+) -> list[dict[str, Any]]:
+    """The candidate's own params, then up to ``n_iter - 1`` distinct sampled variants."""
+    from sklearn.model_selection import ParameterSampler
+
+    space = SEARCH_SPACES.get(name, {}) if space is None else space
+    for key, values in space.items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"training.candidates.{name}.search.{key}: give a non-empty list")
+    configs = [dict(params)]
+    if space and n_iter > 1:
+        size = int(np.prod([len(v) for v in space.values()]))
+        sampler = ParameterSampler(space, n_iter=min(n_iter - 1, size), random_state=seed)
+        for sampled in sampler:
+            config = {**params, **sampled}
+            if config not in configs:
+                configs.append(config)
+    return configs[:n_iter]
+
+
+def grouped_sample(groups: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """Row indices of whole patients, shuffled, until ``max_rows`` rows (all if fewer)."""
+    if len(groups) <= max_rows:
+        return np.arange(len(groups))
+    codes, _ = pd.factorize(groups)
+    order = np.random.default_rng(seed).permutation(codes.max() + 1)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    row_rank = rank[codes]
+    sizes = np.bincount(row_rank, minlength=len(order))
+    keep_patients = int(np.searchsorted(np.cumsum(sizes), max_rows, side="right"))
+    return np.flatnonzero(row_rank < keep_patients)
+
+
+def search(
+    name: str,
+    spec: UseCaseSpec,
+    x: pd.DataFrame,
+    y: np.ndarray,
+    groups: np.ndarray,
+    report: Callable[[str], None] = lambda _: None,
+) -> SearchResult:
+    """Cross-validated search over one candidate's configurations.
+
+    Args:
+        name: the candidate.
+        spec: the use-case spec (candidate params, search space, budget, seed).
+        x: training features (the spec's feature columns).
+        y: 0/1 outcomes.
+        groups: the patient of each row; no patient is split across folds.
+        report: receives one line per evaluated configuration.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    budget = spec.training.search
+    seed = spec.training.seed
+    candidate = spec.training.candidates[name]
+    scoring = scoring_metric(spec)
+    rows = grouped_sample(groups, budget.max_rows, seed)
+    xs, ys, gs = x.iloc[rows], y[rows], groups[rows]
+    n_folds = min(budget.cv_folds, int(np.bincount(ys).min()), len(np.unique(gs)))
+    if n_folds < 2:
+        raise SpecError("training: too few patients or positives for a cross-validated search")
+    folds = list(
+        StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(xs, ys, gs)
+    )
+    configs = configurations(name, candidate.params, candidate.search, budget.n_iter, seed)
+    started = time.perf_counter()
+    trials: list[Trial] = []
+    best: tuple[float, dict[str, Any], np.ndarray] | None = None
+    for i, config in enumerate(configs):
+        if trials and budget.time_budget_s and time.perf_counter() - started > budget.time_budget_s:
+            report(f"{name}: time budget reached after {len(trials)} of {len(configs)} configs")
+            break
+        trial_started = time.perf_counter()
+        oof = np.empty(len(ys))
+        scores = []
+        for fit_rows, score_rows in folds:
+            pipeline = build_pipeline(name, spec, config, seed, n_rows=len(fit_rows))
+            try:
+                pipeline.fit(xs.iloc[fit_rows], ys[fit_rows])
+            except (InvalidParameterError, TypeError) as exc:
+                raise SpecError(f"training.candidates.{name}: {config}: {exc}") from None
+            oof[score_rows] = pipeline.predict_proba(xs.iloc[score_rows])[:, 1]
+            scores.append(point_metrics(ys[score_rows], oof[score_rows], 0.5)[scoring])
+        score = float(np.mean(scores))
+        trials.append(Trial(config, score, scores, time.perf_counter() - trial_started))
+        report(
+            f"{name} [{i + 1}/{len(configs)}] cv {scoring}={score:.4f} "
+            f"({time.perf_counter() - trial_started:.1f}s) {_short(config)}"
+        )
+        if best is None or score > best[0]:
+            best = (score, config, oof)
+    assert best is not None
+    return SearchResult(
+        candidate=name,
+        scoring=scoring,
+        best_params=best[1],
+        best_score=best[0],
+        trials=trials,
+        search_rows=len(rows),
+        seconds=time.perf_counter() - started,
+        oof_outcome=ys,
+        oof_probability=best[2],
+    )
+
+
+def _short(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items()) or "defaults"
