@@ -74,12 +74,14 @@ class FittedCandidate:
     temporal: Evaluation | None
     fit_seconds: float
     test_probability: np.ndarray = field(repr=False)
+    train_rows: int = 0
 
     @property
     def svm_variant(self) -> str | None:
+        """For the SVM: the exact kernel or its approximation, by the refit's row count."""
         if self.name != "svm":
             return None
-        return svm_variant(self.search.best_params, len(self.search.oof_outcome))
+        return svm_variant(self.search.best_params, self.train_rows)
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,15 @@ def fit_candidates(
             )
         fitted.append(
             FittedCandidate(
-                name, pipeline, result, threshold, evaluation, temporal, fit_seconds, probability
+                name,
+                pipeline,
+                result,
+                threshold,
+                evaluation,
+                temporal,
+                fit_seconds,
+                probability,
+                train_rows=len(x_train),
             )
         )
         primary = spec.primary_metric
@@ -510,14 +520,25 @@ def run(
     Returns:
         Every candidate's run and metrics, and the registered version.
     """
+    from features.store import training_frame
+
+    frame = training_frame(store, spec, events)
+    return register(spec, fit_candidates(spec, frame, report=report), tracker, report)
+
+
+def register(
+    spec: UseCaseSpec,
+    fitted: Fitted,
+    tracker: Tracker,
+    report: Callable[[str], None] = lambda _: None,
+) -> TrainResult:
+    """Log every fitted candidate as an MLflow run; register the selected one as challenger."""
     import mlflow
 
-    from features.store import training_frame
     from training.card import write_card
     from training.metrics import plot_curves
 
-    frame = training_frame(store, spec, events)
-    fitted = fit_candidates(spec, frame, report=report)
+    frame = fitted.frame
     fingerprint = data_fingerprint(frame, spec)
     tracker.activate()
     experiment_id = tracker.experiment_id(spec.name)

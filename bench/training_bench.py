@@ -1,0 +1,207 @@
+"""Training benchmark on the readmission cohort (issue 4).
+
+For cohorts of about 10 000, 100 000 and 1 000 000 labelled encounters, each in its own
+process (so peak memory is that size's alone), in one run on this machine:
+
+1. generate the cohort (not counted in the training time);
+2. the full training stage on the in-memory frame, with the readmission spec's own
+   budget: the patient-grouped, cross-validated search of all four candidates, the
+   refit of each winner on every training row, the clinical evaluation (bootstrap CIs,
+   subgroups, temporal holdout), and the MLflow logging and registration (a temporary
+   SQLite tracker).
+
+The Feast point-in-time join that feeds training in the product is not included: it is
+measured by bench/features_bench.py. Reports wall time per stage and peak resident memory
+of the process, writes a section into docs/benchmarks.md (between the training-bench
+markers) and prints it. Run from the project root:
+
+    .venv/bin/python bench/training_bench.py                 # about 30 minutes on 2 cores
+    .venv/bin/python bench/training_bench.py --sizes 10000 100000
+
+Nothing here is a test: timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- training-bench:start -->", "<!-- training-bench:end -->"
+COHORT_END = datetime(2026, 1, 1, tzinfo=UTC)
+ENCOUNTERS_PER_PATIENT = 3.5  # labelled encounters per generated patient, slightly under
+SIZES = (10_000, 100_000, 1_000_000)
+
+
+def one(size: int) -> dict[str, object]:
+    """Generate a cohort of about ``size`` labelled encounters and train on it."""
+    import numpy as np
+
+    from clinml.spec import load_spec
+    from features.datasets import readmission
+    from training.search import grouped_sample
+    from training.tracking import Tracker
+    from training.train import fit_candidates, register
+
+    spec = load_spec(ROOT / "configs" / "readmission.yaml")
+    started = time.perf_counter()
+    frame = readmission.load(
+        spec.source.seed, COHORT_END, n_patients=int(size / ENCOUNTERS_PER_PATIENT) + 50
+    )
+    frame = frame[frame[spec.label.column].notna()].reset_index(drop=True)
+    keep = grouped_sample(frame[spec.entity.key].to_numpy(), size, seed=0)
+    frame = frame.iloc[np.sort(keep)].reset_index(drop=True)
+    generated = time.perf_counter() - started
+
+    lines: list[str] = []
+    started = time.perf_counter()
+    fitted = fit_candidates(spec, frame, report=lines.append)
+    fit_seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", Path(tmp) / "artifacts")
+        started = time.perf_counter()
+        result = register(spec, fitted, tracker)
+        register_seconds = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "size": size,
+        "rows": len(frame),
+        "patients": int(frame[spec.entity.key].nunique()),
+        "train_rows": len(fitted.split.train),
+        "generate_s": generated,
+        "fit_evaluate_s": fit_seconds,
+        "register_s": register_seconds,
+        "total_s": fit_seconds + register_seconds,
+        "peak_rss_mib": peak_kib / 1024,
+        "selected": result.selected.name,
+        "test_roc_auc": fitted.selected.evaluation.metrics["roc_auc"],
+        "candidates": {
+            c.name: {
+                "search_s": c.search.seconds,
+                "search_rows": c.search.search_rows,
+                "trials": len(c.search.trials),
+                "refit_s": c.fit_seconds,
+                "test_roc_auc": c.evaluation.metrics["roc_auc"],
+                "variant": c.svm_variant,
+            }
+            for c in fitted.candidates
+        },
+    }
+
+
+def _markdown(results: list[dict], started: datetime, command: str) -> str:
+    spec_budget = "6 configurations x 3 patient-grouped folds per candidate, on <= 20 000 rows"
+    lines = [
+        START,
+        "## Training: the full search on the readmission cohort",
+        "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC on this machine ({os.cpu_count()} cores, "
+        f"{platform.python_version()}), each size in its own process, one after another in "
+        f"one run. Reproduce: `{command}`.",
+        "",
+        f"Budget (configs/readmission.yaml): {spec_budget}, then each candidate's best "
+        "configuration refitted on every training row; 1 000-resample patient bootstrap, "
+        "subgroups and a 3-month temporal holdout; MLflow logging and registration. "
+        "Cohort generation and the Feast point-in-time join are not included "
+        "(bench/features_bench.py measures the join).",
+        "",
+        "| encounters | patients | training rows | search + refit + evaluate | MLflow logging "
+        "| total | peak RSS | selected (test AUROC) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['rows']:,} | {r['patients']:,} | {r['train_rows']:,} | "
+            f"{r['fit_evaluate_s']:.0f} s | {r['register_s']:.0f} s | "
+            f"**{r['total_s'] / 60:.1f} min** | {r['peak_rss_mib']:,.0f} MiB | "
+            f"{r['selected']} ({r['test_roc_auc']:.3f}) |"
+        )
+    lines += ["", "Per candidate (search on the grouped sample; refit on all training rows):", ""]
+    lines += [
+        "| encounters | candidate | search rows | trials | search | refit | test AUROC |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        for name, c in r["candidates"].items():
+            label = f"{name} ({c['variant']})" if c["variant"] else name
+            lines.append(
+                f"| {r['rows']:,} | {label} | {c['search_rows']:,} | {c['trials']} | "
+                f"{c['search_s']:.0f} s | {c['refit_s']:.1f} s | {c['test_roc_auc']:.3f} |"
+            )
+    by_size = {r["size"]: r for r in results}
+    lines.append("")
+    if 100_000 in by_size:
+        minutes = by_size[100_000]["total_s"] / 60
+        verdict = "meets" if minutes <= 10 else "misses"
+        lines.append(
+            f"Target: the 100 000-encounter search in at most 10 minutes: **{minutes:.1f} min, "
+            f"{verdict} it**."
+        )
+    if 100_000 in by_size and 1_000_000 in by_size:
+        ratio = by_size[1_000_000]["total_s"] / by_size[100_000]["total_s"]
+        verdict = "meets" if ratio <= 12 else "misses"
+        lines.append(
+            f"Target: 100 000 -> 1 000 000 encounters costs at most 12x: **{ratio:.1f}x, "
+            f"{verdict} it**. The search's cost is bounded by `search.max_rows`, so only the "
+            "refits, predictions and bootstrap grow with the cohort."
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _write(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    DOC.write_text(text + ("" if text.endswith("\n") else "\n"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="Print only.")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return
+    started = datetime.now(UTC)
+    results = []
+    for size in args.sizes:
+        print(f"training on ~{size:,} encounters ...", flush=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", str(size)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        )
+        if done.returncode != 0:
+            sys.exit(f"size {size} failed:\n{done.stderr[-4000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {result['total_s'] / 60:.1f} min, peak {result['peak_rss_mib']:,.0f} MiB")
+        results.append(result)
+    command = ".venv/bin/python bench/training_bench.py" + (
+        "" if tuple(args.sizes) == SIZES else " --sizes " + " ".join(map(str, args.sizes))
+    )
+    section = _markdown(results, started, command)
+    print(section)
+    if not args.no_write:
+        _write(section)
+
+
+if __name__ == "__main__":
+    main()
