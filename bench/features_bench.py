@@ -26,7 +26,6 @@ import gc
 import os
 import platform
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.docsection import write_section  # noqa: E402
 from clinml.pseudonym import Pseudonymiser  # noqa: E402
 from clinml.settings import Paths  # noqa: E402
 from clinml.spec import load_spec  # noqa: E402
@@ -205,14 +205,7 @@ def run(patients: int, feast_materialize: bool, reads: int) -> str:
 
 
 def write(section: str) -> None:
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    if START in text:
-        text = re.sub(
-            re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(DOC, START, END, section)
 
 
 def main() -> None:

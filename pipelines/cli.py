@@ -226,6 +226,7 @@ def models_list(usecase: UseCase) -> None:
 def models_show(usecase: UseCase, ref: VersionRef = "champion") -> None:
     """One version: aliases, provenance tags and held-out metrics."""
     from training import governance
+    from training.metrics import METRICS
     from training.tracking import Tracker
 
     settings, spec = _setup(usecase)
@@ -241,17 +242,7 @@ def models_show(usecase: UseCase, ref: VersionRef = "champion") -> None:
         typer.echo(f"  {key}: {value}")
     typer.echo("  held-out metrics (95% CI):")
     metrics = run.data.metrics
-    for name in (
-        "roc_auc",
-        "average_precision",
-        "accuracy",
-        "sensitivity",
-        "specificity",
-        "precision",
-        "f1",
-        "brier",
-        "ece",
-    ):
+    for name in METRICS:
         if name in metrics:
             low = metrics.get(f"{name}_ci_low", float("nan"))
             high = metrics.get(f"{name}_ci_high", float("nan"))
