@@ -180,7 +180,7 @@ def card_summary(card: dict[str, Any]) -> list[str]:
     lines.append(
         f"operating threshold {_number(operating.get('threshold'))} "
         f"({_plain(operating.get('rule'))}), "
-        f"{_number(operating.get('alerts_per_100'))} alerts per 100"
+        f"{_fixed(operating.get('alerts_per_100'), 1)} alerts per 100"
     )
     worst = _worst_subgroup(evaluation.get("subgroups"), primary)
     if worst is None:
@@ -594,3 +594,7 @@ def _write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _fixed(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if _is_number(value) else NO_VALUE

@@ -250,7 +250,8 @@ def fit_candidates(
             f"{evaluation.metrics[primary]:.3f} [{low:.3f}, {high:.3f}] "
             f"ece={evaluation.metrics['ece']:.3f} threshold={threshold:.3f} "
             f"sensitivity={evaluation.metrics['sensitivity']:.3f} "
-            f"(search {result.seconds:.0f}s, fit {fit_seconds:.1f}s)"
+            + (f"| recent {primary}={temporal.metrics[primary]:.3f} " if temporal else "")
+            + f"(search {result.seconds:.0f}s, fit {fit_seconds:.1f}s)"
         )
     return Fitted(frame, y, split, fitted)
 
