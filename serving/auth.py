@@ -1,0 +1,525 @@
+"""API keys with roles, and the ASGI middleware that enforces them and caps request bodies.
+
+Applications call the service with an API key; each key carries the roles it may use:
+
+- ``predict``: ``/predict``, ``/predict_patient`` and ``/model``;
+- ``explain``: ``/explain``;
+- ``admin``: ``/admin/reload`` and any other path the rules do not name.
+
+``admin`` implies nothing else: a key lists every role it holds.
+
+A key's secret is shown once, when it is generated, and never stored: the keys file keeps
+only its sha256 (hex). The file (YAML or JSON) and the ``CLINML_API_KEYS`` environment
+variable (JSON) both hold ``{"keys": [{"id": ..., "sha256": ..., "roles": [...]}, ...]}``::
+
+    secret, entry = generate_key("triage-app", ["predict"])  # hand `secret` to the app
+    keystore = KeyStore.load(settings.home / "api_keys.yaml", os.environ.get("CLINML_API_KEYS"))
+    app = AuthMiddleware(BodyLimitMiddleware(app, 1 << 20), keystore, DEFAULT_RULES)
+
+Put ``AuthMiddleware`` outside ``BodyLimitMiddleware`` (as above) so that a caller without a
+key is turned away before the service buffers any of its body.
+
+Nothing here logs or returns a secret, and a rejected request is answered without echoing
+anything it sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clinml.errors import ClinmlError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("predict", "explain", "admin")
+# The role each protected path needs; a path neither here nor exempt needs ``admin``.
+DEFAULT_RULES: dict[str, str] = {
+    "/predict": "predict",
+    "/predict_patient": "predict",
+    "/explain": "explain",
+    "/model": "predict",
+    "/admin/reload": "admin",
+}
+# Paths served without a key: probes, the API docs, and (unless protected) the metrics. An
+# entry ending in "/" (other than "/" itself) exempts everything under it.
+DEFAULT_EXEMPT: tuple[str, ...] = (
+    "/livez",
+    "/readyz",
+    "/healthz",
+    "/",
+    "/docs.json",
+    "/docs",
+    "/openapi.json",
+    "/static_content/",
+    "/metrics",
+)
+METRICS_PATH = "/metrics"
+SECRET_PREFIX = "clinml_"
+# The name of the environment variable that may hold keys, for error messages.
+ENV_SOURCE = "environment variable CLINML_API_KEYS"
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_ENTRY_FIELDS = frozenset({"id", "sha256", "roles"})
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class AuthConfigError(ClinmlError):
+    """The API keys file or environment variable is unreadable or invalid."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An authenticated caller: the key's id (safe to log) and the roles it holds."""
+
+    key_id: str
+    roles: frozenset[str]
+
+
+def hash_secret(secret: str) -> str:
+    """The sha256 (hex) of ``secret``, the only form in which a key is stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def generate_key(key_id: str, roles: Iterable[str]) -> tuple[str, dict[str, Any]]:
+    """A new random key for ``key_id`` holding ``roles``.
+
+    Returns:
+        ``(secret, entry)``: the secret (``clinml_`` + 32 url-safe characters) to hand to
+        the caller once, and the keys-file entry, which holds only the secret's hash.
+
+    Raises:
+        AuthConfigError: the id is empty or a role is unknown.
+    """
+    secret = SECRET_PREFIX + secrets.token_urlsafe(24)  # 24 random bytes -> 32 characters
+    entry = {"id": key_id, "sha256": hash_secret(secret), "roles": list(roles)}
+    _validate_entry(entry, where="the new key")
+    return secret, entry
+
+
+@dataclass(frozen=True)
+class _StoredKey:
+    key: ApiKey
+    digest: bytes  # the sha256 hex, as ASCII bytes
+
+
+class KeyStore:
+    """The known API keys, looked up by the hash of a presented secret.
+
+    Args:
+        entries: validated keys-file entries (use ``from_file``, ``from_env`` or ``load``).
+    """
+
+    def __init__(self, entries: Iterable[Mapping[str, Any]] = (), *, source: str = "keys") -> None:
+        self._keys: list[_StoredKey] = []
+        seen: set[str] = set()
+        for index, entry in enumerate(entries):
+            where = f"{source} entry {index}"
+            _validate_entry(entry, where=where)
+            if entry["id"] in seen:
+                raise AuthConfigError(
+                    f"{where}: duplicate key id {entry['id']!r}; each key needs its own id"
+                )
+            seen.add(entry["id"])
+            self._keys.append(
+                _StoredKey(
+                    ApiKey(entry["id"], frozenset(entry["roles"])),
+                    entry["sha256"].encode("ascii"),
+                )
+            )
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"KeyStore({len(self._keys)} keys: {', '.join(self.key_ids)})"
+
+    @property
+    def key_ids(self) -> list[str]:
+        return [stored.key.key_id for stored in self._keys]
+
+    @classmethod
+    def from_file(cls, path: Path) -> KeyStore:
+        """The keys in a YAML or JSON file ``{"keys": [entry, ...]}``.
+
+        Raises:
+            AuthConfigError: naming the file (and the entry) when it cannot be read or is
+                invalid.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise AuthConfigError(f"cannot read API keys file {path}: {reason}") from exc
+        # Parser messages may quote the file's lines, so only the line number is reported.
+        if path.suffix.lower() == ".json":
+            try:
+                document = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise AuthConfigError(
+                    f"API keys file {path} is not valid JSON (line {exc.lineno})"
+                ) from None
+        else:
+            import yaml
+
+            try:
+                document = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                at = f" (line {mark.line + 1})" if mark is not None else ""
+                raise AuthConfigError(f"API keys file {path} is not valid YAML{at}") from None
+        return cls(_entries(document, f"API keys file {path}"), source=f"API keys file {path}")
+
+    @classmethod
+    def from_env(cls, value: str) -> KeyStore:
+        """The keys in the JSON text ``value`` (an environment variable's content).
+
+        Raises:
+            AuthConfigError: the text is not JSON of the expected shape, or an entry is
+                invalid.
+        """
+        try:
+            document = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise AuthConfigError(f"{ENV_SOURCE} is not valid JSON (line {exc.lineno})") from None
+        return cls(_entries(document, ENV_SOURCE), source=ENV_SOURCE)
+
+    @classmethod
+    def load(cls, file: Path | None, env_value: str | None) -> KeyStore:
+        """The keys of ``file`` and ``env_value`` together; either may be absent.
+
+        Raises:
+            AuthConfigError: either source is invalid, or both define the same key id.
+        """
+        stores: list[tuple[str, KeyStore]] = []
+        if file is not None:
+            stores.append((f"API keys file {file}", cls.from_file(file)))
+        if env_value is not None and env_value.strip():
+            stores.append((ENV_SOURCE, cls.from_env(env_value)))
+        merged = cls()
+        owner: dict[str, str] = {}
+        for source, store in stores:
+            for stored in store._keys:
+                key_id = stored.key.key_id
+                if key_id in owner:
+                    raise AuthConfigError(
+                        f"key id {key_id!r} is defined in both {owner[key_id]} and {source}; "
+                        "remove one of them"
+                    )
+                owner[key_id] = source
+                merged._keys.append(stored)
+        return merged
+
+    def authenticate(self, presented: str) -> ApiKey | None:
+        """The key whose secret is ``presented``, or None.
+
+        The presented secret's hash is compared with every stored hash, in constant time
+        and without stopping at a match, so the time taken does not tell a caller which
+        key (if any) it came close to.
+        """
+        digest = hash_secret(presented).encode("ascii")
+        found: ApiKey | None = None
+        for stored in self._keys:
+            if hmac.compare_digest(digest, stored.digest):
+                found = stored.key
+        return found
+
+
+def write_dev_key(path: Path) -> str:
+    """Create a keys file with one development key ``dev`` holding every role.
+
+    The file and the secret beside it (``path.with_suffix(".secret")``) are created
+    readable by the owner only (0600). When the file exists already, nothing is written
+    and the stored secret is returned again, so ``make demo`` can run repeatedly.
+
+    Returns:
+        The development key's secret.
+
+    Raises:
+        AuthConfigError: the file exists but its secret file is missing or does not match
+            the file's ``dev`` key, or a file cannot be written.
+    """
+    path = Path(path)
+    secret_path = path.with_suffix(".secret")
+    if path.exists():
+        try:
+            secret = secret_path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise AuthConfigError(
+                f"API keys file {path} exists but its development secret {secret_path} "
+                f"cannot be read ({exc.strerror}); delete {path} to create a new dev key"
+            ) from exc
+        key = KeyStore.from_file(path).authenticate(secret)
+        if key is None or key.key_id != "dev":
+            raise AuthConfigError(
+                f"the secret in {secret_path} does not match the 'dev' key in {path}; "
+                f"delete {path} to create a new dev key"
+            )
+        return secret
+
+    secret, entry = generate_key("dev", ROLES)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The secret first: a crash before the keys file exists just regenerates both.
+        _write_private(secret_path, secret + "\n")
+        _write_private(path, json.dumps({"keys": [entry]}, indent=2) + "\n")
+    except OSError as exc:
+        raise AuthConfigError(
+            f"cannot write development API key to {path}: {exc.strerror}"
+        ) from exc
+    return secret
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _entries(document: Any, source: str) -> list[Any]:
+    if not isinstance(document, dict) or set(document) != {"keys"}:
+        raise AuthConfigError(f'{source} must be a mapping with one field, "keys"')
+    keys = document["keys"]
+    if not isinstance(keys, list):
+        raise AuthConfigError(f'{source}: "keys" must be a list of key entries')
+    return keys
+
+
+def _validate_entry(entry: Any, *, where: str) -> None:
+    """Raise AuthConfigError naming ``where`` unless ``entry`` is a valid key entry.
+
+    Messages name fields, never their values: a misplaced secret must not reach a log.
+    """
+    if not isinstance(entry, Mapping):
+        raise AuthConfigError(f"{where}: must be a mapping with id, sha256 and roles")
+    unknown = sorted(str(field) for field in set(entry) - _ENTRY_FIELDS)
+    if unknown:
+        raise AuthConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; an entry holds only id, sha256 "
+            "and roles (store the sha256 of a secret, never the secret)"
+        )
+    missing = sorted(_ENTRY_FIELDS - set(entry))
+    if missing:
+        raise AuthConfigError(f"{where}: missing field(s) {', '.join(missing)}")
+    key_id = entry["id"]
+    if not isinstance(key_id, str) or not key_id.strip():
+        raise AuthConfigError(f"{where}: id must be a non-empty string")
+    digest = entry["sha256"]
+    if not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
+        raise AuthConfigError(
+            f"{where} ({key_id!r}): sha256 must be 64 lowercase hex characters, the hash of "
+            "the secret (see generate_key)"
+        )
+    roles = entry["roles"]
+    if not isinstance(roles, list) or not roles:
+        raise AuthConfigError(f"{where} ({key_id!r}): roles must be a non-empty list")
+    unknown_roles = sorted({str(role) for role in roles if role not in ROLES})
+    if unknown_roles:
+        raise AuthConfigError(
+            f"{where} ({key_id!r}): unknown role(s) {', '.join(unknown_roles)}; "
+            f"roles are {', '.join(ROLES)}"
+        )
+
+
+# -- ASGI middleware -------------------------------------------------------------------------
+
+
+async def _send_json(
+    send: Send,
+    status: int,
+    detail: str,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    body = json.dumps({"detail": detail}).encode("utf-8")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _presented_secret(scope: Scope) -> str | None:
+    """The secret from ``Authorization: Bearer <secret>`` or ``X-API-Key: <secret>``."""
+    bearer = api_key = None
+    for name, value in scope.get("headers") or ():
+        name = name.lower()
+        if name == b"authorization" and bearer is None:
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                bearer = token.strip()
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1").strip() or None
+    return bearer or api_key
+
+
+class AuthMiddleware:
+    """Require an API key holding the right role on every path that is not exempt.
+
+    Args:
+        app: the ASGI application to protect.
+        keystore: the known keys.
+        rules: path -> the role it needs. A path that is neither in ``rules`` nor exempt
+            needs ``admin``, so a new endpoint is closed until someone opens it.
+        exempt: paths served without a key (default ``DEFAULT_EXEMPT``); an entry ending
+            in "/" (other than "/") exempts everything under it.
+        protect_metrics: require a key for ``/metrics`` too (role from ``rules``, else
+            ``admin``).
+
+    On success the key's id is put in ``scope["state"]["clinml_key_id"]`` (``request.state
+    .clinml_key_id`` in Starlette) for the audit trail.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keystore: KeyStore,
+        rules: Mapping[str, str] | None = None,
+        exempt: Iterable[str] | None = None,
+        protect_metrics: bool = False,
+    ) -> None:
+        self.app = app
+        self.keystore = keystore
+        self.rules = dict(DEFAULT_RULES if rules is None else rules)
+        bad = sorted({role for role in self.rules.values() if role not in ROLES})
+        if bad:
+            raise AuthConfigError(f"auth rules name unknown role(s) {', '.join(bad)}")
+        exempt = set(DEFAULT_EXEMPT if exempt is None else exempt)
+        if protect_metrics:
+            exempt.discard(METRICS_PATH)
+        self._exempt_paths = frozenset(p for p in exempt if p == "/" or not p.endswith("/"))
+        self._exempt_prefixes = tuple(sorted(p for p in exempt if p != "/" and p.endswith("/")))
+
+    def is_exempt(self, path: str) -> bool:
+        if path in self._exempt_paths:
+            return True
+        if not path.startswith(self._exempt_prefixes):
+            return False
+        # "/static_content/../predict" must not ride on the exemption.
+        return not any(part in (".", "..") for part in path.split("/"))
+
+    def required_role(self, path: str) -> str:
+        return self.rules.get(path, "admin")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if self.is_exempt(path):
+            await self.app(scope, receive, send)
+            return
+        role = self.required_role(path)
+        # The path is logged only when it is one the rules name: others are caller-chosen.
+        shown = path if path in self.rules else "an unlisted path"
+        presented = _presented_secret(scope)
+        key = self.keystore.authenticate(presented) if presented else None
+        if key is None:
+            logger.info("rejected request to %s: missing or invalid API key", shown)
+            await self._refuse(scope, send, 401, "missing or invalid API key")
+            return
+        if role not in key.roles:
+            logger.info(
+                "rejected request to %s: API key %r lacks the %r role", shown, key.key_id, role
+            )
+            await self._refuse(scope, send, 403, f"API key '{key.key_id}' lacks the '{role}' role")
+            return
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["clinml_key_id"] = key.key_id
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, status: int, detail: str) -> None:
+        if scope["type"] == "websocket":
+            # Closing before accepting turns the handshake into an HTTP 403.
+            await send({"type": "websocket.close", "code": 1008, "reason": detail})
+            return
+        headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+        await _send_json(send, status, detail, headers)
+
+
+class BodyLimitMiddleware:
+    """Answer 413 to a request whose body is larger than ``max_bytes``.
+
+    A ``Content-Length`` above the limit is refused before any of the body is read. Other
+    bodies (chunked, or a length that lies) are read into memory up to the limit and
+    handed to the app only once complete, so the app never sees a body it would have to
+    abandon halfway; the first byte past the limit ends reading and answers 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request body larger than {self.max_bytes} bytes"
+        for name, value in scope.get("headers") or ():
+            if name.lower() == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await _send_json(send, 400, "invalid Content-Length header")
+                    return
+                if length > self.max_bytes:
+                    await _send_json(send, 413, too_large)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; there is nobody to answer
+            if message["type"] != "http.request":
+                continue
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _send_json(send, 413, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

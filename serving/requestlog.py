@@ -1,0 +1,557 @@
+"""The per-request audit trail and the prediction log, written off the request path.
+
+Both take records from the request handlers on a bounded in-memory queue (``put_nowait``,
+never a wait) and write them from one daemon thread in batches, so neither slows a
+prediction down. They differ in what happens when writing cannot keep up or fails:
+
+- ``RequestAudit`` (who called which endpoint, for which pseudonymised patient, with
+  what outcome) is a compliance control, so it **fails closed**: while its queue is full
+  or its last write failed, ``healthy`` is False and the service answers 503. A failed
+  batch is kept and retried; the first write that succeeds makes it healthy again.
+- ``PredictionLog`` (inputs, probability and label of every prediction, PHI-free, for
+  monitoring) **fails open**: rows that do not fit in the queue, or whose write fails,
+  are dropped and counted in ``dropped``; the prediction itself always goes ahead.
+
+Usage::
+
+    audit = RequestAudit(settings.home / "audit" / "requests.jsonl")
+    predictions = PredictionLog(settings.home / "predictions")
+    if not audit.healthy:
+        ...  # answer 503: nothing is served that the audit trail would not record
+    predictions.record(rows)
+    audit.submit({"request_id": ..., "key_id": ..., "endpoint": "/predict", ...})
+    ...
+    audit.close(); predictions.close()  # on shutdown: write what is queued
+
+    frame = read_predictions(settings.home / "predictions", since=week_ago, until=now)
+
+The prediction log is a directory of parquet files, ``date=YYYY-MM-DD/part-<UTC
+time>-<uuid8>.parquet``, partitioned by each row's ``time`` (UTC); each file is written
+under a temporary name and renamed, so a reader never sees half a file.
+
+Nothing here logs a record's values: errors name counts, paths and exception types.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clinml.audit import AuditError, AuditLog
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+# The fields of one audit record, in the order a reader expects them.
+AUDIT_FIELDS = (
+    "request_id",  # the service's id for the request, to join with its logs
+    "key_id",  # which API key called (never the secret)
+    "endpoint",  # e.g. "/predict"
+    "model_version",  # the model that answered; None when none did
+    "patient",  # pseudonymised patient id, or None (never the raw id)
+    "outcome",  # the HTTP status answered
+    "latency_ms",  # time spent serving the request
+)
+_REQUIRED_AUDIT_FIELDS = frozenset({"request_id", "endpoint", "outcome", "latency_ms"})
+# How long the prediction log's writer waits for more rows at a time, so that a flush or
+# close is noticed promptly while rows are being gathered into a batch.
+_POLL_S = 0.05
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, without values: data libraries quote the offending value."""
+    if isinstance(exc, AuditError):
+        return _one_line(str(exc))
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return type(exc).__name__
+
+
+class RequestAudit:
+    """The per-request audit trail: one hash-chained record per request (see module doc).
+
+    Args:
+        path: the JSON-lines audit log (``clinml.audit.AuditLog``) to append to.
+        max_queue: records that may wait to be written; when that many wait, the trail is
+            unhealthy and ``submit`` refuses more.
+        flush_interval_s: how long the writer idles between checks, and waits before
+            retrying a failed write. Records are written as soon as the writer is free:
+            those that arrive while a batch is being written go in the next batch.
+        batch_max: the most records written (and fsynced) at once.
+        clock: the current time (aware); injected for tests.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        max_queue: int = 10_000,
+        flush_interval_s: float = 0.2,
+        *,
+        batch_max: int = 1_000,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.path = Path(path)
+        self._log = AuditLog(self.path)
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=max_queue)
+        self._interval = flush_interval_s
+        self._batch_max = batch_max
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when records are written
+        self._outstanding = 0  # submitted and not yet written
+        self._written = 0
+        self._refused = 0
+        self._write_error: str | None = None
+        self._full_reported = False
+        self._stop = threading.Event()
+        self._close_deadline = math.inf
+        self._thread = threading.Thread(target=self._run, name="clinml-request-audit", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"RequestAudit({str(self.path)!r}, healthy={self.healthy})"
+
+    # -- the request side ------------------------------------------------------------------
+
+    def submit(self, record: dict[str, Any]) -> bool:
+        """Queue one request's record for writing; never waits.
+
+        Args:
+            record: ``request_id``, ``endpoint``, ``outcome`` (HTTP status) and
+                ``latency_ms``, and optionally ``key_id``, ``model_version`` and
+                ``patient`` (pseudonymised); nothing else.
+
+        Returns:
+            True when the record was queued; False when the queue is full or the trail is
+            closed (the caller answers 503).
+
+        Raises:
+            ValueError: the record has unknown or missing fields or values of the wrong
+                type (a bug in the caller; the message names fields, not values).
+        """
+        entry = self._entry(record)
+        if self._stop.is_set():
+            return False
+        with self._lock:
+            self._outstanding += 1
+        try:
+            self._queue.put_nowait(entry)
+        except queue.Full:
+            with self._lock:
+                self._outstanding -= 1
+                self._refused += 1
+                report = not self._full_reported
+                self._full_reported = True
+            if report:
+                logger.error(
+                    "request audit trail %s: queue full (%d records waiting); refusing "
+                    "requests until the writer catches up",
+                    self.path,
+                    self._queue.maxsize,
+                )
+            return False
+        return True
+
+    @property
+    def healthy(self) -> bool:
+        """False while the queue is full, the last write failed, or the trail is closed."""
+        return self.error is None
+
+    @property
+    def error(self) -> str | None:
+        """Why the trail is unhealthy, in one line; None when it is healthy."""
+        if self._stop.is_set():
+            return "the request audit trail is closed"
+        if not self._thread.is_alive():
+            return "the request audit trail's writer has stopped"
+        if self._queue.full():
+            return (
+                f"request audit queue full ({self._queue.maxsize} records waiting); the "
+                f"audit log {self.path} is not keeping up"
+            )
+        return self._write_error
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    @property
+    def refused(self) -> int:
+        """Records ``submit`` refused because the queue was full."""
+        return self._refused
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every record submitted so far is written.
+
+        Returns:
+            True when they are; False when ``timeout`` (seconds) passed first.
+        """
+        with self._settled:
+            return self._settled.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuse new records, write the queued ones (retrying for up to ``timeout``
+        seconds) and stop the writer."""
+        self._close_deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._thread.join(timeout + self._interval + 1.0)
+        if self._outstanding:
+            logger.error(
+                "request audit trail %s closed with %d records not written",
+                self.path,
+                self._outstanding,
+            )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _entry(self, record: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(record, dict):
+            raise ValueError(f"an audit record must be a dict, not {type(record).__name__}")
+        unknown = sorted(str(key) for key in record if key not in AUDIT_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"audit record has unknown field(s) {', '.join(unknown)}; the fields are "
+                f"{', '.join(AUDIT_FIELDS)}"
+            )
+        missing = sorted(_REQUIRED_AUDIT_FIELDS - set(record))
+        if missing:
+            raise ValueError(f"audit record is missing field(s) {', '.join(missing)}")
+        entry: dict[str, Any] = {"time": self._clock().astimezone(UTC).isoformat()}
+        for field in AUDIT_FIELDS:
+            value = record.get(field)
+            if field == "outcome":
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError("audit record field outcome must be an HTTP status (int)")
+            elif field == "latency_ms":
+                if (
+                    not isinstance(value, int | float)
+                    or isinstance(value, bool)
+                    or not math.isfinite(value)
+                ):
+                    raise ValueError("audit record field latency_ms must be a finite number")
+                value = round(float(value), 3)
+            elif not (value is None or isinstance(value, str)):
+                raise ValueError(f"audit record field {field} must be a string or None")
+            entry[field] = value
+        return entry
+
+    def _run(self) -> None:
+        pending: list[dict[str, Any]] = []
+        while True:
+            if not pending:
+                try:
+                    pending.append(self._queue.get(timeout=self._interval))
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+                    continue
+            while len(pending) < self._batch_max:
+                try:
+                    pending.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._log.append_many(pending)
+            except Exception as exc:  # kept and retried: the trail stays unhealthy
+                reason = _reason(exc)
+                with self._lock:
+                    first = self._write_error is None
+                    self._write_error = f"could not write the request audit trail: {reason}"
+                if first:
+                    logger.error(
+                        "request audit trail %s: write of %d records failed (%s); the "
+                        "service refuses requests until a retry succeeds",
+                        self.path,
+                        len(pending),
+                        reason,
+                    )
+                if self._stop.is_set() and time.monotonic() >= self._close_deadline:
+                    return
+                time.sleep(self._interval)
+                continue
+            with self._settled:
+                recovered = self._write_error is not None
+                self._write_error = None
+                self._full_reported = False
+                self._outstanding -= len(pending)
+                self._written += len(pending)
+                self._settled.notify_all()
+            if recovered:
+                logger.warning("request audit trail %s: writing again", self.path)
+            pending = []
+
+
+class PredictionLog:
+    """The PHI-free log of every prediction, as date-partitioned parquet (see module doc).
+
+    Args:
+        directory: where the ``date=YYYY-MM-DD`` partitions go (created on first write).
+        max_queue: rows that may wait to be written; rows beyond it are dropped.
+        flush_rows: rows gathered into one batch (one file per date in it) at most.
+        flush_interval_s: the longest a row waits for its batch to fill up.
+        clock: the current time (aware), used to name files; injected for tests.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        max_queue: int = 100_000,
+        flush_rows: int = 5_000,
+        flush_interval_s: float = 1.0,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.directory = Path(directory)
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=max_queue)
+        self._flush_rows = flush_rows
+        self._interval = flush_interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when rows are settled
+        self._outstanding = 0  # accepted and neither written nor dropped yet
+        self._written = 0
+        self._dropped = 0
+        self._drop_reported = False
+        self.last_error: str | None = None
+        self._flush_requested = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="clinml-prediction-log", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return (
+            f"PredictionLog({str(self.directory)!r}, written={self.written}, "
+            f"dropped={self.dropped}, queued={self.queued})"
+        )
+
+    def record(self, rows: list[dict[str, Any]]) -> None:
+        """Queue prediction rows for writing; never waits and never raises.
+
+        Args:
+            rows: one dict per prediction: ``time`` (aware datetime, UTC), ``request_id``,
+                ``model_version``, ``patient`` (pseudonymised or None), ``probability``,
+                ``label`` and the feature columns. The log keeps references to them: do
+                not change them afterwards.
+
+        Rows that find the queue full (or the log closed), and rows that are not dicts, are
+        dropped and counted in ``dropped``; ``rows`` that is not a list is logged and
+        ignored.
+        """
+        try:
+            if not isinstance(rows, list | tuple):
+                logger.error("prediction log: rows must be a list, not %s", type(rows).__name__)
+                return
+            if self._stop.is_set():
+                self._drop(len(rows), "the prediction log is closed")
+                return
+            # A row that is not a dict would spoil the whole batch it lands in.
+            good = [row for row in rows if isinstance(row, dict)]
+            if len(good) < len(rows):
+                self._drop(len(rows) - len(good), "a row is not a dict")
+            with self._lock:
+                self._outstanding += len(good)
+            accepted = 0
+            try:
+                for row in good:
+                    self._queue.put_nowait(row)
+                    accepted += 1
+            except queue.Full:
+                pass
+            if accepted < len(good):
+                with self._settled:
+                    self._outstanding -= len(good) - accepted
+                    self._settled.notify_all()
+                self._drop(len(good) - accepted, "the prediction log queue is full")
+        except Exception as exc:  # the prediction must go ahead whatever happens here
+            logger.error("prediction log: could not queue rows (%s)", type(exc).__name__)
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write every row recorded so far now, without waiting for a batch to fill.
+
+        Returns:
+            True when every row is settled (written or dropped); False when ``timeout``
+            (seconds) passed first.
+        """
+        self._flush_requested.set()
+        try:
+            with self._settled:
+                return self._settled.wait_for(lambda: self._outstanding == 0, timeout)
+        finally:
+            self._flush_requested.clear()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write the queued rows and stop the writer; later rows are dropped."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _drop(self, count: int, reason: str) -> None:
+        with self._lock:
+            self._dropped += count
+            report = not self._drop_reported
+            self._drop_reported = True
+        if report and count:  # once until rows are written again, not once per request
+            logger.warning("prediction log: dropping rows (%s)", reason)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch:
+                self._write_batch(batch)
+            elif self._stop.is_set():
+                return
+
+    def _collect(self) -> list[dict[str, Any]]:
+        """Up to ``flush_rows`` rows, waiting at most ``flush_interval_s`` for them."""
+        batch: list[dict[str, Any]] = []
+        deadline = time.monotonic() + self._interval
+        while len(batch) < self._flush_rows:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            if self._flush_requested.is_set() or self._stop.is_set():
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=min(remaining, _POLL_S)))
+            except queue.Empty:
+                continue
+        return batch
+
+    def _write_batch(self, rows: list[dict[str, Any]]) -> None:
+        written = dropped = 0
+        try:
+            import pandas as pd
+
+            frame = pd.DataFrame.from_records(rows)
+            frame["time"] = pd.to_datetime(frame["time"], utc=True)
+            days = frame["time"].dt.strftime("%Y-%m-%d")
+            for day, part in frame.groupby(days, sort=True):
+                try:
+                    self._write_partition(str(day), part.reset_index(drop=True))
+                    written += len(part)
+                except Exception as exc:
+                    dropped += len(part)
+                    self._failed(len(part), exc)
+        except Exception as exc:  # a row without a usable time, mixed types, ...
+            dropped = len(rows) - written
+            self._failed(dropped, exc)
+        with self._settled:
+            self._written += written
+            self._dropped += dropped
+            self._outstanding -= len(rows)
+            if written and not dropped:
+                self._drop_reported = False
+            self._settled.notify_all()
+
+    def _failed(self, count: int, exc: Exception) -> None:
+        self.last_error = (
+            f"could not write {count} prediction rows to {self.directory}: {_reason(exc)}"
+        )
+        logger.error("prediction log: %s", self.last_error)
+
+    def _write_partition(self, day: str, frame: pd.DataFrame) -> Path:
+        """Write one date's rows as a new parquet file, atomically (temp name, rename)."""
+        partition = self.directory / f"date={day}"
+        partition.mkdir(parents=True, exist_ok=True)
+        stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = partition / f".{name}.tmp"  # readers skip names starting with "."
+        try:
+            frame.to_parquet(tmp, engine="pyarrow", index=False)
+            os.replace(tmp, partition / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return partition / name
+
+
+def read_predictions(
+    directory: Path, since: datetime | None = None, until: datetime | None = None
+) -> pd.DataFrame:
+    """The logged predictions with ``since <= time < until`` (either bound optional).
+
+    Only the ``date=`` partitions that overlap the window are read.
+
+    Args:
+        directory: the prediction log's directory.
+        since, until: aware datetimes.
+
+    Returns:
+        The rows sorted by ``time`` (UTC); an empty DataFrame when there are none.
+
+    Raises:
+        ValueError: a bound has no time zone.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    for name, bound in (("since", since), ("until", until)):
+        if bound is not None and bound.tzinfo is None:
+            raise ValueError(f"read_predictions: {name} needs a time zone (use UTC)")
+    first = since.astimezone(UTC).date() if since is not None else None
+    last = until.astimezone(UTC).date() if until is not None else None
+    directory = Path(directory)
+    frames = []
+    if directory.is_dir():
+        for partition in sorted(directory.glob("date=*")):
+            try:
+                day = date.fromisoformat(partition.name.removeprefix("date="))
+            except ValueError:
+                continue  # not one of ours
+            if (first is not None and day < first) or (last is not None and day > last):
+                continue
+            for file in sorted(partition.glob("part-*.parquet")):
+                frames.append(pq.ParquetFile(file).read().to_pandas())
+    frames = [frame for frame in frames if not frame.empty]
+    if not frames:
+        return pd.DataFrame()
+    frame = pd.concat(frames, ignore_index=True)
+    frame["time"] = pd.to_datetime(frame["time"], utc=True)
+    keep = pd.Series(True, index=frame.index)
+    if since is not None:
+        keep &= frame["time"] >= since
+    if until is not None:
+        keep &= frame["time"] < until
+    return frame[keep].sort_values("time", kind="stable").reset_index(drop=True)
