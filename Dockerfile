@@ -5,7 +5,14 @@
 #   docker run --rm -v "$PWD/.clinml:/data" clinml clinml monitor pathology --batch /data/b.parquet
 #
 # State (Feast repo, MLflow database, BentoML store, reports) lives in the /data volume
-# (CLINML_HOME); the image holds code only. For a self-contained image with the
+# (CLINML_HOME); the image holds code only, and no secrets: API keys come at run time from
+# CLINML_API_KEYS or a mounted CLINML_API_KEYS_FILE (hashed entries; `docs/serving.md`).
+#
+# GPU variant: start FROM a CUDA runtime image with Python 3.11 (for example
+# nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 plus python3.11), install torch==2.13.0
+# from PyPI (which brings the CUDA build) instead of the CPU index below, and run with
+# `--gpus 1 -e CLINML_GPU=1`. Model execution then uses CUDA; without a GPU it logs that
+# it falls back to the CPU. For a self-contained image with the
 # champion baked in, build the bento instead: `clinml package pathology --build`, then
 # `bentoml containerize clinml:latest`.
 FROM python:3.11-slim-bookworm

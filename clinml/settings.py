@@ -61,8 +61,42 @@ class Settings(BaseSettings):
     max_records_per_request: int = Field(
         default=1000, ge=1, le=100_000, description="Cap on records in one /predict call."
     )
+    max_body_bytes: int = Field(
+        default=2_000_000, ge=1_000, description="Largest request body the service accepts."
+    )
+    auth: bool = Field(
+        default=True,
+        description="Require API keys. Turning it off is for local experiments only; the "
+        "production profile refuses to start without it.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="YAML/JSON file of hashed API keys and their roles; default: "
+        "CLINML_HOME/secrets/api_keys.json.",
+    )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="The same key list as JSON, from the environment (e.g. a Kubernetes Secret).",
+    )
+    protect_metrics: bool = Field(default=False, description="Require a key for /metrics.")
+    gpu: int = Field(
+        default=0, ge=0, description="GPUs to request for model execution (BentoML resources)."
+    )
+    device: str = Field(
+        default="auto", description="Model execution device: auto (CUDA when available), cpu, cuda."
+    )
+    reload_interval_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Check the registry's champion alias this often and switch to a newly "
+        "promoted version without downtime; 0 turns polling off (POST /admin/reload still works).",
+    )
+    require_online_store: bool = Field(
+        default=True,
+        description="/readyz reports not ready while the online feature store is unreachable.",
+    )
 
-    @field_validator("home", "config_dir", "audit_log")
+    @field_validator("home", "config_dir", "audit_log", "api_keys_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
@@ -70,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def audit_log_path(self) -> Path:
         return self.audit_log or self.paths.audit_log
+
+    @property
+    def api_keys_path(self) -> Path:
+        return self.api_keys_file or self.home / "secrets" / "api_keys.json"
 
     @property
     def actor_name(self) -> str:
@@ -111,6 +149,11 @@ class Paths:
     @property
     def audit_log(self) -> Path:
         return self.home / "audit" / "model_registry.jsonl"
+
+    @property
+    def request_audit_log(self) -> Path:
+        """The per-request audit trail of the prediction service."""
+        return self.home / "audit" / "requests.jsonl"
 
     @property
     def bentoml_home(self) -> Path:
@@ -164,3 +207,8 @@ class UseCasePaths:
     @property
     def batches(self) -> Path:
         return self.root / "batches"
+
+    @property
+    def predictions(self) -> Path:
+        """The PHI-free prediction log (parquet partitions by date) that monitoring reads."""
+        return self.root / "predictions"

@@ -323,6 +323,26 @@ class MonitoringSpec(_Strict):
     )
 
 
+class ServingSpec(_Strict):
+    """How a probability is presented to the application."""
+
+    risk_bands: list[tuple[str, float]] | None = Field(
+        default=None,
+        description="Ordered (name, upper bound) pairs; a probability gets the first band "
+        "whose bound it is below, and the last bound must be 1.0 (inclusive). Default: "
+        "low below half the operating threshold, elevated below it, high at or above it.",
+    )
+
+    @model_validator(mode="after")
+    def _bands_ordered(self) -> ServingSpec:
+        if self.risk_bands is None:
+            return self
+        bounds = [b for _, b in self.risk_bands]
+        if not bounds or bounds != sorted(set(bounds)) or bounds[-1] != 1.0 or bounds[0] <= 0:
+            raise ValueError("risk_bands: bounds must increase strictly, be > 0 and end at 1.0")
+        return self
+
+
 class UseCaseSpec(_Strict):
     """One use case: the data, the label, the features and the thresholds."""
 
@@ -361,6 +381,7 @@ class UseCaseSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     promotion: PromotionSpec = PromotionSpec()
+    serving: ServingSpec = ServingSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
 
     # Where the spec was read from; set by load_spec, never by the YAML itself.

@@ -253,7 +253,10 @@ class OnlineReader:
 
     def __init__(self, db: Path, table: str, join_key: str):
         self.table, self.join_key = table, join_key
-        self._connection = sqlite3.connect(db, check_same_thread=False)
+        if not Path(db).is_file():
+            raise FileNotFoundError(f"online store {db} does not exist: run `clinml materialize`")
+        # Read-only: a reader never creates or changes the store.
+        self._connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
         self._connection.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
         self._lock = threading.Lock()
 
@@ -281,6 +284,11 @@ class OnlineReader:
             recorded = datetime.fromtimestamp(int(stamp)).replace(tzinfo=UTC)
             found.setdefault(key, {})[name] = (decode_value(blob), recorded)
         return [found.get(key) for key in keys]
+
+    def ping(self) -> None:
+        """Raise if the table cannot be read (store deleted, locked or corrupt)."""
+        with self._lock:
+            self._connection.execute(f'SELECT 1 FROM "{self.table}" LIMIT 1').fetchall()
 
     def close(self) -> None:
         self._connection.close()

@@ -309,6 +309,45 @@ def package(
 
 
 @app.command()
+def build(usecase: UseCase) -> None:
+    """Import the champion into the BentoML store and build the bento (immutable path)."""
+    from pipelines import stages
+    from pipelines.progress import Progress
+
+    settings, spec = _setup(usecase)
+    stages.package(spec, settings, Progress(total=2), build=True)
+
+
+audit_app = typer.Typer(help="The audit trails: alias moves and served requests.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the hash chains of the model-registry and request audit logs. Exit 1 if broken."""
+    from clinml.audit import AuditError, AuditLog
+    from pipelines import runtime
+
+    settings = runtime.load_settings()
+    broken = False
+    for name, path in (
+        ("model registry", settings.audit_log_path),
+        ("requests", settings.paths.request_audit_log),
+    ):
+        if not path.is_file():
+            typer.echo(f"{name}: {path} (no records yet)")
+            continue
+        try:
+            count = AuditLog(path).verify()
+        except AuditError as exc:
+            broken = True
+            typer.echo(f"{name}: BROKEN: {exc}", err=True)
+            continue
+        typer.echo(f"{name}: {path}: {count} records, chain intact")
+    raise typer.Exit(1 if broken else 0)
+
+
+@app.command()
 def run(usecase: UseCase, data: DataFile = None) -> None:
     """ingest + materialize + train + promote + package: up to a servable champion."""
     from pipelines import stages

@@ -47,9 +47,14 @@ def _write_batches(spec: UseCaseSpec, settings: Settings) -> dict[str, pd.DataFr
     return batches
 
 
-def _call_service(url: str, spec: UseCaseSpec, batch: pd.DataFrame, progress: Progress) -> None:
+def _call_service(
+    url: str, spec: UseCaseSpec, batch: pd.DataFrame, key: str, progress: Progress
+) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
     records = batch[spec.feature_names].head(3).to_dict("records")
-    answer = httpx.post(f"{url}/predict", json={"records": records}, timeout=30)
+    refused = httpx.post(f"{url}/predict", json={"records": records}, timeout=30)
+    progress.detail(f"POST /predict without an API key -> {refused.status_code}")
+    answer = httpx.post(f"{url}/predict", json={"records": records}, headers=headers, timeout=30)
     answer.raise_for_status()
     body = answer.json()
     model = body["model"]
@@ -57,12 +62,13 @@ def _call_service(url: str, spec: UseCaseSpec, batch: pd.DataFrame, progress: Pr
     for i, prediction in enumerate(body["predictions"]):
         progress.detail(
             f"  record {i}: probability {prediction['probability']:.3f} -> {prediction['label']}"
+            f" ({prediction['risk_band']} risk)"
             f"  ({model['name']} v{model['version']}, request {body['request_id'][:8]})"
         )
     bad = dict(records[0])
     first = spec.features[0]
     bad[first.name] = (first.min or 0) - 1 if first.is_numeric else "not-a-category"
-    rejected = httpx.post(f"{url}/predict", json={"records": [bad]}, timeout=30)
+    rejected = httpx.post(f"{url}/predict", json={"records": [bad]}, headers=headers, timeout=30)
     detail = rejected.json().get("detail", [{}])[0]
     progress.detail(
         f"POST /predict with {first.name} out of range -> {rejected.status_code}: "
@@ -87,20 +93,23 @@ def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) ->
         chosen = free_port()
         typer.echo(f"      port {port} is busy; using {chosen}")
         port = chosen
+    from serving.auth import write_dev_key
+
+    key = write_dev_key(settings.api_keys_path)
     service = ServiceProcess(settings, spec.name, port, settings.home / "logs" / "serve.log")
     with progress.step(f"start the service (bentoml serve) on {service.url}"):
         service.start()
         progress.detail(f"log: {service.log_file}")
     try:
         with progress.step("call the service"):
-            _call_service(service.url, spec, batches["unshifted"], progress)
+            _call_service(service.url, spec, batches["unshifted"], key, progress)
         with progress.step("check drift (Evidently) against the champion's training reference"):
             outcomes = {}
             for name, batch in batches.items():
                 outcome = stages.monitor(spec, settings, batch, paths.reports / f"demo-{name}")
                 outcomes[name] = outcome
                 progress.detail(f"{name:>9} batch of {len(batch)}: {outcome.line}")
-        _where_next(spec, settings, service.url, outcomes, keep_serving)
+        _where_next(spec, settings, service.url, outcomes, keep_serving, key)
         if keep_serving:
             typer.echo(f"\nServing on {service.url} (API docs: {service.url}/). Ctrl-C to stop.")
             try:
@@ -117,6 +126,7 @@ def _where_next(
     url: str,
     outcomes: dict[str, stages.MonitorOutcome],
     serving: bool,
+    key: str,
 ) -> None:
     paths = settings.paths.usecase(spec.name)
     lines = [
@@ -128,6 +138,11 @@ def _where_next(
         " --port 5000   (then open http://127.0.0.1:5000)",
         f"  service API docs:           {url}/  (OpenAPI: {url}/docs.json)"
         + ("" if serving else f"   (run `clinml serve {spec.name}` first)"),
+        f"  development API key:        {key}   (all roles; stored hashed in "
+        f"{settings.api_keys_path})",
+        f"  try it:                     curl -s -X POST {url}/predict "
+        f"-H 'Authorization: Bearer {key}' -H 'content-type: application/json' "
+        f"-d @{paths.batches / 'request.json'}",
         f"  drift report (shifted):     {outcomes['shifted'].html}",
         f"  drift verdict (JSON):       {outcomes['shifted'].json}",
         f"  Feast repo:                 {paths.feast_repo}",

@@ -24,26 +24,44 @@ class PackagedModel:
 
 
 def import_champion(spec: UseCaseSpec, tracker: Tracker) -> PackagedModel:
-    """Import ``models:/<usecase>@champion`` into the BentoML model store."""
+    """Import ``models:/<usecase>@champion`` (and its model card) into the BentoML store.
+
+    The metadata carries what ``GET /model`` reports (version, threshold, training time,
+    test metrics) and the model file's SHA-256 recorded at registration, so the bento
+    serves and describes the model without the registry.
+    """
+    import shutil
+    import tempfile
+
     import bentoml
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from serving.runtime import CARD_SUBDIR, registry_metadata
+    from training.train import CARD_ARTIFACT
 
     tracker.activate()  # bentoml.mlflow resolves models:/ URIs through MLflow's global URI
     version = tracker.version_by_alias(spec.name, CHAMPION)
-    tags = version.tags or {}
+    metadata = {**registry_metadata(tracker, version), "alias": CHAMPION}
     bento_model = bentoml.mlflow.import_model(
         spec.name,
-        model_uri=f"models:/{spec.name}@{CHAMPION}",
+        model_uri=f"models:/{spec.name}/{version.version}",
         labels={"usecase": spec.name, "alias": CHAMPION},
-        metadata={
-            "registered_model": spec.name,
-            "version": str(version.version),
-            "alias": CHAMPION,
-            "run_id": version.run_id,
-            "candidate": tags.get("candidate", ""),
-            "feature_service": tags.get("feature_service", spec.feature_service),
-            "operating_threshold": float(tags.get("operating_threshold", 0.5)),
-        },
+        metadata=metadata,
     )
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            card = download_artifacts(
+                run_id=version.run_id,
+                artifact_path=CARD_ARTIFACT,
+                dst_path=tmp,
+                tracking_uri=tracker.uri,
+            )
+        except (MlflowException, OSError):
+            card = None
+        if card is not None:  # into the stored model (import_model's path is a staging copy)
+            stored = bentoml.models.get(bento_model.tag)
+            shutil.copytree(card, Path(stored.path) / CARD_SUBDIR)
     return PackagedModel(str(bento_model.tag), spec.name, str(version.version))
 
 

@@ -8,6 +8,7 @@ enumerations. Validation errors name the field but never echo the submitted valu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -26,7 +27,9 @@ def _field(column: ColumnSpec) -> tuple[Any, Any]:
     description = column.description + (f" [{column.unit}]" if column.unit else "")
     if column.type == "category":
         return Literal[tuple(column.categories or ())], Field(description=description)
-    python_type = float if column.type == "float" else int
+    python_type: Any = float if column.type == "float" else int
+    if column.nullable:  # the key is still required; null says "not measured"
+        python_type = python_type | None
     return python_type, Field(
         ge=column.min, le=column.max, strict=True, description=description.strip()
     )
@@ -45,6 +48,7 @@ class Prediction(BaseModel):
 
     probability: float = Field(description="Probability of the positive class.")
     label: str = Field(description="Predicted class at the model's operating threshold.")
+    risk_band: str = Field(description="The probability's band (spec: serving.risk_bands).")
 
 
 class PredictResponse(BaseModel):
@@ -54,17 +58,82 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="One per record, in request order.")
 
 
+class Contribution(BaseModel):
+    feature: str
+    contribution: float
+
+
+class Explanation(BaseModel):
+    probability: float
+    label: str
+    risk_band: str
+    contributions: list[Contribution] = Field(description="Top features by |contribution|.")
+
+
+class ExplainResponse(BaseModel):
+    request_id: str
+    model: ModelRef
+    method: str = Field(description="How contributions were computed for this model type.")
+    explanations: list[Explanation] = Field(description="One per record, in request order.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: what went wrong, never the submitted values."""
+
+    detail: Any
+
+
+STRICT = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
+
+
 @dataclass(frozen=True)
 class Schemas:
     record: type[BaseModel]
     records: Any  # Annotated[list[record], length bounds]
+    predict_request: type[BaseModel]
+    explain_request: type[BaseModel]
+    patient_request: type[BaseModel]
+
+
+def risk_band(probability: float, threshold: float, bands: list[tuple[str, float]] | None) -> str:
+    """The band of a probability: the spec's bands, or low / elevated / high by threshold."""
+    if bands is None:
+        if probability >= threshold:
+            return "high"
+        return "elevated" if probability >= threshold / 2 else "low"
+    for name, upper in bands:
+        if probability < upper:
+            return name
+    return bands[-1][0]
 
 
 def build(spec: UseCaseSpec, max_records: int) -> Schemas:
-    """The request schema for ``spec``: a record model and a bounded list of them."""
+    """The request schemas for ``spec``: a record model and the endpoints' bodies."""
     fields = {column.name: _field(column) for column in spec.features}
-    name = "".join(part.capitalize() for part in spec.name.split("_")) + "Record"
-    record = create_model(name, __config__=RECORD_CONFIG, **fields)
+    stem = "".join(part.capitalize() for part in spec.name.split("_"))
+    record = create_model(f"{stem}Record", __config__=RECORD_CONFIG, **fields)
     record.__doc__ = f"Features of one {spec.entity.name} for the {spec.name} model."
     records = Annotated[list[record], Field(min_length=1, max_length=max_records)]
-    return Schemas(record=record, records=records)
+    predict_request = create_model(
+        "PredictRequest", __config__=STRICT, records=(records, Field(description="1-N records."))
+    )
+    explain_request = create_model(
+        "ExplainRequest",
+        __config__=STRICT,
+        records=(records, ...),
+        top_k=(int, Field(default=5, ge=1, le=len(spec.features))),
+    )
+    ids = Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]],
+        Field(min_length=1, max_length=max_records),
+    ]
+    patient_request = create_model(
+        "PatientRequest",
+        __config__=STRICT,
+        patient_ids=(ids, Field(description=f"{spec.entity.description or spec.entity.key}s.")),
+        as_of=(
+            datetime | None,
+            Field(default=None, description="Time the features are needed for (default: now)."),
+        ),
+    )
+    return Schemas(record, records, predict_request, explain_request, patient_request)

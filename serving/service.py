@@ -1,79 +1,536 @@
-"""The clinml prediction service (BentoML 1.4, new-style API).
+"""The clinml prediction service (BentoML 1.4).
 
 Run it with ``clinml serve USECASE`` (which sets ``BENTOML_HOME`` and ``CLINML_USECASE``)
-or directly: ``bentoml serve serving.service:ClinicalService``. The use case comes from
-``CLINML_USECASE``; its spec generates the request schema, and the model is the
-``champion`` imported into the BentoML store by ``clinml package``.
+or ``bentoml serve serving.service:ClinicalService``. The use case comes from
+``CLINML_USECASE``; its spec generates the request schemas, and the model is the
+``champion`` imported into the BentoML store by ``clinml package`` (or ``clinml build``).
 
-Endpoints: ``POST /predict`` plus BentoML's ``/livez``, ``/readyz``, ``/metrics``, and
-the API docs page (Swagger UI) at ``/`` with the OpenAPI document at ``/docs.json``.
+The endpoints are a FastAPI app mounted on the BentoML service, so clinml controls every
+status code and error body (validation errors name the field and never echo the value)
+and the OpenAPI document at ``/docs.json`` describes all of them:
+
+``POST /predict``          records of features -> probability, label, risk band
+``POST /predict_patient``  patient ids (+ as-of time) -> features from the Feast online
+                           store -> prediction; a missing or stale feature is a 422
+``POST /explain``          records -> top-k feature contributions (method by model type)
+``GET /model``             the version served, its metrics, threshold and model card link
+``GET /model/card``        the model card (HTML)
+``POST /admin/reload``     switch to the registry's current champion without downtime
+``/livez`` ``/readyz`` ``/metrics`` come from BentoML; ``/readyz`` asks ``__is_ready__``.
+
+Every call needs an API key with the endpoint's role (``serving.auth``); every answer
+carries a request id, and every request is written to the hash-chained request audit
+trail. Predictions go to the PHI-free prediction log that ``clinml monitor`` reads.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
+from datetime import UTC, datetime
+from typing import Any
 
 import bentoml
-import pandas as pd
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clinml.errors import ClinmlError
 from clinml.settings import Settings
 from clinml.spec import load_spec
 from serving import redaction, schemas
+from serving.runtime import ModelHolder, ServedModel, load_from_bento
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
 
-# The request schema is generated from the spec, so it must exist when the class is
+# The request schemas are generated from the spec, so they must exist when the routes are
 # defined. Reading settings and the spec touches no state.
-_settings = Settings()
-SPEC = load_spec(_settings.usecase, _settings.config_dir)
-SCHEMAS = schemas.build(SPEC, _settings.max_records_per_request)
-Records = SCHEMAS.records
+SETTINGS = Settings()
+SPEC = load_spec(SETTINGS.usecase, SETTINGS.config_dir)
+SCHEMAS = schemas.build(SPEC, SETTINGS.max_records_per_request)
+PredictRequest = SCHEMAS.predict_request
+ExplainRequest = SCHEMAS.explain_request
+PatientRequest = SCHEMAS.patient_request
+ROLES = {
+    "/predict": "predict",
+    "/predict_patient": "predict",
+    "/explain": "explain",
+    "/model": "predict",
+    "/model/card": "predict",
+    "/admin/reload": "admin",
+}
+ERRORS = {
+    401: {"model": schemas.ErrorResponse, "description": "Missing or invalid API key."},
+    403: {"model": schemas.ErrorResponse, "description": "The key lacks the endpoint's role."},
+    413: {"model": schemas.ErrorResponse, "description": "Request body too large."},
+    422: {"model": schemas.ErrorResponse, "description": "Invalid input (never echoed)."},
+    503: {"model": schemas.ErrorResponse, "description": "Not ready, or the audit trail is down."},
+}
+
+api = FastAPI(
+    title=f"clinml: {SPEC.name}",
+    description=SPEC.description,
+    openapi_url="/docs.json",
+    docs_url=None,
+    redoc_url=None,
+)
 
 
-@bentoml.service(name="clinml", traffic={"timeout": 30})
+class ServiceUnavailable(Exception):
+    """Answered 503 with a reason (no submitted values in it)."""
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if Metrics._made is not None:
+        Metrics._made.errors.labels(request.url.path, "invalid_input").inc()
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+@api.exception_handler(ServiceUnavailable)
+async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+class Metrics:
+    """clinml's Prometheus series, created once per process after BentoML has set up
+    multiprocess collection (so they appear on /metrics next to BentoML's own)."""
+
+    _made: Metrics | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.latency = Histogram(
+            "clinml_request_duration_seconds",
+            "Time to answer, by endpoint.",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.predictions = Counter(
+            "clinml_predictions", "Predictions by endpoint and label.", ["endpoint", "label"]
+        )
+        self.errors = Counter("clinml_errors", "Errors by endpoint and kind.", ["endpoint", "kind"])
+        self.model = Gauge(
+            "clinml_model_info",
+            "1 for the model version being served.",
+            ["name", "version", "alias"],
+            multiprocess_mode="livemax",
+        )
+
+    @classmethod
+    def get(cls) -> Metrics:
+        if cls._made is None:
+            cls._made = cls()
+        return cls._made
+
+    def serving(self, model: ServedModel, previous: ServedModel | None = None) -> None:
+        if previous is not None:
+            self.model.labels(previous.name, previous.version, previous.alias).set(0)
+        self.model.labels(model.name, model.version, model.alias).set(1)
+
+
+ERROR_KINDS = {401: "auth", 403: "auth", 413: "too_large", 422: "invalid_input", 503: "unavailable"}
+
+
+def _resources(settings: Settings) -> dict[str, Any]:
+    return {"gpu": settings.gpu} if settings.gpu else {"cpu": "1"}
+
+
+@bentoml.service(name="clinml", resources=_resources(SETTINGS), traffic={"timeout": 30})
+@bentoml.asgi_app(api, path="/")
 class ClinicalService:
-    """Predicts the spec's positive class for records of features."""
+    """Predicts the spec's positive class for records of features or for patients."""
 
     # Resolved lazily on first access; `bentoml build` packs the model it points at.
     bento_model = bentoml.models.BentoModel(f"{SPEC.name}:latest")
 
     def __init__(self) -> None:
-        redaction.install()
-        stored = self.bento_model
-        meta = stored.info.metadata
-        self.model = bentoml.mlflow.load_model(stored)
-        self.model_ref = schemas.ModelRef(
-            name=str(meta["registered_model"]),
-            version=str(meta["version"]),
-            alias=str(meta["alias"]),
-        )
-        self.threshold = float(meta["operating_threshold"])
-        self.features = SPEC.feature_names
-        log.info(
-            "loaded %s version %s (%s) from %s",
-            self.model_ref.name,
-            self.model_ref.version,
-            self.model_ref.alias,
-            stored.tag,
-        )
+        from serving.requestlog import PredictionLog, RequestAudit
 
-    @bentoml.api
-    def predict(self, records: Records) -> schemas.PredictResponse:  # type: ignore[valid-type]
-        """Probability and label for each record, in request order."""
-        frame = pd.DataFrame([r.model_dump() for r in records], columns=self.features)
-        probability = self.model.predict(frame)["probability"].to_numpy()
+        redaction.install()
+        if SETTINGS.device != "cuda":
+            import torch
+
+            # Small per-request work: one thread is as fast and does not fight the other
+            # workers for the cores (measured in tests/model/test_fastpath.py).
+            torch.set_num_threads(1)
+        self.settings = SETTINGS
+        self.models = ModelHolder(load_from_bento(str(self.bento_model.tag), SETTINGS.device))
+        self.metrics = Metrics.get()
+        self.metrics.serving(self.models.current)
+        paths = SETTINGS.paths.usecase(SPEC.name)
+        self.audit = RequestAudit(SETTINGS.paths.request_audit_log)
+        self.predictions = PredictionLog(paths.predictions)
+        self.pseudonymiser = SETTINGS.pseudonymiser()
+        self._store_lock = threading.Lock()
+        self._reader: Any = None
+        self._stop = threading.Event()
+        if SETTINGS.reload_interval_s > 0:
+            threading.Thread(target=self._follow_alias, daemon=True).start()
+
+    # -- readiness -------------------------------------------------------------------
+
+    def __is_ready__(self) -> bool:
+        if not self.models.loaded or not self.audit.healthy:
+            return False
+        if SETTINGS.require_online_store:
+            try:
+                self._online_reader().ping()
+            except Exception:  # any failure to read the store means not ready
+                with self._store_lock:
+                    reader, self._reader = self._reader, None  # reopen once it is back
+                if reader is not None:
+                    reader.close()
+                return False
+        return True
+
+    def _online_reader(self) -> Any:
+        """The direct reader of the SQLite online store, opened on first use."""
+        with self._store_lock:
+            if self._reader is None:
+                from features.online_sqlite import OnlineReader
+                from features.store import open_store
+
+                store = open_store(SPEC, SETTINGS.paths.usecase(SPEC.name))
+                self._reader = OnlineReader.for_store(store, SPEC)
+            return self._reader
+
+    # -- champion changes --------------------------------------------------------------
+
+    def reload(self) -> tuple[str, str]:
+        """Load the registry's champion and swap it in; returns (old, new) versions."""
+        from serving.runtime import load_from_registry
+        from training.tracking import Tracker
+
+        old = self.models.current
+        new = load_from_registry(SPEC, Tracker.from_settings(SETTINGS), device=SETTINGS.device)
+        if new.version != old.version:
+            self.models.swap(new)
+            self.metrics.serving(new, old)
+        return old.version, new.version
+
+    def _follow_alias(self) -> None:
+        while not self._stop.wait(SETTINGS.reload_interval_s):
+            try:
+                old, new = self.reload()
+            except Exception as exc:  # keep serving the current model
+                self.models.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("champion check failed; still serving the current model: %s", exc)
+                continue
+            if old != new:
+                log.info("champion changed from version %s to %s", old, new)
+
+    # -- the work shared by the endpoints ----------------------------------------------
+
+    def answer(
+        self, model: ServedModel, records: list[dict[str, Any]]
+    ) -> tuple[np.ndarray, list[schemas.Prediction]]:
+        probability = model.predict_records(records)
         positive, negative = SPEC.label.positive_class, SPEC.label.negative_class
-        predictions = [
+        bands = SPEC.serving.risk_bands
+        return probability, [
             schemas.Prediction(
-                probability=float(p), label=positive if p >= self.threshold else negative
+                probability=float(p),
+                label=positive if p >= model.threshold else negative,
+                risk_band=schemas.risk_band(float(p), model.threshold, bands),
             )
             for p in probability
         ]
-        return schemas.PredictResponse(
-            request_id=uuid.uuid4().hex,
-            model=self.model_ref,
-            operating_threshold=self.threshold,
-            predictions=predictions,
+
+    def log_predictions(
+        self,
+        request_id: str,
+        model: ServedModel,
+        records: list[dict[str, Any]],
+        predictions: list[schemas.Prediction],
+        patients: list[str] | None = None,
+    ) -> None:
+        now = datetime.now(UTC)
+        self.predictions.record(
+            [
+                {
+                    **record,
+                    "time": now,
+                    "request_id": request_id,
+                    "model_version": model.version,
+                    "patient": patients[i] if patients else None,
+                    "probability": p.probability,
+                    "label": p.label,
+                }
+                for i, (record, p) in enumerate(zip(records, predictions, strict=True))
+            ]
         )
+
+
+def _service() -> Any:
+    """The running ClinicalService instance (FastAPI dependency)."""
+    return bentoml.get_current_service()
+
+
+CURRENT = Depends(_service)
+
+
+def _model_ref(model: ServedModel) -> schemas.ModelRef:
+    return schemas.ModelRef(name=model.name, version=model.version, alias=model.alias)
+
+
+class _Call:
+    """One request's id, timing and audit record."""
+
+    def __init__(self, service: ClinicalService, request: Request, endpoint: str):
+        if not service.audit.healthy:
+            # The audit trail is a compliance control: without it, no predictions.
+            raise ServiceUnavailable(f"request audit trail unavailable: {service.audit.error}")
+        self.service, self.endpoint = service, endpoint
+        self.request_id = uuid.uuid4().hex
+        self.key_id = request.scope.get("state", {}).get("clinml_key_id")
+        self.started = time.perf_counter()
+        self.model = service.models.current
+        self.patients: list[str] | None = None
+
+    def done(self, status: int, predictions: list[schemas.Prediction] = ()) -> None:  # type: ignore[assignment]
+        metrics = self.service.metrics
+        metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.started)
+        if status >= 400:
+            metrics.errors.labels(self.endpoint, ERROR_KINDS.get(status, str(status))).inc()
+        for prediction in predictions:
+            metrics.predictions.labels(self.endpoint, prediction.label).inc()
+        self.service.audit.submit(
+            {
+                "request_id": self.request_id,
+                "key_id": self.key_id,
+                "endpoint": self.endpoint,
+                "model_version": self.model.version,
+                # pseudonymised ids only, comma-separated for a multi-patient request
+                "patient": ",".join(self.patients) if self.patients else None,
+                "outcome": status,
+                "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            }
+        )
+
+
+@api.post(
+    "/predict",
+    response_model=schemas.PredictResponse,
+    responses=ERRORS,
+    summary="Predict for records of features",
+)
+def predict(
+    body: PredictRequest,  # type: ignore[valid-type]
+    request: Request,
+    self: Any = CURRENT,
+) -> schemas.PredictResponse:
+    """Probability, label at the model's operating threshold, and risk band per record,
+    in request order."""
+    call = _Call(self, request, "/predict")
+    records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
+    _, predictions = self.answer(call.model, records)
+    self.log_predictions(call.request_id, call.model, records, predictions)
+    call.done(200, predictions)
+    return schemas.PredictResponse(
+        request_id=call.request_id,
+        model=_model_ref(call.model),
+        operating_threshold=call.model.threshold,
+        predictions=predictions,
+    )
+
+
+@api.post(
+    "/predict_patient",
+    response_model=schemas.PredictResponse,
+    responses=ERRORS,
+    summary="Predict for patients, with features from the online store",
+)
+def predict_patient(
+    body: PatientRequest,  # type: ignore[valid-type]
+    request: Request,
+    self: Any = CURRENT,
+) -> Any:
+    """Features of the model's feature service are read from the Feast online store for
+    each patient (ids are pseudonymised first). A missing or stale feature answers 422
+    naming the patient's position and the feature; nothing is ever imputed."""
+    from features.store import online_lookup
+
+    call = _Call(self, request, "/predict_patient")
+    ids = self.pseudonymiser.many(body.patient_ids)  # type: ignore[attr-defined]
+    call.patients = ids
+    as_of = body.as_of or datetime.now(UTC)  # type: ignore[attr-defined]
+    if as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
+    try:
+        reader = self._online_reader()
+        lookup = online_lookup(None, SPEC, ids, as_of, reader=reader)  # type: ignore[arg-type]
+    except Exception as exc:  # any store failure is a 503 with a reason
+        call.done(503)
+        raise ServiceUnavailable(
+            f"online feature store unavailable: {type(exc).__name__}"
+        ) from None
+    problems = [
+        {"loc": ["patient_ids", i, feature], "msg": f"feature {feature} is {kind}", "type": kind}
+        for i, found in enumerate(lookup.problems)
+        for feature, kind in found.items()
+    ]
+    if problems:
+        call.done(422)
+        return JSONResponse({"detail": problems}, status_code=422)
+    records = lookup.values[SPEC.feature_names].to_dict("records")
+    _, predictions = self.answer(call.model, records)
+    self.log_predictions(call.request_id, call.model, records, predictions, ids)
+    call.done(200, predictions)
+    return schemas.PredictResponse(
+        request_id=call.request_id,
+        model=_model_ref(call.model),
+        operating_threshold=call.model.threshold,
+        predictions=predictions,
+    )
+
+
+@api.post(
+    "/explain",
+    response_model=schemas.ExplainResponse,
+    responses=ERRORS,
+    summary="Top feature contributions per record",
+)
+def explain(
+    body: ExplainRequest,  # type: ignore[valid-type]
+    request: Request,
+    self: Any = CURRENT,
+) -> schemas.ExplainResponse:
+    """Each record's top-k input features by absolute contribution. Trees: path
+    attribution (Saabas); SVM and MLP: gradient x input in the standardised space. The
+    response's ``method`` says which, and on what scale."""
+    call = _Call(self, request, "/explain")
+    records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
+    _, predictions = self.answer(call.model, records)
+    try:
+        contributions = call.model.explain(records, body.top_k)  # type: ignore[attr-defined]
+    except ClinmlError as exc:
+        call.done(503)
+        raise ServiceUnavailable(str(exc)) from None
+    call.done(200)
+    return schemas.ExplainResponse(
+        request_id=call.request_id,
+        model=_model_ref(call.model),
+        method=call.model.explain_method,
+        explanations=[
+            schemas.Explanation(
+                **p.model_dump(),
+                contributions=[
+                    schemas.Contribution(feature=f, contribution=float(c)) for f, c in row
+                ],
+            )
+            for p, row in zip(predictions, contributions, strict=True)
+        ],
+    )
+
+
+@api.get("/model", responses=ERRORS, summary="The model version being served")
+def model_info(self: Any = CURRENT) -> dict[str, Any]:
+    """Name, version, alias, training time, held-out metrics with 95% CIs, operating
+    threshold, feature service, execution path and a link to the model card."""
+    return self.models.current.describe()
+
+
+@api.get("/model/card", response_class=HTMLResponse, responses=ERRORS, summary="Model card")
+def model_card(self: Any = CURRENT) -> HTMLResponse:
+    """The served version's model card as a self-contained HTML page."""
+    html = self.models.current.card_html
+    if html is None:
+        raise StarletteHTTPException(404, "this model version has no model card")
+    return HTMLResponse(html)
+
+
+@api.post("/admin/reload", responses=ERRORS, summary="Switch to the registry's champion")
+def admin_reload(self: Any = CURRENT) -> dict[str, Any]:
+    """Load the current ``champion`` from the registry and serve it from the next request
+    on; requests in flight finish on the old version. A model that fails to load (for
+    example, its file's hash differs from the one recorded at registration) is refused
+    and the old one keeps serving."""
+    try:
+        old, new = self.reload()
+    except ClinmlError as exc:
+        raise ServiceUnavailable(
+            f"reload refused, still serving the current model: {exc}"
+        ) from None
+    return {"previous_version": old, "version": new, "changed": old != new}
+
+
+# BentoML serves these itself (ahead of the mounted app); they are listed here so the
+# OpenAPI document describes every endpoint of the service.
+_INFRASTRUCTURE = {
+    "/livez": "Liveness: 200 while the process serves HTTP. No key needed.",
+    "/readyz": "Readiness: 200 only when the model is loaded, the request audit trail is "
+    "writable and (unless CLINML_REQUIRE_ONLINE_STORE=false) the online store is readable; "
+    "503 otherwise. No key needed.",
+    "/metrics": "Prometheus metrics: request latency histograms per endpoint, predictions "
+    "by label, errors by kind, the served model version. A key with the admin role is "
+    "needed when CLINML_PROTECT_METRICS=true.",
+}
+
+
+def _openapi() -> dict[str, Any]:
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes
+        )
+        for path, text in _INFRASTRUCTURE.items():
+            document["paths"][path] = {
+                "get": {
+                    "summary": path.strip("/"),
+                    "description": text,
+                    "responses": {
+                        "200": {"description": "OK", "content": {"text/plain": {}}},
+                        **({"503": {"description": "Not ready"}} if path == "/readyz" else {}),
+                    },
+                }
+            }
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        document["security"] = [{"bearer": []}, {"apiKey": []}]
+        api.openapi_schema = document
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
+
+
+def _install_middleware() -> None:
+    from serving.auth import AuthMiddleware, BodyLimitMiddleware, KeyStore
+
+    ClinicalService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+    if not SETTINGS.auth:
+        log.warning(
+            "API-key authentication is OFF (CLINML_AUTH=false): never do this in production"
+        )
+        return
+    api_keys = SETTINGS.api_keys.get_secret_value() if SETTINGS.api_keys else None
+    keys_file = SETTINGS.api_keys_path if SETTINGS.api_keys_path.is_file() else None
+    keystore = KeyStore.load(keys_file, api_keys)
+    ClinicalService.add_asgi_middleware(
+        AuthMiddleware,
+        keystore=keystore,
+        rules=ROLES,
+        protect_metrics=SETTINGS.protect_metrics,
+    )
+
+
+_install_middleware()

@@ -106,6 +106,7 @@ class CandidateResult:
     model_uri: str
     metrics: dict[str, float]
     fit_seconds: float
+    model_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,7 @@ def _log_candidate(
         info.model_uri,
         candidate.evaluation.flat(),
         candidate.fit_seconds,
+        model_io.sha256_of(model_dir / model_io.MODEL_FILE),
     )
 
 
@@ -567,6 +569,8 @@ def register(
             "spec_sha256": provenance["spec_sha256"],
             "packages": json.dumps(provenance["packages"], sort_keys=True),
             "run_id": best.run_id,
+            # Serving refuses a model file whose hash differs from this one.
+            "model_sha256": best.model_sha256,
             "operating_threshold": repr(selected.threshold),
             "threshold_rule": spec.evaluation.threshold_rule,
             f"test_{spec.primary_metric}": f"{selected.evaluation.metrics[primary]:.4f}",

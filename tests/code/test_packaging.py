@@ -53,3 +53,27 @@ def test_bentofile_points_at_the_service_and_builds_offline() -> None:
     pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
     for name in ("bentoml", "mlflow", "scikit-learn", "torch"):
         assert f'"{pins[name]}"' in pyproject, f"{name} pinned differently in pyproject.toml"
+
+
+def test_the_bento_includes_every_package_the_service_imports() -> None:
+    import ast
+
+    bentofile = yaml.safe_load((PROJECT_ROOT / "bentofile.yaml").read_text())
+    included = {pattern.split("/")[0] for pattern in bentofile["include"]}
+    imported: set[str] = set()
+    for module in ("service.py", "runtime.py", "fastpath.py", "auth.py", "requestlog.py"):
+        tree = ast.parse((PROJECT_ROOT / "serving" / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    ours = imported & {"clinml", "features", "training", "serving", "monitoring", "pipelines"}
+    assert ours <= included, ours - included
+
+
+def test_no_secret_is_baked_into_the_image_or_the_bento() -> None:
+    bentofile = yaml.safe_load((PROJECT_ROOT / "bentofile.yaml").read_text())
+    names = {env["name"] for env in bentofile.get("envs", [])}
+    docker_env = " ".join(rest for k, rest in _instructions() if k in {"ENV", "ARG"})
+    for secret in ("CLINML_PSEUDONYM_KEY", "CLINML_API_KEYS"):
+        assert secret not in names and secret not in docker_env, secret
+    assert {"CLINML_AUTH"} <= names  # auth is on in the bento

@@ -56,9 +56,11 @@ def client(pipeline, home: Path):
 
     os.environ["CLINML_HOME"] = str(home)
     os.environ["CLINML_USECASE"] = "pathology"
+    key = _keys(home)["dev"]  # the key file is read when the service module is imported
     from serving.service import ClinicalService
 
-    with TestClient(ClinicalService.to_asgi()) as test_client:
+    headers = {"Authorization": f"Bearer {key}"}
+    with TestClient(ClinicalService.to_asgi(), headers=headers) as test_client:
         yield test_client
 
 
@@ -159,7 +161,8 @@ def test_predict_matches_the_registered_model(client, pipeline, records: pd.Data
     Tracker.from_settings(settings).activate()
     registered = mlflow.pyfunc.load_model("models:/pathology@champion")
     expected = registered.predict(records)["probability"].to_numpy()
-    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-9)  # same values, same order
+    # The service runs the compiled fast path; the registry model is scikit-learn's.
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)  # same values, same order
     threshold = body["operating_threshold"]
     labels = [p["label"] for p in body["predictions"]]
     assert labels == ["malignant" if p >= threshold else "benign" for p in expected]
@@ -173,21 +176,21 @@ def test_bad_input_gets_a_4xx_naming_the_field_without_echoing_it(
     record["mean_radius"] = 123456.789
     record["worst_area"] = "SECRET-VALUE"
     response = client.post("/predict", json={"records": [record]})
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert "123456" not in response.text and "SECRET" not in response.text
     located = {tuple(d["loc"]) for d in response.json()["detail"]}
-    assert located == {("records", 0, "mean_radius"), ("records", 0, "worst_area")}
+    assert located == {("body", "records", 0, "mean_radius"), ("body", "records", 0, "worst_area")}
 
     missing = records.iloc[0].to_dict()
     del missing["mean_area"]
     response = client.post("/predict", json={"records": [missing]})
-    assert response.status_code == 400
-    assert response.json()["detail"][0]["loc"] == ["records", 0, "mean_area"]
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "records", 0, "mean_area"]
 
     response = client.post(
         "/predict", content=b'{"records": [SECRET', headers={"content-type": "application/json"}
     )
-    assert response.status_code == 400 and "SECRET" not in response.text
+    assert response.status_code == 422 and "SECRET" not in response.text
 
 
 def test_health_and_openapi(client) -> None:
@@ -355,3 +358,187 @@ def test_governance_refuse_force_rollback_and_history(
 
     nothing = _clinml(home, "rollback", "pathology")
     assert nothing.returncode == 2 and "no previous champion" in nothing.stderr
+
+
+# -- the serving endpoints (same app: BentoML builds one per session) -------------------
+
+
+def _keys(home: Path) -> dict[str, str]:
+    """Secrets of three keys in the service's key file: all roles, predict, explain."""
+    from serving.auth import generate_key, write_dev_key
+
+    path = Settings(home=home).api_keys_path
+    secrets = {"dev": write_dev_key(path)}
+    stored = json.loads(path.read_text())
+    known = {entry["id"] for entry in stored["keys"]}
+    for key_id, roles in (("app", ["predict"]), ("analyst", ["explain"])):
+        secret_file = path.with_name(f"{key_id}.secret")
+        if key_id not in known:
+            secret, entry = generate_key(key_id, roles)
+            stored["keys"].append(entry)
+            secret_file.write_text(secret)
+        secrets[key_id] = secret_file.read_text()
+    path.write_text(json.dumps(stored))
+    return secrets
+
+
+@pytest.fixture(scope="module")
+def keys(client, home: Path) -> dict[str, str]:
+    return _keys(home)
+
+
+def test_auth_matrix(client, keys: dict[str, str], records: pd.DataFrame) -> None:
+    body = {"records": records.head(2).to_dict("records")}
+    anonymous = {"Authorization": ""}
+    assert client.post("/predict", json=body, headers=anonymous).status_code == 401
+    wrong = {"Authorization": "", "X-API-Key": "wrong"}
+    assert client.post("/predict", json=body, headers=wrong).status_code == 401
+    matrix = {
+        ("app", "/predict"): 200,
+        ("app", "/explain"): 403,
+        ("analyst", "/predict"): 403,
+        ("analyst", "/explain"): 200,
+        ("dev", "/explain"): 200,
+        ("app", "/admin/reload"): 403,
+    }
+    for (key_id, path), expected in matrix.items():
+        response = client.post(
+            path, json=body, headers={"Authorization": "", "X-API-Key": keys[key_id]}
+        )
+        assert response.status_code == expected, (key_id, path, response.text)
+        assert keys[key_id] not in response.text
+    for open_path in ("/livez", "/readyz", "/docs.json", "/metrics"):
+        assert client.get(open_path, headers=anonymous).status_code == 200, open_path
+
+
+def test_predict_answers_carry_band_version_and_request_id(client, records) -> None:
+    response = client.post("/predict", json={"records": records.head(5).to_dict("records")})
+    body = response.json()
+    assert response.status_code == 200
+    for prediction in body["predictions"]:
+        expected = "high" if prediction["probability"] >= body["operating_threshold"] else None
+        assert prediction["risk_band"] in {"low", "elevated", "high"}
+        assert expected is None or prediction["risk_band"] == expected
+    assert body["model"]["version"] and len(body["request_id"]) == 32
+
+
+def test_limits(client, records: pd.DataFrame) -> None:
+    from clinml.settings import Settings as S
+
+    too_many = records.head(1).to_dict("records") * (S().max_records_per_request + 1)
+    response = client.post("/predict", json={"records": too_many})
+    assert response.status_code in (413, 422)
+    huge = b'{"records": [' + b" " * (S().max_body_bytes + 10) + b"]}"
+    response = client.post("/predict", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert client.post("/predict", json={"records": []}).status_code == 422
+
+
+def test_model_and_card(client) -> None:
+    info = client.get("/model").json()
+    assert info["name"] == "pathology" and info["alias"] == "champion"
+    assert info["feature_service"] == "pathology_v1" and info["trained_at"]
+    assert 0 < info["operating_threshold"] < 1
+    assert info["metrics"]["roc_auc"]["ci_low"] <= info["metrics"]["roc_auc"]["value"]
+    assert info["model_card"] == "/model/card" and info["execution"] == "compiled fast path"
+    card = client.get("/model/card")
+    assert card.status_code == 200 and "Intended use" in card.text
+    paths = client.get("/docs.json").json()["paths"]
+    assert {"/predict", "/predict_patient", "/explain", "/model", "/admin/reload"} <= set(paths)
+
+
+def test_explain_names_input_features(client, records: pd.DataFrame, pathology_spec) -> None:
+    response = client.post(
+        "/explain", json={"records": records.head(3).to_dict("records"), "top_k": 4}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"]
+    for explanation in body["explanations"]:
+        names = [c["feature"] for c in explanation["contributions"]]
+        assert len(names) == 4 and set(names) <= set(pathology_spec.feature_names)
+        sizes = [abs(c["contribution"]) for c in explanation["contributions"]]
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_predict_patient_reads_the_online_store(client, pipeline, pathology_spec) -> None:
+    from features.datasets import pathology
+
+    settings, _, _ = pipeline
+    raw = pathology.load(pathology_spec.source.seed, datetime.now(UTC))
+    stored = set(pd.read_parquet(settings.paths.usecase("pathology").features_file)["patient_id"])
+    pseudonymiser = settings.pseudonymiser()
+    patients = [p for p in raw["patient_id"].head(20) if pseudonymiser.one(p) in stored]
+    assert len(patients) >= 3
+    response = client.post("/predict_patient", json={"patient_ids": patients[:3]})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 3
+
+    unknown = client.post("/predict_patient", json={"patient_ids": [patients[0], "NOBODY-42"]})
+    assert unknown.status_code == 422
+    problems = unknown.json()["detail"]
+    assert {p["loc"][1] for p in problems} == {1}  # only the unknown patient
+    assert {p["loc"][2] for p in problems} == set(pathology_spec.feature_names)
+    assert "NOBODY" not in unknown.text and patients[0] not in unknown.text
+
+
+def test_every_request_is_in_the_audit_trail(client, home: Path) -> None:
+    from clinml.audit import AuditLog
+
+    response = client.post("/predict_patient", json={"patient_ids": ["NOBODY-43"]})
+    request_log = Settings(home=home).paths.request_audit_log
+    for _ in range(50):
+        if request_log.is_file() and "NOBODY" not in request_log.read_text():
+            records = AuditLog(request_log).records()
+            if any(r["outcome"] == 422 for r in records):
+                break
+        import time
+
+        time.sleep(0.1)
+    records = AuditLog(request_log).records()
+    assert AuditLog(request_log).verify() == len(records) > 0
+    assert any(r["endpoint"] == "/predict_patient" and r["outcome"] == 422 for r in records)
+    assert {"request_id", "key_id", "model_version", "latency_ms"} <= set(records[-1])
+    assert "NOBODY-43" not in request_log.read_text()
+    assert response.status_code == 422
+
+
+def test_metrics_count_predictions_errors_and_the_model_version(client, records) -> None:
+    client.post("/predict", json={"records": records.head(2).to_dict("records")})
+    client.post("/predict", json={"records": [{"mean_radius": "x"}]})
+    text = client.get("/metrics").text
+    assert 'clinml_predictions_total{endpoint="/predict",label=' in text
+    assert 'clinml_errors_total{endpoint="/predict",kind="invalid_input"}' in text
+    assert "clinml_request_duration_seconds_bucket" in text
+    assert 'clinml_model_info{alias="champion",name="pathology",version=' in text
+
+
+def test_champion_switch_under_concurrent_requests_fails_none(
+    client, pipeline, records: pd.DataFrame
+) -> None:
+    """Runs after the governance test, which registered version 2."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.tracking import Tracker
+
+    settings, _, _ = pipeline
+    tracker = Tracker.from_settings(settings)
+    before = client.get("/model").json()["version"]
+    target = "2" if before != "2" else "1"
+    tracker.client.set_registered_model_alias("pathology", "champion", target)
+    body = {"records": records.head(3).to_dict("records")}
+
+    def call(_: int) -> tuple[int, str]:
+        response = client.post("/predict", json=body)
+        return response.status_code, response.json()["model"]["version"]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        running = [pool.submit(call, i) for i in range(60)]
+        reloaded = client.post("/admin/reload")
+        results = [f.result() for f in running]
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json() == {"previous_version": before, "version": target, "changed": True}
+    assert all(status == 200 for status, _ in results)
+    assert {version for _, version in results} <= {before, target}
+    assert client.post("/predict", json=body).json()["model"]["version"] == target
+    assert client.get("/model").json()["version"] == target
