@@ -542,3 +542,119 @@ def test_champion_switch_under_concurrent_requests_fails_none(
     assert {version for _, version in results} <= {before, target}
     assert client.post("/predict", json=body).json()["model"]["version"] == target
     assert client.get("/model").json()["version"] == target
+
+
+def _service_instance():
+    import bentoml
+
+    return bentoml.get_current_service()
+
+
+def test_audit_trail_down_fails_closed_then_recovers(client, records, monkeypatch) -> None:
+    """Fault injected on purpose: the request audit trail reports it cannot write."""
+    service = _service_instance()
+
+    class Broken:
+        healthy = False
+        error = "OSError: [Errno 28] No space left on device"
+
+    body = {"records": records.head(1).to_dict("records")}
+    monkeypatch.setattr(service, "audit", Broken())
+    response = client.post("/predict", json=body)
+    assert response.status_code == 503 and "audit trail unavailable" in response.text
+    assert client.get("/readyz").status_code == 503
+    monkeypatch.undo()
+    assert client.post("/predict", json=body).status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_online_store_down_only_affects_predict_patient(client, records, monkeypatch) -> None:
+    """Fault injected on purpose: every read of the online store fails (locked)."""
+    import sqlite3
+
+    service = _service_instance()
+
+    class Locked:
+        def read(self, ids):
+            raise sqlite3.OperationalError("database is locked")
+
+        ping = read
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(service, "_reader", Locked())
+    response = client.post("/predict_patient", json={"patient_ids": ["p1"]})
+    assert response.status_code == 503 and "online feature store unavailable" in response.text
+    assert (
+        client.post("/predict", json={"records": records.head(1).to_dict("records")}).status_code
+        == 200
+    )
+    assert client.get("/readyz").status_code == 503  # and drops the broken reader
+    assert client.get("/readyz").status_code == 200  # reopened: recovery is automatic
+
+
+def test_a_tampered_model_is_refused_and_the_old_one_keeps_serving(client, pipeline) -> None:
+    from urllib.parse import urlparse
+
+    from training.tracking import Tracker
+
+    settings, _, _ = pipeline
+    tracker = Tracker.from_settings(settings)
+    serving = client.get("/model").json()["version"]
+    other = "1" if serving != "1" else "2"
+    version = tracker.client.get_model_version("pathology", other)
+    logged = tracker.client.get_logged_model(version.source.removeprefix("models:/"))
+    artifacts = Path(urlparse(logged.artifact_location).path)
+    [model_file] = list(artifacts.rglob("model.skops"))
+    original = model_file.read_bytes()
+    try:
+        model_file.write_bytes(original + b"\0")
+        tracker.client.set_registered_model_alias("pathology", "champion", other)
+        refused = client.post("/admin/reload")
+        assert refused.status_code == 503 and "reload refused" in refused.text
+        assert client.get("/model").json()["version"] == serving
+    finally:
+        model_file.write_bytes(original)
+        tracker.client.set_registered_model_alias("pathology", "champion", serving)
+
+
+def test_the_bento_model_serves_under_bentoml_serve_without_the_registry(
+    pipeline, home: Path, records: pd.DataFrame, monkeypatch
+) -> None:
+    """A real `bentoml serve` process, its registry URI pointing nowhere."""
+    import httpx
+
+    from serving import launch
+    from serving.launch import ServiceProcess, free_port
+
+    settings, _, _ = pipeline
+    monkeypatch.setenv("CLINML_TRACKING_URI", "sqlite:////nonexistent/registry/mlflow.db")
+    # The tests' BentoML store is the session's (conftest), not $CLINML_HOME/bentoml.
+    environment = launch.service_env
+    monkeypatch.setattr(
+        launch,
+        "service_env",
+        lambda s, u: {**environment(s, u), "BENTOML_HOME": os.environ["BENTOML_HOME"]},
+    )
+    key = _keys(home)["app"]
+    port = free_port()
+    with ServiceProcess(settings, "pathology", port, home / "logs" / "serve-test.log") as served:
+        body = {"records": records.head(2).to_dict("records")}
+        assert httpx.post(f"{served.url}/predict", json=body, timeout=30).status_code == 401
+        answer = httpx.post(
+            f"{served.url}/predict", json=body, headers={"X-API-Key": key}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["predictions"]) == 2
+        assert httpx.get(f"{served.url}/readyz", timeout=10).status_code == 200
+    log = (home / "logs" / "serve-test.log").read_text()
+    assert key not in log
+    for value in records.head(2)["mean_radius"]:
+        assert repr(value) not in log  # no raw feature values in the service log
+
+
+def test_audit_verify_cli(pipeline, home: Path) -> None:
+    result = _clinml(home, "audit", "verify")
+    assert result.returncode == 0, result.stderr
+    assert "model registry" in result.stdout and "chain intact" in result.stdout
