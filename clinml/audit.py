@@ -117,42 +117,7 @@ class AuditLog:
         """
         if not isinstance(entry, dict):
             raise AuditError(f"an audit entry must be a dict, not {type(entry).__name__}")
-        reserved = [key for key in RESERVED_KEYS if key in entry]
-        if reserved:
-            raise AuditError(
-                f"audit entry uses reserved key(s) {', '.join(reserved)}; the log sets them"
-            )
-        non_string = [key for key in entry if not isinstance(key, str)]
-        if non_string:
-            raise AuditError(f"audit entry keys must be strings, got {non_string[0]!r}")
-        try:
-            canonical_json(entry)
-        except (TypeError, ValueError) as exc:
-            raise AuditError(f"audit entry is not JSON-serialisable: {exc}") from exc
-
-        with self._lock(exclusive=True):
-            created = not self.path.exists()
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise AuditError(
-                    f"cannot open audit log {self.path} for appending: {exc.strerror}"
-                ) from exc
-            try:
-                size = os.fstat(fd).st_size
-                seq, prev_hash = self._tail(fd, size)
-                record = dict(entry)
-                record.setdefault("time", self._now())
-                record["seq"] = seq + 1
-                record["prev_hash"] = prev_hash
-                record["hash"] = record_hash(record)
-                line = canonical_json(record) + "\n"
-                self._write(fd, line.encode("utf-8"), size)
-            finally:
-                os.close(fd)
-            if created:
-                _fsync_directory(self.path.parent)
-        return json.loads(line)
+        return self.append_many([entry])[0]
 
     def append_many(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Append one record per entry, in order, as one durable write.

@@ -289,6 +289,24 @@ def _model_ref(model: ServedModel) -> schemas.ModelRef:
     return schemas.ModelRef(name=model.name, version=model.version, alias=model.alias)
 
 
+def _respond(
+    service: ClinicalService,
+    call: _Call,
+    records: list[dict[str, Any]],
+    patients: list[str] | None = None,
+) -> schemas.PredictResponse:
+    """Predict, log the predictions, close the call's audit record, build the answer."""
+    _, predictions = service.answer(call.model, records)
+    service.log_predictions(call.request_id, call.model, records, predictions, patients)
+    call.done(200, predictions)
+    return schemas.PredictResponse(
+        request_id=call.request_id,
+        model=_model_ref(call.model),
+        operating_threshold=call.model.threshold,
+        predictions=predictions,
+    )
+
+
 class _Call:
     """One request's id, timing and audit record."""
 
@@ -338,16 +356,7 @@ def predict(
     """Probability, label at the model's operating threshold, and risk band per record,
     in request order."""
     call = _Call(self, request, "/predict")
-    records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
-    _, predictions = self.answer(call.model, records)
-    self.log_predictions(call.request_id, call.model, records, predictions)
-    call.done(200, predictions)
-    return schemas.PredictResponse(
-        request_id=call.request_id,
-        model=_model_ref(call.model),
-        operating_threshold=call.model.threshold,
-        predictions=predictions,
-    )
+    return _respond(self, call, [r.model_dump() for r in body.records])  # type: ignore[attr-defined]
 
 
 @api.post(
@@ -388,16 +397,7 @@ def predict_patient(
     if problems:
         call.done(422)
         return JSONResponse({"detail": problems}, status_code=422)
-    records = lookup.values[SPEC.feature_names].to_dict("records")
-    _, predictions = self.answer(call.model, records)
-    self.log_predictions(call.request_id, call.model, records, predictions, ids)
-    call.done(200, predictions)
-    return schemas.PredictResponse(
-        request_id=call.request_id,
-        model=_model_ref(call.model),
-        operating_threshold=call.model.threshold,
-        predictions=predictions,
-    )
+    return _respond(self, call, lookup.values[SPEC.feature_names].to_dict("records"), ids)
 
 
 @api.post(
