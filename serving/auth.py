@@ -403,9 +403,12 @@ class AuthMiddleware:
         rules: Mapping[str, str] | None = None,
         exempt: Iterable[str] | None = None,
         protect_metrics: bool = False,
+        on_refuse: Callable[[str, int], None] | None = None,
     ) -> None:
         self.app = app
         self.keystore = keystore
+        # Told (rule path or "other", status) for every refusal, e.g. to count it.
+        self.on_refuse = on_refuse
         self.rules = dict(DEFAULT_RULES if rules is None else rules)
         bad = sorted({role for role in self.rules.values() if role not in ROLES})
         if bad:
@@ -442,12 +445,14 @@ class AuthMiddleware:
         key = self.keystore.authenticate(presented) if presented else None
         if key is None:
             logger.info("rejected request to %s: missing or invalid API key", shown)
+            self._count(path, 401)
             await self._refuse(scope, send, 401, "missing or invalid API key")
             return
         if role not in key.roles:
             logger.info(
                 "rejected request to %s: API key %r lacks the %r role", shown, key.key_id, role
             )
+            self._count(path, 403)
             await self._refuse(scope, send, 403, f"API key '{key.key_id}' lacks the '{role}' role")
             return
         state = scope.get("state")
@@ -455,6 +460,10 @@ class AuthMiddleware:
             state = scope["state"] = {}
         state["clinml_key_id"] = key.key_id
         await self.app(scope, receive, send)
+
+    def _count(self, path: str, status: int) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(path if path in self.rules else "other", status)
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, status: int, detail: str) -> None:

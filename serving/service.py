@@ -530,7 +530,13 @@ def _install_middleware() -> None:
         keystore=keystore,
         rules=ROLES,
         protect_metrics=SETTINGS.protect_metrics,
+        on_refuse=_count_refusal,
     )
+
+
+def _count_refusal(path: str, status: int) -> None:
+    if Metrics._made is not None:  # created with the service instance
+        Metrics._made.errors.labels(path, ERROR_KINDS[status]).inc()
 
 
 _install_middleware()

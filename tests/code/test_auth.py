@@ -495,3 +495,28 @@ def test_no_secret_reaches_a_response_or_a_log_record(
         assert secret not in logged
         assert all(secret not in body for body in bodies)
         assert hash_secret(secret) not in logged
+
+
+def test_refusals_are_reported_without_caller_chosen_paths() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serving.auth import AuthMiddleware, KeyStore, generate_key
+
+    secret, entry = generate_key("app", ["predict"])
+    seen: list[tuple[str, int]] = []
+    app = Starlette(routes=[Route("/predict", lambda r: PlainTextResponse("ok"), methods=["POST"])])
+    guarded = AuthMiddleware(
+        app,
+        KeyStore([entry]),
+        rules={"/predict": "predict"},
+        on_refuse=lambda p, s: seen.append((p, s)),
+    )
+    client = TestClient(guarded)
+    assert client.post("/predict").status_code == 401
+    assert client.post("/explain", headers={"X-API-Key": secret}).status_code == 403
+    assert client.post("/patient/MRN-123", headers={"X-API-Key": "bad"}).status_code == 401
+    assert client.post("/predict", headers={"X-API-Key": secret}).status_code == 200
+    assert seen == [("/predict", 401), ("other", 403), ("other", 401)]

@@ -506,7 +506,9 @@ def test_every_request_is_in_the_audit_trail(client, home: Path) -> None:
 def test_metrics_count_predictions_errors_and_the_model_version(client, records) -> None:
     client.post("/predict", json={"records": records.head(2).to_dict("records")})
     client.post("/predict", json={"records": [{"mean_radius": "x"}]})
+    client.post("/predict", json={"records": []}, headers={"Authorization": ""})
     text = client.get("/metrics").text
+    assert 'clinml_errors_total{endpoint="/predict",kind="auth"}' in text
     assert 'clinml_predictions_total{endpoint="/predict",label=' in text
     assert 'clinml_errors_total{endpoint="/predict",kind="invalid_input"}' in text
     assert "clinml_request_duration_seconds_bucket" in text
