@@ -29,11 +29,11 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import bentoml
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -237,13 +237,11 @@ class ClinicalService:
 
     # -- the work shared by the endpoints ----------------------------------------------
 
-    def answer(
-        self, model: ServedModel, records: list[dict[str, Any]]
-    ) -> tuple[np.ndarray, list[schemas.Prediction]]:
+    def answer(self, model: ServedModel, records: list[dict[str, Any]]) -> list[schemas.Prediction]:
         probability = model.predict_records(records)
         positive, negative = SPEC.label.positive_class, SPEC.label.negative_class
         bands = SPEC.serving.risk_bands
-        return probability, [
+        return [
             schemas.Prediction(
                 probability=float(p),
                 label=positive if p >= model.threshold else negative,
@@ -296,7 +294,7 @@ def _respond(
     patients: list[str] | None = None,
 ) -> schemas.PredictResponse:
     """Predict, log the predictions, close the call's audit record, build the answer."""
-    _, predictions = service.answer(call.model, records)
+    predictions = service.answer(call.model, records)
     service.log_predictions(call.request_id, call.model, records, predictions, patients)
     call.done(200, predictions)
     return schemas.PredictResponse(
@@ -321,7 +319,7 @@ class _Call:
         self.model = service.models.current
         self.patients: list[str] | None = None
 
-    def done(self, status: int, predictions: list[schemas.Prediction] = ()) -> None:  # type: ignore[assignment]
+    def done(self, status: int, predictions: Sequence[schemas.Prediction] = ()) -> None:
         metrics = self.service.metrics
         metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.started)
         if status >= 400:
@@ -416,7 +414,7 @@ def explain(
     response's ``method`` says which, and on what scale."""
     call = _Call(self, request, "/explain")
     records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
-    _, predictions = self.answer(call.model, records)
+    predictions = self.answer(call.model, records)
     try:
         contributions = call.model.explain(records, body.top_k)  # type: ignore[attr-defined]
     except ClinmlError as exc:

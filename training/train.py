@@ -152,12 +152,6 @@ def split_frame(frame: pd.DataFrame, spec: UseCaseSpec) -> Split:
     return Split(np.sort(pool[train]), np.sort(pool[test]), temporal, start)
 
 
-def patient_split(frame: pd.DataFrame, spec: UseCaseSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test row indices, every patient on exactly one side."""
-    split = split_frame(frame, spec)
-    return split.train, split.test
-
-
 def fit_candidates(
     spec: UseCaseSpec,
     frame: pd.DataFrame,
@@ -350,13 +344,12 @@ def _log_candidate(
     }
     out = workdir / candidate.name
     out.mkdir()
-    train_rows = frame.iloc[split.train]
-    reference = train_rows[[*spec.feature_names, *(a.name for a in spec.attributes)]].assign(
-        outcome=fitted.y[split.train],
-        probability=candidate.pipeline.predict_proba(train_rows[spec.feature_names])[:, 1],
-    )
-    if len(reference) > REFERENCE_MAX_ROWS:
-        reference = reference.sample(REFERENCE_MAX_ROWS, random_state=spec.training.seed)
+    train_rows = frame.iloc[split.train].assign(outcome=fitted.y[split.train])
+    if len(train_rows) > REFERENCE_MAX_ROWS:  # sample before predicting, not after
+        train_rows = train_rows.sample(REFERENCE_MAX_ROWS, random_state=spec.training.seed)
+    reference = train_rows[
+        [*spec.feature_names, *(a.name for a in spec.attributes), "outcome"]
+    ].assign(probability=candidate.pipeline.predict_proba(train_rows[spec.feature_names])[:, 1])
     with mlflow.start_run(experiment_id=experiment_id, run_name=candidate.name) as active:
         mlflow.set_tags(
             {
