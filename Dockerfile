@@ -11,8 +11,9 @@
 # GPU variant: start FROM a CUDA runtime image with Python 3.11 (for example
 # nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 plus python3.11), install torch==2.13.0
 # from PyPI (which brings the CUDA build) instead of the CPU index below, and run with
-# `--gpus 1 -e CLINML_GPU=1`. Model execution then uses CUDA; without a GPU it logs that
-# it falls back to the CPU. For a self-contained image with the
+# `--gpus 1 -e CLINML_GPU=1 -e CLINML_EXECUTION=split`: the model-execution service then
+# requests the GPU, batches adaptively and runs on CUDA; without a GPU it logs that it
+# falls back to the CPU. For a self-contained image with the
 # champion baked in, build the bento instead: `clinml package pathology --build`, then
 # `bentoml containerize clinml:latest`.
 FROM python:3.11-slim-bookworm

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,6 +85,28 @@ class Settings(BaseSettings):
     )
     device: str = Field(
         default="auto", description="Model execution device: auto (CUDA when available), cpu, cuda."
+    )
+    execution: Literal["inline", "split"] = Field(
+        default="inline",
+        description="Where the model runs: inline, in the API worker's process, or split, in "
+        "a separate model-execution service (GPU-capable, adaptive batching) that the API "
+        "calls through bentoml.depends. docs/serving.md has the measurement behind the default.",
+    )
+    batching: bool = Field(
+        default=True,
+        description="Adaptive batching in the split model-execution service.",
+    )
+    max_batch_size: int = Field(
+        default=256, ge=2, le=100_000, description="Most records in one adaptive batch."
+    )
+    max_batch_latency_ms: int = Field(
+        default=2_000,
+        ge=1,
+        le=60_000,
+        description="Latency budget of a batched call to the model-execution service. "
+        "BentoML's dispatcher waits at most a fraction of it to fill a batch, and sheds a "
+        "call it predicts would exceed it (the API answers 503), so keep it well above a "
+        "batch's execution time.",
     )
     reload_interval_s: float = Field(
         default=0.0,

@@ -220,6 +220,9 @@ def load_from_registry(
 
     from training.train import CARD_ARTIFACT
 
+    # `models:/` URIs resolve through MLflow's global registry URI: point it at ours (a
+    # serving process has not done so otherwise).
+    tracker.activate()
     version = tracker.version_by_alias(spec.name, alias)
     metadata = {**registry_metadata(tracker, version), "alias": alias}
     with tempfile.TemporaryDirectory() as tmp:

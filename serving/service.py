@@ -21,6 +21,11 @@ and the OpenAPI document at ``/docs.json`` describes all of them:
 Every call needs an API key with the endpoint's role (``serving.auth``); every answer
 carries a request id, and every request is written to the hash-chained request audit
 trail. Predictions go to the PHI-free prediction log that ``clinml monitor`` reads.
+
+The model itself runs in :class:`serving.executor.ModelExecutor`: in this process
+(``CLINML_EXECUTION=inline``, the default) or as a separate GPU-capable service with
+adaptive batching that this one calls through ``bentoml.depends``
+(``CLINML_EXECUTION=split``). docs/serving.md has the measurement behind the default.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,18 +46,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clinml.errors import ClinmlError
-from clinml.settings import Settings
-from clinml.spec import load_spec
 from serving import redaction, schemas
-from serving.runtime import ModelHolder, ServedModel, load_from_bento
+from serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
 
 # The request schemas are generated from the spec, so they must exist when the routes are
-# defined. Reading settings and the spec touches no state.
-SETTINGS = Settings()
-SPEC = load_spec(SETTINGS.usecase, SETTINGS.config_dir)
+# defined. Reading settings and the spec (in serving.executor) touches no state.
 SCHEMAS = schemas.build(SPEC, SETTINGS.max_records_per_request)
 PredictRequest = SCHEMAS.predict_request
 ExplainRequest = SCHEMAS.explain_request
@@ -138,7 +140,7 @@ class Metrics:
             cls._made = cls()
         return cls._made
 
-    def serving(self, model: ServedModel, previous: ServedModel | None = None) -> None:
+    def serving(self, model: schemas.ModelRef, previous: schemas.ModelRef | None = None) -> None:
         if previous is not None:
             self.model.labels(previous.name, previous.version, previous.alias).set(0)
         self.model.labels(model.name, model.version, model.alias).set(1)
@@ -147,46 +149,63 @@ class Metrics:
 ERROR_KINDS = {401: "auth", 403: "auth", 413: "too_large", 422: "invalid_input", 503: "unavailable"}
 
 
-def _resources(settings: Settings) -> dict[str, Any]:
-    return {"gpu": settings.gpu} if settings.gpu else {"cpu": "1"}
+class ExecutionUnavailable(ServiceUnavailable):
+    """The split model-execution service did not answer."""
 
 
-@bentoml.service(name="clinml", resources=_resources(SETTINGS), traffic={"timeout": 30})
+@dataclass(frozen=True)
+class Scores:
+    """One request's scores and the model version that produced them."""
+
+    probabilities: list[float]
+    model: schemas.ModelRef
+    threshold: float
+
+    @classmethod
+    def of(cls, scored: Sequence[Scored]) -> Scores:
+        _, version, alias, threshold = scored[0]
+        return cls(
+            [float(s[0]) for s in scored],
+            schemas.ModelRef(name=SPEC.name, version=version, alias=alias),
+            threshold,
+        )
+
+
+@bentoml.service(name="clinml", resources={"cpu": "1"}, traffic={"timeout": 30})
 @bentoml.asgi_app(api, path="/")
 class ClinicalService:
     """Predicts the spec's positive class for records of features or for patients."""
 
     # Resolved lazily on first access; `bentoml build` packs the model it points at.
-    bento_model = bentoml.models.BentoModel(f"{SPEC.name}:latest")
+    bento_model = model_tag()
+    if SETTINGS.execution == "split":
+        executor = bentoml.depends(ModelExecutor)
 
     def __init__(self) -> None:
         from serving.requestlog import PredictionLog, RequestAudit
 
         redaction.install()
-        if SETTINGS.device != "cuda":
-            import torch
-
-            # Small per-request work: one thread is as fast and does not fight the other
-            # workers for the cores (measured in tests/model/test_fastpath.py).
-            torch.set_num_threads(1)
         self.settings = SETTINGS
-        self.models = ModelHolder(load_from_bento(str(self.bento_model.tag), SETTINGS.device))
+        if SETTINGS.execution == "inline":
+            self.executor = ModelExecutor()
         self.metrics = Metrics.get()
-        self.metrics.serving(self.models.current)
+        self.model: schemas.ModelRef | None = None  # the last version seen to answer
         paths = SETTINGS.paths.usecase(SPEC.name)
         self.audit = RequestAudit(SETTINGS.paths.request_audit_log)
         self.predictions = PredictionLog(paths.predictions)
         self.pseudonymiser = SETTINGS.pseudonymiser()
         self._store_lock = threading.Lock()
         self._reader: Any = None
-        self._stop = threading.Event()
-        if SETTINGS.reload_interval_s > 0:
-            threading.Thread(target=self._follow_alias, daemon=True).start()
 
     # -- readiness -------------------------------------------------------------------
 
     def __is_ready__(self) -> bool:
-        if not self.models.loaded or not self.audit.healthy:
+        if not self.audit.healthy:
+            return False
+        try:
+            if not self.describe().get("loaded"):
+                return False
+        except ExecutionUnavailable:
             return False
         if SETTINGS.require_online_store:
             try:
@@ -210,50 +229,72 @@ class ClinicalService:
                 self._reader = OnlineReader.for_store(store, SPEC)
             return self._reader
 
-    # -- champion changes --------------------------------------------------------------
+    # -- the model-execution service ---------------------------------------------------
 
-    def reload(self) -> tuple[str, str]:
-        """Load the registry's champion and swap it in; returns (old, new) versions."""
-        from serving.runtime import load_from_registry
-        from training.tracking import Tracker
+    def _execute(self, method: str, *args: Any) -> Any:
+        """Call the executor; a split executor that cannot be reached is a 503."""
+        try:
+            return getattr(self.executor, method)(*args)
+        except ClinmlError:
+            raise
+        except Exception as exc:
+            if SETTINGS.execution == "inline":
+                raise
+            raise ExecutionUnavailable(
+                f"model execution service unavailable: {type(exc).__name__}"
+            ) from None
 
-        old = self.models.current
-        new = load_from_registry(SPEC, Tracker.from_settings(SETTINGS), device=SETTINGS.device)
-        if new.version != old.version:
-            self.models.swap(new)
-            self.metrics.serving(new, old)
-        return old.version, new.version
+    def score(self, records: list[dict[str, Any]]) -> Scores:
+        scores = Scores.of(self._execute("predict", records))
+        self.seen(scores.model)
+        return scores
 
-    def _follow_alias(self) -> None:
-        while not self._stop.wait(SETTINGS.reload_interval_s):
+    def describe(self) -> dict[str, Any]:
+        return self._execute("describe")
+
+    def reload(self) -> dict[str, Any]:
+        """Switch the executor to the registry's champion (see ModelExecutor.reload)."""
+        result = self._execute("reload")
+        if not result["error"]:
+            self.seen(schemas.ModelRef(name=SPEC.name, version=result["version"], alias="champion"))
+        return result
+
+    def seen(self, model: schemas.ModelRef) -> None:
+        """Track the version answering, for /metrics and for audit records of refusals."""
+        previous = self.model
+        if previous != model:
+            self.model = model
+            self.metrics.serving(model, previous)
+
+    def current_version(self) -> str | None:
+        if self.model is None:
             try:
-                old, new = self.reload()
-            except Exception as exc:  # keep serving the current model
-                self.models.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("champion check failed; still serving the current model: %s", exc)
-                continue
-            if old != new:
-                log.info("champion changed from version %s to %s", old, new)
+                info = self.describe()
+            except ServiceUnavailable:
+                return None
+            if info.get("loaded"):
+                ref = schemas.ModelRef(name=SPEC.name, version=info["version"], alias=info["alias"])
+                self.seen(ref)
+        return self.model.version if self.model else None
 
     # -- the work shared by the endpoints ----------------------------------------------
 
-    def answer(self, model: ServedModel, records: list[dict[str, Any]]) -> list[schemas.Prediction]:
-        probability = model.predict_records(records)
+    def answer(self, scores: Scores) -> list[schemas.Prediction]:
         positive, negative = SPEC.label.positive_class, SPEC.label.negative_class
-        bands = SPEC.serving.risk_bands
+        bands, threshold = SPEC.serving.risk_bands, scores.threshold
         return [
             schemas.Prediction(
-                probability=float(p),
-                label=positive if p >= model.threshold else negative,
-                risk_band=schemas.risk_band(float(p), model.threshold, bands),
+                probability=p,
+                label=positive if p >= threshold else negative,
+                risk_band=schemas.risk_band(p, threshold, bands),
             )
-            for p in probability
+            for p in scores.probabilities
         ]
 
     def log_predictions(
         self,
         request_id: str,
-        model: ServedModel,
+        model: schemas.ModelRef,
         records: list[dict[str, Any]],
         predictions: list[schemas.Prediction],
         patients: list[str] | None = None,
@@ -283,10 +324,6 @@ def _service() -> Any:
 CURRENT = Depends(_service)
 
 
-def _model_ref(model: ServedModel) -> schemas.ModelRef:
-    return schemas.ModelRef(name=model.name, version=model.version, alias=model.alias)
-
-
 def _respond(
     service: ClinicalService,
     call: _Call,
@@ -294,13 +331,14 @@ def _respond(
     patients: list[str] | None = None,
 ) -> schemas.PredictResponse:
     """Predict, log the predictions, close the call's audit record, build the answer."""
-    predictions = service.answer(call.model, records)
-    service.log_predictions(call.request_id, call.model, records, predictions, patients)
+    scores = call.score(records)
+    predictions = service.answer(scores)
+    service.log_predictions(call.request_id, scores.model, records, predictions, patients)
     call.done(200, predictions)
     return schemas.PredictResponse(
         request_id=call.request_id,
-        model=_model_ref(call.model),
-        operating_threshold=call.model.threshold,
+        model=scores.model,
+        operating_threshold=scores.threshold,
         predictions=predictions,
     )
 
@@ -316,8 +354,17 @@ class _Call:
         self.request_id = uuid.uuid4().hex
         self.key_id = request.scope.get("state", {}).get("clinml_key_id")
         self.started = time.perf_counter()
-        self.model = service.models.current
+        self.version: str | None = None  # set by score(); else the last version seen
         self.patients: list[str] | None = None
+
+    def score(self, records: list[dict[str, Any]]) -> Scores:
+        try:
+            scores = self.service.score(records)
+        except ServiceUnavailable:
+            self.done(503)
+            raise
+        self.version = scores.model.version
+        return scores
 
     def done(self, status: int, predictions: Sequence[schemas.Prediction] = ()) -> None:
         metrics = self.service.metrics
@@ -331,7 +378,7 @@ class _Call:
                 "request_id": self.request_id,
                 "key_id": self.key_id,
                 "endpoint": self.endpoint,
-                "model_version": self.model.version,
+                "model_version": self.version or self.service.current_version(),
                 # pseudonymised ids only, comma-separated for a multi-patient request
                 "patient": ",".join(self.patients) if self.patients else None,
                 "outcome": status,
@@ -414,17 +461,24 @@ def explain(
     response's ``method`` says which, and on what scale."""
     call = _Call(self, request, "/explain")
     records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
-    predictions = self.answer(call.model, records)
     try:
-        contributions = call.model.explain(records, body.top_k)  # type: ignore[attr-defined]
-    except ClinmlError as exc:
+        result = self._execute("explain", records, body.top_k)  # type: ignore[attr-defined]
+    except ServiceUnavailable:
         call.done(503)
-        raise ServiceUnavailable(str(exc)) from None
+        raise
+    if result.get("error"):
+        call.done(503)
+        raise ServiceUnavailable(result["error"])
+    scores = Scores.of(result["scored"])
+    self.seen(scores.model)
+    call.version = scores.model.version
+    predictions = self.answer(scores)
+    contributions = result["contributions"]
     call.done(200)
     return schemas.ExplainResponse(
         request_id=call.request_id,
-        model=_model_ref(call.model),
-        method=call.model.explain_method,
+        model=scores.model,
+        method=result["method"],
         explanations=[
             schemas.Explanation(
                 **p.model_dump(),
@@ -441,14 +495,17 @@ def explain(
 def model_info(self: Any = CURRENT) -> dict[str, Any]:
     """Name, version, alias, training time, held-out metrics with 95% CIs, operating
     threshold, feature service, execution path and a link to the model card."""
-    return self.models.current.describe()
+    info = self.describe()
+    if not info.pop("loaded", False):
+        raise ServiceUnavailable("no model loaded")
+    return {**info, "execution_service": SETTINGS.execution}
 
 
 @api.get("/model/card", response_class=HTMLResponse, responses=ERRORS, summary="Model card")
 def model_card(self: Any = CURRENT) -> HTMLResponse:
     """The served version's model card as a self-contained HTML page."""
-    html = self.models.current.card_html
-    if html is None:
+    html = self._execute("card")
+    if not html:
         raise StarletteHTTPException(404, "this model version has no model card")
     return HTMLResponse(html)
 
@@ -459,12 +516,12 @@ def admin_reload(self: Any = CURRENT) -> dict[str, Any]:
     on; requests in flight finish on the old version. A model that fails to load (for
     example, its file's hash differs from the one recorded at registration) is refused
     and the old one keeps serving."""
-    try:
-        old, new = self.reload()
-    except ClinmlError as exc:
+    result = self.reload()
+    if result["error"]:
         raise ServiceUnavailable(
-            f"reload refused, still serving the current model: {exc}"
-        ) from None
+            f"reload refused, still serving the current model: {result['error']}"
+        )
+    old, new = result["previous_version"], result["version"]
     return {"previous_version": old, "version": new, "changed": old != new}
 
 

@@ -656,6 +656,89 @@ def test_the_bento_model_serves_under_bentoml_serve_without_the_registry(
         assert repr(value) not in log  # no raw feature values in the service log
 
 
+def test_split_execution_batches_in_order_and_switches_champion_under_load(
+    pipeline, home: Path, records: pd.DataFrame, monkeypatch
+) -> None:
+    """`CLINML_EXECUTION=split` under a real `bentoml serve`: the API calls a separate
+    model-execution service through bentoml.depends, which batches concurrent requests.
+    Batched answers equal one-at-a-time answers, record for record, and a champion
+    switch under load fails nothing and labels every answer with its own version's
+    threshold."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from serving import launch
+    from serving.launch import ServiceProcess, free_port
+    from training.tracking import Tracker
+
+    settings, _, _ = pipeline
+    tracker = Tracker.from_settings(settings)
+    monkeypatch.setenv("CLINML_EXECUTION", "split")
+    monkeypatch.setenv("CLINML_BATCHING", "true")
+    environment = launch.service_env
+    monkeypatch.setattr(
+        launch,
+        "service_env",
+        lambda s, u: {**environment(s, u), "BENTOML_HOME": os.environ["BENTOML_HOME"]},
+    )
+    headers = {"Authorization": f"Bearer {_keys(home)['dev']}"}
+    bodies = [{"records": records.iloc[i : i + 1 + i % 3].to_dict("records")} for i in range(20)]
+    champion = tracker.version_by_alias("pathology").version
+    log_file = home / "logs" / "serve-split.log"
+    with (
+        ServiceProcess(settings, "pathology", free_port(), log_file) as served,
+        httpx.Client(base_url=served.url, headers=headers, timeout=60) as http,
+    ):
+        info = http.get("/model").json()
+        assert info["execution_service"] == "split" and info["device"] == "cpu"
+        before = info["version"]
+        alone = [http.post("/predict", json=body).json() for body in bodies]
+
+        def call(i: int) -> dict:
+            response = http.post("/predict", json=bodies[i % len(bodies)])
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            together = list(pool.map(call, range(80)))
+        for i, answer in enumerate(together):
+            got, expected = answer["predictions"], alone[i % len(bodies)]["predictions"]
+            # order kept in batches; a batch's matrix products may round in the last bits
+            assert [p["probability"] for p in got] == pytest.approx(
+                [p["probability"] for p in expected], rel=0, abs=1e-12
+            )
+            assert [(p["label"], p["risk_band"]) for p in got] == [
+                (p["label"], p["risk_band"]) for p in expected
+            ]
+
+        target = "2" if before != "2" else "1"
+        thresholds = {
+            v: float(tracker.client.get_model_version("pathology", v).tags["operating_threshold"])
+            for v in (before, target)
+        }
+        tracker.client.set_registered_model_alias("pathology", "champion", target)
+        try:
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                running = [pool.submit(call, i) for i in range(120)]
+                reloaded = http.post("/admin/reload")
+                answers = [f.result() for f in running]
+        finally:
+            tracker.client.set_registered_model_alias("pathology", "champion", champion)
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json()["version"] == target
+        for answer in answers:
+            version = answer["model"]["version"]
+            assert version in {before, target}
+            assert answer["operating_threshold"] == pytest.approx(thresholds[version])
+        assert http.post("/predict", json=bodies[0]).json()["model"]["version"] == target
+        metrics = http.get("/metrics").text
+    assert 'clinml_model_info{alias="champion",name="pathology",version="' + target in metrics
+    log = log_file.read_text()
+    assert "CUDA is not available, falling back to the CPU" in log
+    assert "clinml-model" in log  # the model-execution service ran as its own service
+
+
 def test_audit_verify_cli(pipeline, home: Path) -> None:
     result = _clinml(home, "audit", "verify")
     assert result.returncode == 0, result.stderr

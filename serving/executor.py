@@ -1,0 +1,167 @@
+"""Model execution: the BentoML service that holds the champion and runs it.
+
+:class:`ModelExecutor` loads the model the bento carries (``ClinicalService.bento_model``),
+compiles its fast path on the chosen device (CUDA when available, otherwise the CPU, said
+in the log), follows the registry's ``champion`` alias when asked, and scores records.
+
+The API service (:mod:`serving.service`) reaches it in one of two ways, chosen by
+``CLINML_EXECUTION``:
+
+``inline``  the API worker creates a ModelExecutor in its own process and calls it
+            directly: no hop between processes.
+``split``   ``bentoml.depends(ModelExecutor)``: ``bentoml serve`` runs the executor as its
+            own service (resources from ``CLINML_GPU``; one worker) and the API calls it
+            over a Unix socket. ``predict`` then batches adaptively across concurrent
+            requests (``CLINML_BATCHING``, ``CLINML_MAX_BATCH_SIZE``,
+            ``CLINML_MAX_BATCH_LATENCY_MS``).
+
+Either way every answer says which version produced it: a batch is scored by one model,
+taken once, so a champion change mid-flight never mixes versions within a request or
+labels a probability with the wrong version's threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import bentoml
+
+from clinml.errors import ClinmlError
+from clinml.settings import Settings
+from clinml.spec import load_spec
+from serving.runtime import ModelHolder, ServedModel, load_from_bento
+
+log = logging.getLogger("bentoml.clinml")
+
+SETTINGS = Settings()
+SPEC = load_spec(SETTINGS.usecase, SETTINGS.config_dir)
+
+# One scored record: (probability, version, alias, operating threshold).
+Scored = tuple[float, str, str, float]
+
+
+def resources(settings: Settings) -> dict[str, Any]:
+    """BentoML resources for model execution: GPUs when asked for, else one CPU."""
+    return {"gpu": settings.gpu} if settings.gpu else {"cpu": "1"}
+
+
+def model_tag() -> bentoml.models.BentoModel:
+    """The champion imported by ``clinml package``; ``bentoml build`` packs it."""
+    return bentoml.models.BentoModel(f"{SPEC.name}:latest")
+
+
+@bentoml.service(
+    name="clinml-model",
+    resources=resources(SETTINGS),
+    workers=1,
+    traffic={"timeout": 30},
+    # BentoML 1.4.31+ closes the caller's client session every `max_requests` calls or
+    # `max_age` seconds, and closing it fails the calls still in flight on it
+    # (ServerDisconnectedError under concurrent load; bentoml/BentoML#5540, #5522).
+    # One long-lived session avoids that.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0 * 365 * 24 * 3600},
+)
+class ModelExecutor:
+    """Holds the served model version; scores, explains, describes and reloads it."""
+
+    bento_model = model_tag()
+
+    def __init__(self) -> None:
+        if SETTINGS.device != "cuda":
+            import torch
+
+            # Small per-request work: one thread is as fast and does not fight the API
+            # workers for the cores (measured in tests/model/test_fastpath.py).
+            torch.set_num_threads(1)
+        self.models = ModelHolder(load_from_bento(str(self.bento_model.tag), SETTINGS.device))
+        model = self.models.current
+        device = getattr(model.compiled, "device", "cpu")
+        fallback = SETTINGS.device == "auto" and not device.startswith("cuda")
+        log.info(
+            "model execution: %s version %s (%s) on %s%s",
+            model.name,
+            model.version,
+            "compiled fast path" if model.fast else "scikit-learn pipeline",
+            device,
+            "; CUDA is not available, falling back to the CPU" if fallback else "",
+        )
+        self._stop = threading.Event()
+        if SETTINGS.reload_interval_s > 0:
+            threading.Thread(target=self._follow_alias, daemon=True).start()
+
+    @bentoml.api(
+        batchable=SETTINGS.batching,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_batch_latency_ms,
+    )
+    def predict(self, records: list[dict[str, Any]]) -> list[Scored]:
+        """One (probability, version, alias, threshold) per record, in order."""
+        model = self.models.current  # one model for the whole batch
+        probabilities = model.predict_records(records)
+        return [(float(p), model.version, model.alias, model.threshold) for p in probabilities]
+
+    @bentoml.api
+    def explain(self, records: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
+        """Probabilities and each record's top-k contributions, from one model."""
+        model = self.models.current
+        try:
+            contributions = model.explain(records, top_k)
+        except ClinmlError as exc:
+            return {"error": str(exc)}
+        probabilities = model.predict_records(records)
+        return {
+            "scored": [
+                (float(p), model.version, model.alias, model.threshold) for p in probabilities
+            ],
+            "method": model.explain_method,
+            "contributions": [[(f, float(c)) for f, c in row] for row in contributions],
+        }
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /model`` reports, or ``{"loaded": False}``."""
+        if not self.models.loaded:
+            return {"loaded": False, "last_error": self.models.last_error}
+        return {"loaded": True, **self.models.current.describe()}
+
+    @bentoml.api
+    def card(self) -> str:
+        """The served version's model card as HTML ("" when it has none)."""
+        return self.models.current.card_html or ""
+
+    @bentoml.api
+    def reload(self) -> dict[str, Any]:
+        """Switch to the registry's current champion; a model that fails to load is
+        refused and the old one keeps serving (``error`` says why)."""
+        old = self.models.current
+        try:
+            new = self._load_champion()
+        except Exception as exc:  # a tampered file, an unreachable registry: keep serving
+            error = str(exc) if isinstance(exc, ClinmlError) else f"{type(exc).__name__}: {exc}"
+            return {"previous_version": old.version, "version": old.version, "error": error}
+        if new.version != old.version:
+            self.models.swap(new)
+        return {"previous_version": old.version, "version": new.version, "error": None}
+
+    def _load_champion(self) -> ServedModel:
+        from serving.runtime import load_from_registry
+        from training.tracking import Tracker
+
+        return load_from_registry(SPEC, Tracker.from_settings(SETTINGS), device=SETTINGS.device)
+
+    def _follow_alias(self) -> None:
+        while not self._stop.wait(SETTINGS.reload_interval_s):
+            result = self.reload()
+            if result["error"]:
+                self.models.last_error = result["error"]
+                log.warning(
+                    "champion check failed; still serving the current model: %s", result["error"]
+                )
+            elif result["previous_version"] != result["version"]:
+                log.info(
+                    "champion changed from version %s to %s",
+                    result["previous_version"],
+                    result["version"],
+                )
