@@ -108,6 +108,18 @@ class Settings(BaseSettings):
         "call it predicts would exceed it (the API answers 503), so keep it well above a "
         "batch's execution time.",
     )
+    alert_webhook_url: SecretStr | None = Field(
+        default=None,
+        description="POST monitoring alerts (PHI-free JSON) to this URL; it may carry a "
+        "token, so it is kept secret.",
+    )
+    alert_timeout_s: float = Field(default=5.0, gt=0, description="Webhook timeout per try.")
+    alert_retries: int = Field(default=3, ge=0, le=10, description="Webhook retries.")
+    alert_cooldown_h: float = Field(
+        default=24.0,
+        ge=0,
+        description="An alert with the same key is not sent again within this many hours.",
+    )
     reload_interval_s: float = Field(
         default=0.0,
         ge=0.0,
@@ -235,3 +247,18 @@ class UseCasePaths:
     def predictions(self) -> Path:
         """The PHI-free prediction log (parquet partitions by date) that monitoring reads."""
         return self.root / "predictions"
+
+    @property
+    def labels(self) -> Path:
+        """Ground-truth outcomes as they arrive (``clinml labels ingest``), PHI-free."""
+        return self.root / "labels"
+
+    @property
+    def monitoring(self) -> Path:
+        """Monitor runs: verdicts, reports, alerts and the alert cooldown state."""
+        return self.root / "monitoring"
+
+    @property
+    def evidently_workspace(self) -> Path:
+        """The Evidently local workspace that ``evidently ui`` shows the history of."""
+        return self.root / "evidently"

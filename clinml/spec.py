@@ -302,6 +302,23 @@ class PromotionSpec(_Strict):
     )
 
 
+class PerformanceFloors(_Strict):
+    """Floors for performance on labelled predictions; a window below one alerts."""
+
+    min_roc_auc: float | None = Field(default=None, gt=0.0, le=1.0)
+    min_sensitivity: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="At the model's operating threshold."
+    )
+    max_ece: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="Expected calibration error ceiling."
+    )
+    min_labels: int = Field(
+        default=100,
+        ge=10,
+        description="A window with fewer labelled predictions is reported but not judged.",
+    )
+
+
 class MonitoringSpec(_Strict):
     """How drift is tested (Evidently stat-test names) and when it alerts."""
 
@@ -321,6 +338,15 @@ class MonitoringSpec(_Strict):
         description="Per-feature threshold: a p-value below it (ks, chisquare, z) or a "
         "distance above it (wasserstein, psi, jensenshannon) means the feature drifted.",
     )
+    family_alpha: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="With p-value tests, an alert also fires when any one feature's p-value "
+        "is below family_alpha / (number of tests) (Bonferroni), so the chance of a false "
+        "alarm per window stays at most family_alpha however many features there are.",
+    )
+    performance: PerformanceFloors = PerformanceFloors()
 
 
 class ServingSpec(_Strict):
