@@ -55,6 +55,8 @@ def pseudonymise_column(values: object, pseudonymiser: Pseudonymiser) -> object:
 
     series = pd.Series(values)
     codes, uniques = pd.factorize(series)
+    if not len(uniques):  # every value null (or no values)
+        return pd.Series([None] * len(series), index=series.index, dtype=object)
     mapped = pd.array(pseudonymiser.many(uniques), dtype=object)
-    out = pd.Series(mapped[codes] if len(uniques) else [], index=series.index, dtype=object)
+    out = pd.Series(mapped[codes], index=series.index, dtype=object)
     return out.where(codes >= 0, None)

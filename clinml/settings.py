@@ -116,9 +116,10 @@ class Settings(BaseSettings):
     alert_timeout_s: float = Field(default=5.0, gt=0, description="Webhook timeout per try.")
     alert_retries: int = Field(default=3, ge=0, le=10, description="Webhook retries.")
     alert_cooldown_h: float = Field(
-        default=24.0,
+        default=168.0,
         ge=0,
-        description="An alert with the same key is not sent again within this many hours.",
+        description="An alert with the same key is not sent again within this many hours "
+        "(a week by default, so a persisting drift reminds weekly, not on every run).",
     )
     reload_interval_s: float = Field(
         default=0.0,

@@ -11,8 +11,9 @@ from clinml.errors import ClinmlError
 SUFFIXES = {".csv", ".parquet"}
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A CSV or Parquet file as a DataFrame.
+def read_table(path: Path, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV or Parquet file as a DataFrame; ``text_columns`` of a CSV are read as text
+    (identifiers: ``00123`` must stay ``00123``).
 
     Raises:
         ClinmlError: the file is missing, has another suffix, or cannot be parsed. The
@@ -24,6 +25,8 @@ def read_table(path: Path) -> pd.DataFrame:
     if suffix not in SUFFIXES:
         raise ClinmlError(f"{path}: expected a .csv or .parquet file")
     try:
-        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        if suffix == ".csv":
+            return pd.read_csv(path, dtype=dict.fromkeys(text_columns, str) or None)
+        return pd.read_parquet(path)
     except Exception as exc:  # pandas/pyarrow raise many types for unreadable files
         raise ClinmlError(f"{path}: cannot be read ({type(exc).__name__})") from None

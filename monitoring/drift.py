@@ -1,18 +1,36 @@
-"""Data drift: a batch of records against the champion's training reference.
+"""Drift and data quality: a window of records against the champion's training reference.
 
-``run`` builds an Evidently 0.7 report with the drift preset over the model's features
-(the spec picks the statistical test and thresholds), writes ``drift.html`` and
-``drift.json`` into the output directory, and returns a :class:`DriftVerdict`. The
-reference is the PHI-free snapshot stored with the model version at training time
-(``training.train.load_reference``).
+``run`` builds Evidently 0.7 reports and returns a :class:`DriftVerdict`:
 
-Exit codes used by ``clinml monitor``: 0 no drift, 1 drift, 2 error.
+- **data drift** per feature, with the spec's test and per-feature threshold
+  (``spec.monitoring``);
+- **prediction drift**: served probabilities against the champion's *held-out*
+  probabilities (in-sample ones would be more extreme than any served ones);
+- **data quality**: missing values and values outside the spec's range or category list;
+- **subgroup drift**: the same feature tests within each group of each sensitive
+  attribute present in the data, computed by slicing both frames here (not with
+  Evidently's ``GroupBy``).
+
+Alerting is built so that an unshifted window rarely alarms however many features and
+groups there are. A feature is *drifted* when its test crosses ``column_threshold``;
+that is reported, but what alerts is a feature whose p-value is below a Bonferroni
+threshold: ``family_alpha`` is split in half between the overall tests (features and
+the prediction) and the subgroup tests, and each half is divided by its number of tests,
+so the chance of any false alarm in a window is at most ``family_alpha``. (With a
+distance method there is no p-value; a feature then alerts when its distance exceeds
+twice the threshold.) The dataset-level rule (a share of drifted features at or above
+``drift_share``) also alerts.
+
+Outputs, in the output directory: ``drift.html`` (features and quality),
+``prediction_drift.html``, ``drift.json`` (the verdict). ``add_to_workspace`` adds the
+snapshots to an Evidently local workspace, so ``evidently ui`` shows the history.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +41,15 @@ from clinml.errors import ClinmlError
 from clinml.spec import UseCaseSpec
 
 HTML_FILE = "drift.html"
+PREDICTION_HTML_FILE = "prediction_drift.html"
 JSON_FILE = "drift.json"
 # Tests whose score is a p-value (drift when below the threshold); the others give a
 # distance (drift when above it). Evidently names auto-chosen tests "... p_value".
 P_VALUE_METHODS = {"ks", "chisquare", "z", "anderson"}
+# A nullable feature's missing share may exceed the reference's by this much.
+MISSING_MARGIN = 0.05
+# A quality problem touching more than this share of rows is severe.
+SEVERE_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -36,29 +59,93 @@ class FeatureDrift:
     score: float
     score_kind: str  # "p_value" or "distance"
     threshold: float
-    drifted: bool
+    drifted: bool  # crossed the per-feature threshold (reported)
+    severity: str = "none"  # "high" alerts; "medium" = drifted but not significant enough
+
+    @property
+    def alerts(self) -> bool:
+        return self.severity == "high"
+
+
+@dataclass(frozen=True)
+class QualityIssue:
+    feature: str
+    missing: int
+    missing_share: float
+    reference_missing_share: float
+    out_of_range: int
+    out_of_range_share: float
+    severity: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SubgroupDrift:
+    attribute: str
+    group: str
+    rows: int
+    reference_rows: int
+    drifted: list[FeatureDrift]  # only the features that crossed the threshold
+
+    @property
+    def alerts(self) -> bool:
+        return any(f.alerts for f in self.drifted)
 
 
 @dataclass(frozen=True)
 class DriftVerdict:
     usecase: str
-    drift: bool
+    drift: bool  # the data-drift alert: share rule, or any feature at high severity
     drifted_share: float
     drift_share_threshold: float
     reference_rows: int
     current_rows: int
     features: list[FeatureDrift] = field(default_factory=list)
+    prediction: FeatureDrift | None = None
+    quality: list[QualityIssue] = field(default_factory=list)
+    subgroups: list[SubgroupDrift] = field(default_factory=list)
+    skipped_subgroups: list[str] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
     created_at: str = ""
+    window_start: str | None = None
+    window_end: str | None = None
+    model_version: str | None = None
     html_path: str = ""
+    prediction_html_path: str = ""
     json_path: str = ""
+    # The Evidently snapshots behind the verdict (for the workspace); not serialised.
+    snapshots: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def drifted_features(self) -> list[FeatureDrift]:
         return [f for f in self.features if f.drifted]
 
     @property
+    def prediction_drift(self) -> bool:
+        return self.prediction is not None and self.prediction.alerts
+
+    @property
+    def quality_alert(self) -> bool:
+        return any(q.severity in {"high", "medium"} for q in self.quality)
+
+    @property
+    def subgroup_alert(self) -> bool:
+        return any(s.alerts for s in self.subgroups)
+
+    @property
+    def alerts(self) -> list[str]:
+        """The kinds of alert this window raises."""
+        kinds = {
+            "data_drift": self.drift,
+            "prediction_drift": self.prediction_drift,
+            "data_quality": self.quality_alert,
+            "subgroup_drift": self.subgroup_alert,
+        }
+        return [kind for kind, raised in kinds.items() if raised]
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.drift else 0
+        return 1 if self.alerts else 0
 
     def line(self) -> str:
         """The one-line verdict the CLI prints."""
@@ -66,20 +153,33 @@ class DriftVerdict:
         head = "DRIFT" if self.drift else "no drift"
         worst = ", ".join(f.feature for f in self.drifted_features[:3])
         tail = f" (e.g. {worst})" if worst else ""
-        return (
+        text = (
             f"{head}: {n} of {total} features drifted ({self.drifted_share:.0%}; "
             f"alert at {self.drift_share_threshold:.0%}){tail}"
         )
+        extra = [kind.replace("_", " ") for kind in self.alerts if kind != "data_drift"]
+        return text + (f"; also {', '.join(extra)}" if extra else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "drifted_features": [f.feature for f in self.drifted_features]}
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "snapshots"}
+        return {
+            **{k: _plain(v) for k, v in plain.items()},
+            "alerts": self.alerts,
+            "drifted_features": [f.feature for f in self.drifted_features],
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 
 
 def _score_kind(method: str) -> str:
     return "p_value" if method in P_VALUE_METHODS or "p_value" in method else "distance"
 
 
-def _severity(column: FeatureDrift) -> tuple[bool, float, str]:
+def _severity_order(column: FeatureDrift) -> tuple[bool, float, str]:
     """Drifted first, most severe first (low p-values, large distances), then by name."""
     score = column.score if column.score_kind == "p_value" else -column.score
     return (not column.drifted, score, column.feature)
@@ -91,87 +191,324 @@ def _check_columns(frame: pd.DataFrame, spec: UseCaseSpec, what: str) -> None:
         raise ClinmlError(f"{what} lacks feature columns: {', '.join(missing[:5])}")
 
 
+def _definition(spec: UseCaseSpec, columns: list[str]) -> Any:
+    from evidently import DataDefinition
+
+    numeric = {c.name for c in spec.features if c.is_numeric} | {"probability"}
+    return DataDefinition(
+        numerical_columns=[c for c in columns if c in numeric],
+        categorical_columns=[c for c in columns if c not in numeric],
+    )
+
+
+def _run_report(
+    spec: UseCaseSpec,
+    metrics: list[Any],
+    current: pd.DataFrame,
+    reference: pd.DataFrame,
+    columns: list[str],
+    timestamp: datetime | None = None,
+    tags: list[str] | None = None,
+) -> Any:
+    from evidently import Dataset, Report
+
+    definition = _definition(spec, columns)
+    with warnings.catch_warnings():
+        # chi-square with a category absent from the reference divides by zero: p = 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        now, before = (
+            Dataset.from_pandas(frame[columns].reset_index(drop=True), data_definition=definition)
+            for frame in (current, reference)
+        )
+        return Report(metrics, include_tests=True).run(
+            now,
+            before,
+            timestamp=timestamp,
+            tags=tags,
+        )
+
+
+def _drift_preset(spec: UseCaseSpec, columns: list[str]) -> Any:
+    from evidently.presets import DataDriftPreset
+
+    monitoring = spec.monitoring
+    return DataDriftPreset(
+        columns=columns,
+        drift_share=monitoring.drift_share,
+        num_method=monitoring.numeric_method,
+        cat_method=monitoring.categorical_method,
+        threshold=monitoring.column_threshold,
+    )
+
+
+def _value_drifts(result: dict[str, Any], alert_p: float) -> tuple[list[FeatureDrift], float]:
+    """Per-column drift results of a report, and its share of drifted columns."""
+    tests = [t for t in result["tests"] if "metric_config" in t]
+    status = {t["metric_config"]["metric_id"]: t["status"] for t in tests}
+    columns: list[FeatureDrift] = []
+    share = 0.0
+    for metric in result["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith(":ValueDrift"):
+            kind = _score_kind(config["method"])
+            score, threshold = float(metric["value"]), float(config["threshold"])
+            drifted = status.get(metric["id"]) == "FAIL"
+            significant = score < alert_p if kind == "p_value" else score > 2 * threshold
+            columns.append(
+                FeatureDrift(
+                    feature=config["column"],
+                    method=config["method"],
+                    score=score,
+                    score_kind=kind,
+                    threshold=threshold,
+                    drifted=drifted,
+                    severity="high" if significant else ("medium" if drifted else "none"),
+                )
+            )
+        elif config["type"].endswith(":DriftedColumnsCount"):
+            share = float(metric["value"]["share"])
+    return sorted(columns, key=_severity_order), share
+
+
+def _quality_metrics(spec: UseCaseSpec) -> list[Any]:
+    from evidently.metrics import MissingValueCount, OutListValueCount, OutRangeValueCount
+
+    metrics: list[Any] = []
+    for column in spec.features:
+        metrics.append(MissingValueCount(column=column.name))
+        if column.type == "category":
+            metrics.append(OutListValueCount(column=column.name, values=list(column.categories)))
+        elif column.min is not None or column.max is not None:
+            low = column.min if column.min is not None else float("-inf")
+            high = column.max if column.max is not None else float("inf")
+            metrics.append(OutRangeValueCount(column=column.name, left=low, right=high))
+    return metrics
+
+
+def _quality(
+    spec: UseCaseSpec, result: dict[str, Any], reference: pd.DataFrame
+) -> list[QualityIssue]:
+    counts: dict[str, dict[str, tuple[int, float]]] = {}
+    for metric in result["metrics"]:
+        config, kind = metric["config"], metric["config"]["type"].rsplit(":", 1)[-1]
+        if kind in {"MissingValueCount", "OutRangeValueCount", "OutListValueCount"}:
+            value = metric["value"]
+            key = "missing" if kind == "MissingValueCount" else "out_of_range"
+            counts.setdefault(config["column"], {})[key] = (
+                int(value["count"]),
+                float(value["share"]),
+            )
+    issues = []
+    for column in spec.features:
+        missing, missing_share = counts.get(column.name, {}).get("missing", (0, 0.0))
+        out, out_share = counts.get(column.name, {}).get("out_of_range", (0, 0.0))
+        reference_share = float(reference[column.name].isna().mean())
+        reasons, severity = [], "none"
+        if out:
+            reasons.append(f"{out} values outside the declared range or categories")
+            severity = "high" if out_share > SEVERE_SHARE else "medium"
+        if missing and not column.nullable:
+            reasons.append(f"{missing} missing values in a feature that may not be null")
+            severity = "high" if missing_share > SEVERE_SHARE else max(severity, "medium")
+        elif missing_share > reference_share + MISSING_MARGIN:
+            reasons.append(
+                f"missing share {missing_share:.1%} vs {reference_share:.1%} in the reference"
+            )
+            severity = "high" if severity == "high" else "medium"
+        if reasons:
+            issues.append(
+                QualityIssue(
+                    feature=column.name,
+                    missing=missing,
+                    missing_share=missing_share,
+                    reference_missing_share=reference_share,
+                    out_of_range=out,
+                    out_of_range_share=out_share,
+                    severity=severity,
+                    reason="; ".join(reasons),
+                )
+            )
+    return issues
+
+
+def _subgroup_slices(
+    spec: UseCaseSpec, reference: pd.DataFrame, current: pd.DataFrame
+) -> tuple[list[tuple[str, str, pd.Series, pd.Series]], list[str]]:
+    """(attribute, group, current mask, reference mask) for every group big enough."""
+    minimum = spec.evaluation.min_group_size
+    slices, skipped = [], []
+    for attribute in spec.sensitive_attributes:
+        if attribute not in current.columns or attribute not in reference.columns:
+            skipped.append(f"{attribute}: not in the data")
+            continue
+        for group in sorted(current[attribute].dropna().astype(str).unique()):
+            now = current[attribute].astype(str) == group
+            before = reference[attribute].astype(str) == group
+            if int(now.sum()) < minimum or int(before.sum()) < minimum:
+                skipped.append(f"{attribute}={group}: fewer than {minimum} rows")
+                continue
+            slices.append((attribute, group, now, before))
+    return slices, skipped
+
+
 def run(
     spec: UseCaseSpec,
     reference: pd.DataFrame,
     current: pd.DataFrame,
     out_dir: Path,
     now: datetime | None = None,
+    *,
+    prediction_reference: pd.DataFrame | None = None,
+    prediction_current: pd.DataFrame | None = None,
+    window: tuple[datetime | None, datetime | None] = (None, None),
+    model_version: str | None = None,
+    subgroups: bool = True,
+    write: bool = True,
 ) -> DriftVerdict:
     """Compare ``current`` with ``reference`` on the spec's features.
 
     Args:
         spec: supplies the features, tests and thresholds (``spec.monitoring``).
         reference: the training reference (features, possibly more columns).
-        current: the batch to check; needs every feature column.
-        out_dir: where ``drift.html`` and ``drift.json`` are written (created).
+        current: the window to check; needs every feature column, and ``probability``
+            for prediction drift.
+        out_dir: where the reports and ``drift.json`` are written (created).
         now: the clock, for the verdict's timestamp.
+        prediction_reference: held-out probabilities (column ``probability``); without
+            it, the reference's own ``probability`` column is used if present.
+        prediction_current: the rows whose probabilities to test (default: ``current``),
+            e.g. only those the champion answered.
+        window: the window's bounds, recorded in the verdict and the snapshots.
+        model_version: recorded in the verdict and the snapshots' tags.
+        subgroups: also test drift within each sensitive-attribute group.
+        write: write the reports and the verdict (False: compute only, for evaluations).
 
     Returns:
-        The verdict; ``drift`` is true when the drifted share reaches the threshold.
+        The verdict; ``exit_code`` is 1 when any alert is raised.
     """
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
+    from evidently.metrics import ValueDrift
 
     _check_columns(reference, spec, "the reference")
-    _check_columns(current, spec, "the batch")
+    _check_columns(current, spec, "the window")
     if len(current) == 0:
-        raise ClinmlError("the batch is empty")
+        raise ClinmlError("the window has no records")
     features = spec.feature_names
-    definition = DataDefinition(
-        numerical_columns=[c.name for c in spec.features if c.is_numeric],
-        categorical_columns=[c.name for c in spec.features if not c.is_numeric],
-    )
     monitoring = spec.monitoring
-    preset = DataDriftPreset(
-        columns=features,
-        drift_share=monitoring.drift_share,
-        num_method=monitoring.numeric_method,
-        cat_method=monitoring.categorical_method,
-        threshold=monitoring.column_threshold,
-    )
-    snapshot = Report([preset], include_tests=True).run(
-        Dataset.from_pandas(current[features].reset_index(drop=True), data_definition=definition),
-        Dataset.from_pandas(reference[features].reset_index(drop=True), data_definition=definition),
-    )
-    result = snapshot.dict()
-    status_by_metric = {
-        t["metric_config"]["metric_id"]: t["status"]
-        for t in result["tests"]
-        if "metric_config" in t
+    alpha = monitoring.family_alpha
+    slices, skipped = _subgroup_slices(spec, reference, current) if subgroups else ([], [])
+    overall_tests = len(features) + 1
+    subgroup_tests = sum(len(features) for _ in slices)
+    share_each = alpha / 2 if slices else alpha
+    thresholds = {
+        "family_alpha": alpha,
+        "overall_p": share_each / overall_tests,
+        "subgroup_p": (alpha / 2) / subgroup_tests if subgroup_tests else 0.0,
+        "column_threshold": monitoring.column_threshold,
     }
-    columns: list[FeatureDrift] = []
-    share = 0.0
-    for metric in result["metrics"]:
-        config = metric["config"]
-        if config["type"].endswith(":ValueDrift"):
-            columns.append(
-                FeatureDrift(
-                    feature=config["column"],
-                    method=config["method"],
-                    score=float(metric["value"]),
-                    score_kind=_score_kind(config["method"]),
-                    threshold=float(config["threshold"]),
-                    drifted=status_by_metric.get(metric["id"]) == "FAIL",
-                )
-            )
-        elif config["type"].endswith(":DriftedColumnsCount"):
-            share = float(metric["value"]["share"])
+    stamp = window[1] or now or datetime.now(UTC)
+    tags = ["clinml", spec.name] + ([f"version-{model_version}"] if model_version else [])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = _run_report(
+        spec,
+        [_drift_preset(spec, features), *_quality_metrics(spec)],
+        current,
+        reference,
+        features,
+        timestamp=stamp,
+        tags=tags,
+    )
+    main_result = main.dict()
+    columns, share = _value_drifts(main_result, thresholds["overall_p"])
+    quality = _quality(spec, main_result, reference)
+
+    prediction, prediction_snapshot = None, None
+    held_out = prediction_reference
+    if held_out is None and "probability" in reference.columns:
+        held_out = reference
+    scored = current if prediction_current is None else prediction_current
+    if "probability" in scored.columns and len(scored) and held_out is not None:
+        method = "ks" if monitoring.numeric_method == "anderson" else monitoring.numeric_method
+        limit = monitoring.column_threshold
+        test = ValueDrift(column="probability", method=method, threshold=limit)
+        prediction_snapshot = _run_report(
+            spec,
+            [test],
+            scored,
+            held_out,
+            ["probability"],
+            timestamp=stamp,
+            tags=[*tags, "prediction"],
+        )
+        found, _ = _value_drifts(prediction_snapshot.dict(), thresholds["overall_p"])
+        prediction = found[0] if found else None
+
+    subgroup_results = []
+    for attribute, group, now_mask, before_mask in slices:
+        sliced = _run_report(
+            spec,
+            [_drift_preset(spec, features)],
+            current[now_mask],
+            reference[before_mask],
+            features,
+        )
+        drifted, _ = _value_drifts(sliced.dict(), thresholds["subgroup_p"])
+        subgroup_results.append(
+            SubgroupDrift(
+                attribute=attribute,
+                group=group,
+                rows=int(now_mask.sum()),
+                reference_rows=int(before_mask.sum()),
+                drifted=[f for f in drifted if f.drifted],
+            )
+        )
+
+    out_dir = Path(out_dir)
     html_path, json_path = out_dir / HTML_FILE, out_dir / JSON_FILE
-    snapshot.save_html(str(html_path))
+    prediction_html = out_dir / PREDICTION_HTML_FILE
     verdict = DriftVerdict(
         usecase=spec.name,
-        drift=share >= monitoring.drift_share,
+        drift=share >= monitoring.drift_share or any(c.alerts for c in columns),
         drifted_share=share,
         drift_share_threshold=monitoring.drift_share,
         reference_rows=len(reference),
         current_rows=len(current),
-        features=sorted(columns, key=_severity),
+        features=columns,
+        prediction=prediction,
+        quality=quality,
+        subgroups=subgroup_results,
+        skipped_subgroups=skipped,
+        thresholds=thresholds,
         created_at=(now or datetime.now(UTC)).isoformat(timespec="seconds"),
-        html_path=str(html_path),
-        json_path=str(json_path),
+        window_start=window[0].isoformat() if window[0] else None,
+        window_end=window[1].isoformat() if window[1] else None,
+        model_version=model_version,
+        html_path=str(html_path) if write else "",
+        prediction_html_path=str(prediction_html) if write and prediction_snapshot else "",
+        json_path=str(json_path) if write else "",
+        snapshots=[s for s in (main, prediction_snapshot) if s is not None],
     )
-    json_path.write_text(json.dumps(verdict.to_dict(), indent=2))
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        main.save_html(str(html_path))
+        if prediction_snapshot is not None:
+            prediction_snapshot.save_html(str(prediction_html))
+        json_path.write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
     return verdict
+
+
+def add_to_workspace(workspace: Path, project_name: str, snapshots: list[Any]) -> str:
+    """Add snapshots to the Evidently local workspace at ``workspace`` (created), in the
+    project ``project_name`` (created); ``evidently ui --workspace DIR`` shows them.
+
+    Returns:
+        The project id.
+    """
+    from evidently.ui.workspace import Workspace
+
+    workspace.mkdir(parents=True, exist_ok=True)
+    ws = Workspace.create(str(workspace))
+    found = [p for p in ws.search_project(project_name) if p.name == project_name]
+    project = found[0] if found else ws.create_project(project_name)
+    for snapshot in snapshots:
+        ws.add_run(project.id, snapshot, include_data=False)
+    return str(project.id)

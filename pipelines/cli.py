@@ -8,6 +8,7 @@ without drift and 1 with drift.
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -393,20 +394,106 @@ def serve(
 @app.command()
 def monitor(
     usecase: UseCase,
-    batch: Annotated[Path, typer.Option(help="CSV/Parquet file of records to check.")],
+    window: Annotated[
+        str | None,
+        typer.Option(help="Check the prediction log's last WINDOW (e.g. 7d, 24h) up to now."),
+    ] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Window start (ISO time, UTC when no zone).")
+    ] = None,
+    until: Annotated[datetime | None, typer.Option(help="Window end (default: now).")] = None,
+    batch: Annotated[
+        Path | None,
+        typer.Option(help="Check this CSV/Parquet file of records instead of the log."),
+    ] = None,
+    label_lookback: Annotated[
+        str, typer.Option(help="How far back performance looks for labelled predictions.")
+    ] = "90d",
+    subgroups: Annotated[
+        bool, typer.Option(help="Also test drift within each sensitive-attribute group.")
+    ] = True,
+    retrain_on_drift: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-on-drift",
+            help="On data or prediction drift, train a new challenger on fresh data "
+            "(never promoted automatically).",
+        ),
+    ] = False,
     out: Annotated[
-        Path | None, typer.Option(help="Report directory (default: the use case's reports/).")
+        Path | None, typer.Option(help="Report directory (default: monitoring/runs/RUN_ID).")
     ] = None,
 ) -> None:
-    """Drift of a batch against the champion's training reference. Exit 0 none, 1 drift."""
+    """Drift, data quality, subgroup drift and performance of a window of predictions,
+    against the champion's training reference. Exit 0: no alert; 1: an alert (delivered);
+    2: an error."""
     from clinml.tables import read_table
-    from pipelines import stages
+    from monitoring import job
 
     settings, spec = _setup(usecase)
-    outcome = stages.monitor(spec, settings, read_table(batch), out)
-    typer.echo(outcome.line)
-    typer.echo(f"report: {outcome.html}\nverdict: {outcome.json}")
-    raise typer.Exit(outcome.exit_code)
+    now = datetime.now(UTC)
+    frame = None
+    if batch is not None:
+        if window or since:
+            raise ClinmlError("give either --batch or a window (--window / --since), not both")
+        frame = read_table(batch)
+    else:
+        until_at = _utc(until) if until else now
+        if window and since:
+            raise ClinmlError("give either --window or --since, not both")
+        if not window and not since:
+            raise ClinmlError("give a window: --window 7d, or --since (and --until)")
+        since_at = _utc(since) if since else until_at - job.parse_duration(window or "")
+        since, until = since_at, until_at
+    result = job.run(
+        spec,
+        settings,
+        since=since if frame is None else None,
+        until=until if frame is None else None,
+        batch=frame,
+        out_dir=out,
+        label_lookback=job.parse_duration(label_lookback),
+        subgroups=subgroups,
+        retrain_on_drift=retrain_on_drift,
+        now=now,
+    )
+    for line in result.lines():
+        typer.echo(line)
+    typer.echo(f"report: {result.verdict.html_path}\nverdict: {result.verdict_path}")
+    raise typer.Exit(result.exit_code)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+labels_app = typer.Typer(help="Ground-truth outcomes for performance monitoring.")
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("ingest")
+def labels_ingest(
+    usecase: UseCase,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV/Parquet with outcome, time, and patient_id and/or request_id columns."
+        ),
+    ],
+) -> None:
+    """Store outcomes as they arrive; `clinml monitor` joins them to the predictions.
+    Patient ids are pseudonymised before they are stored."""
+    from clinml.tables import read_table
+    from monitoring import performance
+
+    settings, spec = _setup(usecase)
+    frame = read_table(file, text_columns=("patient_id", "request_id"))
+    result = performance.ingest_labels(spec, settings, frame)
+    where = result.path if result.path else "nothing new to store"
+    typer.echo(
+        f"{result.rows} outcomes stored ({result.by_patient} by patient, {result.by_request} "
+        f"by request; {result.duplicates_skipped} duplicates skipped): {where}"
+    )
 
 
 @app.command()

@@ -22,6 +22,7 @@ QUIET_LOGGERS = [
     "bentoml",
     "evidently",
     "urllib3",
+    "httpx",  # logs request URLs, and a webhook URL may carry a token
     "py.warnings",
 ]
 

@@ -222,12 +222,9 @@ class MonitorOutcome:
 def monitor(
     spec: UseCaseSpec, settings: Settings, batch: pd.DataFrame, out_dir: Path | None = None
 ) -> MonitorOutcome:
-    """Drift of a batch against the champion's training reference."""
-    from monitoring import drift
-    from training.tracking import Tracker
-    from training.train import load_reference
+    """Drift of one batch against the champion's training reference (no alerts sent)."""
+    from monitoring import job
 
-    reference = load_reference(Tracker.from_settings(settings), spec.name)
-    target = out_dir or settings.paths.usecase(spec.name).reports
-    verdict = drift.run(spec, reference, batch, target, now=_now())
-    return MonitorOutcome(verdict.line(), verdict.exit_code, verdict.html_path, verdict.json_path)
+    result = job.run(spec, settings, batch=batch, out_dir=out_dir, now=_now(), deliver=False)
+    verdict = result.verdict
+    return MonitorOutcome(verdict.line(), result.exit_code, verdict.html_path, verdict.json_path)

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 REFERENCE_ARTIFACT = "reference"
 REFERENCE_FILE = "reference.parquet"
+# Held-out (test split) probabilities: the reference for prediction drift. In-sample
+# probabilities of the training rows would be more extreme than any served ones.
+PREDICTION_REFERENCE_FILE = "predictions.parquet"
 REFERENCE_MAX_ROWS = 50_000
 CARD_ARTIFACT = "model_card"
 # The model's runtime needs, pinned to what trained it (requirement inference is slow
@@ -415,6 +418,11 @@ def _log_candidate(
         reference_file = out / REFERENCE_FILE
         reference.to_parquet(reference_file, index=False)
         mlflow.log_artifact(str(reference_file), artifact_path=REFERENCE_ARTIFACT)
+        held_out = out / PREDICTION_REFERENCE_FILE
+        pd.DataFrame(
+            {"probability": candidate.test_probability, "outcome": fitted.y[split.test]}
+        ).to_parquet(held_out, index=False)
+        mlflow.log_artifact(str(held_out), artifact_path=REFERENCE_ARTIFACT)
     return CandidateResult(
         candidate.name,
         active.info.run_id,
@@ -613,15 +621,18 @@ def register(
     )
 
 
-def load_reference(tracker: Tracker, model_name: str, alias: str = "champion") -> pd.DataFrame:
-    """The PHI-free training snapshot stored with the run behind a model alias."""
+def load_reference(
+    tracker: Tracker, model_name: str, alias: str = "champion", file: str = REFERENCE_FILE
+) -> pd.DataFrame:
+    """The PHI-free training snapshot stored with the run behind a model alias (or, with
+    ``file=PREDICTION_REFERENCE_FILE``, its held-out probabilities and outcomes)."""
     from mlflow.artifacts import download_artifacts
 
     version = tracker.version_by_alias(model_name, alias)
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifacts(
             run_id=version.run_id,
-            artifact_path=f"{REFERENCE_ARTIFACT}/{REFERENCE_FILE}",
+            artifact_path=f"{REFERENCE_ARTIFACT}/{file}",
             dst_path=tmp,
             tracking_uri=tracker.uri,
         )

@@ -38,3 +38,9 @@ def test_the_development_key_is_marked_and_the_key_never_shown(monkeypatch) -> N
     assert not configured.is_development_key
     assert "site-secret-123" not in repr(Settings())
     assert configured.one("PT1") == Pseudonymiser("site-secret-123").one("PT1")
+
+
+def test_a_column_of_only_nulls_stays_null() -> None:
+    p = Pseudonymiser(DEVELOPMENT_KEY)
+    out = pseudonymise_column(pd.Series([None, None], index=[3, 7]), p)
+    assert list(out.index) == [3, 7] and out.isna().all()

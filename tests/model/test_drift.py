@@ -58,21 +58,35 @@ def test_a_shifted_batch_shows_drift(tiny_spec: UseCaseSpec, reference, tmp_path
     assert "<html" in html.lower() and len(html) > 10_000
 
 
-def test_drift_share_threshold_comes_from_the_spec(
+def test_one_feature_far_past_bonferroni_alerts_below_the_drift_share(
     tiny_spec: UseCaseSpec, reference, tmp_path: Path
 ) -> None:
     shifted = make_tiny_frame(n=200, seed=103).assign(ward="icu")  # one of three features
-    strict = tiny_spec.model_copy(
-        update={"monitoring": tiny_spec.monitoring.model_copy(update={"drift_share": 0.3})}
-    )
-    assert not drift.run(tiny_spec, reference, shifted, tmp_path).drift
-    assert drift.run(strict, reference, shifted, tmp_path).drift
+    verdict = drift.run(tiny_spec, reference, shifted, tmp_path)
+    assert verdict.drifted_share < tiny_spec.monitoring.drift_share
+    [ward] = [f for f in verdict.features if f.feature == "ward"]
+    assert ward.score < verdict.thresholds["overall_p"] and ward.severity == "high"
+    assert verdict.drift and verdict.alerts == ["data_drift", "subgroup_drift"]
+    assert verdict.exit_code == 1
+
+
+def test_bonferroni_thresholds_shrink_with_the_number_of_tests(
+    tiny_spec: UseCaseSpec, reference, tmp_path: Path
+) -> None:
+    verdict = drift.run(tiny_spec, reference, make_tiny_frame(n=200, seed=101), tmp_path)
+    alpha, features = tiny_spec.monitoring.family_alpha, len(tiny_spec.features)
+    tested = len(verdict.subgroups)
+    share = alpha / 2 if tested else alpha
+    assert verdict.thresholds["overall_p"] == pytest.approx(share / (features + 1))
+    if tested:
+        assert verdict.thresholds["subgroup_p"] == pytest.approx(alpha / 2 / (tested * features))
+    assert verdict.exit_code == 0 and verdict.alerts == []
 
 
 def test_a_batch_without_the_features_is_an_error(
     tiny_spec: UseCaseSpec, reference, tmp_path: Path
 ) -> None:
-    with pytest.raises(ClinmlError, match="the batch lacks feature columns: heart_rate"):
+    with pytest.raises(ClinmlError, match="the window lacks feature columns: heart_rate"):
         drift.run(tiny_spec, reference, reference.drop(columns=["heart_rate"]), tmp_path)
-    with pytest.raises(ClinmlError, match="the batch is empty"):
+    with pytest.raises(ClinmlError, match="the window has no records"):
         drift.run(tiny_spec, reference, reference.head(0), tmp_path)
