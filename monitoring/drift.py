@@ -351,6 +351,11 @@ def _subgroup_slices(
     return slices, skipped
 
 
+def _within(features: list[str], attribute: str) -> list[str]:
+    """The features tested within a group: all but the (constant) attribute itself."""
+    return [f for f in features if f != attribute]
+
+
 def run(
     spec: UseCaseSpec,
     reference: pd.DataFrame,
@@ -397,7 +402,7 @@ def run(
     alpha = monitoring.family_alpha
     slices, skipped = _subgroup_slices(spec, reference, current) if subgroups else ([], [])
     overall_tests = len(features) + 1
-    subgroup_tests = sum(len(features) for _ in slices)
+    subgroup_tests = sum(len(_within(features, attribute)) for attribute, *_ in slices)
     share_each = alpha / 2 if slices else alpha
     thresholds = {
         "family_alpha": alpha,
@@ -444,12 +449,13 @@ def run(
 
     subgroup_results = []
     for attribute, group, now_mask, before_mask in slices:
+        tested = _within(features, attribute)
         sliced = _run_report(
             spec,
-            [_drift_preset(spec, features)],
+            [_drift_preset(spec, tested)],
             current[now_mask],
             reference[before_mask],
-            features,
+            tested,
         )
         drifted, _ = _value_drifts(sliced.dict(), thresholds["subgroup_p"])
         subgroup_results.append(

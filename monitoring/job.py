@@ -190,29 +190,39 @@ def _drift_alerts(verdict: drift.DriftVerdict, base: dict[str, Any]) -> list[Ale
 
 
 def _performance_alerts(windows: list[Any], base: dict[str, Any]) -> list[Alert]:
-    alerts = []
-    for window in windows:
-        if not (window.judged and window.below_floor):
-            continue
-        start, end = window.start.isoformat(), window.end.isoformat()
-        alerts.append(
-            Alert(
-                **{**base, "window_start": start, "window_end": end},
-                kind="performance",
-                severity="high",
-                summary=_performance_line(window),
-                key=f"performance:{start}",
-                details={
-                    "n": window.n,
-                    "positives": window.positives,
-                    "roc_auc": window.roc_auc,
-                    "sensitivity": window.sensitivity,
-                    "ece": window.ece,
-                    "below_floor": list(window.below_floor),
-                },
-            )
+    """One alert for every judged window below a floor, keyed by the floors crossed, so
+    a persisting shortfall is one alert per cooldown, not one per window or run."""
+    below = [w for w in windows if w.judged and w.below_floor]
+    if not below:
+        return []
+    metrics = sorted({reason.split()[0] for w in below for reason in w.below_floor})
+    return [
+        Alert(
+            **{
+                **base,
+                "window_start": below[0].start.isoformat(),
+                "window_end": below[-1].end.isoformat(),
+            },
+            kind="performance",
+            severity="high",
+            summary="; ".join(_performance_line(w) for w in below),
+            key="performance:" + ",".join(metrics),
+            details={
+                "windows": [
+                    {
+                        "start": w.start.isoformat(),
+                        "n": w.n,
+                        "positives": w.positives,
+                        "roc_auc": w.roc_auc,
+                        "sensitivity": w.sensitivity,
+                        "ece": w.ece,
+                        "below_floor": list(w.below_floor),
+                    }
+                    for w in below
+                ]
+            },
         )
-    return alerts
+    ]
 
 
 def _prediction_reference(tracker: Any, name: str) -> pd.DataFrame | None:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -258,14 +259,16 @@ def test_bentoml_build_succeeds_offline(pipeline) -> None:
     assert not list(Path(bento.path_of("src")).rglob("*.parquet"))  # no data in the bento
 
 
-def _clinml(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _clinml(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     clinml = Path(sys.executable).parent / "clinml"
     return subprocess.run(
         [str(clinml), *args],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,
-        env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "e2e-cli"},
+        env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "e2e-cli", **(env or {})},
         timeout=600,
     )
 
@@ -743,3 +746,70 @@ def test_audit_verify_cli(pipeline, home: Path) -> None:
     result = _clinml(home, "audit", "verify")
     assert result.returncode == 0, result.stderr
     assert "model registry" in result.stdout and "chain intact" in result.stdout
+
+
+def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, records) -> None:
+    """`clinml monitor --window` on the prediction log the service wrote, performance from
+    labels ingested by request id, and alerts to a real local webhook, deduplicated."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.requestlog import read_predictions
+
+    settings, _, _ = pipeline
+    answers = [
+        client.post("/predict", json={"records": [row]}).json()
+        for row in records.to_dict("records")
+    ]
+    paths = settings.paths.usecase("pathology")
+    deadline = datetime.now(UTC).timestamp() + 30
+    while datetime.now(UTC).timestamp() < deadline:  # the log is written in batches
+        logged = read_predictions(paths.predictions)
+        if set(a["request_id"] for a in answers) <= set(logged["request_id"]):
+            break
+        time.sleep(0.2)
+    outcomes = pd.DataFrame(
+        {
+            "request_id": [a["request_id"] for a in answers],
+            "outcome": [1 if a["predictions"][0]["label"] == "malignant" else 0 for a in answers],
+            "time": datetime.now(UTC).isoformat(),
+        }
+    )
+    outcomes.to_csv(home / "outcomes.csv", index=False)
+    ingested = _clinml(home, "labels", "ingest", "pathology", str(home / "outcomes.csv"))
+    assert ingested.returncode == 0, ingested.stderr
+    assert f"{len(answers)} outcomes stored" in ingested.stdout
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"CLINML_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{server.server_port}/hook?token=T0KEN"}
+    try:
+        first = _clinml(home, "monitor", "pathology", "--window", "1d", env=env)
+        again = _clinml(home, "monitor", "pathology", "--window", "1d", env=env)
+    finally:
+        server.shutdown()
+    assert first.returncode in (0, 1), first.stderr
+    verdict_path = Path(first.stdout.strip().splitlines()[-1].removeprefix("verdict: "))
+    verdict = json.loads(verdict_path.read_text())
+    assert verdict["exit_code"] == first.returncode
+    assert verdict["drift"]["current_rows"] >= len(answers)
+    assert {f["feature"] for f in verdict["drift"]["features"]} == set(records.columns)
+    assert (verdict_path.parent / "drift.html").is_file()
+    assert (paths.evidently_workspace).is_dir()
+    if first.returncode == 1:  # alerts went to the webhook once, then the cooldown held
+        assert len(received) == 1 and received[0]["alerts"]
+        assert "suppressed by cooldown" in again.stdout and again.returncode == 1
+    assert "T0KEN" not in first.stdout + first.stderr
+    empty = _clinml(home, "monitor", "pathology", "--since", "2001-01-01", "--until", "2001-01-08")
+    assert empty.returncode == 2 and "no predictions logged" in empty.stderr
