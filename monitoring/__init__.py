@@ -1,5 +1,11 @@
-"""Monitoring stage: compare live data with the champion's training reference.
+"""Monitoring stage: watch the served model's inputs, outputs and performance.
 
 Modules:
-    drift  Evidently data-drift report -> verdict (JSON), HTML report, exit code
+    drift        Evidently reports: feature drift, prediction drift, data quality and
+                 subgroup drift -> verdict (JSON), HTML reports, Evidently workspace
+    performance  ground-truth labels: ingestion, the join to predictions, windowed
+                 AUROC / sensitivity / ECE with bootstrap CIs against the spec's floors
+    alerts       the alert file, the webhook (timeout, retries) and the cooldown
+    job          ``clinml monitor``: one window, judged, alerted on, optionally retrained
+    evaluation   the monitor's own false-alarm and detection rates on the generator
 """

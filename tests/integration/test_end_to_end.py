@@ -813,3 +813,34 @@ def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, 
     assert "T0KEN" not in first.stdout + first.stderr
     empty = _clinml(home, "monitor", "pathology", "--since", "2001-01-01", "--until", "2001-01-08")
     assert empty.returncode == 2 and "no predictions logged" in empty.stderr
+
+
+def test_retrain_on_drift_registers_a_challenger_and_never_promotes(
+    pipeline, home: Path, pathology_spec: UseCaseSpec
+) -> None:
+    from features.datasets.batches import sample_batch
+    from training.tracking import Tracker
+
+    settings, _, _ = pipeline
+    paths = settings.paths.usecase("pathology")
+    features, labels = pd.read_parquet(paths.features_file), pd.read_parquet(paths.labels_file)
+    shifted = sample_batch(features, labels, pathology_spec, 150, seed=2, positive_share=0.9)
+    shifted.to_parquet(home / "retrain-shifted.parquet")
+    tracker = Tracker.from_settings(settings)
+    champion = tracker.version_by_alias("pathology").version
+    before = {v.version for v in tracker.client.search_model_versions("name='pathology'")}
+    result = _clinml(
+        home,
+        "monitor",
+        "pathology",
+        "--batch",
+        str(home / "retrain-shifted.parquet"),
+        "--retrain-on-drift",
+        "--no-subgroups",
+    )
+    assert result.returncode == 1, result.stderr
+    after = {v.version for v in tracker.client.search_model_versions("name='pathology'")}
+    [new] = after - before
+    assert f"retrained: challenger version {new} registered" in result.stdout
+    assert tracker.version_by_alias("pathology", "challenger").version == new
+    assert tracker.version_by_alias("pathology").version == champion  # never promoted
