@@ -43,8 +43,8 @@ def main() -> None:
         "`tests/model/test_monitor_power.py`.",
         "",
         f"{args.windows} seeded windows per condition, each of {evaluation.WINDOW_ROWS} "
-        "discharges (a week at the four hospitals), against a reference of "
-        f"{evaluation.REFERENCE_PATIENTS} patients' training encounters. Floors: AUROC ≥ "
+        "discharges (a week at the four hospitals), against the training encounters of "
+        f"80% of a {evaluation.REFERENCE_PATIENTS:,}-patient cohort. Floors: AUROC ≥ "
         f"{floors.min_roc_auc}, sensitivity ≥ {floors.min_sensitivity}, ECE ≤ {floors.max_ece}"
         f", judged from {floors.min_labels} labels.",
         "",

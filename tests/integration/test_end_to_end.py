@@ -624,24 +624,30 @@ def test_a_tampered_model_is_refused_and_the_old_one_keeps_serving(client, pipel
         tracker.client.set_registered_model_alias("pathology", "champion", serving)
 
 
-def test_the_bento_model_serves_under_bentoml_serve_without_the_registry(
-    pipeline, home: Path, records: pd.DataFrame, monkeypatch
-) -> None:
-    """A real `bentoml serve` process, its registry URI pointing nowhere."""
-    import httpx
-
+def _serve_from_the_session_store(monkeypatch) -> None:
+    """`bentoml serve` children use the tests' BentoML store (conftest), not
+    $CLINML_HOME/bentoml."""
     from serving import launch
-    from serving.launch import ServiceProcess, free_port
 
-    settings, _, _ = pipeline
-    monkeypatch.setenv("CLINML_TRACKING_URI", "sqlite:////nonexistent/registry/mlflow.db")
-    # The tests' BentoML store is the session's (conftest), not $CLINML_HOME/bentoml.
     environment = launch.service_env
     monkeypatch.setattr(
         launch,
         "service_env",
         lambda s, u: {**environment(s, u), "BENTOML_HOME": os.environ["BENTOML_HOME"]},
     )
+
+
+def test_the_bento_model_serves_under_bentoml_serve_without_the_registry(
+    pipeline, home: Path, records: pd.DataFrame, monkeypatch
+) -> None:
+    """A real `bentoml serve` process, its registry URI pointing nowhere."""
+    import httpx
+
+    from serving.launch import ServiceProcess, free_port
+
+    settings, _, _ = pipeline
+    monkeypatch.setenv("CLINML_TRACKING_URI", "sqlite:////nonexistent/registry/mlflow.db")
+    _serve_from_the_session_store(monkeypatch)
     key = _keys(home)["app"]
     port = free_port()
     with ServiceProcess(settings, "pathology", port, home / "logs" / "serve-test.log") as served:
@@ -671,7 +677,6 @@ def test_split_execution_batches_in_order_and_switches_champion_under_load(
 
     import httpx
 
-    from serving import launch
     from serving.launch import ServiceProcess, free_port
     from training.tracking import Tracker
 
@@ -679,12 +684,7 @@ def test_split_execution_batches_in_order_and_switches_champion_under_load(
     tracker = Tracker.from_settings(settings)
     monkeypatch.setenv("CLINML_EXECUTION", "split")
     monkeypatch.setenv("CLINML_BATCHING", "true")
-    environment = launch.service_env
-    monkeypatch.setattr(
-        launch,
-        "service_env",
-        lambda s, u: {**environment(s, u), "BENTOML_HOME": os.environ["BENTOML_HOME"]},
-    )
+    _serve_from_the_session_store(monkeypatch)
     headers = {"Authorization": f"Bearer {_keys(home)['dev']}"}
     bodies = [{"records": records.iloc[i : i + 1 + i % 3].to_dict("records")} for i in range(20)]
     champion = tracker.version_by_alias("pathology").version

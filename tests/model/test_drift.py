@@ -90,3 +90,23 @@ def test_a_batch_without_the_features_is_an_error(
         drift.run(tiny_spec, reference, reference.drop(columns=["heart_rate"]), tmp_path)
     with pytest.raises(ClinmlError, match="the window has no records"):
         drift.run(tiny_spec, reference, reference.head(0), tmp_path)
+
+
+def test_the_verdict_without_reports_matches_the_evidently_reports(
+    tiny_spec: UseCaseSpec, reference, tmp_path: Path
+) -> None:
+    """write=False computes the tests directly; the numbers equal the reports' own."""
+    shifted = make_tiny_frame(n=200, seed=104)
+    shifted.loc[:20, "creatinine"] = 99.0  # out of the declared range, and drifted
+    shifted.loc[:5, "heart_rate"] = None
+    with_reports = drift.run(tiny_spec, reference, shifted, tmp_path / "a")
+    direct = drift.run(tiny_spec, reference, shifted, tmp_path / "b", write=False)
+    assert not (tmp_path / "b").exists()
+    assert [(f.feature, f.method, f.drifted, f.severity) for f in direct.features] == [
+        (f.feature, f.method, f.drifted, f.severity) for f in with_reports.features
+    ]
+    for a, b in zip(direct.features, with_reports.features, strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-9, abs=1e-12)
+    assert direct.quality == with_reports.quality
+    assert {q.feature for q in direct.quality} >= {"creatinine"}
+    assert direct.alerts == with_reports.alerts
