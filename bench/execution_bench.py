@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.docsection import write_section  # noqa: E402
+from bench.loadgen import LOAD_CORE, SERVER_CORE, measure, rss_mib, write_lua  # noqa: E402
 from clinml.settings import Settings  # noqa: E402
 from clinml.spec import load_spec  # noqa: E402
 from serving.launch import ServiceProcess, free_port  # noqa: E402
@@ -45,67 +43,6 @@ CONFIGS = {
     "split, no batching": {"CLINML_EXECUTION": "split", "CLINML_BATCHING": "false"},
 }
 CONCURRENCY = (1, 8, 32, 64)
-SERVER_CORE, LOAD_CORE = 0, 1
-
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {key}"
-wrk.body = [[{body}]]
-"""
-
-
-UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def _percentile(out: str, label: str) -> float:
-    """A latency percentile from wrk's --latency table, in seconds."""
-    found = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, flags=re.M)
-    if found is None:
-        raise RuntimeError(f"no {label}% latency in wrk's output:\n{out}")
-    return float(found.group(1)) * UNITS[found.group(2)]
-
-
-def wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, float]:
-    """One wrk run on the load core; raises on any non-2xx answer or socket error."""
-    out = subprocess.run(
-        [
-            "taskset", "-c", str(LOAD_CORE), "wrk", "--latency", "-t1",
-            f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(script), url,
-        ],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk saw failed requests:\n{out}")
-    p50, p99 = _percentile(out, "50"), _percentile(out, "99")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "p50_ms": p50 * 1000, "p99_ms": p99 * 1000}
-
-
-def rss_mib(pid: int) -> dict[str, float]:
-    """Resident memory of the serve process and every descendant, by command."""
-    listing = subprocess.run(
-        ["ps", "-eo", "pid=,ppid=,rss=,args="], capture_output=True, text=True, check=True
-    ).stdout
-    rows = [line.split(None, 3) for line in listing.splitlines()]
-    children: dict[int, list[int]] = {}
-    for pid_, ppid, _, _ in rows:
-        children.setdefault(int(ppid), []).append(int(pid_))
-    wanted, stack = set(), [pid]
-    while stack:
-        current = stack.pop()
-        wanted.add(current)
-        stack.extend(children.get(current, []))
-    result = {}
-    for pid_, _, rss, args in rows:
-        if int(pid_) in wanted:
-            name = "bentoml serve (arbiter)"
-            if "--service-name clinml-model" in args:
-                name = "model-execution worker"
-            elif "--service-name clinml" in args:
-                name = "API worker"
-            result[name] = result.get(name, 0.0) + int(rss) / 1024
-    return result
 
 
 def main() -> None:
@@ -136,8 +73,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         scripts = {}
         for name, body in bodies.items():
-            scripts[name] = Path(tmp) / f"{name.replace(' ', '_')}.lua"
-            scripts[name].write_text(LUA.format(key=secret, body=body))
+            scripts[name] = write_lua(
+                Path(tmp) / f"{name.replace(' ', '_')}.lua",
+                body,
+                {"Authorization": f"Bearer {secret}"},
+            )
         base_env = dict(os.environ)
         for config, env in CONFIGS.items():
             os.environ.clear()
@@ -151,14 +91,10 @@ def main() -> None:
                 for payload, script in scripts.items():
                     for c in args.concurrency:
                         url = f"{served.url}/predict"
-                        wrk(url, script, c, max(2, args.duration // 2))  # warm-up
-                        runs = [wrk(url, script, c, args.duration) for _ in range(args.runs)]
-                        row = {
-                            "config": config,
-                            "payload": payload,
-                            "concurrency": c,
-                            **{k: statistics.median(r[k] for r in runs) for k in runs[0]},
-                        }
+                        medians = measure(
+                            url, script, c, args.duration, args.runs, max(2, args.duration // 2)
+                        )
+                        row = {"config": config, "payload": payload, "concurrency": c, **medians}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                 memory[config] = rss_mib(served._process.pid)

@@ -121,6 +121,17 @@ class Settings(BaseSettings):
         description="An alert with the same key is not sent again within this many hours "
         "(a week by default, so a persisting drift reminds weekly, not on every run).",
     )
+    access_log: bool = Field(
+        default=False,
+        description="BentoML's access log line (and its request metrics) for clinml's own "
+        "endpoints. Off by default: the request audit trail and clinml's own latency "
+        "histogram record every request, and the extra line costs throughput.",
+    )
+    tracing: bool = Field(
+        default=False,
+        description="OpenTelemetry spans for clinml's endpoints (configure the exporter "
+        "in BentoML's configuration). Off by default for the same reason.",
+    )
     reload_interval_s: float = Field(
         default=0.0,
         ge=0.0,

@@ -293,15 +293,14 @@ class RequestAudit:
                     return
                 time.sleep(self._interval)
                 continue
+            if self._write_error is not None:  # said before waiters wake, so in order
+                logger.warning("request audit trail %s: writing again", self.path)
             with self._settled:
-                recovered = self._write_error is not None
                 self._write_error = None
                 self._full_reported = False
                 self._outstanding -= len(pending)
                 self._written += len(pending)
                 self._settled.notify_all()
-            if recovered:
-                logger.warning("request audit trail %s: writing again", self.path)
             pending = []
 
 

@@ -171,7 +171,33 @@ class Scores:
         )
 
 
-@bentoml.service(name="clinml", resources={"cpu": "1"}, traffic={"timeout": 30})
+def _ref(info: dict[str, Any]) -> schemas.ModelRef:
+    """The model reference in an executor's ``describe()``."""
+    return schemas.ModelRef(name=SPEC.name, version=info["version"], alias=info["alias"])
+
+
+def _framework_config(settings: Any) -> dict[str, Any]:
+    """BentoML's per-request extras for clinml's own endpoints: its access log line, its
+    request metrics and OpenTelemetry spans. clinml audits and times every request
+    itself, so by default BentoML skips those paths (measured in docs/benchmarks.md)."""
+    own = list(ROLES)
+    return {
+        "logging": {
+            "access": {
+                "enabled": settings.access_log,
+                "skip_paths": [] if settings.access_log else own,
+            }
+        },
+        "tracing": {"excluded_urls": [] if settings.tracing else [f"{p}$" for p in own]},
+    }
+
+
+@bentoml.service(
+    name="clinml",
+    resources={"cpu": "1"},
+    traffic={"timeout": 30},
+    **_framework_config(SETTINGS),
+)
 @bentoml.asgi_app(api, path="/")
 class ClinicalService:
     """Predicts the spec's positive class for records of features or for patients."""
@@ -186,10 +212,12 @@ class ClinicalService:
 
         redaction.install()
         self.settings = SETTINGS
-        if SETTINGS.execution == "inline":
-            self.executor = ModelExecutor()
         self.metrics = Metrics.get()
         self.model: schemas.ModelRef | None = None  # the last version seen to answer
+        if SETTINGS.execution == "inline":
+            self.executor = ModelExecutor()
+            info = self.executor.describe()
+            self.seen(_ref(info))
         paths = SETTINGS.paths.usecase(SPEC.name)
         self.audit = RequestAudit(SETTINGS.paths.request_audit_log)
         self.predictions = PredictionLog(paths.predictions)
@@ -203,10 +231,12 @@ class ClinicalService:
         if not self.audit.healthy:
             return False
         try:
-            if not self.describe().get("loaded"):
-                return False
+            info = self.describe()
         except ExecutionUnavailable:
             return False
+        if not info.get("loaded"):
+            return False
+        self.seen(_ref(info))
         if SETTINGS.require_online_store:
             try:
                 self._online_reader().ping()
@@ -244,8 +274,22 @@ class ClinicalService:
                 f"model execution service unavailable: {type(exc).__name__}"
             ) from None
 
-    def score(self, records: list[dict[str, Any]]) -> Scores:
-        scores = Scores.of(self._execute("predict", records))
+    async def _execute_async(self, method: str, *args: Any) -> Any:
+        """``_execute`` for the endpoints, which run on the event loop: inline, the model
+        runs right here (no hop to a worker thread); split, the executor is awaited."""
+        if SETTINGS.execution == "inline":
+            return getattr(self.executor, method)(*args)
+        try:
+            return await getattr(self.executor.to_async, method)(*args)
+        except ClinmlError:
+            raise
+        except Exception as exc:
+            raise ExecutionUnavailable(
+                f"model execution service unavailable: {type(exc).__name__}"
+            ) from None
+
+    async def score(self, records: list[dict[str, Any]]) -> Scores:
+        scores = Scores.of(await self._execute_async("predict", records))
         self.seen(scores.model)
         return scores
 
@@ -267,14 +311,8 @@ class ClinicalService:
             self.metrics.serving(model, previous)
 
     def current_version(self) -> str | None:
-        if self.model is None:
-            try:
-                info = self.describe()
-            except ServiceUnavailable:
-                return None
-            if info.get("loaded"):
-                ref = schemas.ModelRef(name=SPEC.name, version=info["version"], alias=info["alias"])
-                self.seen(ref)
+        """The last version seen answering (set at start-up inline, and by readiness
+        checks and answers)."""
         return self.model.version if self.model else None
 
     # -- the work shared by the endpoints ----------------------------------------------
@@ -324,14 +362,14 @@ def _service() -> Any:
 CURRENT = Depends(_service)
 
 
-def _respond(
+async def _respond(
     service: ClinicalService,
     call: _Call,
     records: list[dict[str, Any]],
     patients: list[str] | None = None,
 ) -> schemas.PredictResponse:
     """Predict, log the predictions, close the call's audit record, build the answer."""
-    scores = call.score(records)
+    scores = await call.score(records)
     predictions = service.answer(scores)
     service.log_predictions(call.request_id, scores.model, records, predictions, patients)
     call.done(200, predictions)
@@ -357,9 +395,9 @@ class _Call:
         self.version: str | None = None  # set by score(); else the last version seen
         self.patients: list[str] | None = None
 
-    def score(self, records: list[dict[str, Any]]) -> Scores:
+    async def score(self, records: list[dict[str, Any]]) -> Scores:
         try:
-            scores = self.service.score(records)
+            scores = await self.service.score(records)
         except ServiceUnavailable:
             self.done(503)
             raise
@@ -393,7 +431,7 @@ class _Call:
     responses=ERRORS,
     summary="Predict for records of features",
 )
-def predict(
+async def predict(
     body: PredictRequest,  # type: ignore[valid-type]
     request: Request,
     self: Any = CURRENT,
@@ -401,7 +439,7 @@ def predict(
     """Probability, label at the model's operating threshold, and risk band per record,
     in request order."""
     call = _Call(self, request, "/predict")
-    return _respond(self, call, [r.model_dump() for r in body.records])  # type: ignore[attr-defined]
+    return await _respond(self, call, [r.model_dump() for r in body.records])  # type: ignore[attr-defined]
 
 
 @api.post(
@@ -410,7 +448,7 @@ def predict(
     responses=ERRORS,
     summary="Predict for patients, with features from the online store",
 )
-def predict_patient(
+async def predict_patient(
     body: PatientRequest,  # type: ignore[valid-type]
     request: Request,
     self: Any = CURRENT,
@@ -442,7 +480,8 @@ def predict_patient(
     if problems:
         call.done(422)
         return JSONResponse({"detail": problems}, status_code=422)
-    return _respond(self, call, lookup.values[SPEC.feature_names].to_dict("records"), ids)
+    records = lookup.values[SPEC.feature_names].to_dict("records")
+    return await _respond(self, call, records, ids)
 
 
 @api.post(
@@ -451,7 +490,7 @@ def predict_patient(
     responses=ERRORS,
     summary="Top feature contributions per record",
 )
-def explain(
+async def explain(
     body: ExplainRequest,  # type: ignore[valid-type]
     request: Request,
     self: Any = CURRENT,
@@ -462,7 +501,7 @@ def explain(
     call = _Call(self, request, "/explain")
     records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
     try:
-        result = self._execute("explain", records, body.top_k)  # type: ignore[attr-defined]
+        result = await self._execute_async("explain", records, body.top_k)  # type: ignore[attr-defined]
     except ServiceUnavailable:
         call.done(503)
         raise

@@ -1,0 +1,145 @@
+"""Load generation and process measurement shared by the serving benchmarks.
+
+The benchmarks that put a server under HTTP load (``execution_bench.py``,
+``serving_bench.py``) all work the same way on a 2-core machine: the server's processes
+run on one core and ``wrk`` (Debian's package) on the other, each point is a warm-up and
+then a few measured runs whose medians are reported, and any non-2xx answer or socket
+error fails the benchmark instead of flattering it. This module holds those pieces:
+
+    script = write_lua(tmp / "one.lua", body, {"Authorization": "Bearer ..."})
+    with pinned({SERVER_CORE}):
+        server = start_the_server()        # its processes inherit the affinity
+    point = measure(f"{url}/predict", script, connections=8, duration=10, runs=3, warmup=5)
+    memory = rss_mib(server_pid, label=bentoml_role)
+
+Nothing here knows about clinml.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SERVER_CORE, LOAD_CORE = 0, 1
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A Lua long string with a level-4 bracket, so a JSON body containing "]]" stays intact.
+LUA = """
+wrk.method = "{method}"
+{headers}
+wrk.body = [====[{body}]====]
+"""
+
+
+class LoadError(RuntimeError):
+    """wrk failed, or a request failed under load (non-2xx answer or socket error)."""
+
+
+def write_lua(
+    path: Path, body: str, headers: dict[str, str] | None = None, method: str = "POST"
+) -> Path:
+    """Write a wrk script that sends ``body`` as JSON with ``headers`` on every request."""
+    every = {"Content-Type": "application/json", **(headers or {})}
+    lines = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in every.items())
+    path.write_text(LUA.format(method=method, headers=lines, body=body))
+    return path
+
+
+def percentile(out: str, label: str) -> float:
+    """A latency percentile from wrk's ``--latency`` table, in seconds."""
+    found = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, flags=re.M)
+    if found is None:
+        raise LoadError(f"no {label}% latency in wrk's output:\n{out}")
+    return float(found.group(1)) * UNITS[found.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """req/s, p50 and p99 (ms) from wrk's output; raises on any failed request."""
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise LoadError(f"wrk saw failed requests:\n{out}")
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise LoadError(f"no Requests/sec in wrk's output:\n{out}")
+    p50, p99 = percentile(out, "50"), percentile(out, "99")
+    return {"rps": float(rps.group(1)), "p50_ms": p50 * 1000, "p99_ms": p99 * 1000}
+
+
+def wrk(
+    url: str, script: Path, connections: int, duration: int, core: int = LOAD_CORE
+) -> dict[str, float]:
+    """One wrk run (one thread) pinned to ``core``.
+
+    Raises:
+        LoadError: wrk exited non-zero, or saw a non-2xx answer or a socket error.
+    """
+    command = [
+        "taskset", "-c", str(core), "wrk", "--latency", "-t1", f"-c{connections}",
+        f"-d{duration}s", "--timeout", "10s", "-s", str(script), url,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LoadError(f"wrk exited with status {done.returncode}:\n{done.stdout}{done.stderr}")
+    return parse_wrk(done.stdout)
+
+
+def measure(
+    url: str, script: Path, connections: int, duration: int, runs: int, warmup: int
+) -> dict[str, float]:
+    """A warm-up run of ``warmup`` seconds, then the medians of ``runs`` measured runs."""
+    wrk(url, script, connections, warmup)
+    measured = [wrk(url, script, connections, duration) for _ in range(runs)]
+    return {key: statistics.median(run[key] for run in measured) for key in measured[0]}
+
+
+@contextmanager
+def pinned(cores: set[int]) -> Iterator[None]:
+    """Run this process on ``cores`` inside the block; a child started there inherits it."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def process_tree(pid: int) -> list[tuple[int, int, str]]:
+    """``(pid, rss_kib, command line)`` of ``pid`` and every descendant."""
+    listing = subprocess.run(
+        ["ps", "-eo", "pid=,ppid=,rss=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    rows = [line.split(None, 3) for line in listing.splitlines()]
+    children: dict[int, list[int]] = {}
+    for pid_, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid_))
+    wanted, stack = set(), [pid]
+    while stack:
+        current = stack.pop()
+        wanted.add(current)
+        stack.extend(children.get(current, []))
+    return [
+        (int(row[0]), int(row[2]), row[3] if len(row) > 3 else "")
+        for row in rows
+        if int(row[0]) in wanted
+    ]
+
+
+def bentoml_role(args: str) -> str:
+    """The role of a ``bentoml serve`` process of clinml's, from its command line."""
+    if "--service-name clinml-model" in args:
+        return "model-execution worker"
+    if "--service-name clinml" in args:
+        return "API worker"
+    return "bentoml serve (arbiter)"
+
+
+def rss_mib(pid: int, label: Callable[[str], str] = bentoml_role) -> dict[str, float]:
+    """Resident memory (MiB) of ``pid`` and its descendants, summed by ``label(args)``."""
+    result: dict[str, float] = {}
+    for _, rss_kib, args in process_tree(pid):
+        name = label(args)
+        result[name] = result.get(name, 0.0) + rss_kib / 1024
+    return result
