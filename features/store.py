@@ -267,15 +267,33 @@ class OnlineLookup:
     """Online feature-service values for some entities, with what is wrong with them.
 
     Attributes:
-        values: one row per requested id, in request order: the entity key, then the
-            features in spec order. A missing value is None, never a default.
-        event_times: when each row's values were recorded (NaT where missing).
+        key: the entity key column's name.
+        entity_ids: the requested ids, in request order.
+        records: per id, ``{feature: value}`` in spec order. A missing value is None,
+            never a default. (Plain dicts: serving scores them without building a frame.)
+        recorded_at: when each row's values were recorded (None where nothing was found).
         problems: per row, ``{feature: "missing" | "stale"}``; empty when usable.
     """
 
-    values: pd.DataFrame
-    event_times: pd.Series
+    key: str
+    entity_ids: list[str]
+    records: list[dict[str, Any]]
+    recorded_at: list[datetime | None]
     problems: list[dict[str, str]]
+
+    @property
+    def values(self) -> pd.DataFrame:
+        """One row per requested id: the entity key, then the features in spec order."""
+        frame = pd.DataFrame.from_records(self.records)
+        frame.insert(0, self.key, self.entity_ids)
+        return frame
+
+    @property
+    def event_times(self) -> pd.Series:
+        """When each row's values were recorded (NaT where missing)."""
+        return pd.Series(
+            [pd.NaT if t is None else t for t in self.recorded_at], dtype="datetime64[ns, UTC]"
+        )
 
     @property
     def usable(self) -> list[bool]:
@@ -319,27 +337,29 @@ def online_lookup(
     features = spec.feature_names
     nullable = {c.name for c in spec.features if c.nullable}
     limit = ttl(spec)
-    oldest_valid = pd.Timestamp(as_of) - limit if limit is not None else None
-    values: dict[str, list[Any]] = {f: [] for f in features}
-    recorded_at: list[Any] = []
+    # Plain datetimes: comparing against a pandas Timestamp costs microseconds per value.
+    oldest_valid = as_of - limit if limit is not None else None
+    records: list[dict[str, Any]] = []
+    recorded_at: list[datetime | None] = []
     problems: list[dict[str, str]] = []
     for row in rows:
         row = row or {}
         found: dict[str, str] = {}
-        stamps = []
+        record: dict[str, Any] = {}
+        newest = None
         for f in features:
             value, recorded = row.get(f, (None, None))
-            values[f].append(value)
+            record[f] = value
             if f not in row or (value is None and f not in nullable):
                 found[f] = MISSING
                 continue
-            stamps.append(recorded)
+            newest = recorded if newest is None or recorded > newest else newest
             if oldest_valid is not None and recorded < oldest_valid:
                 found[f] = STALE
-        recorded_at.append(max(stamps) if stamps else pd.NaT)
+        records.append(record)
+        recorded_at.append(newest)
         problems.append(found)
-    frame = pd.DataFrame({spec.entity.key: entity_ids, **values})
-    return OnlineLookup(frame, pd.Series(recorded_at, dtype="datetime64[ns, UTC]"), problems)
+    return OnlineLookup(spec.entity.key, list(entity_ids), records, recorded_at, problems)
 
 
 def _read_with_feast(

@@ -214,6 +214,7 @@ class ClinicalService:
         self.settings = SETTINGS
         self.metrics = Metrics.get()
         self.model: schemas.ModelRef | None = None  # the last version seen to answer
+        self._bound: dict[str, Any] = {}
         if SETTINGS.execution == "inline":
             self.executor = ModelExecutor()
             info = self.executor.describe()
@@ -264,6 +265,8 @@ class ClinicalService:
     def _execute(self, method: str, *args: Any) -> Any:
         """Call the executor; a split executor that cannot be reached is a 503."""
         try:
+            if SETTINGS.execution == "inline":
+                return self._local(method)(*args)
             return getattr(self.executor, method)(*args)
         except ClinmlError:
             raise
@@ -274,11 +277,19 @@ class ClinicalService:
                 f"model execution service unavailable: {type(exc).__name__}"
             ) from None
 
+    def _local(self, method: str) -> Any:
+        """The inline executor's method, looked up once: BentoML builds a new wrapper
+        (with ``inspect.signature``) on every attribute access."""
+        bound = self._bound.get(method)
+        if bound is None:
+            bound = self._bound[method] = getattr(self.executor, method)
+        return bound
+
     async def _execute_async(self, method: str, *args: Any) -> Any:
         """``_execute`` for the endpoints, which run on the event loop: inline, the model
         runs right here (no hop to a worker thread); split, the executor is awaited."""
         if SETTINGS.execution == "inline":
-            return getattr(self.executor, method)(*args)
+            return self._local(method)(*args)
         try:
             return await getattr(self.executor.to_async, method)(*args)
         except ClinmlError:
@@ -354,8 +365,9 @@ class ClinicalService:
         )
 
 
-def _service() -> Any:
-    """The running ClinicalService instance (FastAPI dependency)."""
+async def _service() -> Any:
+    """The running ClinicalService instance (FastAPI dependency; async, so FastAPI does
+    not hop to a worker thread to call it)."""
     return bentoml.get_current_service()
 
 
@@ -480,7 +492,7 @@ async def predict_patient(
     if problems:
         call.done(422)
         return JSONResponse({"detail": problems}, status_code=422)
-    records = lookup.values[SPEC.feature_names].to_dict("records")
+    records = lookup.records
     return await _respond(self, call, records, ids)
 
 
