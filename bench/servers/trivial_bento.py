@@ -16,7 +16,15 @@ import bentoml
 from bench.servers.starlette_echo import app
 
 
-@bentoml.service(name="trivial", resources={"cpu": "1"}, traffic={"timeout": 30})
+@bentoml.service(
+    name="trivial",
+    resources={"cpu": "1"},
+    traffic={"timeout": 30},
+    # As clinml's service by default (serving.service._framework_config): no BentoML
+    # access-log line, request metrics or OpenTelemetry span for the endpoint.
+    logging={"access": {"enabled": False, "skip_paths": ["/predict"]}},
+    tracing={"excluded_urls": ["/predict$"]},
+)
 @bentoml.asgi_app(app, path="/")
 class Trivial:
     """Answers every prediction request with the same constant."""
