@@ -67,6 +67,7 @@ from bench.loadgen import (  # noqa: E402
 from clinml.errors import ClinmlError  # noqa: E402
 from clinml.settings import Settings  # noqa: E402
 from clinml.spec import UseCaseSpec, load_spec  # noqa: E402
+from serving.launch import stop_group  # noqa: E402
 
 START, END = "<!-- serving-bench -->", "<!-- /serving-bench -->"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -300,14 +301,7 @@ class Background:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        stop_group(process)
 
     def __enter__(self) -> Background:
         return self.start()

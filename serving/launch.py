@@ -66,6 +66,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
+def stop_group(process: subprocess.Popen[bytes] | None, grace_s: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it forked
+    (``bentoml serve`` forks workers): SIGTERM to the group, SIGKILL after ``grace_s``."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, 15)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+
+
 class ServiceProcess:
     """``bentoml serve`` in the background, logging to a file; a context manager."""
 
@@ -117,14 +130,7 @@ class ServiceProcess:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, 15)  # the whole group: bentoml serve forks workers
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        stop_group(process)
 
     def __enter__(self) -> ServiceProcess:
         return self.start()
