@@ -179,6 +179,25 @@ def _score_kind(method: str) -> str:
     return "p_value" if method in P_VALUE_METHODS or "p_value" in method else "distance"
 
 
+def _judged(
+    feature: str, method: str, score: float, threshold: float, drifted: bool, alert_p: float
+) -> FeatureDrift:
+    """One feature's result with its severity: "high" (alerts) below the Bonferroni
+    p-value ``alert_p``, or past twice a distance threshold; "medium" when it only
+    crossed the per-feature threshold."""
+    kind = _score_kind(method)
+    significant = score < alert_p if kind == "p_value" else score > 2 * threshold
+    return FeatureDrift(
+        feature=feature,
+        method=method,
+        score=score,
+        score_kind=kind,
+        threshold=threshold,
+        drifted=drifted,
+        severity="high" if significant else ("medium" if drifted else "none"),
+    )
+
+
 def _severity_order(column: FeatureDrift) -> tuple[bool, float, str]:
     """Drifted first, most severe first (low p-values, large distances), then by name."""
     score = column.score if column.score_kind == "p_value" else -column.score
@@ -250,19 +269,14 @@ def _value_drifts(result: dict[str, Any], alert_p: float) -> tuple[list[FeatureD
     for metric in result["metrics"]:
         config = metric["config"]
         if config["type"].endswith(":ValueDrift"):
-            kind = _score_kind(config["method"])
-            score, threshold = float(metric["value"]), float(config["threshold"])
-            drifted = status.get(metric["id"]) == "FAIL"
-            significant = score < alert_p if kind == "p_value" else score > 2 * threshold
             columns.append(
-                FeatureDrift(
-                    feature=config["column"],
-                    method=config["method"],
-                    score=score,
-                    score_kind=kind,
-                    threshold=threshold,
-                    drifted=drifted,
-                    severity="high" if significant else ("medium" if drifted else "none"),
+                _judged(
+                    config["column"],
+                    config["method"],
+                    float(metric["value"]),
+                    float(config["threshold"]),
+                    status.get(metric["id"]) == "FAIL",
+                    alert_p,
                 )
             )
         elif config["type"].endswith(":DriftedColumnsCount"):
@@ -396,18 +410,14 @@ def _direct_drifts(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             found = test(before, now, kind, monitoring.column_threshold)
-        score, threshold = float(found.drift_score), float(found.actual_threshold)
-        score_kind = _score_kind(chosen)
-        significant = score < alert_p if score_kind == "p_value" else score > 2 * threshold
         results.append(
-            FeatureDrift(
-                feature=name,
-                method=chosen,
-                score=score,
-                score_kind=score_kind,
-                threshold=threshold,
-                drifted=bool(found.drifted),
-                severity="high" if significant else ("medium" if found.drifted else "none"),
+            _judged(
+                name,
+                chosen,
+                float(found.drift_score),
+                float(found.actual_threshold),
+                bool(found.drifted),
+                alert_p,
             )
         )
     share = sum(r.drifted for r in results) / len(results) if results else 0.0
