@@ -264,15 +264,13 @@ class ClinicalService:
 
     def _execute(self, method: str, *args: Any) -> Any:
         """Call the executor; a split executor that cannot be reached is a 503."""
+        if SETTINGS.execution == "inline":
+            return self._local(method)(*args)
         try:
-            if SETTINGS.execution == "inline":
-                return self._local(method)(*args)
             return getattr(self.executor, method)(*args)
         except ClinmlError:
             raise
         except Exception as exc:
-            if SETTINGS.execution == "inline":
-                raise
             raise ExecutionUnavailable(
                 f"model execution service unavailable: {type(exc).__name__}"
             ) from None
