@@ -152,10 +152,6 @@ class AuditLog:
             non_string = [key for key in entry if not isinstance(key, str)]
             if non_string:
                 raise AuditError(f"audit entry {index} keys must be strings, got {non_string[0]!r}")
-            try:
-                canonical_json(entry)
-            except (TypeError, ValueError) as exc:
-                raise AuditError(f"audit entry {index} is not JSON-serialisable: {exc}") from exc
         if not entries:
             return []
 
@@ -170,21 +166,29 @@ class AuditLog:
             try:
                 size = os.fstat(fd).st_size
                 seq, prev_hash = self._tail(fd, size)
-                lines = []
-                for entry in entries:
+                records, lines = [], []
+                for index, entry in enumerate(entries):
                     record = dict(entry)
                     record.setdefault("time", self._now())
                     seq += 1
                     record["seq"] = seq
                     record["prev_hash"] = prev_hash
-                    record["hash"] = prev_hash = record_hash(record)
-                    lines.append(canonical_json(record) + "\n")
+                    try:  # nothing is written unless every entry serialises
+                        record["hash"] = prev_hash = record_hash(record)
+                        lines.append(canonical_json(record) + "\n")
+                    except (TypeError, ValueError) as exc:
+                        if created:  # leave no empty log behind
+                            self.path.unlink(missing_ok=True)
+                        raise AuditError(
+                            f"audit entry {index} is not JSON-serialisable: {exc}"
+                        ) from exc
+                    records.append(record)
                 self._write(fd, "".join(lines).encode("utf-8"), size)
             finally:
                 os.close(fd)
             if created:
                 _fsync_directory(self.path.parent)
-        return [json.loads(line) for line in lines]
+        return records
 
     def records(self) -> list[dict[str, Any]]:
         """Every record, in order; ``[]`` when the log does not exist yet.

@@ -118,6 +118,13 @@ def test_one_bad_entry_refuses_the_whole_batch(tmp_path: Path, bad: object, matc
     assert path.read_bytes() == before
 
 
+def test_a_refused_first_batch_leaves_no_log_behind(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    with pytest.raises(AuditError, match=r"audit entry 1 is not JSON-serialisable"):
+        _log(path).append_many([*_entries(1), {"action": "x", "score": float("inf")}])
+    assert not path.exists()
+
+
 def test_a_broken_log_is_not_extended_by_a_batch(tmp_path: Path) -> None:
     path = tmp_path / "requests.jsonl"
     log = _log(path)
