@@ -23,7 +23,11 @@ scikit-learn runs in float32, about 1e-7). A pipeline the compiler does not know
     probability = compiled.predict_proba(x)     # positive class, shape (n,)
     top = compiled.explain(x, top_k=5)          # [(feature, signed contribution), ...]
 
-On the CPU, request-sized tensors gain nothing from torch's intra-op threads, and on a
+On the CPU, tree ensembles score request-sized batches (up to ``NUMPY_ROWS`` rows) with
+the same level-by-level traversal in numpy: each step is a handful of tiny array
+operations, and numpy's per-operation cost is about a third of torch's, so one record
+takes about 60 µs instead of 160 µs (docs/benchmarks.md). Larger batches and CUDA use
+torch. Request-sized tensors gain nothing from torch's intra-op threads, and on a
 busy machine a thread pool waiting for a core adds milliseconds per call; a CPU serving
 process should run with ``torch.set_num_threads(1)`` (a process setting, left to it).
 """
@@ -49,6 +53,8 @@ KINDS = ("svm_rbf", "svm_nystroem", "rf", "gbm", "mlp")
 # Rows per device pass: bounds the memory of a kernel matrix (rows x support vectors) and
 # of the forest's per-row, per-tree state for large batches; a request is far smaller.
 CHUNK_ROWS = 8_192
+# Tree ensembles on the CPU score batches of at most this many rows in numpy (see above).
+NUMPY_ROWS = 256
 
 EXPLAIN_METHODS = {
     "rf": (
@@ -377,6 +383,20 @@ class _TreeEnsemble:
         self.roots = torch.as_tensor(2 * offsets[:-1], dtype=torch.int64, device=device)
         self.n_trees = len(trees)
         self.float32_inputs = float32_inputs
+        # The same tables as numpy arrays, for small batches on the CPU (leaf_values_numpy).
+        self.tables = None
+        if device == "cpu":
+            self.tables = tuple(
+                t.numpy()
+                for t in (
+                    self.feature,
+                    self.threshold,
+                    self.children,
+                    self.value,
+                    self.missing_right,
+                    self.roots,
+                )
+            )
 
     def _inputs(self, x: Any) -> Any:
         import torch
@@ -400,6 +420,22 @@ class _TreeEnsemble:
         for _ in range(self.depth):
             state, _ = self._step(x, state, has_nan)
         return self.value.take(state)
+
+    def leaf_values_numpy(self, x: np.ndarray, has_nan: bool) -> np.ndarray:
+        """``leaf_values`` for a float64 array on the CPU, step for step in numpy."""
+        assert self.tables is not None, "numpy tables exist on the CPU only"
+        feature, threshold, children, value, missing_right, roots = self.tables
+        if self.float32_inputs:
+            x = x.astype(np.float32).astype(np.float64)
+        state = np.broadcast_to(roots, (x.shape[0], roots.shape[0]))
+        rows = np.arange(x.shape[0])[:, None]
+        for _ in range(self.depth):
+            values = x[rows, feature.take(state)]
+            right = values > threshold.take(state)
+            if has_nan:
+                right |= np.isnan(values) & missing_right.take(state)
+            state = children.take(state + right)
+        return value.take(state)
 
     def saabas(self, x: Any, has_nan: bool) -> tuple[Any, Any]:
         """Per-row sums over trees of each split's value change, by encoded column; and
@@ -450,6 +486,9 @@ class _Forest:
     def probability(self, x: Any, has_nan: bool) -> Any:
         return self.trees.leaf_values(x, has_nan).sum(dim=1) / self.trees.n_trees
 
+    def probability_numpy(self, x: np.ndarray, has_nan: bool) -> np.ndarray:
+        return self.trees.leaf_values_numpy(x, has_nan).sum(axis=1) / self.trees.n_trees
+
     def attributions(self, x: Any, has_nan: bool) -> tuple[Any, Any]:
         contributions, bias = self.trees.saabas(x, has_nan)
         return contributions / self.trees.n_trees, bias / self.trees.n_trees
@@ -493,6 +532,10 @@ class _Boosting:
         import torch
 
         return torch.sigmoid(self.log_odds(x, has_nan))
+
+    def probability_numpy(self, x: np.ndarray, has_nan: bool) -> np.ndarray:
+        log_odds = self.baseline + self.trees.leaf_values_numpy(x, has_nan).sum(axis=1)
+        return 1.0 / (1.0 + np.exp(-log_odds))
 
     def attributions(self, x: Any, has_nan: bool) -> tuple[Any, Any]:
         contributions, bias = self.trees.saabas(x, has_nan)
@@ -698,6 +741,10 @@ class CompiledModel:
         self._owner = np.zeros((encoder.width, len(self.features)), dtype=np.float64)
         self._owner[np.arange(encoder.width), encoder.owner] = 1.0
         self._torch = torch
+        trees = getattr(scorer, "trees", None)
+        self._numpy: Callable[[np.ndarray, bool], np.ndarray] | None = (
+            scorer.probability_numpy if trees is not None and trees.tables is not None else None
+        )
 
     def __repr__(self) -> str:
         return (
@@ -723,18 +770,25 @@ class CompiledModel:
         """
         return self._encoder.encode_records(records)
 
-    def _tensor(self, x: np.ndarray) -> tuple[Any, bool]:
+    def _array(self, x: np.ndarray) -> np.ndarray:
         array = np.asarray(x, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != self._encoder.width:
             raise ValueError(
                 f"x has shape {array.shape}; expected (rows, {self._encoder.width}) from encode"
             )
+        return array
+
+    def _tensor(self, x: np.ndarray) -> tuple[Any, bool]:
+        array = self._array(x)
         has_nan = bool(np.isnan(array).any())
         tensor = self._torch.from_numpy(np.ascontiguousarray(array))
         return tensor.to(self.device, non_blocking=False), has_nan
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Positive-class probability for encoded rows, float64 of shape (rows,)."""
+        if len(x) <= NUMPY_ROWS and self._numpy is not None:
+            array = self._array(x)
+            return self._corrected_probability(self._numpy(array, bool(np.isnan(array).any())))
         torch = self._torch
         tensor, has_nan = self._tensor(x)
         with torch.inference_mode():
@@ -747,7 +801,9 @@ class CompiledModel:
         return np.concatenate(parts)
 
     def _probability(self, x: Any, has_nan: bool) -> Any:
-        weighted = self._scorer.probability(x, has_nan)
+        return self._corrected_probability(self._scorer.probability(x, has_nan))
+
+    def _corrected_probability(self, weighted: Any) -> Any:
         if self.odds_correction is None:
             return weighted
         # PriorCorrected.predict_proba, operation for operation.

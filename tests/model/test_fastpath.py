@@ -294,7 +294,35 @@ def test_gradient_times_input_matches_finite_differences(case: str, fitted, data
     np.testing.assert_allclose(contributions, expected, atol=1e-4)
 
 
-def test_boosting_sends_missing_values_where_sklearn_does(fitted, data) -> None:
+TREES = [case for case, (_, _, _, kind) in CASES.items() if kind in ("rf", "gbm")]
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def tree_path(request, monkeypatch) -> str:
+    """Trees on the CPU score small batches in numpy, larger ones in torch: test both."""
+    if request.param == "torch":
+        monkeypatch.setattr(fastpath, "NUMPY_ROWS", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("nullable", list(NULLABLE), ids=list(NULLABLE.values()))
+@pytest.mark.parametrize("case", TREES)
+def test_numpy_and_torch_tree_paths_agree(
+    case: str, nullable: bool, fitted, data, monkeypatch
+) -> None:
+    compiled = compile_model(fitted(case, nullable), device="cpu")
+    _, _, x_test = data[nullable]
+    x = compiled.encode(x_test)
+    assert len(x) <= fastpath.NUMPY_ROWS
+    small = compiled.predict_proba(x)
+    one = np.concatenate([compiled.predict_proba(x[i : i + 1]) for i in range(5)])
+    monkeypatch.setattr(fastpath, "NUMPY_ROWS", 0)
+
+    np.testing.assert_allclose(small, compiled.predict_proba(x), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(one, small[:5], rtol=0, atol=1e-15)
+
+
+def test_boosting_sends_missing_values_where_sklearn_does(fitted, data, tree_path) -> None:
     pipeline = fitted("gbm")
     compiled = compile_model(pipeline, device="cpu")
     _, _, x_test = data[False]
@@ -307,7 +335,7 @@ def test_boosting_sends_missing_values_where_sklearn_does(fitted, data) -> None:
     )
 
 
-def test_forest_rounds_inputs_to_float32_like_sklearn(fitted, data) -> None:
+def test_forest_rounds_inputs_to_float32_like_sklearn(fitted, data, tree_path) -> None:
     pipeline = fitted("rf")
     compiled = compile_model(pipeline, device="cpu")
     _, _, x_test = data[False]
@@ -334,6 +362,7 @@ def test_large_batches_are_scored_in_chunks(fitted, data, monkeypatch) -> None:
     compiled = compile_model(fitted("rf", True), device="cpu")
     _, _, x_test = data[True]
     x = compiled.encode(x_test)
+    monkeypatch.setattr(fastpath, "NUMPY_ROWS", 0)  # the chunks are torch's
     whole = compiled.predict_proba(x)
     contributions, bias = compiled.attributions(x)
     monkeypatch.setattr(fastpath, "CHUNK_ROWS", 7)
