@@ -349,13 +349,14 @@ def _validate_entry(entry: Any, *, where: str) -> None:
 # -- ASGI middleware -------------------------------------------------------------------------
 
 
-async def _send_json(
+async def send_json(
     send: Send,
     status: int,
-    detail: str,
+    payload: Any,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    body = json.dumps({"detail": detail}).encode("utf-8")
+    """Answer ``payload`` as a complete JSON response (the ASGI messages, no framework)."""
+    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode("ascii")),
@@ -472,7 +473,7 @@ class AuthMiddleware:
             await send({"type": "websocket.close", "code": 1008, "reason": detail})
             return
         headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
-        await _send_json(send, status, detail, headers)
+        await send_json(send, status, {"detail": detail}, headers)
 
 
 class BodyLimitMiddleware:
@@ -500,10 +501,10 @@ class BodyLimitMiddleware:
                 try:
                     length = int(value)
                 except ValueError:
-                    await _send_json(send, 400, "invalid Content-Length header")
+                    await send_json(send, 400, {"detail": "invalid Content-Length header"})
                     return
                 if length > self.max_bytes:
-                    await _send_json(send, 413, too_large)
+                    await send_json(send, 413, {"detail": too_large})
                     return
         chunks: list[bytes] = []
         size = 0
@@ -516,7 +517,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _send_json(send, 413, too_large)
+                await send_json(send, 413, {"detail": too_large})
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

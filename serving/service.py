@@ -5,9 +5,12 @@ or ``bentoml serve serving.service:ClinicalService``. The use case comes from
 ``CLINML_USECASE``; its spec generates the request schemas, and the model is the
 ``champion`` imported into the BentoML store by ``clinml package`` (or ``clinml build``).
 
-The endpoints are a FastAPI app mounted on the BentoML service, so clinml controls every
+The endpoints are an ASGI app mounted on the BentoML service, so clinml controls every
 status code and error body (validation errors name the field and never echo the value)
-and the OpenAPI document at ``/docs.json`` describes all of them:
+and the OpenAPI document at ``/docs.json`` describes all of them. The two prediction
+endpoints are answered straight from ASGI messages (:class:`HotEndpoint`: the body is
+validated by pydantic's Rust JSON parser, the answer is encoded once); the others are
+FastAPI routes. docs/benchmarks.md has the measurements behind that split.
 
 ``POST /predict``          records of features -> probability, label, risk band
 ``POST /predict_patient``  patient ids (+ as-of time) -> features from the Feast online
@@ -30,6 +33,7 @@ adaptive batching that this one calls through ``bentoml.depends``
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -43,10 +47,15 @@ import bentoml
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
 from serving import redaction, schemas
+from serving.auth import send_json
+from serving.coalesce import Coalescer
 from serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
@@ -215,16 +224,23 @@ class ClinicalService:
         self.metrics = Metrics.get()
         self.model: schemas.ModelRef | None = None  # the last version seen to answer
         self._bound: dict[str, Any] = {}
+        self.coalescer: Coalescer[Scored] | None = None
         if SETTINGS.execution == "inline":
             self.executor = ModelExecutor()
             info = self.executor.describe()
             self.seen(_ref(info))
+            if SETTINGS.batching:  # concurrent requests share one model call
+                self.coalescer = Coalescer(self._local("predict"), SETTINGS.max_batch_size)
         paths = SETTINGS.paths.usecase(SPEC.name)
         self.audit = RequestAudit(SETTINGS.paths.request_audit_log)
         self.predictions = PredictionLog(paths.predictions)
         self.pseudonymiser = SETTINGS.pseudonymiser()
         self._store_lock = threading.Lock()
         self._reader: Any = None
+        # Everything loaded so far (the frameworks, the model) lives as long as the
+        # process: keep it out of the garbage collector's full passes, which otherwise
+        # walk it all and stall every request in flight (the p99 tail, docs/benchmarks.md).
+        gc.freeze()
 
     # -- readiness -------------------------------------------------------------------
 
@@ -298,7 +314,11 @@ class ClinicalService:
             ) from None
 
     async def score(self, records: list[dict[str, Any]]) -> Scores:
-        scores = Scores.of(await self._execute_async("predict", records))
+        if self.coalescer is not None:
+            scored = await self.coalescer(records)
+        else:
+            scored = await self._execute_async("predict", records)
+        scores = Scores.of(scored)
         self.seen(scores.model)
         return scores
 
@@ -326,15 +346,16 @@ class ClinicalService:
 
     # -- the work shared by the endpoints ----------------------------------------------
 
-    def answer(self, scores: Scores) -> list[schemas.Prediction]:
+    def answer(self, scores: Scores) -> list[dict[str, Any]]:
+        """One ``schemas.Prediction`` (as a dict) per probability."""
         positive, negative = SPEC.label.positive_class, SPEC.label.negative_class
         bands, threshold = SPEC.serving.risk_bands, scores.threshold
         return [
-            schemas.Prediction(
-                probability=p,
-                label=positive if p >= threshold else negative,
-                risk_band=schemas.risk_band(p, threshold, bands),
-            )
+            {
+                "probability": p,
+                "label": positive if p >= threshold else negative,
+                "risk_band": schemas.risk_band(p, threshold, bands),
+            }
             for p in scores.probabilities
         ]
 
@@ -343,7 +364,7 @@ class ClinicalService:
         request_id: str,
         model: schemas.ModelRef,
         records: list[dict[str, Any]],
-        predictions: list[schemas.Prediction],
+        predictions: list[dict[str, Any]],
         patients: list[str] | None = None,
     ) -> None:
         now = datetime.now(UTC)
@@ -355,8 +376,8 @@ class ClinicalService:
                     "request_id": request_id,
                     "model_version": model.version,
                     "patient": patients[i] if patients else None,
-                    "probability": p.probability,
-                    "label": p.label,
+                    "probability": p["probability"],
+                    "label": p["label"],
                 }
                 for i, (record, p) in enumerate(zip(records, predictions, strict=True))
             ]
@@ -372,55 +393,35 @@ async def _service() -> Any:
 CURRENT = Depends(_service)
 
 
-async def _respond(
-    service: ClinicalService,
-    call: _Call,
-    records: list[dict[str, Any]],
-    patients: list[str] | None = None,
-) -> schemas.PredictResponse:
-    """Predict, log the predictions, close the call's audit record, build the answer."""
-    scores = await call.score(records)
-    predictions = service.answer(scores)
-    service.log_predictions(call.request_id, scores.model, records, predictions, patients)
-    call.done(200, predictions)
-    return schemas.PredictResponse(
-        request_id=call.request_id,
-        model=scores.model,
-        operating_threshold=scores.threshold,
-        predictions=predictions,
-    )
-
-
 class _Call:
     """One request's id, timing and audit record."""
 
-    def __init__(self, service: ClinicalService, request: Request, endpoint: str):
+    def __init__(self, service: ClinicalService, scope: Scope, endpoint: str):
         if not service.audit.healthy:
             # The audit trail is a compliance control: without it, no predictions.
             raise ServiceUnavailable(f"request audit trail unavailable: {service.audit.error}")
         self.service, self.endpoint = service, endpoint
         self.request_id = uuid.uuid4().hex
-        self.key_id = request.scope.get("state", {}).get("clinml_key_id")
+        self.key_id = scope.get("state", {}).get("clinml_key_id")
         self.started = time.perf_counter()
         self.version: str | None = None  # set by score(); else the last version seen
         self.patients: list[str] | None = None
 
     async def score(self, records: list[dict[str, Any]]) -> Scores:
-        try:
-            scores = await self.service.score(records)
-        except ServiceUnavailable:
-            self.done(503)
-            raise
+        scores = await self.service.score(records)
         self.version = scores.model.version
         return scores
 
-    def done(self, status: int, predictions: Sequence[schemas.Prediction] = ()) -> None:
+    def done(self, status: int, labels: Sequence[str] = ()) -> None:
         metrics = self.service.metrics
         metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.started)
         if status >= 400:
             metrics.errors.labels(self.endpoint, ERROR_KINDS.get(status, str(status))).inc()
-        for prediction in predictions:
-            metrics.predictions.labels(self.endpoint, prediction.label).inc()
+        counts: dict[str, int] = {}
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+        for label, count in counts.items():
+            metrics.predictions.labels(self.endpoint, label).inc(count)
         self.service.audit.submit(
             {
                 "request_id": self.request_id,
@@ -435,50 +436,59 @@ class _Call:
         )
 
 
-@api.post(
-    "/predict",
-    response_model=schemas.PredictResponse,
-    responses=ERRORS,
-    summary="Predict for records of features",
-)
-async def predict(
-    body: PredictRequest,  # type: ignore[valid-type]
-    request: Request,
-    self: Any = CURRENT,
-) -> schemas.PredictResponse:
+async def _respond(
+    service: ClinicalService,
+    call: _Call,
+    records: list[dict[str, Any]],
+    patients: list[str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Predict, log the predictions, close the call's audit record; the answer is a
+    ``schemas.PredictResponse``."""
+    scores = await call.score(records)
+    predictions = service.answer(scores)
+    service.log_predictions(call.request_id, scores.model, records, predictions, patients)
+    call.done(200, [p["label"] for p in predictions])
+    model = scores.model
+    return 200, {
+        "request_id": call.request_id,
+        "model": {"name": model.name, "version": model.version, "alias": model.alias},
+        "operating_threshold": scores.threshold,
+        "predictions": predictions,
+    }
+
+
+# -- the prediction endpoints, straight from ASGI --------------------------------------
+#
+# FastAPI's request machinery (JSON parsing in Python, then validation, dependency
+# injection, response-model validation and encoding) cost more per request than the
+# model itself (docs/benchmarks.md, "Where a request's time goes"). These two endpoints
+# take the body as bytes, validate it in one pass of pydantic's Rust JSON parser, and
+# encode the answer once. Their contract is the same schemas, documented by _openapi().
+
+
+async def predict(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
     """Probability, label at the model's operating threshold, and risk band per record,
     in request order."""
-    call = _Call(self, request, "/predict")
-    return await _respond(self, call, [r.model_dump() for r in body.records])  # type: ignore[attr-defined]
+    request = PredictRequest.model_validate_json(body)
+    return await _respond(service, call, [r.model_dump() for r in request.records])  # type: ignore[attr-defined]
 
 
-@api.post(
-    "/predict_patient",
-    response_model=schemas.PredictResponse,
-    responses=ERRORS,
-    summary="Predict for patients, with features from the online store",
-)
-async def predict_patient(
-    body: PatientRequest,  # type: ignore[valid-type]
-    request: Request,
-    self: Any = CURRENT,
-) -> Any:
+async def predict_patient(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
     """Features of the model's feature service are read from the Feast online store for
     each patient (ids are pseudonymised first). A missing or stale feature answers 422
     naming the patient's position and the feature; nothing is ever imputed."""
     from features.store import online_lookup
 
-    call = _Call(self, request, "/predict_patient")
-    ids = self.pseudonymiser.many(body.patient_ids)  # type: ignore[attr-defined]
+    request = PatientRequest.model_validate_json(body)
+    ids = service.pseudonymiser.many(request.patient_ids)  # type: ignore[attr-defined]
     call.patients = ids
-    as_of = body.as_of or datetime.now(UTC)  # type: ignore[attr-defined]
+    as_of = request.as_of or datetime.now(UTC)  # type: ignore[attr-defined]
     if as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
     try:
-        reader = self._online_reader()
+        reader = service._online_reader()
         lookup = online_lookup(None, SPEC, ids, as_of, reader=reader)  # type: ignore[arg-type]
     except Exception as exc:  # any store failure is a 503 with a reason
-        call.done(503)
         raise ServiceUnavailable(
             f"online feature store unavailable: {type(exc).__name__}"
         ) from None
@@ -488,10 +498,69 @@ async def predict_patient(
         for feature, kind in found.items()
     ]
     if problems:
-        call.done(422)
-        return JSONResponse({"detail": problems}, status_code=422)
-    records = lookup.records
-    return await _respond(self, call, records, ids)
+        return 422, {"detail": problems}
+    return await _respond(service, call, lookup.records, ids)
+
+
+HOT = {
+    "/predict": (predict, PredictRequest, "Predict for records of features"),
+    "/predict_patient": (
+        predict_patient,
+        PatientRequest,
+        "Predict for patients, with features from the online store",
+    ),
+}
+
+
+def invalid_body(exc: ValidationError) -> list[dict[str, Any]]:
+    """A validation error as FastAPI reports one (``loc`` starts with ``"body"``), without
+    the submitted values."""
+    return [
+        {"loc": ["body", *e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+class HotEndpoint:
+    """One prediction endpoint as a plain ASGI app, routed to by a Starlette ``Route``:
+    no Request object, no dependency injection, one JSON encoding of the answer."""
+
+    def __init__(self, endpoint: str, handler: Any):
+        self.endpoint, self.handler = endpoint, handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = bentoml.get_current_service()
+        try:
+            call = _Call(service, scope, self.endpoint)
+        except ServiceUnavailable as exc:
+            await send_json(send, 503, {"detail": str(exc)})
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                call.done(499)  # the client left before sending its body: nobody to answer
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            status, payload = await self.handler(service, call, b"".join(chunks))
+        except ValidationError as exc:
+            status, payload = 422, {"detail": invalid_body(exc)}
+        except ServiceUnavailable as exc:
+            status, payload = 503, {"detail": str(exc)}
+        except BaseException:
+            call.done(500)
+            raise
+        if status != 200:
+            call.done(status)
+        await send_json(send, status, payload)
+
+
+# First in the FastAPI app's routes, so they are matched before any other.
+for _path, (_handler, _, _) in HOT.items():
+    api.router.routes.insert(0, Route(_path, HotEndpoint(_path, _handler), methods=["POST"]))
 
 
 @api.post(
@@ -508,7 +577,7 @@ async def explain(
     """Each record's top-k input features by absolute contribution. Trees: path
     attribution (Saabas); SVM and MLP: gradient x input in the standardised space. The
     response's ``method`` says which, and on what scale."""
-    call = _Call(self, request, "/explain")
+    call = _Call(self, request.scope, "/explain")
     records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
     try:
         result = await self._execute_async("explain", records, body.top_k)  # type: ignore[attr-defined]
@@ -530,7 +599,7 @@ async def explain(
         method=result["method"],
         explanations=[
             schemas.Explanation(
-                **p.model_dump(),
+                **p,
                 contributions=[
                     schemas.Contribution(feature=f, contribution=float(c)) for f, c in row
                 ],
@@ -594,6 +663,7 @@ def _openapi() -> dict[str, Any]:
         document = get_openapi(
             title=api.title, version=api.version, description=api.description, routes=api.routes
         )
+        _document_hot_paths(document)
         for path, text in _INFRASTRUCTURE.items():
             document["paths"][path] = {
                 "get": {
@@ -612,6 +682,47 @@ def _openapi() -> dict[str, Any]:
         document["security"] = [{"bearer": []}, {"apiKey": []}]
         api.openapi_schema = document
     return api.openapi_schema
+
+
+def _document_hot_paths(document: dict[str, Any]) -> None:
+    """Describe the endpoints HotEndpoint answers from the same pydantic schemas that
+    validate them, as FastAPI would have."""
+    from pydantic.json_schema import models_json_schema
+
+    models = [(hot[1], "validation") for hot in HOT.values()]
+    models += [(schemas.PredictResponse, "serialization"), (schemas.ErrorResponse, "serialization")]
+    refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    document.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+
+    def content(model: Any, mode: str) -> dict[str, Any]:
+        return {"application/json": {"schema": refs[(model, mode)]}}
+
+    for path, (handler, request_model, summary) in HOT.items():
+        errors = {
+            str(status): {
+                "description": error["description"],
+                "content": content(error["model"], "serialization"),
+            }
+            for status, error in ERRORS.items()
+        }
+        document["paths"][path] = {
+            "post": {
+                "summary": summary,
+                "description": handler.__doc__,
+                "operationId": handler.__name__,
+                "requestBody": {
+                    "required": True,
+                    "content": content(request_model, "validation"),
+                },
+                "responses": {
+                    "200": {
+                        "description": "Successful Response",
+                        "content": content(schemas.PredictResponse, "serialization"),
+                    },
+                    **errors,
+                },
+            }
+        }
 
 
 api.openapi = _openapi  # type: ignore[method-assign]
