@@ -1,7 +1,7 @@
 """The serving benchmark harness runs end to end (``bench/serving_bench.py --smoke``).
 
 It trains the pathology gbm champion into a temporary bench home, starts each of the
-four servers in turn under ``wrk`` for a second, and reports. Only that every server
+five servers in turn under ``wrk`` for a second, and reports. Only that every server
 answered (every answer 2xx, or the harness exits non-zero) is checked, never a timing:
 CI machines are too noisy for that.
 """
@@ -21,7 +21,7 @@ from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-SERVERS = {"ours", "mlflow", "bentoml-trivial", "starlette"}
+SERVERS = {"ours", "ours-unbatched", "mlflow", "bentoml-trivial", "starlette"}
 
 
 def _wrk_or_skip() -> None:
