@@ -142,6 +142,24 @@ class Metrics:
             ["name", "version", "alias"],
             multiprocess_mode="livemax",
         )
+        self._series: dict[Any, Any] = {}
+
+    def observe(self, endpoint: str, seconds: float, labels: Sequence[str]) -> None:
+        """One answered request: its latency and the label of each prediction. The
+        labelled series are looked up once per (endpoint, label), not per request."""
+        series = self._series.get(endpoint)
+        if series is None:
+            series = self._series[endpoint] = self.latency.labels(endpoint)
+        series.observe(seconds)
+        counts: dict[str, int] = {}
+        for label in labels:
+            counts[label] = counts.get(label, 0) + 1
+        for label, count in counts.items():
+            key = (endpoint, label)
+            counter = self._series.get(key)
+            if counter is None:
+                counter = self._series[key] = self.predictions.labels(endpoint, label)
+            counter.inc(count)
 
     @classmethod
     def get(cls) -> Metrics:
@@ -414,14 +432,9 @@ class _Call:
 
     def done(self, status: int, labels: Sequence[str] = ()) -> None:
         metrics = self.service.metrics
-        metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.started)
+        metrics.observe(self.endpoint, time.perf_counter() - self.started, labels)
         if status >= 400:
             metrics.errors.labels(self.endpoint, ERROR_KINDS.get(status, str(status))).inc()
-        counts: dict[str, int] = {}
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
-        for label, count in counts.items():
-            metrics.predictions.labels(self.endpoint, label).inc(count)
         self.service.audit.submit(
             {
                 "request_id": self.request_id,

@@ -331,3 +331,22 @@ def test_record_never_blocks_or_raises_and_the_counters_add_up(
         assert log.written + log.dropped + log.queued == 10_001 + 1
     finally:
         log.close()
+
+
+def test_rows_with_uneven_columns_are_written_through_pandas(predictions: PredictionLog) -> None:
+    rows = [_row(0, T0), {**_row(1, T0), "extra": "x"}, _row(2, T0 + timedelta(seconds=3))]
+    predictions.record(rows)
+    assert predictions.flush(10)
+    assert (predictions.written, predictions.dropped) == (3, 0)
+    frame = read_predictions(predictions.directory)
+    assert list(frame["request_id"]) == ["req-0", "req-1", "req-2"]
+    assert frame["time"].dt.strftime("%Y-%m-%d").tolist() == ["2026-06-01"] * 2 + ["2026-06-02"]
+    assert frame["extra"].isna().tolist() == [True, False, True]
+
+
+def test_a_column_of_mixed_types_drops_its_day_only(predictions: PredictionLog) -> None:
+    rows = [_row(0, T0), {**_row(1, T0), "site": 3}, _row(2, T0 + timedelta(seconds=3))]
+    predictions.record(rows)
+    assert predictions.flush(10)
+    assert (predictions.written, predictions.dropped) == (1, 2)
+    assert list(read_predictions(predictions.directory)["request_id"]) == ["req-2"]
