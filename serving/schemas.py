@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from typing_extensions import TypedDict
 
 from clinml.spec import ColumnSpec, UseCaseSpec
 
@@ -93,6 +94,9 @@ class Schemas:
     predict_request: type[BaseModel]
     explain_request: type[BaseModel]
     patient_request: type[BaseModel]
+    # ``predict_request`` with TypedDict records: the same rules, validated straight from
+    # JSON into plain dicts (no record objects to dump again); /predict uses it.
+    predict_dicts: type[BaseModel]
 
 
 def risk_band(probability: float, threshold: float, bands: list[tuple[str, float]] | None) -> str:
@@ -136,4 +140,21 @@ def build(spec: UseCaseSpec, max_records: int) -> Schemas:
             Field(default=None, description="Time the features are needed for (default: now)."),
         ),
     )
-    return Schemas(record, records, predict_request, explain_request, patient_request)
+    # The same fields and rules, validated into dicts: TypedDict records (which carry
+    # their config as an attribute) in a model whose config covers every error.
+    record_dict = TypedDict(  # type: ignore[misc]
+        f"{stem}RecordDict",
+        {name: Annotated[kind, info] for name, (kind, info) in fields.items()},
+    )
+    record_dict.__pydantic_config__ = RECORD_CONFIG  # type: ignore[attr-defined]
+    predict_dicts = create_model(
+        "PredictRequest",
+        __config__=STRICT,
+        records=(
+            Annotated[list[record_dict], Field(min_length=1, max_length=max_records)],  # type: ignore[valid-type]
+            ...,
+        ),
+    )
+    return Schemas(
+        record, records, predict_request, explain_request, patient_request, predict_dicts
+    )

@@ -65,6 +65,7 @@ log = logging.getLogger("bentoml.clinml")
 # defined. Reading settings and the spec (in serving.executor) touches no state.
 SCHEMAS = schemas.build(SPEC, SETTINGS.max_records_per_request)
 PredictRequest = SCHEMAS.predict_request
+PredictDicts = SCHEMAS.predict_dicts  # PredictRequest, validated into dicts
 ExplainRequest = SCHEMAS.explain_request
 PatientRequest = SCHEMAS.patient_request
 ROLES = {
@@ -482,8 +483,8 @@ async def _respond(
 async def predict(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
     """Probability, label at the model's operating threshold, and risk band per record,
     in request order."""
-    request = PredictRequest.model_validate_json(body)
-    return await _respond(service, call, [r.model_dump() for r in request.records])  # type: ignore[attr-defined]
+    request = PredictDicts.model_validate_json(body)
+    return await _respond(service, call, request.records)  # type: ignore[attr-defined]
 
 
 async def predict_patient(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:

@@ -91,3 +91,75 @@ def test_logged_validation_errors_are_redacted(caplog: pytest.LogCaptureFixture)
     [record] = caplog.records
     assert "SECRET" not in caplog.text
     assert record.getMessage() == "rejected request: 1 validation error(s) json_invalid at (body)"
+
+
+BODIES = [
+    {"records": [GOOD]},
+    {"records": [GOOD, {**GOOD, "heart_rate": 90}]},
+    {"records": [{**GOOD, "heart_rate": "SECRET"}]},
+    {"records": [{**GOOD, "heart_rate": True}]},
+    {"records": [{**GOOD, "heart_rate": 10.0}, {**GOOD, "ward": "SECRET"}]},
+    {"records": [{**GOOD, "blood_group": "O"}]},
+    {"records": [{k: v for k, v in GOOD.items() if k != "creatinine"}]},
+    {"records": []},
+    {"records": [GOOD] * 4},
+    {"records": [GOOD], "extra": 1},
+    {"records": "SECRET"},
+    {},
+    ["SECRET"],
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_the_hot_path_validator_agrees_with_the_documented_model(
+    tiny_spec: UseCaseSpec, body
+) -> None:
+    """/predict validates into dicts with a TypedDict twin of PredictRequest (the model
+    the OpenAPI document shows): same answers, same errors, no values echoed."""
+    import json
+
+    schemas = build(tiny_spec, max_records=3)
+    raw = json.dumps(body).encode()
+    outcomes = []
+    for validate in (
+        schemas.predict_request.model_validate_json,
+        schemas.predict_dicts.model_validate_json,
+    ):
+        try:
+            result = validate(raw)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            assert "SECRET" not in str(exc)
+            outcomes.append(sorted((e["loc"], e["type"], e["msg"]) for e in errors))
+        else:
+            outcomes.append([r if isinstance(r, dict) else r.model_dump() for r in result.records])
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b'{"records": [{"heart_rate": NaN, "creatinine": 1.1, "ward": "icu"}]}',
+        b'{"records": [{"heart_rate": Infinity}]}',
+    ],
+)
+def test_bodies_that_are_not_json_fail_alike(tiny_spec: UseCaseSpec, raw: bytes) -> None:
+    schemas = build(tiny_spec, max_records=3)
+    kinds = []
+    for validate in (
+        schemas.predict_request.model_validate_json,
+        schemas.predict_dicts.model_validate_json,
+    ):
+        with pytest.raises(ValidationError) as caught:
+            validate(raw)
+        kinds.append([(e["loc"], e["type"]) for e in caught.value.errors()])
+    assert kinds[0] == kinds[1]
+
+
+def test_a_record_that_is_not_an_object_is_a_dict_type_error(tiny_spec: UseCaseSpec) -> None:
+    """The one difference from the model: it says dict_type where the model says model_type."""
+    with pytest.raises(ValidationError) as caught:
+        build(tiny_spec, max_records=3).predict_dicts.model_validate_json(b'{"records": [7]}')
+    assert [(e["loc"], e["type"]) for e in caught.value.errors()] == [(("records", 0), "dict_type")]

@@ -299,9 +299,9 @@ TREES = [case for case, (_, _, _, kind) in CASES.items() if kind in ("rf", "gbm"
 
 @pytest.fixture(params=["numpy", "torch"])
 def tree_path(request, monkeypatch) -> str:
-    """Trees on the CPU score small batches in numpy, larger ones in torch: test both."""
+    """Trees on the CPU are scored in numpy, on CUDA in torch: test both on the CPU."""
     if request.param == "torch":
-        monkeypatch.setattr(fastpath, "NUMPY_ROWS", 0)
+        monkeypatch.setattr(fastpath, "NUMPY_TREES", False)
     return request.param
 
 
@@ -313,10 +313,9 @@ def test_numpy_and_torch_tree_paths_agree(
     compiled = compile_model(fitted(case, nullable), device="cpu")
     _, _, x_test = data[nullable]
     x = compiled.encode(x_test)
-    assert len(x) <= fastpath.NUMPY_ROWS
     small = compiled.predict_proba(x)
     one = np.concatenate([compiled.predict_proba(x[i : i + 1]) for i in range(5)])
-    monkeypatch.setattr(fastpath, "NUMPY_ROWS", 0)
+    monkeypatch.setattr(fastpath, "NUMPY_TREES", False)
 
     np.testing.assert_allclose(small, compiled.predict_proba(x), rtol=0, atol=1e-15)
     np.testing.assert_allclose(one, small[:5], rtol=0, atol=1e-15)
@@ -358,11 +357,10 @@ def test_forest_rounds_inputs_to_float32_like_sklearn(fitted, data, tree_path) -
     )
 
 
-def test_large_batches_are_scored_in_chunks(fitted, data, monkeypatch) -> None:
+def test_large_batches_are_scored_in_chunks(fitted, data, monkeypatch, tree_path) -> None:
     compiled = compile_model(fitted("rf", True), device="cpu")
     _, _, x_test = data[True]
     x = compiled.encode(x_test)
-    monkeypatch.setattr(fastpath, "NUMPY_ROWS", 0)  # the chunks are torch's
     whole = compiled.predict_proba(x)
     contributions, bias = compiled.attributions(x)
     monkeypatch.setattr(fastpath, "CHUNK_ROWS", 7)
