@@ -94,7 +94,9 @@ class Settings(BaseSettings):
     )
     batching: bool = Field(
         default=True,
-        description="Adaptive batching in the split model-execution service.",
+        description="Adaptive batching: inline, requests waiting on the event loop at the "
+        "same time share one model call; split, the model-execution service batches "
+        "concurrent calls (BentoML). docs/benchmarks.md has the measurement behind the default.",
     )
     max_batch_size: int = Field(
         default=256, ge=2, le=100_000, description="Most records in one adaptive batch."

@@ -278,10 +278,13 @@ class OnlineReader:
         with self._lock:
             rows = self._connection.execute(query, keys).fetchall()
         found: dict[bytes, dict[str, tuple[Any, datetime]]] = {}
+        times: dict[Any, datetime] = {}  # an entity's features mostly share one event time
         for key, name, blob, stamp in rows:
-            # Feast stores int(naive_utc.timestamp()) and reads it back with
-            # datetime.fromtimestamp: mirror that, then mark it UTC.
-            recorded = datetime.fromtimestamp(int(stamp)).replace(tzinfo=UTC)
+            recorded = times.get(stamp)
+            if recorded is None:
+                # Feast stores int(naive_utc.timestamp()) and reads it back with
+                # datetime.fromtimestamp: mirror that, then mark it UTC.
+                recorded = times[stamp] = datetime.fromtimestamp(int(stamp)).replace(tzinfo=UTC)
             found.setdefault(key, {})[name] = (decode_value(blob), recorded)
         return [found.get(key) for key in keys]
 

@@ -306,6 +306,7 @@ def online_lookup(
     entity_ids: list[str],
     as_of: datetime,
     reader: Any = None,
+    rows: list[dict[str, tuple[Any, datetime]] | None] | None = None,
 ) -> OnlineLookup:
     """Read the feature service online and tell missing values from stale ones.
 
@@ -321,10 +322,15 @@ def online_lookup(
         reader: an ``online_sqlite.OnlineReader`` to reuse (serving keeps one); by
             default one is opened for the SQLite store, and other stores are read
             through Feast's ``get_online_features``.
+        rows: the entities' rows already read (``OnlineReader.read``'s shape, one per
+            id), for a caller that batches reads; then nothing is read here.
     """
     from features import online_sqlite
 
-    if reader is not None:
+    if rows is not None:
+        if len(rows) != len(entity_ids):
+            raise ValueError(f"{len(rows)} rows read for {len(entity_ids)} entity ids")
+    elif reader is not None:
         rows = reader.read(entity_ids)
     elif store.config.online_store.type == "sqlite":
         own = online_sqlite.OnlineReader.for_store(store, spec)

@@ -256,6 +256,9 @@ class ClinicalService:
         self.pseudonymiser = SETTINGS.pseudonymiser()
         self._store_lock = threading.Lock()
         self._reader: Any = None
+        self.lookups: Coalescer[Any] | None = None
+        if SETTINGS.batching:  # /predict_patient: one store read for requests together
+            self.lookups = Coalescer(self.read_online, SETTINGS.max_batch_size)
         # Everything loaded so far (the frameworks, the model) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise
         # walk it all and stall every request in flight (the p99 tail, docs/benchmarks.md).
@@ -283,6 +286,10 @@ class ClinicalService:
                     reader.close()
                 return False
         return True
+
+    def read_online(self, ids: list[str]) -> list[Any]:
+        """The online store's rows for pseudonymised ids (``OnlineReader.read``)."""
+        return self._online_reader().read(ids)
 
     def _online_reader(self) -> Any:
         """The direct reader of the SQLite online store, opened on first use."""
@@ -500,8 +507,11 @@ async def predict_patient(service: ClinicalService, call: _Call, body: bytes) ->
     if as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=UTC)
     try:
-        reader = service._online_reader()
-        lookup = online_lookup(None, SPEC, ids, as_of, reader=reader)  # type: ignore[arg-type]
+        if service.lookups is not None:  # concurrent requests share one read
+            rows = await service.lookups(ids)
+        else:
+            rows = service.read_online(ids)
+        lookup = online_lookup(None, SPEC, ids, as_of, rows=rows)  # type: ignore[arg-type]
     except Exception as exc:  # any store failure is a 503 with a reason
         raise ServiceUnavailable(
             f"online feature store unavailable: {type(exc).__name__}"
