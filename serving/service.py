@@ -53,13 +53,17 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
-from serving import redaction, schemas
+from serving import redaction, schemas, timeouts
 from serving.auth import send_json
 from serving.coalesce import Coalescer
 from serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
+
+# BentoML's request timeout leaves a live timer per request for the whole timeout; this
+# one cancels it when the answer starts (serving/timeouts.py has the measurements).
+timeouts.install()
 
 # The request schemas are generated from the spec, so they must exist when the routes are
 # defined. Reading settings and the spec (in serving.executor) touches no state.
