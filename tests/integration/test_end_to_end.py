@@ -435,6 +435,9 @@ def test_limits(client, records: pd.DataFrame) -> None:
     response = client.post("/predict", content=huge, headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert client.post("/predict", json={"records": []}).status_code == 422
+    # the prediction endpoints are answered ahead of FastAPI, for POST only
+    assert client.get("/predict").status_code == 405
+    assert client.put("/predict_patient", json={"patient_ids": ["x"]}).status_code == 405
 
 
 def test_model_and_card(client) -> None:
