@@ -38,7 +38,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -224,6 +225,20 @@ class Scores:
         )
 
 
+@contextmanager
+def _reaching_the_executor() -> Iterator[None]:
+    """A split executor's failure to answer becomes a 503 (ExecutionUnavailable) naming
+    only the exception's type; clinml's own errors pass through."""
+    try:
+        yield
+    except ClinmlError:
+        raise
+    except Exception as exc:
+        raise ExecutionUnavailable(
+            f"model execution service unavailable: {type(exc).__name__}"
+        ) from None
+
+
 def _ref(info: dict[str, Any]) -> schemas.ModelRef:
     """The model reference in an executor's ``describe()``."""
     return schemas.ModelRef(name=SPEC.name, version=info["version"], alias=info["alias"])
@@ -333,14 +348,8 @@ class ClinicalService:
         """Call the executor; a split executor that cannot be reached is a 503."""
         if SETTINGS.execution == "inline":
             return self._local(method)(*args)
-        try:
+        with _reaching_the_executor():
             return getattr(self.executor, method)(*args)
-        except ClinmlError:
-            raise
-        except Exception as exc:
-            raise ExecutionUnavailable(
-                f"model execution service unavailable: {type(exc).__name__}"
-            ) from None
 
     def _local(self, method: str) -> Any:
         """The inline executor's method, looked up once: BentoML builds a new wrapper
@@ -355,14 +364,8 @@ class ClinicalService:
         runs right here (no hop to a worker thread); split, the executor is awaited."""
         if SETTINGS.execution == "inline":
             return self._local(method)(*args)
-        try:
+        with _reaching_the_executor():
             return await getattr(self.executor.to_async, method)(*args)
-        except ClinmlError:
-            raise
-        except Exception as exc:
-            raise ExecutionUnavailable(
-                f"model execution service unavailable: {type(exc).__name__}"
-            ) from None
 
     async def score(self, records: list[dict[str, Any]]) -> Scores:
         if self.coalescer is not None:
