@@ -396,7 +396,7 @@ class _TreeEnsemble:
         self.roots = torch.as_tensor(2 * offsets[:-1], dtype=torch.int64, device=device)
         self.n_trees = len(trees)
         self.float32_inputs = float32_inputs
-        # The same tables as numpy arrays, for small batches on the CPU (leaf_values_numpy).
+        # The same tables as numpy arrays: on the CPU, leaf_values_numpy scores with them.
         self.tables = None
         if device == "cpu":
             self.tables = tuple(

@@ -181,24 +181,19 @@ class RequestAudit:
     @property
     def healthy(self) -> bool:
         """False while the queue is full, the last write failed, or the trail is closed."""
-        # Asked on every request: the common case without taking the queue's lock.
-        if (
-            self._write_error is None
-            and len(self._queue.queue) < self._queue.maxsize
-            and not self._stop.is_set()
-            and self._thread.is_alive()
-        ):
-            return True
         return self.error is None
 
     @property
     def error(self) -> str | None:
-        """Why the trail is unhealthy, in one line; None when it is healthy."""
+        """Why the trail is unhealthy, in one line; None when it is healthy.
+
+        Asked on every request, so it reads the queue's length without taking its lock.
+        """
         if self._stop.is_set():
             return "the request audit trail is closed"
         if not self._thread.is_alive():
             return "the request audit trail's writer has stopped"
-        if self._queue.full():
+        if 0 < self._queue.maxsize <= len(self._queue.queue):
             return (
                 f"request audit queue full ({self._queue.maxsize} records waiting); the "
                 f"audit log {self.path} is not keeping up"

@@ -510,7 +510,7 @@ async def _respond(
 #
 # FastAPI's request machinery (JSON parsing in Python, then validation, dependency
 # injection, response-model validation and encoding) cost more per request than the
-# model itself (docs/benchmarks.md, "Where a request's time goes"). These two endpoints
+# model itself (docs/benchmarks.md, "What changed for issue 7"). These two endpoints
 # take the body as bytes, validate it in one pass of pydantic's Rust JSON parser, and
 # encode the answer once. Their contract is the same schemas, documented by _openapi().
 
@@ -574,8 +574,9 @@ def invalid_body(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 class HotEndpoint:
-    """One prediction endpoint as a plain ASGI app, routed to by a Starlette ``Route``:
-    no Request object, no dependency injection, one JSON encoding of the answer."""
+    """One prediction endpoint as a plain ASGI app, called by ``ClinicalAPI`` ahead of
+    FastAPI's middleware: no Request object, no dependency injection, one JSON encoding
+    of the answer."""
 
     def __init__(self, endpoint: str, handler: Any):
         self.endpoint, self.handler = endpoint, handler
@@ -751,14 +752,14 @@ def _document_hot_paths(document: dict[str, Any]) -> None:
     def content(model: Any, mode: str) -> dict[str, Any]:
         return {"application/json": {"schema": refs[(model, mode)]}}
 
-    for path, (handler, request_model, summary) in HOT.items():
-        errors = {
-            str(status): {
-                "description": error["description"],
-                "content": content(error["model"], "serialization"),
-            }
-            for status, error in ERRORS.items()
+    errors = {
+        str(status): {
+            "description": error["description"],
+            "content": content(error["model"], "serialization"),
         }
+        for status, error in ERRORS.items()
+    }
+    for path, (handler, request_model, summary) in HOT.items():
         document["paths"][path] = {
             "post": {
                 "summary": summary,
