@@ -24,54 +24,9 @@ import pytest
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
 from tests.conftest import PROJECT_ROOT
+from tests.integration.served import api_keys, serve_from_the_session_store, service_instance
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("clinml-home")
-
-
-@pytest.fixture(scope="module")
-def pipeline(home: Path, pathology_spec: UseCaseSpec):
-    """Run ingest, materialize, train, promote and package as `clinml run` does."""
-    from pipelines import stages
-    from pipelines.progress import Progress
-
-    settings = Settings(home=home, actor="e2e-test")
-    lines: list[str] = []
-    progress = Progress(total=6, echo=lines.append)
-    stages.ingest(pathology_spec, settings, progress)
-    stages.materialize(pathology_spec, settings, progress, full=True)
-    version = stages.train(pathology_spec, settings, progress)
-    stages.promote(pathology_spec, settings, progress)
-    stages.package(pathology_spec, settings, progress)
-    return settings, version, lines
-
-
-@pytest.fixture(scope="module")
-def client(pipeline, home: Path):
-    """The service's ASGI app (built once: BentoML's metrics registry is global)."""
-    from starlette.testclient import TestClient
-
-    os.environ["CLINML_HOME"] = str(home)
-    os.environ["CLINML_USECASE"] = "pathology"
-    key = _keys(home)["dev"]  # the key file is read when the service module is imported
-    from serving.service import ClinicalService
-
-    headers = {"Authorization": f"Bearer {key}"}
-    with TestClient(ClinicalService.to_asgi(), headers=headers) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
-def records(pipeline, pathology_spec: UseCaseSpec) -> pd.DataFrame:
-    settings, _, _ = pipeline
-    features = pd.read_parquet(settings.paths.usecase("pathology").features_file)
-    return (
-        features[pathology_spec.feature_names].sample(n=25, random_state=4).reset_index(drop=True)
-    )
 
 
 def test_pipeline_reports_every_stage(pipeline) -> None:
@@ -366,30 +321,6 @@ def test_governance_refuse_force_rollback_and_history(
 # -- the serving endpoints (same app: BentoML builds one per session) -------------------
 
 
-def _keys(home: Path) -> dict[str, str]:
-    """Secrets of three keys in the service's key file: all roles, predict, explain."""
-    from serving.auth import generate_key, write_dev_key
-
-    path = Settings(home=home).api_keys_path
-    secrets = {"dev": write_dev_key(path)}
-    stored = json.loads(path.read_text())
-    known = {entry["id"] for entry in stored["keys"]}
-    for key_id, roles in (("app", ["predict"]), ("analyst", ["explain"])):
-        secret_file = path.with_name(f"{key_id}.secret")
-        if key_id not in known:
-            secret, entry = generate_key(key_id, roles)
-            stored["keys"].append(entry)
-            secret_file.write_text(secret)
-        secrets[key_id] = secret_file.read_text()
-    path.write_text(json.dumps(stored))
-    return secrets
-
-
-@pytest.fixture(scope="module")
-def keys(client, home: Path) -> dict[str, str]:
-    return _keys(home)
-
-
 def test_auth_matrix(client, keys: dict[str, str], records: pd.DataFrame) -> None:
     body = {"records": records.head(2).to_dict("records")}
     anonymous = {"Authorization": ""}
@@ -480,12 +411,36 @@ def test_predict_patient_reads_the_online_store(client, pipeline, pathology_spec
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == 3
 
+    from serving.service import UNKNOWN
+
     unknown = client.post("/predict_patient", json={"patient_ids": [patients[0], "NOBODY-42"]})
-    assert unknown.status_code == 422
-    problems = unknown.json()["detail"]
-    assert {p["loc"][1] for p in problems} == {1}  # only the unknown patient
-    assert {p["loc"][2] for p in problems} == set(pathology_spec.feature_names)
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"] == [
+        {"loc": ["patient_ids", 1], "msg": UNKNOWN, "type": "not_found"}  # only the unknown one
+    ]
     assert "NOBODY" not in unknown.text and patients[0] not in unknown.text
+
+
+def test_missing_features_of_a_known_patient_are_a_422_even_beside_an_unknown_one(
+    client, monkeypatch
+) -> None:
+    """The store holds a row for the first patient, with one null (as a partly
+    materialized store would), and nothing for the second."""
+    service = service_instance()
+
+    class Partial:
+        def read(self, ids):
+            return [{"mean_radius": (None, datetime.now(UTC))}, None]
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(service, "_reader", Partial())
+    response = client.post("/predict_patient", json={"patient_ids": ["P-1", "P-2"]})
+    assert response.status_code == 422
+    problems = response.json()["detail"]
+    assert {p["type"] for p in problems if p["loc"][1] == 0} == {"missing"}
+    assert [p["type"] for p in problems if p["loc"][1] == 1] == ["not_found"]
 
 
 def test_every_request_is_in_the_audit_trail(client, home: Path) -> None:
@@ -496,17 +451,17 @@ def test_every_request_is_in_the_audit_trail(client, home: Path) -> None:
     for _ in range(50):
         if request_log.is_file() and "NOBODY" not in request_log.read_text():
             records = AuditLog(request_log).records()
-            if any(r["outcome"] == 422 for r in records):
+            if any(r["outcome"] == 404 for r in records):
                 break
         import time
 
         time.sleep(0.1)
     records = AuditLog(request_log).records()
     assert AuditLog(request_log).verify() == len(records) > 0
-    assert any(r["endpoint"] == "/predict_patient" and r["outcome"] == 422 for r in records)
+    assert any(r["endpoint"] == "/predict_patient" and r["outcome"] == 404 for r in records)
     assert {"request_id", "key_id", "model_version", "latency_ms"} <= set(records[-1])
     assert "NOBODY-43" not in request_log.read_text()
-    assert response.status_code == 422
+    assert response.status_code == 404
 
 
 def test_metrics_count_predictions_errors_and_the_model_version(client, records) -> None:
@@ -552,94 +507,6 @@ def test_champion_switch_under_concurrent_requests_fails_none(
     assert client.get("/model").json()["version"] == target
 
 
-def _service_instance():
-    import bentoml
-
-    return bentoml.get_current_service()
-
-
-def test_audit_trail_down_fails_closed_then_recovers(client, records, monkeypatch) -> None:
-    """Fault injected on purpose: the request audit trail reports it cannot write."""
-    service = _service_instance()
-
-    class Broken:
-        healthy = False
-        error = "OSError: [Errno 28] No space left on device"
-
-    body = {"records": records.head(1).to_dict("records")}
-    monkeypatch.setattr(service, "audit", Broken())
-    response = client.post("/predict", json=body)
-    assert response.status_code == 503 and "audit trail unavailable" in response.text
-    assert client.get("/readyz").status_code == 503
-    monkeypatch.undo()
-    assert client.post("/predict", json=body).status_code == 200
-    assert client.get("/readyz").status_code == 200
-
-
-def test_online_store_down_only_affects_predict_patient(client, records, monkeypatch) -> None:
-    """Fault injected on purpose: every read of the online store fails (locked)."""
-    import sqlite3
-
-    service = _service_instance()
-
-    class Locked:
-        def read(self, ids):
-            raise sqlite3.OperationalError("database is locked")
-
-        ping = read
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(service, "_reader", Locked())
-    response = client.post("/predict_patient", json={"patient_ids": ["p1"]})
-    assert response.status_code == 503 and "online feature store unavailable" in response.text
-    assert (
-        client.post("/predict", json={"records": records.head(1).to_dict("records")}).status_code
-        == 200
-    )
-    assert client.get("/readyz").status_code == 503  # and drops the broken reader
-    assert client.get("/readyz").status_code == 200  # reopened: recovery is automatic
-
-
-def test_a_tampered_model_is_refused_and_the_old_one_keeps_serving(client, pipeline) -> None:
-    from urllib.parse import urlparse
-
-    from training.tracking import Tracker
-
-    settings, _, _ = pipeline
-    tracker = Tracker.from_settings(settings)
-    serving = client.get("/model").json()["version"]
-    other = "1" if serving != "1" else "2"
-    version = tracker.client.get_model_version("pathology", other)
-    logged = tracker.client.get_logged_model(version.source.removeprefix("models:/"))
-    artifacts = Path(urlparse(logged.artifact_location).path)
-    [model_file] = list(artifacts.rglob("model.skops"))
-    original = model_file.read_bytes()
-    try:
-        model_file.write_bytes(original + b"\0")
-        tracker.client.set_registered_model_alias("pathology", "champion", other)
-        refused = client.post("/admin/reload")
-        assert refused.status_code == 503 and "reload refused" in refused.text
-        assert client.get("/model").json()["version"] == serving
-    finally:
-        model_file.write_bytes(original)
-        tracker.client.set_registered_model_alias("pathology", "champion", serving)
-
-
-def _serve_from_the_session_store(monkeypatch) -> None:
-    """`bentoml serve` children use the tests' BentoML store (conftest), not
-    $CLINML_HOME/bentoml."""
-    from serving import launch
-
-    environment = launch.service_env
-    monkeypatch.setattr(
-        launch,
-        "service_env",
-        lambda s, u: {**environment(s, u), "BENTOML_HOME": os.environ["BENTOML_HOME"]},
-    )
-
-
 def test_the_bento_model_serves_under_bentoml_serve_without_the_registry(
     pipeline, home: Path, records: pd.DataFrame, monkeypatch
 ) -> None:
@@ -650,8 +517,8 @@ def test_the_bento_model_serves_under_bentoml_serve_without_the_registry(
 
     settings, _, _ = pipeline
     monkeypatch.setenv("CLINML_TRACKING_URI", "sqlite:////nonexistent/registry/mlflow.db")
-    _serve_from_the_session_store(monkeypatch)
-    key = _keys(home)["app"]
+    serve_from_the_session_store(monkeypatch)
+    key = api_keys(home)["app"]
     port = free_port()
     with ServiceProcess(settings, "pathology", port, home / "logs" / "serve-test.log") as served:
         body = {"records": records.head(2).to_dict("records")}
@@ -689,8 +556,8 @@ def test_split_execution_batches_in_order_and_switches_champion_under_load(
     monkeypatch.setenv("CLINML_BATCHING", "true")
     # Correctness, not load shedding: a busy CI machine must not shed calls past 2 s.
     monkeypatch.setenv("CLINML_MAX_BATCH_LATENCY_MS", "30000")
-    _serve_from_the_session_store(monkeypatch)
-    headers = {"Authorization": f"Bearer {_keys(home)['dev']}"}
+    serve_from_the_session_store(monkeypatch)
+    headers = {"Authorization": f"Bearer {api_keys(home)['dev']}"}
     bodies = [{"records": records.iloc[i : i + 1 + i % 3].to_dict("records")} for i in range(20)]
     champion = tracker.version_by_alias("pathology").version
     log_file = home / "logs" / "serve-split.log"
