@@ -14,10 +14,10 @@ variable (JSON) both hold ``{"keys": [{"id": ..., "sha256": ..., "roles": [...]}
 
     secret, entry = generate_key("triage-app", ["predict"])  # hand `secret` to the app
     keystore = KeyStore.load(settings.home / "api_keys.yaml", os.environ.get("CLINML_API_KEYS"))
-    app = AuthMiddleware(BodyLimitMiddleware(app, 1 << 20), keystore, DEFAULT_RULES)
+    app = AuthMiddleware(JsonOnlyMiddleware(BodyLimitMiddleware(app, 1 << 20)), keystore, ...)
 
-Put ``AuthMiddleware`` outside ``BodyLimitMiddleware`` (as above) so that a caller without a
-key is turned away before the service buffers any of its body.
+Put ``AuthMiddleware`` outside the others (as above) so that a caller without a key is
+turned away before the service looks at, or buffers, any of its body.
 
 Nothing here logs or returns a secret, and a rejected request is answered without echoing
 anything it sent.
@@ -474,6 +474,41 @@ class AuthMiddleware:
             return
         headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
         await send_json(send, status, {"detail": detail}, headers)
+
+
+class JsonOnlyMiddleware:
+    """Answer 415 to a request that carries a body not declared ``application/json``.
+
+    Every endpoint that takes a body takes JSON; anything else (a pickle, a form, a body
+    with no ``Content-Type``) is refused from the headers alone, before any of the body is
+    read, so no other parser ever sees it. A request without a body (no
+    ``Content-Length``, or 0, and not chunked) passes whatever its headers say.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            content_type, has_body = None, False
+            for name, value in scope.get("headers") or ():
+                if name == b"content-type":
+                    content_type = value
+                elif name == b"content-length":
+                    has_body = has_body or value.strip() != b"0"
+                elif name == b"transfer-encoding":
+                    has_body = True
+            if has_body and not is_json(content_type):
+                await send_json(send, 415, {"detail": "the body must be application/json"})
+                return
+        await self.app(scope, receive, send)
+
+
+def is_json(content_type: bytes | None) -> bool:
+    """``application/json``, with or without parameters such as ``charset``."""
+    if content_type is None:
+        return False
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
 class BodyLimitMiddleware:

@@ -14,15 +14,23 @@ BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"
 
 
 class RedactValidationErrors(logging.Filter):
-    """Drop the traceback and input of logged request-validation errors."""
+    """Drop the traceback and input of logged request-validation errors, and any field
+    name the schemas do not know (``names``): the caller made it up."""
+
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.names = names
 
     def filter(self, record: logging.LogRecord) -> bool:
         from pydantic import ValidationError
 
+        from serving.schemas import error_location
+
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, ValidationError):
             errors = exc.errors(include_input=False, include_context=False, include_url=False)
-            where = sorted({".".join(map(str, e["loc"])) or "(body)" for e in errors})
+            paths = (".".join(map(str, error_location(e["loc"], self.names))) for e in errors)
+            where = sorted({path or "(body)" for path in paths})
             kinds = sorted({e["type"] for e in errors})
             record.msg = "rejected request: %d validation error(s) %s at %s"
             record.args = (len(errors), ",".join(kinds), ", ".join(where[:10]))
@@ -31,8 +39,9 @@ class RedactValidationErrors(logging.Filter):
         return True
 
 
-def install() -> None:
-    """Attach the filter to BentoML's HTTP logger (idempotent)."""
+def install(names: frozenset[str] = frozenset()) -> None:
+    """Attach the filter to BentoML's HTTP logger (idempotent); ``names`` are the field
+    names the request schemas know."""
     logger = logging.getLogger(BENTOML_HTTP_LOGGER)
     if not any(isinstance(f, RedactValidationErrors) for f in logger.filters):
-        logger.addFilter(RedactValidationErrors())
+        logger.addFilter(RedactValidationErrors(names))

@@ -97,6 +97,18 @@ class Schemas:
     # ``predict_request`` with TypedDict records: the same rules, validated straight from
     # JSON into plain dicts (no record objects to dump again); /predict uses it.
     predict_dicts: type[BaseModel]
+    # every field name these schemas know: what an error's location may name
+    names: frozenset[str] = frozenset()
+
+
+UNEXPECTED = "(unexpected field)"
+
+
+def error_location(loc: Any, names: frozenset[str]) -> list[Any]:
+    """A validation error's location without anything the caller made up: the name of an
+    unexpected field is text the caller sent (it may be a patient's name), so it is
+    replaced; positions and the schema's own names are kept."""
+    return [part if isinstance(part, int) or part in names else UNEXPECTED for part in loc]
 
 
 def risk_band(probability: float, threshold: float, bands: list[tuple[str, float]] | None) -> str:
@@ -155,6 +167,9 @@ def build(spec: UseCaseSpec, max_records: int) -> Schemas:
             ...,
         ),
     )
+    names = frozenset(
+        [*fields, "body", "records", "top_k", "patient_ids", "as_of", *spec.feature_names]
+    )
     return Schemas(
-        record, records, predict_request, explain_request, patient_request, predict_dicts
+        record, records, predict_request, explain_request, patient_request, predict_dicts, names
     )

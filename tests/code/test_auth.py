@@ -27,6 +27,7 @@ from serving.auth import (
     AuthConfigError,
     AuthMiddleware,
     BodyLimitMiddleware,
+    JsonOnlyMiddleware,
     KeyStore,
     generate_key,
     hash_secret,
@@ -471,6 +472,46 @@ def test_a_chunked_body_stops_being_read_at_the_limit_and_never_reaches_the_app(
 
     sent, _ = _run_asgi(limited, [], [b"x" * 50, b"x" * 50])
     assert called and sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/python-pickle",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain",
+        "application/jsonx",
+        None,
+    ],
+)
+def test_a_body_that_is_not_declared_json_is_415_before_it_is_read(content_type) -> None:
+    called = False
+
+    async def app(scope, receive, send) -> None:
+        nonlocal called
+        called = True
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    guarded = JsonOnlyMiddleware(app)
+    headers = [(b"content-length", b"5")]
+    if content_type is not None:
+        headers.append((b"content-type", content_type.encode()))
+    sent, read = _run_asgi(guarded, headers, [b"\x80\x04K\x01."])  # a pickle of 1
+    assert not called and read == 0
+    assert sent[0]["status"] == 415
+    assert json.loads(sent[1]["body"]) == {"detail": "the body must be application/json"}
+
+
+def test_json_bodies_and_requests_without_a_body_pass() -> None:
+    with TestClient(JsonOnlyMiddleware(_inner_app())) as client:
+        assert client.post("/predict", json={"a": 1}).status_code == 200
+        charset = {"content-type": "Application/JSON; charset=utf-8"}
+        assert client.post("/predict", content=b"{}", headers=charset).status_code == 200
+        assert client.post("/admin/reload").status_code == 200  # no body, no content type
+        assert client.get("/livez", headers={"content-type": "text/plain"}).status_code == 200
+        chunked = client.post("/predict", content=(b"x" for _ in range(2)))
+        assert chunked.status_code == 415  # chunked, undeclared
 
 
 # -- no secrets in responses or logs ---------------------------------------------------------

@@ -93,6 +93,34 @@ def test_logged_validation_errors_are_redacted(caplog: pytest.LogCaptureFixture)
     assert record.getMessage() == "rejected request: 1 validation error(s) json_invalid at (body)"
 
 
+def test_an_unexpected_field_name_never_comes_back(tiny_spec: UseCaseSpec, caplog) -> None:
+    """The name of an extra field is text the caller chose: it may be a patient's name."""
+    import logging
+
+    from serving import redaction
+    from serving.schemas import UNEXPECTED, error_location
+
+    schemas = build(tiny_spec, max_records=3)
+    body = {"records": [{**GOOD, "Zebulon Canaryfield": 1}], "MRN-0042": 2}
+    with pytest.raises(ValidationError) as caught:
+        schemas.predict_request.model_validate(body)
+    locations = [error_location(e["loc"], schemas.names) for e in caught.value.errors()]
+    assert sorted(locations, key=len) == [[UNEXPECTED], ["records", 0, UNEXPECTED]]
+    assert error_location(["body", "records", 1, "heart_rate"], schemas.names) == [
+        "body", "records", 1, "heart_rate"
+    ]  # fmt: skip
+
+    logger = logging.getLogger("clinml-test-redaction")
+    logger.addFilter(redaction.RedactValidationErrors(schemas.names))
+    with caplog.at_level(logging.ERROR, logger=logger.name):
+        try:
+            schemas.predict_request.model_validate(body)
+        except ValidationError:
+            logger.error("Exception on /predict [POST]", exc_info=True)
+    assert "Canaryfield" not in caplog.text and "MRN-0042" not in caplog.text
+    assert f"records.0.{UNEXPECTED}" in caplog.text
+
+
 BODIES = [
     {"records": [GOOD]},
     {"records": [GOOD, {**GOOD, "heart_rate": 90}]},
