@@ -5,7 +5,7 @@
 1. load the raw frame (a built-in loader or CSV/Parquet) and normalise declared types;
 2. add the entity key or timestamp if the spec says the data has none (docs/byod.md);
 3. pass the quality gate (the spec's limits and, once learned, the reference profile:
-   ``features.profile``); a failing batch raises before anything is written, leaving
+   ``features.profile``); a failing batch raises before anything is stored, leaving
    a report under ``reports/validation/``. The first accepted batch becomes the
    reference profile (or any batch, with ``learn_profile=True``);
 4. drop the identifier (PHI) columns and pseudonymise the entity key (keyed hash);
@@ -18,15 +18,25 @@
 
 With ``append=True`` the batch is added to what is stored: rows whose (entity,
 timestamp) is already stored are not added again, and a label that has become known
-fills in a stored unknown one. Otherwise the batch replaces what is stored. Files are
-replaced atomically, so a crash never leaves half a file behind.
+fills in a stored unknown one. Otherwise the batch replaces what is stored.
+
+A batch is stored all or nothing. ``offline`` is a symlink to the directory of the
+last committed run under ``.ingest/``: a run writes its files (and its report and
+profile) into a new directory there and commits by renaming a new link over
+``offline``, so a reader sees the previous batch's files or this batch's, never a
+mixture, and an ingest that fails or is killed before that rename changes nothing
+readers see. After the commit the run's report and profile are moved to where
+readers look for them; if the run is killed in between, the next ingest finishes that
+move, and it deletes the directories of runs that never committed. Ingests of one use
+case take turns (a lock in ``.ingest/``).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,11 +45,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinml.errors import NotReadyError, SpecError
+from clinml.errors import DataValidationError, NotReadyError, SpecError
 from clinml.pseudonym import Pseudonymiser, pseudonymise_column
 from clinml.settings import UseCasePaths
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
+from features import atomic
 from features.profile import QualityProfile, learn
 from features.validate import ValidationReport, require_valid, write_report
 
@@ -139,16 +150,82 @@ def reference_profile(paths: UseCasePaths) -> QualityProfile | None:
     return QualityProfile.load(path) if path.is_file() else None
 
 
-def _write_atomically(frame: pd.DataFrame, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+# Where each run stages its files; the committed run's ``offline/`` is what the
+# ``offline`` link points at. Its ``publish/`` holds the report and profile until they
+# are moved into place.
+RUNS = ".ingest"
+
+
+def _runs(paths: UseCasePaths) -> Path:
+    return paths.root / RUNS
+
+
+def _committed_run(paths: UseCasePaths) -> Path | None:
+    """The run directory ``offline`` points at (None before the first commit)."""
+    if not paths.offline.is_symlink():
+        return None
+    return (paths.offline.parent / os.readlink(paths.offline)).parent
+
+
+def _commit(paths: UseCasePaths, run: Path) -> None:
+    """Point ``offline`` at ``run``'s files: the one step that readers see.
+
+    Everything the run wrote is flushed to disk first, so the link never points at
+    files a power cut could still lose.
+    """
+    for directory, _, files in os.walk(run):
+        for name in files:
+            atomic.sync(Path(directory, name))
+        atomic.sync(Path(directory))
+    link = run / "offline.link"
+    os.symlink(os.path.relpath(run / "offline", paths.root), link)
+    os.replace(link, paths.offline)
+    atomic.sync(paths.root)
+
+
+def _publish(paths: UseCasePaths, run: Path) -> None:
+    """Move a run's validation report and learned profile to where readers look.
+
+    Each file is moved in one rename, the report's ``summary.json`` (what the
+    promotion gate reads) last, so repeating this after a kill finishes the job.
+    """
+    pending = run / "publish"
+    if not pending.is_dir():
+        return
+    profile = pending / "profile.json"
+    if profile.is_file():
+        paths.quality_profile.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(profile, paths.quality_profile)
+        atomic.sync(paths.quality_profile.parent)
+    for report in sorted((pending / "validation").glob("*")):
+        target = paths.validation_reports / report.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("report.md", "summary.json"):
+            if (report / name).is_file():
+                os.replace(report / name, target / name)
+        atomic.sync(target)
+    shutil.rmtree(pending)
+
+
+def _recover(paths: UseCasePaths) -> None:
+    """Finish what a killed ingest committed, drop what it did not (lock held).
+
+    Also turns an ``offline`` directory written before runs were committed this way
+    into a committed run; if that is killed between its two renames, ``offline`` is
+    missing and the next call completes it.
+    """
+    legacy = _runs(paths) / "legacy"
+    if paths.offline.is_dir() and not paths.offline.is_symlink():
+        legacy.mkdir(parents=True, exist_ok=True)
+        os.rename(paths.offline, legacy / "offline")
+    if not os.path.lexists(paths.offline) and (legacy / "offline").is_dir():
+        _commit(paths, legacy)
+    committed = _committed_run(paths)
+    if committed is not None:
+        _publish(paths, committed)
+    for run in _runs(paths).iterdir():
+        if run.is_dir() and run != committed:
+            shutil.rmtree(run)
 
 
 def _merge(
@@ -157,7 +234,9 @@ def _merge(
     """Union of two frames keyed by ``keys``; on a clash keep the stored or the new row."""
     combined = pd.concat([stored, batch] if not prefer_new else [batch, stored], ignore_index=True)
     combined = combined.drop_duplicates(subset=keys, keep="first")
-    return combined.sort_values(keys[1]).reset_index(drop=True)
+    # Stable, so appending a batch that is already stored changes nothing, not even
+    # the order of rows with equal timestamps (a killed ingest is simply run again).
+    return combined.sort_values(keys[1], kind="stable").reset_index(drop=True)
 
 
 def run(
@@ -170,7 +249,7 @@ def run(
     learn_profile: bool = False,
     report: Callable[[str], None] = lambda _: None,
 ) -> IngestResult:
-    """Validate a batch and write the offline parquet files.
+    """Validate a batch and store it in the offline parquet files, all or nothing.
 
     Args:
         spec: the use-case spec.
@@ -186,7 +265,8 @@ def run(
         Counts and the paths written.
 
     Raises:
-        DataValidationError: the batch failed the gate; nothing was written.
+        DataValidationError: the batch failed the gate; nothing was stored (the
+            gate's report is written under ``reports/validation/``).
     """
     started = time.perf_counter()
 
@@ -195,10 +275,59 @@ def run(
 
     raw = prepare_batch(spec, now, frame)
     phase(f"loaded {len(raw):,} rows")
+    with atomic.locked(_runs(paths) / "lock"):
+        _recover(paths)
+        run_dir = _runs(paths) / f"run-{uuid.uuid4().hex[:12]}"
+        run_dir.mkdir()  # the umask's permissions, as offline/ always had
+        try:
+            result = _stage(
+                spec, paths, now, pseudonymiser, raw, run_dir, append, learn_profile, phase
+            )
+            _commit(paths, run_dir)
+        except BaseException:
+            if _committed_run(paths) != run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        _recover(paths)  # publishes this run's report and profile, drops the previous run
+    phase(f"wrote {result.stored_features:,} feature rows and {result.stored_labels:,} labels")
+    return result.outcome
+
+
+@dataclass(frozen=True)
+class _Staged:
+    outcome: IngestResult
+    stored_features: int
+    stored_labels: int
+
+
+def _stage(
+    spec: UseCaseSpec,
+    paths: UseCasePaths,
+    now: datetime,
+    pseudonymiser: Pseudonymiser,
+    raw: pd.DataFrame,
+    run_dir: Path,
+    append: bool,
+    learn_profile: bool,
+    phase: Callable[[str], None],
+) -> _Staged:
+    """Gate the batch and write everything it changes into ``run_dir``, and nothing else.
+
+    Raises:
+        DataValidationError: the batch failed the gate; its report is published.
+    """
     profile = None if learn_profile else reference_profile(paths)
-    report_dir = paths.validation_run(now)
-    validation = require_valid(raw, spec, profile, report_dir)
-    report_file = write_report(validation, spec, report_dir)[1]
+    published = paths.validation_run(now)
+    staged_report = run_dir / "publish" / "validation" / published.name
+    try:
+        validation = require_valid(raw, spec, profile, staged_report)
+    except DataValidationError as failed:
+        # A rejected batch's report is published at once: it says what to fix.
+        _publish(paths, run_dir)
+        report_file = published / "report.md"
+        message = str(failed).replace(str(failed.report), str(report_file))
+        raise DataValidationError(message, failed.failures, report=report_file) from None
+    write_report(validation, spec, staged_report)
     phase("quality gate passed")
 
     dropped = [c for c in spec.identifier_columns if c in raw.columns]
@@ -217,12 +346,13 @@ def run(
         added = len(features) - before
         if paths.labels_file.is_file():
             labels = _merge(pd.read_parquet(paths.labels_file), labels, [key, ts], prefer_new=True)
-    _write_atomically(features.reset_index(drop=True), paths.features_file)
-    _write_atomically(labels.reset_index(drop=True), paths.labels_file)
+    offline = run_dir / "offline"
+    offline.mkdir()
+    features.reset_index(drop=True).to_parquet(offline / paths.features_file.name, index=False)
+    labels.reset_index(drop=True).to_parquet(offline / paths.labels_file.name, index=False)
     if profile is None:
-        learn(raw, spec, now).save(paths.quality_profile)
-    phase(f"wrote {len(features):,} feature rows and {len(labels):,} labels")
-    return IngestResult(
+        learn(raw, spec, now).save(run_dir / "publish" / "profile.json")
+    outcome = IngestResult(
         rows=len(clean),
         patients=int(clean[key].nunique()),
         added_rows=added,
@@ -231,9 +361,10 @@ def run(
         features_file=paths.features_file,
         labels_file=paths.labels_file,
         validation=validation,
-        report=report_file,
+        report=published / "report.md",
         learned_profile=profile is None,
     )
+    return _Staged(outcome, len(features), len(labels))
 
 
 def read_labels(

@@ -7,6 +7,7 @@ layout and value encoding, in bulk: it picks the newest row per entity in the wi
 with pandas, encodes each column with Feast's converters, writes with ``executemany``
 in one transaction, and records the interval in the registry exactly as Feast does, so
 ``get_online_features`` and ``materialize_incremental`` work on the result unchanged.
+``bulk_materialize`` says what a run that fails or is killed midway leaves behind.
 
 :class:`OnlineReader` reads the same table for online lookups without Feast's per-value
 Python overhead. ``tests/data/test_online_sqlite.py`` checks that both writers give
@@ -19,6 +20,7 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,9 +34,13 @@ from clinml.spec import UseCaseSpec
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
 
-CHUNK_ROWS = 50_000  # entities encoded and written per transaction step
+CHUNK_ROWS = 50_000  # entities encoded and written per executemany call
 CACHE_KIB = 512 * 1024  # SQLite page cache for the bulk write: keeps the index in memory
 MMAP_BYTES = 1 << 30  # memory-mapped reads: point lookups without a read() per page
+# How long a serving read waits for a writer's lock before it fails. Reads take
+# microseconds and run on the service's event loop, so a held lock must fail fast (a 503
+# for /predict_patient) rather than stall every request (docs/serving.md).
+READ_TIMEOUT_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,83 @@ def db_path(store: FeatureStore) -> Path:
     return path if path.is_absolute() else Path(store.repo_path) / path
 
 
+# clinml's own table in the online store: the last interval committed per view, written
+# in the same transaction as the rows, so a run killed before copying it into Feast's
+# registry is completed by the next one (``complete_registry_record``).
+INTERVALS_TABLE = "clinml_materializations"
+
+
+def has_table(store: FeatureStore, view: FeatureView) -> bool:
+    """Whether the online store has the view's table (``apply`` creates it)."""
+    from feast.infra.online_stores.sqlite import _table_id
+
+    if not db_path(store).is_file():
+        return False
+    with closing(_connect(db_path(store))) as connection:
+        found = connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (_table_id(store.config.project, view, False),),
+        ).fetchall()
+    return bool(found)
+
+
+def _connect(db: Path, timeout: float = 5.0) -> sqlite3.Connection:
+    """A connection that never creates the file and issues no writes; it waits up to
+    ``timeout`` seconds for another connection's lock.
+
+    Read-write mode only so that SQLite can roll back the journal of a writer that
+    was killed while committing (its own recovery, before the first read); a
+    read-only connection would fail on such a journal until a writer opened the file.
+    """
+    connection = sqlite3.connect(
+        f"file:{db}?mode=rw", uri=True, check_same_thread=False, timeout=timeout
+    )
+    connection.execute("PRAGMA query_only = ON")
+    return connection
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of ``path``; FileNotFoundError when it is gone."""
+    found = path.stat()
+    return found.st_dev, found.st_ino
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def committed_interval(store: FeatureStore, view_name: str) -> tuple[datetime, datetime] | None:
+    """The last interval committed to the online store for a view (None if none)."""
+    if not db_path(store).is_file():
+        return None
+    with closing(_connect(db_path(store))) as connection:
+        try:
+            rows = connection.execute(
+                f'SELECT start_ts, end_ts FROM "{INTERVALS_TABLE}" WHERE feature_view = ?',
+                (view_name,),
+            ).fetchall()
+        except sqlite3.OperationalError:  # no such table: nothing committed by clinml yet
+            return None
+    if not rows:
+        return None
+    [(start, end)] = rows
+    return datetime.fromisoformat(start), datetime.fromisoformat(end)
+
+
+def complete_registry_record(store: FeatureStore, view: FeatureView) -> bool:
+    """Record in Feast's registry an interval the online store committed but it lacks.
+
+    That happens only when a run is killed between its commit and its registry write.
+    Returns whether the registry was written.
+    """
+    committed = committed_interval(store, view.name)
+    recorded = view.most_recent_end_time
+    if committed is None or (recorded is not None and _as_utc(recorded) >= committed[1]):
+        return False
+    store.registry.apply_materialization(view, store.config.project, *committed, commit=True)
+    return True
+
+
 def newest_rows(
     frame: pd.DataFrame, spec: UseCaseSpec, start: datetime, end: datetime
 ) -> pd.DataFrame:
@@ -144,6 +227,15 @@ def bulk_materialize(
     progress: Callable[[int, int], Any] | None = None,
 ) -> BulkResult:
     """Write the newest row per entity in ``[start, end)`` into the online store.
+
+    All or nothing: every row, and the interval (in ``clinml_materializations``), go
+    in one SQLite transaction, so a run that fails or is killed before its commit
+    leaves the online store as it was (SQLite rolls back or ignores the journal of an
+    unfinished transaction). Only then is the interval recorded in Feast's registry
+    (one atomic file replace): a run killed between the two has committed, and
+    ``complete_registry_record`` copies its interval into the registry on the next
+    run. The registry is never ahead of the online store, so even Feast's own
+    ``materialize_incremental`` would not skip rows.
 
     Args:
         store: an applied feature store with the SQLite online store.
@@ -175,10 +267,12 @@ def bulk_materialize(
     newest = newest.assign(_key=_entity_keys(key, newest[key].tolist())).sort_values("_key")
     ordered_columns = sorted(columns, key=lambda c: c.name)
     created = int(datetime.now(UTC).replace(tzinfo=None).timestamp())
-    connection = sqlite3.connect(db_path(store))
-    connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    # isolation_level=None: the transaction is begun and committed explicitly below.
+    connection = sqlite3.connect(db_path(store), isolation_level=None)
     values_written = 0
     try:
+        connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        connection.execute("BEGIN IMMEDIATE")
         for first in range(0, len(newest), CHUNK_ROWS):
             chunk = newest.iloc[first : first + CHUNK_ROWS]
             keys = chunk["_key"].tolist()
@@ -190,13 +284,22 @@ def bulk_materialize(
                 for i, entity in enumerate(keys)
                 for name, (blobs, texts) in zip(names, encoded, strict=True)
             ]
-            with connection:
-                connection.executemany(sql, rows)
+            connection.executemany(sql, rows)
             values_written += len(rows)
             if progress is not None:
                 progress(first + len(chunk), len(newest))
+        connection.execute(
+            f'CREATE TABLE IF NOT EXISTS "{INTERVALS_TABLE}" '
+            "(feature_view TEXT PRIMARY KEY, start_ts TEXT NOT NULL, end_ts TEXT NOT NULL)"
+        )
+        connection.execute(
+            f'INSERT INTO "{INTERVALS_TABLE}" VALUES (?, ?, ?) ON CONFLICT(feature_view) '
+            "DO UPDATE SET start_ts = excluded.start_ts, end_ts = excluded.end_ts",
+            (view.name, _as_utc(start).isoformat(), _as_utc(end).isoformat()),
+        )
+        connection.execute("COMMIT")  # the commit point: all of it, or none of it
     finally:
-        connection.close()
+        connection.close()  # without a COMMIT, this rolls the transaction back
     store.registry.apply_materialization(view, store.config.project, start, end, commit=True)
     return BulkResult(len(offline), len(newest), values_written)
 
@@ -252,11 +355,12 @@ class OnlineReader:
     """
 
     def __init__(self, db: Path, table: str, join_key: str):
-        self.table, self.join_key = table, join_key
-        if not Path(db).is_file():
+        self.table, self.join_key, self.db = table, join_key, Path(db)
+        if not self.db.is_file():
             raise FileNotFoundError(f"online store {db} does not exist: run `clinml materialize`")
-        # Read-only: a reader never creates or changes the store.
-        self._connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+        # A reader never creates or changes the store (``_connect``).
+        self._connection = _connect(self.db, timeout=READ_TIMEOUT_S)
+        self._file = _identity(self.db)  # the file the connection holds open
         self._connection.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
         self._lock = threading.Lock()
 
@@ -289,7 +393,11 @@ class OnlineReader:
         return [found.get(key) for key in keys]
 
     def ping(self) -> None:
-        """Raise if the table cannot be read (store deleted, locked or corrupt)."""
+        """Raise if the table cannot be read (locked or corrupt), or if the store's path
+        no longer names the file this reader has open (deleted, moved or replaced: an
+        open connection would go on reading the old file)."""
+        if _identity(self.db) != self._file:
+            raise FileNotFoundError(f"online store {self.db} was replaced since it was opened")
         with self._lock:
             self._connection.execute(f'SELECT 1 FROM "{self.table}" LIMIT 1').fetchall()
 

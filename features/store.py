@@ -5,6 +5,12 @@ Each use case gets its own Feast repo under ``$CLINML_HOME/<usecase>/feast/``. O
 spec and registered with ``FeatureStore.apply``, so there are no generated ``.py`` files
 for ``feast apply`` to import.
 
+Writers of the repo (``apply``, ``materialize``) take turns (a lock in the repo) and
+change it all or nothing: the registry is replaced in one rename
+(``features.registry_store``), ``apply`` writes nothing when the registry already holds
+the spec's definitions, and a materialization commits in one SQLite transaction
+(``features.online_sqlite.bulk_materialize`` says what a kill at each point leaves).
+
 Usage::
 
     store = open_store(spec, paths)          # writes feature_store.yaml, opens the repo
@@ -15,9 +21,12 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -25,21 +34,29 @@ import yaml
 
 from clinml.settings import UseCasePaths
 from clinml.spec import ColumnSpec, UseCaseSpec
+from features import atomic
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+
+REGISTRY_FILE = "registry.db"
 
 
 def feature_store_config(spec: UseCaseSpec) -> dict[str, Any]:
     """The embedded profile: file offline store, SQLite online store, file registry.
 
     Paths are relative, so Feast resolves them against the repo directory and the whole
-    data directory can be moved.
+    data directory can be moved. The registry file is Feast's own format, written by a
+    store that replaces it atomically (Feast's rewrites it in place).
     """
     return {
         "project": spec.name,
         "provider": "local",
-        "registry": "registry.db",
+        "registry": {
+            "path": REGISTRY_FILE,
+            "registry_store_type": "features.registry_store.AtomicFileRegistryStore",
+        },
         "online_store": {"type": "sqlite", "path": "online.db"},
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": 3,
@@ -48,6 +65,11 @@ def feature_store_config(spec: UseCaseSpec) -> dict[str, Any]:
 
 def view_name(spec: UseCaseSpec) -> str:
     return f"{spec.name}_features"
+
+
+# Tag carrying a digest of the registered definitions, so apply can tell that the
+# registry already holds them.
+DEFINITIONS_TAG = "clinml.definitions_sha256"
 
 
 def registry_tags(spec: UseCaseSpec) -> dict[str, str]:
@@ -143,11 +165,34 @@ def definitions(spec: UseCaseSpec, paths: UseCasePaths) -> Definitions:
         description=f"Model inputs for {spec.name}, in spec order.",
         tags=registry_tags(spec),
     )
-    return Definitions(entity, source, view, service)
+    defs = Definitions(entity, source, view, service)
+    digest = _digest(defs)
+    for obj in defs.all():
+        obj.tags[DEFINITIONS_TAG] = digest
+    return defs
+
+
+def _digest(defs: Definitions) -> str:
+    """A digest of the definitions as Feast would register them, minus its timestamps."""
+    from google.protobuf.message import Message
+
+    def without_meta(message: Message) -> Message:
+        for field, value in message.ListFields():
+            if field.name == "meta":  # created/updated timestamps, set at construction
+                message.ClearField("meta")
+            elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+                for item in [value] if isinstance(value, Message) else value:
+                    without_meta(item)
+        return message
+
+    digest = hashlib.sha256()
+    for obj in defs.all():
+        digest.update(without_meta(obj.to_proto()).SerializeToString(deterministic=True))
+    return digest.hexdigest()[:16]
 
 
 def open_store(spec: UseCaseSpec, paths: UseCasePaths) -> FeatureStore:
-    """Write the repo's ``feature_store.yaml`` if it changed and open the store."""
+    """Write the repo's ``feature_store.yaml`` if it changed (atomically) and open the store."""
     from feast import FeatureStore
 
     repo = paths.feast_repo
@@ -155,14 +200,54 @@ def open_store(spec: UseCaseSpec, paths: UseCasePaths) -> FeatureStore:
     config_file = repo / "feature_store.yaml"
     text = yaml.safe_dump(feature_store_config(spec), sort_keys=False)
     if not config_file.is_file() or config_file.read_text() != text:
-        config_file.write_text(text)
+        atomic.write_file(config_file, text.encode())
     return FeatureStore(repo_path=str(repo))
 
 
+@contextmanager
+def _writing(store: FeatureStore) -> Iterator[None]:
+    """Hold the repo's writer lock, with the registry re-read under it."""
+    repo = Path(store.repo_path)
+    with atomic.locked(repo / ".clinml.lock"):
+        atomic.remove_leftovers(repo / REGISTRY_FILE)  # of a writer killed mid-write
+        store.refresh_registry()
+        yield
+
+
+def _registered(store: FeatureStore, defs: Definitions) -> bool:
+    """Whether the registry (and the online table) already hold exactly ``defs``."""
+    from feast.errors import FeastObjectNotFoundException, ProjectNotFoundException
+
+    from features import online_sqlite
+
+    try:
+        registered = [
+            store.get_entity(defs.entity.name),
+            store.get_data_source(defs.source.name),
+            store.get_feature_view(defs.view.name),
+            store.get_feature_service(defs.service.name),
+        ]
+    except (FeastObjectNotFoundException, ProjectNotFoundException):
+        return False
+    wanted = defs.view.tags[DEFINITIONS_TAG]
+    if any(obj.tags.get(DEFINITIONS_TAG) != wanted for obj in registered):
+        return False
+    if store.config.online_store.type == "sqlite":
+        return online_sqlite.has_table(store, defs.view)
+    return True
+
+
 def apply(store: FeatureStore, spec: UseCaseSpec, paths: UseCasePaths) -> Definitions:
-    """Register the spec's entity, source, view and feature service."""
+    """Register the spec's entity, source, view and feature service.
+
+    Nothing is written when the registry already holds exactly these definitions
+    (Feast would rewrite every object's timestamps), so applying an unchanged spec
+    leaves the repo as it was.
+    """
     defs = definitions(spec, paths)
-    store.apply(defs.all())
+    with _writing(store):
+        if not _registered(store, defs):
+            store.apply(defs.all())
     return defs
 
 
@@ -187,22 +272,31 @@ def materialize(
     Incremental by default: from where the last run ended. With ``full``, and always on
     a view's first run, from its earliest offline row (Feast's own
     ``materialize_incremental`` would look back only one TTL). The SQLite online store
-    is written in bulk (``features.online_sqlite``); other online stores through
-    Feast's ``materialize``.
+    is written in bulk and in one transaction (``features.online_sqlite``), which
+    leaves it as it was if the run fails or is killed before committing; a run that
+    committed but was killed before recording its interval in Feast's registry has the
+    record completed here, first. Other online stores go through Feast's
+    ``materialize``, which gives no such guarantee.
     """
     from features import online_sqlite
 
-    view = store.get_feature_view(view_name(spec))
-    mode = "full" if full or view.most_recent_end_time is None else "incremental"
-    if mode == "full":
-        start = earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
-    else:
-        start = view.most_recent_end_time
-    if store.config.online_store.type == "sqlite":
-        bulk = online_sqlite.bulk_materialize(store, spec, view, start, end, progress)
-        return MaterializeResult(mode, start, end, bulk.rows_read, bulk.entities_written)
-    store.materialize(start_date=start, end_date=end, feature_views=[view.name])
-    return MaterializeResult(mode, start, end, rows_read=-1, entities_written=-1)
+    with _writing(store):
+        view = store.get_feature_view(view_name(spec))
+        sqlite = store.config.online_store.type == "sqlite"
+        if sqlite and online_sqlite.complete_registry_record(store, view):
+            view = store.get_feature_view(view.name)
+        mode = "full" if full or view.most_recent_end_time is None else "incremental"
+        if mode == "full":
+            start = earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
+        else:
+            start = view.most_recent_end_time
+        if start >= end:  # nothing new since the last run: record no empty interval
+            return MaterializeResult(mode, start, end, rows_read=0, entities_written=0)
+        if sqlite:
+            bulk = online_sqlite.bulk_materialize(store, spec, view, start, end, progress)
+            return MaterializeResult(mode, start, end, bulk.rows_read, bulk.entities_written)
+        store.materialize(start_date=start, end_date=end, feature_views=[view.name])
+        return MaterializeResult(mode, start, end, rows_read=-1, entities_written=-1)
 
 
 def earliest_offline_timestamp(spec: UseCaseSpec, view: Any) -> datetime:
@@ -259,6 +353,7 @@ def training_frame(store: FeatureStore, spec: UseCaseSpec, events: pd.DataFrame)
 
 MISSING = "missing"
 STALE = "stale"
+LATER = "recorded_after_as_of"  # a value from after the time asked for: using it would leak
 _FIELD_STATUS_PRESENT = 1  # feast.protos...FieldStatus.PRESENT
 
 
@@ -311,8 +406,10 @@ def online_lookup(
     """Read the feature service online and tell missing values from stale ones.
 
     A feature is *missing* when the store has no value for the entity (or a null in a
-    column the spec does not declare nullable) and *stale* when its value was recorded
-    more than the spec's TTL before ``as_of``. Nothing is imputed.
+    column the spec does not declare nullable), *stale* when its value was recorded
+    more than the spec's TTL before ``as_of``, and *recorded after as_of* when its value
+    is from later than the time asked for (the online store holds only the newest
+    value, so there is nothing older to answer with). Nothing is imputed.
 
     Args:
         store: the applied feature store.
@@ -362,6 +459,8 @@ def online_lookup(
             newest = recorded if newest is None or recorded > newest else newest
             if oldest_valid is not None and recorded < oldest_valid:
                 found[f] = STALE
+            elif recorded > as_of:
+                found[f] = LATER
         records.append(record)
         recorded_at.append(newest)
         problems.append(found)

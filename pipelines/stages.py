@@ -36,7 +36,12 @@ def ingest(
     append: bool = False,
     learn_profile: bool = False,
 ) -> None:
-    """Validate and write the offline data, then register the Feast definitions."""
+    """Validate and store the batch, then register the Feast definitions.
+
+    Each step is all or nothing (docs/feature-store.md). A run killed between them has
+    stored the batch, and the next ingest or materialize registers the definitions
+    (which changes nothing unless the spec changed).
+    """
     from features import ingest as ingest_stage
     from features import store as feature_store
 
@@ -74,7 +79,11 @@ def ingest(
 def materialize(
     spec: UseCaseSpec, settings: Settings, progress: Progress, full: bool = False
 ) -> None:
-    """Load the newest offline values into the online store (incremental by default)."""
+    """Load the newest offline values into the online store (incremental by default).
+
+    All or nothing: a run that fails or is killed leaves the online store as it was
+    (``features.online_sqlite.bulk_materialize``).
+    """
     from features import store as feature_store
 
     paths = settings.paths.usecase(spec.name)
@@ -108,9 +117,8 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
     ):
         events = read_labels(spec, paths, _now())
         store = feature_store.open_store(spec, paths)
-        result = train_stage.run(
-            spec, store, Tracker.from_settings(settings), events, report=progress.detail
-        )
+        tracker = Tracker.from_settings(settings, create=True)  # the first run creates it
+        result = train_stage.run(spec, store, tracker, events, report=progress.detail)
         metrics = result.selected.metrics
         primary = spec.primary_metric
         progress.detail(

@@ -136,6 +136,12 @@ def test_online_lookup_tells_missing_from_stale(tiny_spec: UseCaseSpec, tmp_path
         assert lookup.values.loc[1, "heart_rate"] is not None  # a stale value is still shown
         assert lookup.event_times[0] == latest[fresh_id]
 
+    # asked for a time before the fresh patient's values were recorded: nothing to answer
+    # with (the store keeps only the newest), not the later values
+    before = latest[fresh_id] - timedelta(days=1)
+    early = feature_store.online_lookup(store, spec, ids[:1], before)
+    assert early.problems[0] == dict.fromkeys(spec.feature_names, "recorded_after_as_of")
+
 
 def _lookup_through_feast(store, spec, ids):
     from unittest import mock

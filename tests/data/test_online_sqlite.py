@@ -107,3 +107,38 @@ def test_direct_reader_returns_what_feast_returns(tiny_spec: UseCaseSpec, tmp_pa
         if mine is None:
             continue
         assert {k: v for k, v in mine.items() if k in tiny_spec.feature_names} == theirs
+
+
+def test_a_reader_fails_fast_on_a_lock_and_notices_a_replaced_file(
+    tiny_spec: UseCaseSpec, tmp_path: Path
+) -> None:
+    import shutil
+
+    frame = make_tiny_frame(n=40, seed=3)
+    store = _published(tiny_spec, tmp_path, frame)
+    feature_store.materialize(store, tiny_spec, NOW)
+    db = online_sqlite.db_path(store)
+    reader = online_sqlite.OnlineReader.for_store(store, tiny_spec)
+    ids = PSEUDONYMISER.many(frame["patient_id"].head(3))
+    assert all(reader.read(ids)) and reader.ping() is None
+
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # a writer that holds its lock
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        reader.read(ids)  # after READ_TIMEOUT_S, not SQLite's default 5 s
+    holder.rollback()
+    holder.close()
+    assert all(reader.read(ids))
+
+    moved = db.with_name("moved.db")
+    db.rename(moved)
+    assert all(reader.read(ids))  # the open connection still reads the old file...
+    with pytest.raises(FileNotFoundError):
+        reader.ping()  # ...which is why readiness checks the path
+    shutil.copy(moved, db)  # same content, another file
+    with pytest.raises(FileNotFoundError, match="replaced"):
+        reader.ping()
+    reader.close()
+    fresh = online_sqlite.OnlineReader.for_store(store, tiny_spec)
+    assert fresh.ping() is None and all(fresh.read(ids))
+    fresh.close()
