@@ -72,7 +72,7 @@ def one(size: int) -> dict[str, object]:
     fitted = fit_candidates(spec, frame, report=lines.append)
     fit_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
-        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", Path(tmp) / "artifacts")
+        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", Path(tmp) / "artifacts", create=True)
         started = time.perf_counter()
         result = register(spec, fitted, tracker)
         register_seconds = time.perf_counter() - started

@@ -66,8 +66,14 @@ def save(pipeline: Any, directory: Path, manifest: dict[str, Any]) -> Path:
     return directory
 
 
-def load(directory: Path) -> ClinicalModel:
+def load(directory: Path, expected_sha256: str | None = None) -> ClinicalModel:
     """Load a model directory written by :func:`save`.
+
+    Args:
+        directory: the model directory.
+        expected_sha256: the hash recorded elsewhere (at registration). The file is
+            checked against it before skops reads a byte of it, so a file rewritten
+            together with its manifest is refused unopened.
 
     Raises:
         ModelLoadError: files missing, hash mismatch, or untrusted types inside.
@@ -80,7 +86,12 @@ def load(directory: Path) -> ClinicalModel:
     manifest = json.loads(manifest_file.read_text())
     if manifest.get("format") != FORMAT:
         raise ModelLoadError(f"{directory}: unsupported model format {manifest.get('format')!r}")
-    if sha256_of(model_file) != manifest["sha256"]:
+    actual = sha256_of(model_file)
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise ModelLoadError(
+            f"{model_file}: model hash differs from the one recorded at registration; refusing"
+        )
+    if actual != manifest["sha256"]:
         raise ModelLoadError(f"{model_file}: SHA-256 differs from the manifest; refusing to load")
     found = skops.io.get_untrusted_types(file=model_file)
     untrusted = [name for name in found if not name.startswith(TRUSTED_PREFIXES)]

@@ -7,7 +7,9 @@ Registry state uses aliases (``champion``), not the deprecated stages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,15 @@ CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous_champion"
 
 
+class RegistryUnavailable(NotReadyError):
+    """The MLflow registry is not there or does not answer."""
+
+
+def redacted(uri: str) -> str:
+    """``uri`` without the password of a ``user:password@host`` part."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+
+
 @dataclass(frozen=True)
 class Tracker:
     """Where runs and registered models are recorded.
@@ -32,14 +43,19 @@ class Tracker:
     Args:
         uri: MLflow tracking and registry URI, e.g. ``sqlite:////abs/path/mlflow.db``.
         artifact_root: directory under which each experiment stores its artifacts.
+        create: whether this tracker may create the registry (training does). Every
+            other use needs one that exists: an SQLite file that is not there is a
+            volume not mounted or a wrong ``CLINML_TRACKING_URI``, and answering from a
+            new empty registry would only hide that.
     """
 
     uri: str
     artifact_root: Path
+    create: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Tracker:
-        return cls(settings.mlflow_uri, settings.paths.mlflow_artifacts)
+    def from_settings(cls, settings: Settings, create: bool = False) -> Tracker:
+        return cls(settings.mlflow_uri, settings.paths.mlflow_artifacts, create)
 
     def activate(self) -> None:
         """Point MLflow's fluent API (``start_run``, ``log_model``) at this tracker."""
@@ -50,11 +66,35 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
 
-    @property
+    @cached_property
     def client(self) -> MlflowClient:
+        """The MLflow client, once the registry is known to be there.
+
+        Raises:
+            RegistryUnavailable: the registry does not exist (and this tracker may not
+                create it), or it does not answer.
+        """
         from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            if not self.create and not db.is_file():
+                raise RegistryUnavailable(
+                    f"no MLflow registry at {db}: run `clinml train` first, or check that "
+                    "the volume holding it is mounted and CLINML_TRACKING_URI names it"
+                )
+            if self.create:
+                db.parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        if not self.uri.startswith("sqlite:///"):  # a server or a database: is it there?
+            try:
+                client.search_registered_models(max_results=1)
+            except Exception as exc:
+                raise RegistryUnavailable(
+                    f"MLflow registry at {redacted(self.uri)} does not answer "
+                    f"({type(exc).__name__}); check CLINML_TRACKING_URI and the network"
+                ) from exc
+        return client
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment ``name``, created with an explicit artifact location."""

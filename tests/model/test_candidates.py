@@ -92,6 +92,31 @@ def test_loading_refuses_a_corrupted_file(tiny_spec: UseCaseSpec, split, tmp_pat
         model_io.load(directory)
 
 
+def test_a_file_rewritten_with_its_manifest_is_refused_unopened(
+    tiny_spec: UseCaseSpec, split, tmp_path: Path, monkeypatch
+) -> None:
+    """Whoever can write the artifact store can rewrite the manifest too: the hash recorded
+    at registration is checked first, before skops reads the file."""
+    import skops.io
+
+    x_train, y_train, _, _ = split
+    model = build_pipeline("gbm", tiny_spec, {"max_iter": 5}, seed=0).fit(x_train, y_train)
+    directory = model_io.save(model, tmp_path / "m", {"features": tiny_spec.feature_names})
+    registered = model_io.sha256_of(directory / model_io.MODEL_FILE)
+    other = build_pipeline("gbm", tiny_spec, {"max_iter": 6}, seed=1).fit(x_train, y_train)
+    model_io.save(other, directory, {"features": tiny_spec.feature_names})  # both rewritten
+
+    def opened(*args, **kwargs):
+        raise AssertionError("skops opened a file whose hash is wrong")
+
+    monkeypatch.setattr(skops.io, "get_untrusted_types", opened)
+    monkeypatch.setattr(skops.io, "load", opened)
+    with pytest.raises(model_io.ModelLoadError, match="recorded at registration"):
+        model_io.load(directory, expected_sha256=registered)
+    monkeypatch.undo()
+    assert model_io.load(directory).manifest["sha256"] != registered  # consistent on its own
+
+
 class Intruder:
     """A type outside the allow-list (sklearn, numpy, training)."""
 
@@ -198,3 +223,19 @@ def test_forest_probabilities_match_scikit_learn_and_repeat_exactly(tiny_spec, s
     )
     first = ours.predict_proba(encoded)
     assert all(np.array_equal(first, ours.predict_proba(encoded)) for _ in range(5))
+
+
+def test_the_service_refuses_a_version_without_a_recorded_hash(
+    tiny_spec: UseCaseSpec, split, tmp_path: Path
+) -> None:
+    from serving import runtime
+
+    x_train, y_train, _, _ = split
+    model = build_pipeline("gbm", tiny_spec, {"max_iter": 5}, seed=0).fit(x_train, y_train)
+    directory = model_io.save(model, tmp_path / "m", {"features": tiny_spec.feature_names})
+    metadata = {"registered_model": "tiny", "version": "1"}
+    for recorded in (None, ""):
+        with pytest.raises(model_io.ModelLoadError, match="no model hash was recorded"):
+            runtime.build(directory, {**metadata, "model_sha256": recorded}, None, "cpu")
+    good = {**metadata, "model_sha256": model_io.sha256_of(directory / model_io.MODEL_FILE)}
+    assert runtime.build(directory, good, None, "cpu").version == "1"
