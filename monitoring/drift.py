@@ -21,6 +21,10 @@ distance method there is no p-value; a feature then alerts when its distance exc
 twice the threshold.) The dataset-level rule (a share of drifted features at or above
 ``drift_share``) also alerts.
 
+A value outside the spec's declared categories or range (a name typed into a category,
+a phone number into a numeric field) is counted as a quality problem but never shown:
+it is masked before any report, snapshot or verdict sees the window (``_masked``).
+
 Outputs, in the output directory: ``drift.html`` (features and quality),
 ``prediction_drift.html``, ``drift.json`` (the verdict). ``add_to_workspace`` adds the
 snapshots to an Evidently local workspace, so ``evidently ui`` shows the history.
@@ -50,6 +54,8 @@ P_VALUE_METHODS = {"ks", "chisquare", "z", "anderson"}
 MISSING_MARGIN = 0.05
 # A quality problem touching more than this share of rows is severe.
 SEVERE_SHARE = 0.01
+# What reports show in place of a value that is not one of a column's declared categories.
+UNDECLARED = "(undeclared value)"
 
 
 @dataclass(frozen=True)
@@ -424,6 +430,44 @@ def _direct_drifts(
     return sorted(results, key=_severity_order), share
 
 
+def _masked(spec: UseCaseSpec, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every value outside its column's declared domain replaced, so that
+    no report renders it (Evidently's HTML and snapshots show category values and
+    histogram edges; subgroup names come from attribute values), while every count stays
+    the same: an undeclared category becomes ``UNDECLARED`` (still out of the list), a
+    number outside ``[min, max]``, or a value that is no number, becomes the nearest float
+    just past the bound it crossed (still out of range, and of the same rank, so rank-based
+    tests such as KS are unchanged; with no max declared, a value that is no number
+    becomes missing). Missing values stay missing."""
+    import numpy as np
+
+    masked = frame
+    for column in spec.columns:
+        if column.name not in frame.columns:
+            continue
+        values = frame[column.name]
+        present = values.notna()
+        if column.type == "category":
+            bad = present & ~values.astype(str).isin([str(c) for c in column.categories or ()])
+            replaced = values.astype(object).where(~bad, UNDECLARED) if bad.any() else None
+        else:
+            numbers = pd.to_numeric(values, errors="coerce")
+            low = float(column.min) if column.min is not None else -np.inf
+            high = float(column.max) if column.max is not None else np.inf
+            above = present & (numbers.isna() | (numbers > high))
+            below = present & (numbers < low)
+            replaced = None
+            if above.any() or below.any():
+                replaced = numbers.astype(float)
+                replaced[above] = np.nextafter(high, np.inf) if np.isfinite(high) else np.nan
+                replaced[below] = np.nextafter(low, -np.inf)
+        if replaced is not None:
+            if masked is frame:
+                masked = frame.copy()
+            masked[column.name] = replaced
+    return masked
+
+
 def _subgroup_slices(
     spec: UseCaseSpec, reference: pd.DataFrame, current: pd.DataFrame
 ) -> tuple[list[tuple[str, str, pd.Series, pd.Series]], list[str]]:
@@ -488,6 +532,7 @@ def run(
     _check_columns(current, spec, "the window")
     if len(current) == 0:
         raise ClinmlError("the window has no records")
+    current = _masked(spec, current)  # values outside the spec's domain are never shown
     features = spec.feature_names
     monitoring = spec.monitoring
     alpha = monitoring.family_alpha
