@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         "same time share one model call; split, the model-execution service batches "
         "concurrent calls (BentoML). docs/benchmarks.md has the measurement behind the default.",
     )
+    max_in_flight: int = Field(
+        default=128,
+        ge=0,
+        description="Requests a service worker answers at once; one more is refused at once "
+        "with 429 and Retry-After (load shedding, serving/overload.py). 0 turns it off.",
+    )
     max_batch_size: int = Field(
         default=256, ge=2, le=100_000, description="Most records in one adaptive batch."
     )

@@ -124,6 +124,11 @@ class ServiceProcess:
         self.stop()
         raise ClinmlError(f"the service was not ready after {timeout:.0f}s; see {self.log_file}")
 
+    @property
+    def pid(self) -> int | None:
+        """The ``bentoml serve`` process (it forks the workers), while it runs."""
+        return None if self._process is None else self._process.pid
+
     def wait(self) -> int:
         assert self._process is not None
         return self._process.wait()

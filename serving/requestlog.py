@@ -325,6 +325,8 @@ class PredictionLog:
             holds whole requests, so it may go over by one request's rows.
         flush_interval_s: the longest a row waits for its batch to fill up.
         clock: the current time (aware), used to name files; injected for tests.
+        on_drop: called with the number of rows each time rows are dropped (the service
+            counts them on ``/metrics``); it must be quick and must not raise.
     """
 
     def __init__(
@@ -335,8 +337,10 @@ class PredictionLog:
         flush_interval_s: float = 1.0,
         *,
         clock: Callable[[], datetime] = _utc_now,
+        on_drop: Callable[[int], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self._on_drop = on_drop
         # Each request's rows travel as one list: one hand-over per request, not per row.
         self._queue: queue.SimpleQueue[list[dict[str, Any]]] = queue.SimpleQueue()
         self._max_queue = max_queue
@@ -435,8 +439,16 @@ class PredictionLog:
             self._dropped += count
             report = not self._drop_reported
             self._drop_reported = True
+        self._count_drop(count)
         if report and count:  # once until rows are written again, not once per request
             logger.warning("prediction log: dropping rows (%s)", reason)
+
+    def _count_drop(self, count: int) -> None:
+        if count and self._on_drop is not None:
+            try:
+                self._on_drop(count)
+            except Exception:  # counting must never stop the writer
+                logger.exception("prediction log: on_drop failed")
 
     def _run(self) -> None:
         while True:
@@ -489,6 +501,7 @@ class PredictionLog:
             if written and not dropped:
                 self._drop_reported = False
             self._settled.notify_all()
+        self._count_drop(dropped)
 
     def _failed(self, count: int, exc: Exception) -> None:
         self.last_error = (

@@ -143,16 +143,17 @@ def build(
     """Load a clinml model directory and compile it.
 
     Raises:
-        ModelLoadError: the directory is missing, its hash differs from the manifest's
-            (or from ``metadata["model_sha256"]``, the hash recorded at registration),
-            or it holds untrusted types.
+        ModelLoadError: no hash was recorded at registration (``metadata["model_sha256"]``),
+            the file's hash differs from it (checked before the file is opened) or from
+            the manifest's, the directory is missing, or it holds untrusted types.
     """
-    loaded = model_io.load(model_dir)
     recorded = metadata.get("model_sha256")
-    if recorded and recorded != loaded.manifest.get("sha256"):
+    if not recorded:
         raise model_io.ModelLoadError(
-            f"{model_dir}: model hash differs from the one recorded at registration; refusing"
+            f"{model_dir}: no model hash was recorded at registration; refusing to load a "
+            "model that cannot be checked"
         )
+    loaded = model_io.load(model_dir, expected_sha256=recorded)
     card, html = _read_card(card_dir) if card_dir is not None else (None, None)
     metrics = metadata.get("metrics") or {}
     return ServedModel(

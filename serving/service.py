@@ -84,7 +84,10 @@ ROLES = {
 ERRORS = {
     401: {"model": schemas.ErrorResponse, "description": "Missing or invalid API key."},
     403: {"model": schemas.ErrorResponse, "description": "The key lacks the endpoint's role."},
+    400: {"model": schemas.ErrorResponse, "description": "The body could not be read."},
     413: {"model": schemas.ErrorResponse, "description": "Request body too large."},
+    415: {"model": schemas.ErrorResponse, "description": "The body is not application/json."},
+    429: {"model": schemas.ErrorResponse, "description": "Over capacity: retry after 1 s."},
     422: {"model": schemas.ErrorResponse, "description": "Invalid input (never echoed)."},
     503: {"model": schemas.ErrorResponse, "description": "Not ready, or the audit trail is down."},
 }
@@ -128,7 +131,11 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     if Metrics._made is not None:
         Metrics._made.errors.labels(request.url.path, "invalid_input").inc()
     detail = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        {
+            "loc": schemas.error_location(e.get("loc", ()), SCHEMAS.names),
+            "msg": e.get("msg", ""),
+            "type": e.get("type", ""),
+        }
         for e in exc.errors()
     ]
     return JSONResponse({"detail": detail}, status_code=422)
@@ -141,7 +148,8 @@ async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
 
 @api.exception_handler(StarletteHTTPException)
 async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    # exc.headers carries a 405's Allow header (RFC 9110 requires it)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 class Metrics:
@@ -163,6 +171,11 @@ class Metrics:
             "clinml_predictions", "Predictions by endpoint and label.", ["endpoint", "label"]
         )
         self.errors = Counter("clinml_errors", "Errors by endpoint and kind.", ["endpoint", "kind"])
+        self.log_dropped = Counter(
+            "clinml_prediction_log_dropped_rows",
+            "Prediction-log rows dropped (storage full or unwritable, queue full); the "
+            "predictions themselves were answered.",
+        )
         self.model = Gauge(
             "clinml_model_info",
             "1 for the model version being served.",
@@ -200,7 +213,20 @@ class Metrics:
         self.model.labels(model.name, model.version, model.alias).set(1)
 
 
-ERROR_KINDS = {401: "auth", 403: "auth", 413: "too_large", 422: "invalid_input", 503: "unavailable"}
+# After the online store fails a read, /predict_patient answers 503 without trying it for
+# this long (ClinicalService.read_online).
+STORE_RETRY_S = 1.0
+
+ERROR_KINDS = {
+    401: "auth",
+    403: "auth",
+    404: "not_found",
+    413: "too_large",
+    415: "media_type",
+    422: "invalid_input",
+    429: "overloaded",
+    503: "unavailable",
+}
 
 
 class ExecutionUnavailable(ServiceUnavailable):
@@ -253,7 +279,11 @@ def _framework_config(settings: Any) -> dict[str, Any]:
         "logging": {
             "access": {
                 "enabled": settings.access_log,
-                "skip_paths": [] if settings.access_log else own,
+                # BentoML labels its request metrics with the raw path for any path not
+                # skipped (a prefix match), so a caller could put a patient id into
+                # /metrics with `GET /patients/<id>`: skip them all. clinml's own series
+                # cover its endpoints with fixed labels.
+                "skip_paths": [] if settings.access_log else ["/"],
             }
         },
         "tracing": {"excluded_urls": [] if settings.tracing else [f"{p}$" for p in own]},
@@ -278,7 +308,7 @@ class ClinicalService:
     def __init__(self) -> None:
         from serving.requestlog import PredictionLog, RequestAudit
 
-        redaction.install()
+        redaction.install(SCHEMAS.names)
         self.settings = SETTINGS
         self.metrics = Metrics.get()
         self.model: schemas.ModelRef | None = None  # the last version seen to answer
@@ -292,10 +322,11 @@ class ClinicalService:
                 self.coalescer = Coalescer(self._local("predict"), SETTINGS.max_batch_size)
         paths = SETTINGS.paths.usecase(SPEC.name)
         self.audit = RequestAudit(SETTINGS.paths.request_audit_log)
-        self.predictions = PredictionLog(paths.predictions)
+        self.predictions = PredictionLog(paths.predictions, on_drop=self.metrics.log_dropped.inc)
         self.pseudonymiser = SETTINGS.pseudonymiser()
         self._store_lock = threading.Lock()
         self._reader: Any = None
+        self._store_down: tuple[float, str] | None = None  # (retry after, reason)
         self.lookups: Coalescer[Any] | None = None
         if SETTINGS.batching:  # /predict_patient: one store read for requests together
             self.lookups = Coalescer(self.read_online, SETTINGS.max_batch_size)
@@ -303,6 +334,14 @@ class ClinicalService:
         # process: keep it out of the garbage collector's full passes, which otherwise
         # walk it all and stall every request in flight (the p99 tail, docs/benchmarks.md).
         gc.freeze()
+
+    @bentoml.on_shutdown
+    def close_logs(self) -> None:
+        """Write what the request audit trail and the prediction log still hold before
+        the worker exits (SIGTERM from Kubernetes, Ctrl-C on ``clinml serve``). Only a
+        SIGKILL loses the records of the last few milliseconds (docs/security.md)."""
+        self.audit.close()
+        self.predictions.close()
 
     # -- readiness -------------------------------------------------------------------
 
@@ -319,17 +358,36 @@ class ClinicalService:
         if SETTINGS.require_online_store:
             try:
                 self._online_reader().ping()
-            except Exception:  # any failure to read the store means not ready
-                with self._store_lock:
-                    reader, self._reader = self._reader, None  # reopen once it is back
-                if reader is not None:
-                    reader.close()
+            except Exception as exc:  # any failure to read the store means not ready
+                self._store_failed(exc)
                 return False
+            self._store_down = None  # back: stop answering 503 without trying
         return True
 
     def read_online(self, ids: list[str]) -> list[Any]:
-        """The online store's rows for pseudonymised ids (``OnlineReader.read``)."""
-        return self._online_reader().read(ids)
+        """The online store's rows for pseudonymised ids (``OnlineReader.read``).
+
+        Reads run on the event loop (they take microseconds), so a store that fails (a
+        lock held past the reader's busy timeout, a missing file) must not be tried by
+        every request: after a failure, reads answer 503 at once for ``STORE_RETRY_S``,
+        then the next request tries again. ``/readyz`` clears this as soon as the store
+        answers."""
+        down = self._store_down
+        if down is not None and time.monotonic() < down[0]:
+            raise ServiceUnavailable(f"online feature store unavailable: {down[1]}")
+        try:
+            return self._online_reader().read(ids)
+        except Exception as exc:
+            self._store_failed(exc)
+            raise
+
+    def _store_failed(self, exc: Exception) -> None:
+        """Forget the reader (it is reopened once the store is back) and hold off."""
+        self._store_down = (time.monotonic() + STORE_RETRY_S, type(exc).__name__)
+        with self._store_lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
     def _online_reader(self) -> Any:
         """The direct reader of the SQLite online store, opened on first use."""
@@ -466,12 +524,14 @@ class _Call:
         self.version = scores.model.version
         return scores
 
-    def done(self, status: int, labels: Sequence[str] = ()) -> None:
+    def done(self, status: int, labels: Sequence[str] = ()) -> bool:
+        """Time the request and queue its audit record; False when the trail refused the
+        record (its queue is full), so that a 200 is not sent unaudited (``audited``)."""
         metrics = self.service.metrics
         metrics.observe(self.endpoint, time.perf_counter() - self.started, labels)
         if status >= 400:
             metrics.errors.labels(self.endpoint, ERROR_KINDS.get(status, str(status))).inc()
-        self.service.audit.submit(
+        return self.service.audit.submit(
             {
                 "request_id": self.request_id,
                 "key_id": self.key_id,
@@ -485,6 +545,12 @@ class _Call:
         )
 
 
+def audited(call: _Call, labels: Sequence[str]) -> None:
+    """Close a successful call's record; no answer goes out unless it was queued."""
+    if not call.done(200, labels):
+        raise ServiceUnavailable("request audit trail unavailable: its queue is full")
+
+
 async def _respond(
     service: ClinicalService,
     call: _Call,
@@ -495,8 +561,8 @@ async def _respond(
     ``schemas.PredictResponse``."""
     scores = await call.score(records)
     predictions = service.answer(scores)
+    audited(call, [p["label"] for p in predictions])
     service.log_predictions(call.request_id, scores.model, records, predictions, patients)
-    call.done(200, [p["label"] for p in predictions])
     model = scores.model
     return 200, {
         "request_id": call.request_id,
@@ -524,8 +590,9 @@ async def predict(service: ClinicalService, call: _Call, body: bytes) -> tuple[i
 
 async def predict_patient(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
     """Features of the model's feature service are read from the Feast online store for
-    each patient (ids are pseudonymised first). A missing or stale feature answers 422
-    naming the patient's position and the feature; nothing is ever imputed."""
+    each patient (ids are pseudonymised first). Nothing is ever imputed: a missing or
+    stale feature answers 422 naming the patient's position and the feature, and patients
+    the store does not know at all answer 404 naming their positions."""
     from features.store import online_lookup
 
     request = PatientRequest.model_validate_json(body)
@@ -540,18 +607,28 @@ async def predict_patient(service: ClinicalService, call: _Call, body: bytes) ->
         else:
             rows = service.read_online(ids)
         lookup = online_lookup(None, SPEC, ids, as_of, rows=rows)  # type: ignore[arg-type]
+    except ServiceUnavailable:
+        raise
     except Exception as exc:  # any store failure is a 503 with a reason
         raise ServiceUnavailable(
             f"online feature store unavailable: {type(exc).__name__}"
         ) from None
-    problems = [
-        {"loc": ["patient_ids", i, feature], "msg": f"feature {feature} is {kind}", "type": kind}
-        for i, found in enumerate(lookup.problems)
-        for feature, kind in found.items()
-    ]
+    problems: list[dict[str, Any]] = []
+    for i, (row, found) in enumerate(zip(rows, lookup.problems, strict=True)):
+        if not row:
+            problems.append({"loc": ["patient_ids", i], "msg": UNKNOWN, "type": "not_found"})
+            continue
+        problems += [
+            {"loc": ["patient_ids", i, f], "msg": f"feature {f} is {kind}", "type": kind}
+            for f, kind in found.items()
+        ]
     if problems:
-        return 422, {"detail": problems}
+        unknown_only = all(p["type"] == "not_found" for p in problems)
+        return 404 if unknown_only else 422, {"detail": problems}
     return await _respond(service, call, lookup.records, ids)
+
+
+UNKNOWN = "no features in the online store for this patient"
 
 
 HOT = {
@@ -568,7 +645,11 @@ def invalid_body(exc: ValidationError) -> list[dict[str, Any]]:
     """A validation error as FastAPI reports one (``loc`` starts with ``"body"``), without
     the submitted values."""
     return [
-        {"loc": ["body", *e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+        {
+            "loc": schemas.error_location(["body", *e.get("loc", ())], SCHEMAS.names),
+            "msg": e.get("msg", ""),
+            "type": e.get("type", ""),
+        }
         for e in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
 
@@ -647,7 +728,7 @@ async def explain(
     call.version = scores.model.version
     predictions = self.answer(scores)
     contributions = result["contributions"]
-    call.done(200)
+    audited(call, [p["label"] for p in predictions])
     return schemas.ExplainResponse(
         request_id=call.request_id,
         model=scores.model,
@@ -719,6 +800,7 @@ def _openapi() -> dict[str, Any]:
             title=api.title, version=api.version, description=api.description, routes=api.routes
         )
         _document_hot_paths(document)
+        _errors_are_json(document)
         for path, text in _INFRASTRUCTURE.items():
             document["paths"][path] = {
                 "get": {
@@ -728,6 +810,8 @@ def _openapi() -> dict[str, Any]:
                         "200": {"description": "OK", "content": {"text/plain": {}}},
                         **({"503": {"description": "Not ready"}} if path == "/readyz" else {}),
                     },
+                    # no key needed (for /metrics, unless CLINML_PROTECT_METRICS=true)
+                    **({} if _needs_key(path) else {"security": []}),
                 }
             }
         document["components"]["securitySchemes"] = {
@@ -737,6 +821,21 @@ def _openapi() -> dict[str, Any]:
         document["security"] = [{"bearer": []}, {"apiKey": []}]
         api.openapi_schema = document
     return api.openapi_schema
+
+
+def _errors_are_json(document: dict[str, Any]) -> None:
+    """FastAPI documents a route's error answers in the route's own media type; the
+    card's are JSON like every other error, not HTML."""
+    for item in document["paths"].values():
+        for operation in item.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if status[0] in "45" and "text/html" in content:
+                    content["application/json"] = content.pop("text/html")
+
+
+def _needs_key(path: str) -> bool:
+    return path == "/metrics" and SETTINGS.protect_metrics
 
 
 def _document_hot_paths(document: dict[str, Any]) -> None:
@@ -759,6 +858,12 @@ def _document_hot_paths(document: dict[str, Any]) -> None:
         }
         for status, error in ERRORS.items()
     }
+    unknown = {
+        "404": {
+            "description": "None of the patients with a problem is known to the online store.",
+            "content": content(schemas.ErrorResponse, "serialization"),
+        }
+    }
     for path, (handler, request_model, summary) in HOT.items():
         document["paths"][path] = {
             "post": {
@@ -775,6 +880,7 @@ def _document_hot_paths(document: dict[str, Any]) -> None:
                         "content": content(schemas.PredictResponse, "serialization"),
                     },
                     **errors,
+                    **(unknown if path == "/predict_patient" else {}),
                 },
             }
         }
@@ -784,24 +890,37 @@ api.openapi = _openapi  # type: ignore[method-assign]
 
 
 def _install_middleware() -> None:
-    from serving.auth import AuthMiddleware, BodyLimitMiddleware, KeyStore
+    """The first added is the outermost: keys are checked before anything looks at a
+    body, then its media type (415), then its size (413)."""
+    from serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware, KeyStore
+    from serving.overload import ShedMiddleware
 
-    ClinicalService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
-    if not SETTINGS.auth:
+    if SETTINGS.max_in_flight:  # outermost: a shed request costs no key check
+        ClinicalService.add_asgi_middleware(
+            ShedMiddleware, max_in_flight=SETTINGS.max_in_flight, on_shed=_count_shed
+        )
+    if SETTINGS.auth:
+        api_keys = SETTINGS.api_keys.get_secret_value() if SETTINGS.api_keys else None
+        keys_file = SETTINGS.api_keys_path if SETTINGS.api_keys_path.is_file() else None
+        keystore = KeyStore.load(keys_file, api_keys)
+        ClinicalService.add_asgi_middleware(
+            AuthMiddleware,
+            keystore=keystore,
+            rules=ROLES,
+            protect_metrics=SETTINGS.protect_metrics,
+            on_refuse=_count_refusal,
+        )
+    else:
         log.warning(
             "API-key authentication is OFF (CLINML_AUTH=false): never do this in production"
         )
-        return
-    api_keys = SETTINGS.api_keys.get_secret_value() if SETTINGS.api_keys else None
-    keys_file = SETTINGS.api_keys_path if SETTINGS.api_keys_path.is_file() else None
-    keystore = KeyStore.load(keys_file, api_keys)
-    ClinicalService.add_asgi_middleware(
-        AuthMiddleware,
-        keystore=keystore,
-        rules=ROLES,
-        protect_metrics=SETTINGS.protect_metrics,
-        on_refuse=_count_refusal,
-    )
+    ClinicalService.add_asgi_middleware(JsonOnlyMiddleware)
+    ClinicalService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+
+
+def _count_shed(path: str) -> None:
+    if Metrics._made is not None:
+        Metrics._made.errors.labels(path if path in ROLES else "other", "overloaded").inc()
 
 
 def _count_refusal(path: str, status: int) -> None:

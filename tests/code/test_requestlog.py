@@ -269,6 +269,35 @@ def test_a_full_prediction_queue_drops_and_counts_rows(
         log.close()
 
 
+def test_every_dropped_row_is_reported_to_on_drop(tmp_path: Path, monkeypatch) -> None:
+    reported: list[int] = []
+    log = PredictionLog(
+        tmp_path / "predictions",
+        max_queue=2,
+        flush_rows=1,
+        flush_interval_s=0.02,
+        on_drop=reported.append,
+    )
+    try:
+
+        def disk_full(day, frame):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(log, "_write_partition", disk_full)
+        log.record([_row(0, T0)])
+        assert log.flush(10)
+        monkeypatch.undo()  # the disk has room again
+        entered, release = _pause(monkeypatch, log, "_write_partition")
+        log.record([_row(1, T0)])
+        assert entered.wait(10)
+        log.record([_row(i, T0) for i in range(2, 6)])  # two queue, two do not fit
+        release.set()
+        assert log.flush(10)
+    finally:
+        log.close()
+    assert sum(reported) == log.dropped == 3 and log.written == 3
+
+
 def test_a_failed_write_counts_the_rows_as_dropped_and_never_reaches_the_caller(
     predictions: PredictionLog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

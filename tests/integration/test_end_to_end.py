@@ -420,6 +420,13 @@ def test_predict_patient_reads_the_online_store(client, pipeline, pathology_spec
     ]
     assert "NOBODY" not in unknown.text and patients[0] not in unknown.text
 
+    # the store holds each feature's newest value: asked for an earlier time, it has none
+    past = client.post(
+        "/predict_patient", json={"patient_ids": patients[:1], "as_of": "1990-01-01T00:00:00Z"}
+    )
+    assert past.status_code == 422
+    assert {p["type"] for p in past.json()["detail"]} == {"recorded_after_as_of"}
+
 
 def test_missing_features_of_a_known_patient_are_a_422_even_beside_an_unknown_one(
     client, monkeypatch
