@@ -33,7 +33,7 @@ WORKDIR /app
 # drop the --index-url.)
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY clinml ./clinml
 COPY features ./features
 COPY training ./training
@@ -41,7 +41,7 @@ COPY serving ./serving
 COPY monitoring ./monitoring
 COPY pipelines ./pipelines
 COPY configs ./configs
-RUN pip install . \
+RUN pip install --constraint constraints.txt . \
     && mkdir -p /data \
     && chown clinml:clinml /data
 
@@ -49,6 +49,8 @@ ENV CLINML_HOME=/data \
     CLINML_CONFIG_DIR=/app/configs \
     BENTOML_HOME=/data/bentoml \
     BENTOML_DO_NOT_TRACK=true \
+    DO_NOT_TRACK=true \
+    MLFLOW_DISABLE_TELEMETRY=true \
     CLINML_USECASE=pathology
 
 USER clinml
