@@ -68,7 +68,7 @@ TARGETS = {"memory_growth": 0.10, "p99_drift": 0.20}
 PROBE_EVERY_S, PROBE_DEADLINE_S = 0.05, 2.0
 
 
-def wrk_run(url: str, script: Path, connections: int, seconds: int, timeout_s: float = 10.0):
+def wrk_run(url: str, script: Path, connections: int, seconds: int, timeout_s: int = 10):
     """One wrk run pinned to the load core, counting failures instead of raising."""
     import subprocess
 
@@ -230,7 +230,7 @@ def overload_once(
         with Probe(url, light, headers) as probe:
             time.sleep(3)
             calm_end = time.monotonic()
-            burst = wrk_run(url, heavy, args.overload_connections, args.overload_s, 2.0)
+            burst = wrk_run(url, heavy, args.overload_connections, args.overload_s, 2)
             burst_end = time.monotonic()
             time.sleep(args.recovery_s)
         print(json.dumps({"overload": {"limit": limit, "wrk": burst}}), flush=True)

@@ -81,6 +81,12 @@ ROLES = {
     "/model/card": "predict",
     "/admin/reload": "admin",
 }
+# Only these paths reach BentoML's request metrics as labels: any other path is text the
+# caller chose (redaction.install_metric_paths).
+redaction.install_metric_paths(
+    frozenset([*ROLES, "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/docs", "/"])
+)
+
 ERRORS = {
     401: {"model": schemas.ErrorResponse, "description": "Missing or invalid API key."},
     403: {"model": schemas.ErrorResponse, "description": "The key lacks the endpoint's role."},
@@ -279,11 +285,7 @@ def _framework_config(settings: Any) -> dict[str, Any]:
         "logging": {
             "access": {
                 "enabled": settings.access_log,
-                # BentoML labels its request metrics with the raw path for any path not
-                # skipped (a prefix match), so a caller could put a patient id into
-                # /metrics with `GET /patients/<id>`: skip them all. clinml's own series
-                # cover its endpoints with fixed labels.
-                "skip_paths": [] if settings.access_log else ["/"],
+                "skip_paths": [] if settings.access_log else own,
             }
         },
         "tracing": {"excluded_urls": [] if settings.tracing else [f"{p}$" for p in own]},

@@ -26,7 +26,9 @@ def test_dockerfile_installs_the_project_and_runs_the_service_as_non_root() -> N
     keywords = [k for k, _ in steps]
     assert keywords[0] == "FROM" and "python:3.11" in steps[0][1]
     runs = " ".join(rest for k, rest in steps if k == "RUN")
-    assert "pip install ." in runs
+    assert "pip install --constraint constraints.txt ." in runs  # the tested pins
+    copied = " ".join(rest for k, rest in steps if k == "COPY")
+    assert "constraints.txt" in copied
     assert "torch==2.13.0" in runs
     users = [rest for k, rest in steps if k == "USER"]
     assert users and users[-1] not in {"root", "0"}

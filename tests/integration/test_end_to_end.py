@@ -463,6 +463,7 @@ def test_every_request_is_in_the_audit_trail(client, home: Path) -> None:
         import time
 
         time.sleep(0.1)
+    assert service_instance().audit.flush(10)  # nothing still on its way to the file
     records = AuditLog(request_log).records()
     assert AuditLog(request_log).verify() == len(records) > 0
     assert any(r["endpoint"] == "/predict_patient" and r["outcome"] == 404 for r in records)
@@ -481,6 +482,10 @@ def test_metrics_count_predictions_errors_and_the_model_version(client, records)
     assert 'clinml_errors_total{endpoint="/predict",kind="invalid_input"}' in text
     assert "clinml_request_duration_seconds_bucket" in text
     assert 'clinml_model_info{alias="champion",name="pathology",version=' in text
+
+    # a path the service does not serve is caller-chosen text: never a metric label
+    assert client.get("/patients/MRN-00424242").status_code == 404
+    assert "MRN-00424242" not in client.get("/metrics").text
 
 
 def test_champion_switch_under_concurrent_requests_fails_none(
