@@ -344,7 +344,9 @@ def test_sigkill_mid_load_restarts_and_the_audit_chains_verify(
             before = load.count(200)
             assert _wait_for(lambda: load.count(200) >= before + 50, 120)  # a new worker
             assert arbiter.is_running()
-            os.killpg(served.pid, signal.SIGKILL)  # everything, mid-load
+            # everything, mid-load: BentoML's workers have process groups of their own
+            for process in [arbiter, *arbiter.children(recursive=True)]:
+                process.send_signal(signal.SIGKILL)
             assert _wait_for(lambda: load.count(0) > 0, 30)  # the callers see it gone
         answered += load.answered_ids
     with (
