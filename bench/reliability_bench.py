@@ -15,7 +15,7 @@ probe on core 1. Four parts, each one run:
 ``overload``  A closed loop of ``--overload-connections`` (1024) connections sending
               100-record requests, well past capacity, for ``--overload-s`` (20), with the
               load shedding on (``CLINML_MAX_IN_FLIGHT=128``, the default) and off (0), one
-              server each. Alongside, a probe sends one request every 50 ms with a 2 s
+              server each (``--limits`` chooses other values). Alongside, a probe sends one request every 50 ms with a 2 s
               deadline, as a caller with a deadline would, before, during and after: what
               it got (answer, 429, timeout), how fast, and how long after the burst ends
               its answers are back to normal (three in a row within twice the calm p50).
@@ -435,7 +435,8 @@ def reproduce(args: argparse.Namespace) -> str:
     return (
         f".venv/bin/python bench/reliability_bench.py{parts} --load-s {args.load_s} "
         f"--soak-s {args.soak_s} --window-s {args.window_s} --overload-s {args.overload_s} "
-        f"--overload-connections {args.overload_connections} --doc docs/benchmarks.md"
+        f"--overload-connections {args.overload_connections} "
+        f"--limits {' '.join(map(str, args.limits))} --doc docs/benchmarks.md"
     )
 
 
@@ -449,6 +450,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overload-s", type=int, default=20)
     parser.add_argument("--overload-connections", type=int, default=1024)
     parser.add_argument("--recovery-s", type=int, default=8)
+    parser.add_argument(
+        "--limits",
+        type=int,
+        nargs="+",
+        default=[128, 0],
+        help="CLINML_MAX_IN_FLIGHT values for the overload part, one server each (0: off)",
+    )
     parser.add_argument("--doc", type=Path, default=None, help="write the report into this file")
     return parser.parse_args(argv)
 
@@ -482,8 +490,7 @@ def run(args: argparse.Namespace) -> str:
                     results["hostile"] = part_hostile(url, running.pid, secret, records, max_body)
         if "overload" in args.only:
             results["overload"] = [
-                overload_once(champion, api_keys, secret, limit, tmp, args)
-                for limit in (Settings().max_in_flight or 128, 0)
+                overload_once(champion, api_keys, secret, limit, tmp, args) for limit in args.limits
             ]
     section = report(results, args)
     print(section)
