@@ -1,8 +1,14 @@
 """Features stage: load raw data, validate it (Great Expectations), publish it to Feast.
 
 Modules:
-    datasets  built-in loaders (``pathology``) that return a raw DataFrame
-    ingest    load -> validate -> drop identifiers -> write the offline parquet
-    validate  the data-quality gate generated from the spec
-    store     the Feast repo generated from the spec: apply, materialize, retrieval
+    datasets        built-in loaders (``pathology``, ``readmission``) that return a raw DataFrame
+    draft           ``clinml init``: a spec drafted from a data file
+    profile         the quality profile learned from the first accepted batch
+    ingest          load -> validate -> drop identifiers -> commit the offline parquet
+                    (all or nothing)
+    validate        the data-quality gate generated from the spec
+    store           the Feast repo generated from the spec: apply, materialize, retrieval
+    online_sqlite   bulk materialization into, and direct reads from, the SQLite online store
+    atomic          writes that are all or nothing: temporary file and rename, fsync, locks
+    registry_store  Feast's file registry, replaced by rename instead of rewritten in place
 """
