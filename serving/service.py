@@ -228,7 +228,6 @@ ERROR_KINDS = {
     403: "auth",
     404: "not_found",
     413: "too_large",
-    415: "media_type",
     422: "invalid_input",
     429: "overloaded",
     503: "unavailable",
@@ -922,7 +921,7 @@ def _install_middleware() -> None:
 
 def _count_shed(path: str) -> None:
     if Metrics._made is not None:
-        Metrics._made.errors.labels(path if path in ROLES else "other", "overloaded").inc()
+        Metrics._made.errors.labels(path if path in ROLES else "other", ERROR_KINDS[429]).inc()
 
 
 def _count_refusal(path: str, status: int) -> None:

@@ -1,13 +1,16 @@
 """What the integration tests share about the service: API keys, the live service
-instance, and `bentoml serve` children that use the tests' BentoML store."""
+instance, `bentoml serve` children that use the tests' BentoML store, and the CLI."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from clinml.settings import Settings
+from tests.conftest import PROJECT_ROOT
 
 
 def api_keys(home: Path) -> dict[str, str]:
@@ -46,4 +49,18 @@ def serve_from_the_session_store(monkeypatch) -> None:
         launch,
         "service_env",
         lambda s, u: {**environment(s, u), "BENTOML_HOME": os.environ["BENTOML_HOME"]},
+    )
+
+
+def clinml(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``clinml ARGS`` on the data directory ``home``, as the actor ``e2e-cli``."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "clinml"), *args],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "e2e-cli", **(env or {})},
+        timeout=600,
     )

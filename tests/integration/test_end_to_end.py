@@ -10,9 +10,6 @@ build`` -> a second training, a refused and a forced promotion, rollback, and th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +21,12 @@ import pytest
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
 from tests.conftest import PROJECT_ROOT
-from tests.integration.served import api_keys, serve_from_the_session_store, service_instance
+from tests.integration.served import (
+    api_keys,
+    clinml,
+    serve_from_the_session_store,
+    service_instance,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -168,26 +170,12 @@ def test_monitor_cli_exit_codes(pipeline, home: Path, pathology_spec: UseCaseSpe
         "unshifted": sample_batch(features, labels, pathology_spec, 150, seed=1),
         "shifted": sample_batch(features, labels, pathology_spec, 150, seed=2, positive_share=0.9),
     }
-    clinml = Path(sys.executable).parent / "clinml"
     codes = {}
     for name, batch in batches.items():
         batch_file = home / f"{name}.parquet"
         batch.to_parquet(batch_file)
-        result = subprocess.run(
-            [
-                str(clinml),
-                "monitor",
-                "pathology",
-                "--batch",
-                str(batch_file),
-                "--out",
-                str(home / name),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=PROJECT_ROOT,
-            env={**os.environ, "CLINML_HOME": str(home)},
-            timeout=300,
+        result = clinml(
+            home, "monitor", "pathology", "--batch", str(batch_file), "--out", str(home / name)
         )
         assert "Traceback" not in result.stderr, result.stderr
         codes[name] = result.returncode
@@ -214,20 +202,6 @@ def test_bentoml_build_succeeds_offline(pipeline) -> None:
     assert not list(Path(bento.path_of("src")).rglob("*.parquet"))  # no data in the bento
 
 
-def _clinml(
-    home: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    clinml = Path(sys.executable).parent / "clinml"
-    return subprocess.run(
-        [str(clinml), *args],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "e2e-cli", **(env or {})},
-        timeout=600,
-    )
-
-
 def test_governance_refuse_force_rollback_and_history(
     pipeline, home: Path, pathology_spec: UseCaseSpec
 ) -> None:
@@ -252,13 +226,13 @@ def test_governance_refuse_force_rollback_and_history(
     bad["mean_radius"] = 900.0  # far outside the spec's range
     bad_file = home / "bad-batch.csv"
     bad.to_csv(bad_file, index=False)
-    checked = _clinml(home, "validate", "pathology", "--data", str(bad_file))
+    checked = clinml(home, "validate", "pathology", "--data", str(bad_file))
     assert checked.returncode == 1, checked.stdout + checked.stderr
     with pytest.raises(PromotionRefused, match="latest validation run FAILED"):
         stages.promote(pathology_spec, settings, quiet)
     assert str(tracker.version_by_alias("pathology").version) == "1"
 
-    refused = _clinml(home, "promote", str(PROJECT_ROOT / "configs" / "pathology.yaml"), "--force")
+    refused = clinml(home, "promote", str(PROJECT_ROOT / "configs" / "pathology.yaml"), "--force")
     assert refused.returncode == 2 and "--force needs --reason" in refused.stderr
 
     decision = stages.promote(
@@ -268,7 +242,7 @@ def test_governance_refuse_force_rollback_and_history(
     assert str(tracker.version_by_alias("pathology").version) == "2"
     assert str(tracker.version_by_alias("pathology", "previous_champion").version) == "1"
 
-    rolled = _clinml(home, "rollback", "pathology", "--reason", "alerts doubled on ward 7")
+    rolled = clinml(home, "rollback", "pathology", "--reason", "alerts doubled on ward 7")
     assert rolled.returncode == 0, rolled.stderr
     assert "champion: version 2 -> version 1" in rolled.stdout
     assert str(tracker.version_by_alias("pathology").version) == "1"
@@ -288,20 +262,20 @@ def test_governance_refuse_force_rollback_and_history(
     assert {g["check"]: g["passed"] for g in records[2]["gate"]}["data_validation"] is False
     assert set(records[1]["metrics"]) == {"challenger", "champion"}
 
-    history = _clinml(home, "models", "history", "pathology")
+    history = clinml(home, "models", "history", "pathology")
     assert history.returncode == 0, history.stderr
     assert "forced-promote" in history.stdout and "CAB-1234 approved" in history.stdout
     assert "chain verified" in history.stdout
 
-    listing = _clinml(home, "models", "list", "pathology")
+    listing = clinml(home, "models", "list", "pathology")
     assert listing.returncode == 0, listing.stderr
     rows = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
     assert "champion" in rows["1"] and "previous_champion" not in rows["1"]
 
-    shown = _clinml(home, "models", "show", "pathology", "2")
+    shown = clinml(home, "models", "show", "pathology", "2")
     assert shown.returncode == 0 and "data_fingerprint" in shown.stdout and "[" in shown.stdout
 
-    card = _clinml(home, "models", "card", "pathology", "champion")
+    card = clinml(home, "models", "card", "pathology", "champion")
     assert card.returncode == 0, card.stderr
     html = Path(card.stdout.split("card: ", 1)[1].splitlines()[0])
     page = html.read_text()
@@ -314,7 +288,7 @@ def test_governance_refuse_force_rollback_and_history(
     features = pd.read_parquet(settings.paths.usecase("pathology").features_file)
     assert not any(pid in text for pid in features["patient_id"].head(50))  # no patient ids
 
-    nothing = _clinml(home, "rollback", "pathology")
+    nothing = clinml(home, "rollback", "pathology")
     assert nothing.returncode == 2 and "no previous champion" in nothing.stderr
 
 
@@ -627,7 +601,7 @@ def test_split_execution_batches_in_order_and_switches_champion_under_load(
 
 
 def test_audit_verify_cli(pipeline, home: Path) -> None:
-    result = _clinml(home, "audit", "verify")
+    result = clinml(home, "audit", "verify")
     assert result.returncode == 0, result.stderr
     assert "model registry" in result.stdout and "chain intact" in result.stdout
 
@@ -660,7 +634,7 @@ def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, 
         }
     )
     outcomes.to_csv(home / "outcomes.csv", index=False)
-    ingested = _clinml(home, "labels", "ingest", "pathology", str(home / "outcomes.csv"))
+    ingested = clinml(home, "labels", "ingest", "pathology", str(home / "outcomes.csv"))
     assert ingested.returncode == 0, ingested.stderr
     assert f"{len(answers)} outcomes stored" in ingested.stdout
 
@@ -679,8 +653,8 @@ def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, 
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {"CLINML_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{server.server_port}/hook?token=T0KEN"}
     try:
-        first = _clinml(home, "monitor", "pathology", "--window", "1d", env=env)
-        again = _clinml(home, "monitor", "pathology", "--window", "1d", env=env)
+        first = clinml(home, "monitor", "pathology", "--window", "1d", env=env)
+        again = clinml(home, "monitor", "pathology", "--window", "1d", env=env)
     finally:
         server.shutdown()
     assert first.returncode in (0, 1), first.stderr
@@ -695,7 +669,7 @@ def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, 
         assert len(received) == 1 and received[0]["alerts"]
         assert "suppressed by cooldown" in again.stdout and again.returncode == 1
     assert "T0KEN" not in first.stdout + first.stderr
-    empty = _clinml(home, "monitor", "pathology", "--since", "2001-01-01", "--until", "2001-01-08")
+    empty = clinml(home, "monitor", "pathology", "--since", "2001-01-01", "--until", "2001-01-08")
     assert empty.returncode == 2 and "no predictions logged" in empty.stderr
 
 
@@ -713,7 +687,7 @@ def test_retrain_on_drift_registers_a_challenger_and_never_promotes(
     tracker = Tracker.from_settings(settings)
     champion = tracker.version_by_alias("pathology").version
     before = {v.version for v in tracker.client.search_model_versions("name='pathology'")}
-    result = _clinml(
+    result = clinml(
         home,
         "monitor",
         "pathology",

@@ -19,8 +19,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,21 +26,14 @@ from pathlib import Path
 import pytest
 
 from clinml.settings import Settings
-from tests.conftest import PROJECT_ROOT
-from tests.integration.served import api_keys, serve_from_the_session_store, service_instance
+from tests.integration.served import (
+    api_keys,
+    clinml,
+    serve_from_the_session_store,
+    service_instance,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-
-def _clinml(home: Path, *args: str, env: dict[str, str] | None = None):
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "clinml"), *args],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "fault-test", **(env or {})},
-        timeout=600,
-    )
 
 
 def _wait_for(condition, timeout: float = 20.0) -> bool:
@@ -162,7 +153,7 @@ def test_an_unreachable_registry_stops_promote_and_monitor_but_not_serving(
         for args in (("promote", "pathology"), ("monitor", "pathology", "--batch", str(batch))):
             for uri in (None, NOWHERE):  # the default registry, gone; a configured one
                 env = {"CLINML_TRACKING_URI": uri} if uri else {}
-                result = _clinml(home, *args, env=env)
+                result = clinml(home, *args, env=env)
                 assert result.returncode == 2, (args, uri, result.stdout, result.stderr)
                 assert "Traceback" not in result.stderr
                 assert "registry" in result.stderr.lower(), result.stderr
@@ -356,7 +347,7 @@ def test_sigkill_mid_load_restarts_and_the_audit_chains_verify(
         assert _wait_for(lambda: load.count(200) >= 20, 60)
     assert set(load.statuses) <= {200}  # and then stopped gracefully (SIGTERM)
 
-    verify = _clinml(home, "audit", "verify")
+    verify = clinml(home, "audit", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     request_log = Settings(home=home).paths.request_audit_log
     written = {r.get("request_id") for r in AuditLog(request_log).records()}
