@@ -1,12 +1,12 @@
-"""Load shedding: past a number of requests in flight, answer 429 at once.
+"""Load shedding: past a number of requests in flight, answer 429 without reading the request.
 
 A worker that accepts every request it is sent, past what it can answer, only makes each
-one wait longer: every caller's latency grows with the queue until they all time out,
-and the queue outlives the burst that built it. Shedding keeps the requests in flight
-(and so the latency of those it answers) bounded and tells the rest to come back, so a
-caller with a deadline gets an answer or a fast refusal, never a timeout, and the service
-is back to normal as soon as the burst ends. docs/security.md has the measurements
-(``bench/reliability_bench.py overload``).
+one wait longer: every caller's latency grows with the queue until callers with a
+deadline time out. Shedding bounds the requests in flight and refuses the rest with a
+429, so such callers get an answer or a refusal instead of a timeout. The refusal is
+fast for small requests; behind admitted large ones it waits for their work on the same
+event loop. docs/benchmarks.md ("Reliability") has the measurements
+(``bench/reliability_bench.py --only overload``).
 
 BentoML has the same idea (``traffic.max_concurrency``), but answers in its own error
 shape and counts nothing; this one answers like every other clinml error, with
