@@ -12,17 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clinml.pseudonym import DEVELOPMENT_KEY, Pseudonymiser
+
+if TYPE_CHECKING:
+    from clinml.environment import FeastEnvironment
 
 # The use-case specs shipped with the project sit beside the packages. In a bento or a
 # container the source tree is copied whole, so the same relative location holds there.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_DIR = PROJECT_ROOT / "configs"
+# The production profile's floor on the pseudonym key (a 128-bit key in hex is 32).
+MIN_PRODUCTION_KEY_CHARS = 32
 
 
 class Settings(BaseSettings):
@@ -30,6 +35,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CLINML_", extra="ignore")
 
+    profile: Literal["embedded", "production"] = Field(
+        default="embedded",
+        description="embedded: everything on one machine under CLINML_HOME. production: "
+        "shared stores named by CLINML_FEATURE_STORE_YAML and CLINML_TRACKING_URI; refuses "
+        "to start with the development pseudonym key, with auth off, or with a store that "
+        "is a local file (docs/deployment.md).",
+    )
     home: Path = Field(
         default=Path(".clinml"),
         description="Root of everything clinml writes: data, Feast, MLflow, BentoML, reports.",
@@ -42,6 +54,17 @@ class Settings(BaseSettings):
     tracking_uri: str | None = Field(
         default=None,
         description="MLflow tracking and registry URI; default: SQLite under CLINML_HOME.",
+    )
+    feature_store_yaml: Path | None = Field(
+        default=None,
+        description="This environment's Feast feature_store.yaml (registry, online and "
+        "offline store; ${VAR} references expanded by Feast); default: the embedded stores "
+        "under CLINML_HOME.",
+    )
+    artifact_root: str | None = Field(
+        default=None,
+        description="Where MLflow stores model artifacts (a path, or a URI such as "
+        "s3://bucket/clinml); default: CLINML_HOME/mlflow/artifacts.",
     )
     pseudonym_key: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_KEY),
@@ -151,10 +174,60 @@ class Settings(BaseSettings):
         description="/readyz reports not ready while the online feature store is unreachable.",
     )
 
-    @field_validator("home", "config_dir", "audit_log", "api_keys_file")
+    @field_validator("home", "config_dir", "audit_log", "api_keys_file", "feature_store_yaml")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _production_safe(self) -> Settings:
+        """The production profile refuses what is only safe on a developer's machine."""
+        if self.profile != "production":
+            return self
+        problems = []
+        key = self.pseudonym_key.get_secret_value()
+        if self.pseudonymiser().is_development_key:
+            problems.append("CLINML_PSEUDONYM_KEY is the public development key: set your own")
+        elif "REPLACE-ME" in key:
+            problems.append("CLINML_PSEUDONYM_KEY is deploy/k8s's placeholder: set your own")
+        elif len(key) < MIN_PRODUCTION_KEY_CHARS:
+            problems.append(
+                f"CLINML_PSEUDONYM_KEY is shorter than {MIN_PRODUCTION_KEY_CHARS} characters: "
+                "use a random key (e.g. `openssl rand -hex 32`)"
+            )
+        if not self.auth:
+            problems.append("CLINML_AUTH=false: API keys cannot be turned off")
+        if self.feature_store_yaml is None:
+            problems.append("CLINML_FEATURE_STORE_YAML is not set: name the shared feature stores")
+        if self.tracking_uri is None or self.tracking_uri.startswith("sqlite:"):
+            problems.append(
+                "CLINML_TRACKING_URI must name a shared MLflow (a database URI or a tracking "
+                "server), not SQLite"
+            )
+        if problems:
+            raise ValueError("CLINML_PROFILE=production refuses to start: " + "; ".join(problems))
+        return self
+
+    @property
+    def feast_environment(self) -> FeastEnvironment:
+        """The feature stores: this environment's file, or the embedded ones.
+
+        Raises:
+            FeastEnvironmentError: the file is unreadable or unsupported, or (production)
+                names a store that is a local file.
+        """
+        from clinml.environment import FeastEnvironment
+
+        if self.feature_store_yaml is None:
+            return FeastEnvironment.embedded()
+        environment = FeastEnvironment.load(self.feature_store_yaml)
+        if self.profile == "production":
+            environment.require_shared()
+        return environment
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return self.artifact_root or str(self.paths.mlflow_artifacts)
 
     @property
     def audit_log_path(self) -> Path:

@@ -9,6 +9,8 @@ Modules:
     validate        the data-quality gate generated from the spec
     store           the Feast repo generated from the spec: apply, materialize, retrieval
     online_sqlite   bulk materialization into, and direct reads from, the SQLite online store
+    online_feast    online reads from any other Feast online store (Redis in production)
+    offline         the PostgreSQL offline store's tables, replaced in one transaction
     atomic          writes that are all or nothing: temporary file and rename, fsync, locks
     registry_store  Feast's file registry, replaced by rename instead of rewritten in place
 """

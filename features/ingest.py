@@ -1,4 +1,4 @@
-"""Ingestion: raw data in, validated, pseudonymised, identifier-free parquet out.
+"""Ingestion: raw data in, validated, pseudonymised, identifier-free offline data out.
 
 ``run`` is the whole stage:
 
@@ -29,6 +29,12 @@ readers see. After the commit the run's report and profile are moved to where
 readers look for them; if the run is killed in between, the next ingest finishes that
 move, and it deletes the directories of runs that never committed. Ingests of one use
 case take turns (a lock in ``.ingest/``).
+
+With a PostgreSQL offline store (the production profile) the two frames also go to its
+tables (``features.offline``), replaced in one transaction just before the local
+commit; they are then what every reader reads. A run killed between the two commits has
+stored the batch in PostgreSQL but lost its report (the gate then reads the previous
+run's).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from clinml.settings import UseCasePaths
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
 from features import atomic
+from features.offline import PostgresTables
 from features.profile import QualityProfile, learn
 from features.validate import ValidationReport, require_valid, write_report
 
@@ -248,8 +255,9 @@ def run(
     append: bool = False,
     learn_profile: bool = False,
     report: Callable[[str], None] = lambda _: None,
+    tables: PostgresTables | None = None,
 ) -> IngestResult:
-    """Validate a batch and store it in the offline parquet files, all or nothing.
+    """Validate a batch and store it in the offline store, all or nothing.
 
     Args:
         spec: the use-case spec.
@@ -260,6 +268,9 @@ def run(
         append: add to the stored data instead of replacing it.
         learn_profile: make this batch the reference profile (after the spec's checks).
         report: receives a line as each phase (load, gate, write) finishes.
+        tables: the PostgreSQL offline store's tables, when the environment has one
+            (``features.offline``): the batch is committed there, in one transaction,
+            before the local files (which then only record which run was last).
 
     Returns:
         Counts and the paths written.
@@ -281,8 +292,17 @@ def run(
         run_dir.mkdir()  # the umask's permissions, as offline/ always had
         try:
             result = _stage(
-                spec, paths, now, pseudonymiser, raw, run_dir, append, learn_profile, phase
+                spec, paths, now, pseudonymiser, raw, run_dir, append, learn_profile, phase, tables
             )
+            if tables is not None:
+                staged = run_dir / "offline"
+                tables.replace(
+                    {
+                        "features": pd.read_parquet(staged / paths.features_file.name),
+                        "labels": pd.read_parquet(staged / paths.labels_file.name),
+                    }
+                )
+                phase(f"committed to {tables.qualified('features')} and its labels table")
             _commit(paths, run_dir)
         except BaseException:
             if _committed_run(paths) != run_dir:
@@ -310,6 +330,7 @@ def _stage(
     append: bool,
     learn_profile: bool,
     phase: Callable[[str], None],
+    tables: PostgresTables | None = None,
 ) -> _Staged:
     """Gate the batch and write everything it changes into ``run_dir``, and nothing else.
 
@@ -339,13 +360,13 @@ def _stage(
     labels = clean.loc[clean[label].notna(), label_columns].sort_values(ts, kind="stable")
 
     added = len(features)
-    if append and paths.features_file.is_file():
-        stored_features = pd.read_parquet(paths.features_file)
+    stored_features, stored_labels = _stored(paths, tables) if append else (None, None)
+    if stored_features is not None:
         before = len(stored_features)
         features = _merge(stored_features, features, [key, ts], prefer_new=False)
         added = len(features) - before
-        if paths.labels_file.is_file():
-            labels = _merge(pd.read_parquet(paths.labels_file), labels, [key, ts], prefer_new=True)
+        if stored_labels is not None:
+            labels = _merge(stored_labels, labels, [key, ts], prefer_new=True)
     offline = run_dir / "offline"
     offline.mkdir()
     features.reset_index(drop=True).to_parquet(offline / paths.features_file.name, index=False)
@@ -367,15 +388,36 @@ def _stage(
     return _Staged(outcome, len(features), len(labels))
 
 
+def _stored(
+    paths: UseCasePaths, tables: PostgresTables | None
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The stored features and labels (None where nothing is stored yet)."""
+    if tables is not None:
+        return tables.read("features"), tables.read("labels")
+    features = pd.read_parquet(paths.features_file) if paths.features_file.is_file() else None
+    labels = pd.read_parquet(paths.labels_file) if paths.labels_file.is_file() else None
+    return features, labels
+
+
+def has_data(paths: UseCasePaths, tables: PostgresTables | None = None) -> bool:
+    """Whether a batch has been ingested (into the tables, when there are some)."""
+    return tables.exists("features") if tables is not None else paths.features_file.is_file()
+
+
 def read_labels(
-    spec: UseCaseSpec, paths: UseCasePaths, now: datetime | None = None
+    spec: UseCaseSpec,
+    paths: UseCasePaths,
+    now: datetime | None = None,
+    tables: PostgresTables | None = None,
 ) -> pd.DataFrame:
     """The training events: entity, timestamp and label, for labels known by ``now``."""
-    if not paths.labels_file.is_file():
+    labels = tables.read("labels") if tables is not None else None
+    if tables is None and paths.labels_file.is_file():
+        labels = pd.read_parquet(paths.labels_file)
+    if labels is None:
         raise NotReadyError(
             f"no ingested data for '{spec.name}': run `clinml ingest {spec.name}` first"
         )
-    labels = pd.read_parquet(paths.labels_file)
     if spec.label.known_at is not None and now is not None:
         labels = labels[labels[spec.label.known_at] <= pd.Timestamp(now)]
     return labels[[spec.entity.key, spec.event_timestamp, spec.label.column]].reset_index(drop=True)

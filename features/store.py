@@ -1,7 +1,8 @@
 """The Feast repo generated from a spec: definitions, apply, materialize, retrieval.
 
 Each use case gets its own Feast repo under ``$CLINML_HOME/<usecase>/feast/``. Only
-``feature_store.yaml`` is written there; the feature objects are built in code from the
+``feature_store.yaml`` is written there (the embedded stores, or the environment's:
+``clinml.environment``); the feature objects are built in code from the
 spec and registered with ``FeatureStore.apply``, so there are no generated ``.py`` files
 for ``feast apply`` to import.
 
@@ -10,6 +11,8 @@ change it all or nothing: the registry is replaced in one rename
 (``features.registry_store``), ``apply`` writes nothing when the registry already holds
 the spec's definitions, and a materialization commits in one SQLite transaction
 (``features.online_sqlite.bulk_materialize`` says what a kill at each point leaves).
+Other online stores (Redis) are written by Feast's own ``materialize``, which is not all
+or nothing: a failed run leaves some entities updated, and running it again completes it.
 
 Usage::
 
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
+from clinml.environment import REGISTRY_FILE, FeastEnvironment, FeastEnvironmentError
 from clinml.settings import UseCasePaths
 from clinml.spec import ColumnSpec, UseCaseSpec
 from features import atomic
@@ -40,27 +44,17 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 
-REGISTRY_FILE = "registry.db"
+def feature_store_config(
+    spec: UseCaseSpec, environment: FeastEnvironment | None = None
+) -> dict[str, Any]:
+    """The use case's ``feature_store.yaml``: the environment's stores (``clinml.environment``).
 
-
-def feature_store_config(spec: UseCaseSpec) -> dict[str, Any]:
-    """The embedded profile: file offline store, SQLite online store, file registry.
-
-    Paths are relative, so Feast resolves them against the repo directory and the whole
-    data directory can be moved. The registry file is Feast's own format, written by a
-    store that replaces it atomically (Feast's rewrites it in place).
+    By default the embedded profile: file offline store, SQLite online store and a file
+    registry, at paths relative to the repo so the data directory can be moved. The
+    registry file is Feast's own format, written by a store that replaces it atomically
+    (Feast's rewrites it in place).
     """
-    return {
-        "project": spec.name,
-        "provider": "local",
-        "registry": {
-            "path": REGISTRY_FILE,
-            "registry_store_type": "features.registry_store.AtomicFileRegistryStore",
-        },
-        "online_store": {"type": "sqlite", "path": "online.db"},
-        "offline_store": {"type": "file"},
-        "entity_key_serialization_version": 3,
-    }
+    return (environment or FeastEnvironment.embedded()).config(spec.name)
 
 
 def view_name(spec: UseCaseSpec) -> str:
@@ -91,22 +85,48 @@ def _feast_type(column: ColumnSpec) -> Any:
     return {"float": Float64, "int": Int64, "category": String}[column.type]
 
 
-def make_source(spec: UseCaseSpec, paths: UseCasePaths) -> Any:
-    """The offline source for this environment.
+def make_source(spec: UseCaseSpec, paths: UseCasePaths, config: Any = None) -> Any:
+    """The offline source for this environment's offline store.
 
     Feast couples source classes to offline stores (``FileSource`` only works with the
-    file store), so every source is created here; a production profile adds its branch.
+    file store), so every source is created here, one branch per offline store type
+    (``config``: the opened store's ``RepoConfig``; None for the embedded file store).
+    docs/deployment.md says what a branch for Spark, BigQuery or Snowflake needs.
     """
-    from feast import FileSource
+    kind = "file" if config is None else config.offline_store.type
+    name = f"{spec.name}_source"
+    description = f"Validated, pseudonymised {spec.name} features written by clinml ingest."
+    # Why: the validated, identifier-free data written by ingestion is the only place
+    # features enter Feast.
+    if kind == "file":
+        from feast import FileSource
 
-    # Why: the validated, identifier-free parquet written by ingestion is the only
-    # place features enter Feast.
-    return FileSource(
-        name=f"{spec.name}_source",
-        path=str(paths.features_file),
-        timestamp_field=spec.event_timestamp,
-        description=f"Validated, pseudonymised {spec.name} features written by clinml ingest.",
-        tags=registry_tags(spec),
+        return FileSource(
+            name=name,
+            path=str(paths.features_file),
+            timestamp_field=spec.event_timestamp,
+            description=description,
+            tags=registry_tags(spec),
+        )
+    if kind == "postgres":
+        from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import (
+            PostgreSQLSource,
+        )
+
+        from features.offline import PostgresTables
+
+        # The table ingestion replaces (features.offline), by its schema-qualified name.
+        table = PostgresTables(config.offline_store.model_dump(), config.project)
+        return PostgreSQLSource(
+            name=name,
+            query=f"SELECT * FROM {table.qualified('features')}",
+            timestamp_field=spec.event_timestamp,
+            description=description,
+            tags=registry_tags(spec),
+        )
+    raise FeastEnvironmentError(
+        f"offline store type {kind!r} has no source branch in features.store.make_source "
+        "(docs/deployment.md says how to add one)"
     )
 
 
@@ -121,8 +141,8 @@ class Definitions:
         return [self.entity, self.source, self.view, self.service]
 
 
-def definitions(spec: UseCaseSpec, paths: UseCasePaths) -> Definitions:
-    """The Feast objects for a spec."""
+def definitions(spec: UseCaseSpec, paths: UseCasePaths, config: Any = None) -> Definitions:
+    """The Feast objects for a spec (``config``: the store's, for its source class)."""
     from feast import Entity, FeatureService, FeatureView, Field
     from feast.value_type import ValueType
 
@@ -135,7 +155,7 @@ def definitions(spec: UseCaseSpec, paths: UseCasePaths) -> Definitions:
         description=spec.entity.description or f"The {spec.entity.name}, by pseudonymous id.",
         tags=registry_tags(spec),
     )
-    source = make_source(spec, paths)
+    source = make_source(spec, paths, config)
     # Why: one view holds the model inputs and the subgroup attributes, so a training
     # frame and its subgroups come from the same point-in-time join. Its TTL is the
     # spec's: older values are not joined in training and are reported stale online.
@@ -191,17 +211,40 @@ def _digest(defs: Definitions) -> str:
     return digest.hexdigest()[:16]
 
 
-def open_store(spec: UseCaseSpec, paths: UseCasePaths) -> FeatureStore:
-    """Write the repo's ``feature_store.yaml`` if it changed (atomically) and open the store."""
+def open_store(
+    spec: UseCaseSpec, paths: UseCasePaths, environment: FeastEnvironment | None = None
+) -> FeatureStore:
+    """Write the repo's ``feature_store.yaml`` if it changed (atomically) and open the store.
+
+    ``environment``: the deployment's stores (``Settings.feast_environment``); default
+    the embedded ones. The file keeps ``${VAR}`` references unexpanded: Feast expands
+    them when it loads it, so no secret is written here.
+    """
     from feast import FeatureStore
 
     repo = paths.feast_repo
     repo.mkdir(parents=True, exist_ok=True)
     config_file = repo / "feature_store.yaml"
-    text = yaml.safe_dump(feature_store_config(spec), sort_keys=False)
+    text = yaml.safe_dump(feature_store_config(spec, environment), sort_keys=False)
     if not config_file.is_file() or config_file.read_text() != text:
         atomic.write_file(config_file, text.encode())
-    return FeatureStore(repo_path=str(repo))
+    from feast.repo_config import FeastConfigError
+    from pydantic import ValidationError
+
+    try:
+        return FeatureStore(repo_path=str(repo))
+    except FeastConfigError as exc:
+        # Say which setting is wrong, never its value (it may be an expanded secret).
+        error = exc._error_message
+        where = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in (error.errors() if isinstance(error, ValidationError) else [])
+        )
+        source = (environment.source if environment else None) or config_file
+        raise FeastEnvironmentError(
+            f"invalid Feast configuration from {source}: {where or type(error).__name__} "
+            "(an empty ${VAR} reads as a missing value)"
+        ) from None
 
 
 @contextmanager
@@ -244,7 +287,7 @@ def apply(store: FeatureStore, spec: UseCaseSpec, paths: UseCasePaths) -> Defini
     (Feast would rewrite every object's timestamps), so applying an unchanged spec
     leaves the repo as it was.
     """
-    defs = definitions(spec, paths)
+    defs = definitions(spec, paths, store.config)
     with _writing(store):
         if not _registered(store, defs):
             store.apply(defs.all())
@@ -287,7 +330,7 @@ def materialize(
             view = store.get_feature_view(view.name)
         mode = "full" if full or view.most_recent_end_time is None else "incremental"
         if mode == "full":
-            start = earliest_offline_timestamp(spec, view) - timedelta(seconds=1)
+            start = earliest_offline_timestamp(store, spec, view) - timedelta(seconds=1)
         else:
             start = view.most_recent_end_time
         if start >= end:  # nothing new since the last run: record no empty interval
@@ -299,7 +342,15 @@ def materialize(
         return MaterializeResult(mode, start, end, rows_read=-1, entities_written=-1)
 
 
-def earliest_offline_timestamp(spec: UseCaseSpec, view: Any) -> datetime:
+def earliest_offline_timestamp(store: FeatureStore, spec: UseCaseSpec, view: Any) -> datetime:
+    if store.config.offline_store.type == "postgres":
+        from features.offline import PostgresTables
+
+        tables = PostgresTables.for_store(store)
+        earliest = tables.earliest(spec.event_timestamp)
+        if earliest is None:
+            raise ValueError(f"no rows in {tables.qualified('features')} to materialize")
+        return earliest
     path = view.batch_source.path
     stamps = pd.read_parquet(path, columns=[spec.event_timestamp])[spec.event_timestamp]
     if stamps.empty:
@@ -482,10 +533,12 @@ def _read_with_feast(
     }
     out: list[dict[str, tuple[Any, datetime]] | None] = []
     for i in range(len(entity_ids)):
+        # Feast's Redis store answers an entity it does not have with every feature
+        # PRESENT, null, recorded at the epoch: that is not found, as SQLite reports it.
         row = {
             f: (data[f][i], datetime.fromtimestamp(data[f"{f}__ts"][i], UTC))
             for f in spec.feature_names
-            if statuses[f][i] == _FIELD_STATUS_PRESENT
+            if statuses[f][i] == _FIELD_STATUS_PRESENT and data[f"{f}__ts"][i]
         }
         out.append(row or None)
     return out

@@ -33,7 +33,9 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = "CLINML_" + str(first["loc"][0]).upper() if first["loc"] else "CLINML_*"
+        if not first["loc"]:  # a check across variables (the production profile's)
+            raise ClinmlError(str(first["msg"]).removeprefix("Value error, ")) from None
+        name = "CLINML_" + str(first["loc"][0]).upper()
         raise ClinmlError(f"environment variable {name}: {first['msg']}") from None
 
 

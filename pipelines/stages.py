@@ -21,11 +21,19 @@ from clinml.tables import read_table
 from pipelines.progress import Progress
 
 if TYPE_CHECKING:
+    from features.offline import PostgresTables
     from training.governance import Decision
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _offline_tables(spec: UseCaseSpec, settings: Settings) -> PostgresTables | None:
+    """The PostgreSQL offline store's tables of the use case (None: parquet files)."""
+    from features.offline import PostgresTables
+
+    return PostgresTables.for_environment(settings.feast_environment, spec.name)
 
 
 def ingest(
@@ -46,6 +54,8 @@ def ingest(
     from features import store as feature_store
 
     paths = settings.paths.usecase(spec.name)
+    environment = settings.feast_environment
+    tables = _offline_tables(spec, settings)
     with progress.step(f"ingest and validate '{spec.name}' (Great Expectations)"):
         frame = None if data is None else read_table(data)
         result = ingest_stage.run(
@@ -57,6 +67,7 @@ def ingest(
             append=append,
             learn_profile=learn_profile,
             report=progress.detail,
+            tables=tables,
         )
         progress.detail(f"{result.validation.summary()}; report: {result.report}")
         if result.learned_profile:
@@ -69,9 +80,10 @@ def ingest(
             f"dropped identifier columns: {', '.join(result.dropped_identifiers) or 'none'}; "
             f"{spec.entity.key} pseudonymised"
         )
-        progress.detail(f"offline data: {result.features_file.parent}")
+        where = tables.qualified("features") if tables else result.features_file.parent
+        progress.detail(f"offline data: {where}")
     with progress.step(f"register Feast definitions (feature service {spec.feature_service})"):
-        store = feature_store.open_store(spec, paths)
+        store = feature_store.open_store(spec, paths, environment)
         feature_store.apply(store, spec, paths)
         progress.detail(f"Feast repo: {paths.feast_repo}")
 
@@ -85,22 +97,28 @@ def materialize(
     (``features.online_sqlite.bulk_materialize``).
     """
     from features import store as feature_store
+    from features.ingest import has_data
 
     paths = settings.paths.usecase(spec.name)
-    if not paths.features_file.is_file():
+    environment = settings.feast_environment
+    if not has_data(paths, _offline_tables(spec, settings)):
         raise NotReadyError(
             f"no ingested data for '{spec.name}': run `clinml ingest {spec.name}` first"
         )
-    with progress.step("materialize features into the online store (SQLite)"):
-        store = feature_store.open_store(spec, paths)
+    online = environment.online_type
+    with progress.step(f"materialize features into the online store ({online})"):
+        store = feature_store.open_store(spec, paths, environment)
         feature_store.apply(store, spec, paths)
         with progress.bar("entities written") as bar:
             result = feature_store.materialize(store, spec, _now(), full=full, progress=bar)
-        progress.detail(
-            f"{result.mode} load of {result.start:%Y-%m-%d %H:%M} to {result.end:%Y-%m-%d %H:%M} "
-            f"UTC: {result.rows_read:,} offline rows, newest of {result.entities_written:,} "
-            "entities written"
-        )
+        window = f"{result.start:%Y-%m-%d %H:%M} to {result.end:%Y-%m-%d %H:%M} UTC"
+        if result.entities_written < 0:  # Feast's own materialize does not count
+            progress.detail(f"{result.mode} load of {window} (by Feast into {online})")
+        else:
+            progress.detail(
+                f"{result.mode} load of {window}: {result.rows_read:,} offline rows, newest "
+                f"of {result.entities_written:,} entities written"
+            )
 
 
 def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
@@ -115,8 +133,8 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
         f"train {len(spec.training.candidates)} candidates: grouped-CV search, refit, "
         "clinical evaluation (MLflow runs)"
     ):
-        events = read_labels(spec, paths, _now())
-        store = feature_store.open_store(spec, paths)
+        events = read_labels(spec, paths, _now(), _offline_tables(spec, settings))
+        store = feature_store.open_store(spec, paths, settings.feast_environment)
         tracker = Tracker.from_settings(settings, create=True)  # the first run creates it
         result = train_stage.run(spec, store, tracker, events, report=progress.detail)
         metrics = result.selected.metrics
@@ -150,8 +168,9 @@ def promote(
     tracker = Tracker.from_settings(settings)
     with progress.step(f"promotion gate for {spec.name} (challenger vs champion)"):
         tracker.version_by_alias(spec.name, governance.CHALLENGER)  # fail fast, before Feast
-        store = feature_store.open_store(spec, paths)
-        frame = feature_store.training_frame(store, spec, read_labels(spec, paths, _now()))
+        store = feature_store.open_store(spec, paths, settings.feast_environment)
+        events = read_labels(spec, paths, _now(), _offline_tables(spec, settings))
+        frame = feature_store.training_frame(store, spec, events)
         data = governance.TestData.from_frame(spec, frame)
         progress.detail(f"current test data: {len(data.y):,} rows")
         try:

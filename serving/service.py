@@ -391,14 +391,15 @@ class ClinicalService:
             reader.close()
 
     def _online_reader(self) -> Any:
-        """The direct reader of the SQLite online store, opened on first use."""
+        """The online store's reader (direct SQLite, or Feast's Redis), opened on first use."""
         with self._store_lock:
             if self._reader is None:
-                from features.online_sqlite import OnlineReader
+                from features.online_feast import online_reader
                 from features.store import open_store
 
-                store = open_store(SPEC, SETTINGS.paths.usecase(SPEC.name))
-                self._reader = OnlineReader.for_store(store, SPEC)
+                paths = SETTINGS.paths.usecase(SPEC.name)
+                store = open_store(SPEC, paths, SETTINGS.feast_environment)
+                self._reader = online_reader(store, SPEC)
             return self._reader
 
     # -- the model-execution service ---------------------------------------------------

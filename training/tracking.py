@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from clinml.errors import NotReadyError
 
@@ -42,7 +43,8 @@ class Tracker:
 
     Args:
         uri: MLflow tracking and registry URI, e.g. ``sqlite:////abs/path/mlflow.db``.
-        artifact_root: directory under which each experiment stores its artifacts.
+        artifact_root: where each experiment stores its artifacts: a directory, or a URI
+            such as ``s3://bucket/clinml`` (``CLINML_ARTIFACT_ROOT``).
         create: whether this tracker may create the registry (training does). Every
             other use needs one that exists: an SQLite file that is not there is a
             volume not mounted or a wrong ``CLINML_TRACKING_URI``, and answering from a
@@ -50,12 +52,12 @@ class Tracker:
     """
 
     uri: str
-    artifact_root: Path
+    artifact_root: Path | str
     create: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, create: bool = False) -> Tracker:
-        return cls(settings.mlflow_uri, settings.paths.mlflow_artifacts, create)
+        return cls(settings.mlflow_uri, settings.mlflow_artifact_root, create)
 
     def activate(self) -> None:
         """Point MLflow's fluent API (``start_run``, ``log_model``) at this tracker."""
@@ -98,12 +100,28 @@ class Tracker:
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment ``name``, created with an explicit artifact location."""
+        from mlflow.exceptions import MlflowException
+
         client = self.client
         existing = client.get_experiment_by_name(name)
         if existing is not None:
             return existing.experiment_id
-        location = (self.artifact_root / name).resolve().as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        try:
+            return client.create_experiment(name, artifact_location=self.artifact_location(name))
+        except MlflowException as exc:
+            # Two trainings starting at once: the other one created it first.
+            created = client.get_experiment_by_name(name)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or created is None:
+                raise
+            return created.experiment_id
+
+    def artifact_location(self, experiment: str) -> str:
+        """Where ``experiment``'s artifacts go: under the root, as a URI."""
+        root = str(self.artifact_root)
+        # A URI (s3://, mlflow-artifacts:/...); a one-letter scheme is a Windows drive.
+        if len(urlparse(root).scheme) > 1:
+            return f"{root.rstrip('/')}/{experiment}"
+        return (Path(root) / experiment).resolve().as_uri()
 
     def version_by_alias(self, model_name: str, alias: str = CHAMPION) -> ModelVersion:
         """The model version an alias points at.
