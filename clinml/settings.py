@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         "a separate model-execution service (GPU-capable, adaptive batching) that the API "
         "calls through bentoml.depends. docs/serving.md has the measurement behind the default.",
     )
+    executor_url: str | None = Field(
+        default=None,
+        description="split only: the URL of a model-execution service run on its own "
+        "(`bentoml serve serving.executor:ModelExecutor`, e.g. a GPU Deployment) that the "
+        "API calls over HTTP; default: `bentoml serve` starts it beside the API.",
+    )
     batching: bool = Field(
         default=True,
         description="Adaptive batching: inline, requests waiting on the event loop at the "
@@ -178,6 +184,12 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _executor_url_needs_split(self) -> Settings:
+        if self.executor_url and self.execution != "split":
+            raise ValueError("CLINML_EXECUTOR_URL needs CLINML_EXECUTION=split")
+        return self
 
     @model_validator(mode="after")
     def _production_safe(self) -> Settings:

@@ -304,7 +304,9 @@ class ClinicalService:
     # Resolved lazily on first access; `bentoml build` packs the model it points at.
     bento_model = model_tag()
     if SETTINGS.execution == "split":
-        executor = bentoml.depends(ModelExecutor)
+        # With a URL, `bentoml serve` starts no executor and the calls go over HTTP to
+        # one run on its own (a GPU Deployment: docs/deployment.md).
+        executor = bentoml.depends(ModelExecutor, url=SETTINGS.executor_url)
 
     def __init__(self) -> None:
         from serving.requestlog import PredictionLog, RequestAudit

@@ -1,0 +1,124 @@
+"""The model-execution service run on its own, reached by the API over HTTP.
+
+This is the GPU model service of docs/deployment.md: ``bentoml serve
+serving.executor:ModelExecutor`` in one process (a GPU Deployment in a cluster) and the
+API with ``CLINML_EXECUTION=split`` and ``CLINML_EXECUTOR_URL`` pointing at it. Here both
+run on this machine's CPU; what is tested is the path between them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from tests.integration.served import api_keys, serve_from_the_session_store
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def _start_executor(settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    from serving import launch
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "serving.executor:ModelExecutor",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=launch.service_env(settings, "pathology"),
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"executor not ready: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def remote(pipeline, home: Path):
+    from serving.launch import ServiceProcess, free_port, stop_group
+
+    settings, _, _ = pipeline
+    keys = api_keys(home)
+    with pytest.MonkeyPatch.context() as patch:
+        serve_from_the_session_store(patch)
+        port = free_port()
+        log = home / "logs" / "executor-remote.log"
+        state = {"executor": _start_executor(settings, port, log), "port": port, "log": log}
+        patch.setenv("CLINML_EXECUTION", "split")
+        patch.setenv("CLINML_EXECUTOR_URL", f"http://127.0.0.1:{port}")
+        api_log = home / "logs" / "serve-remote-executor.log"
+        try:
+            with ServiceProcess(settings, "pathology", free_port(), api_log) as api:
+                yield api, keys, state, settings
+        finally:
+            stop_group(state["executor"])
+
+
+def test_the_api_scores_through_the_remote_executor_as_inline_does(
+    remote, client, records
+) -> None:
+    api, keys, _, _ = remote
+    headers = {"Authorization": f"Bearer {keys['dev']}"}
+    body = {"records": records.head(5).to_dict("records")}
+    answer = httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    inline = client.post("/predict", json=body)  # the session's in-process, inline service
+    assert inline.status_code == 200, inline.text
+    remote_p = [p["probability"] for p in answer.json()["predictions"]]
+    inline_p = [p["probability"] for p in inline.json()["predictions"]]
+    assert remote_p == pytest.approx(inline_p, abs=1e-9)
+    assert answer.json()["model"] == inline.json()["model"]
+
+    explained = httpx.post(
+        f"{api.url}/explain", json={**body, "top_k": 3}, headers=headers, timeout=30
+    )
+    assert explained.status_code == 200, explained.text
+    assert len(explained.json()["explanations"]) == 5
+    described = httpx.get(f"{api.url}/model", headers=headers, timeout=30).json()
+    assert described["execution_service"] == "split"
+
+
+def test_a_stopped_remote_executor_is_a_503_and_its_return_is_served(remote, records) -> None:
+    from serving.launch import stop_group
+
+    api, keys, state, settings = remote
+    headers = {"Authorization": f"Bearer {keys['app']}"}
+    body = {"records": records.head(1).to_dict("records")}
+    stop_group(state["executor"])
+    down = httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=60)
+    assert down.status_code == 503, down.text
+    assert "model execution service unavailable" in down.text
+    # The API's own `bentoml serve` started no executor: with the remote one stopped,
+    # nothing answers.
+    state["executor"] = _start_executor(settings, state["port"], state["log"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        back = httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=60)
+        if back.status_code == 200:
+            break
+        time.sleep(1)
+    assert back.status_code == 200, back.text
