@@ -13,7 +13,10 @@ The API service (:mod:`serving.service`) reaches it in one of two ways, chosen b
             own service (resources from ``CLINML_GPU``; one worker) and the API calls it
             over a Unix socket. ``predict`` then batches adaptively across concurrent
             requests (``CLINML_BATCHING``, ``CLINML_MAX_BATCH_SIZE``,
-            ``CLINML_MAX_BATCH_LATENCY_MS``).
+            ``CLINML_MAX_BATCH_LATENCY_MS``). With ``CLINML_EXECUTOR_URL`` the executor
+            runs on its own (``bentoml serve serving.executor:ModelExecutor``, e.g. on a
+            GPU node) and the API calls it over HTTP; its endpoints have no
+            authentication, so only the API may reach them (docs/deployment.md).
 
 Either way every answer says which version produced it: a batch is scored by one model,
 taken once, so a champion change mid-flight never mixes versions within a request or

@@ -7,14 +7,17 @@ rejects such manifests, so a pass means something.
 
 Then what no schema knows: every ``CLINML_*`` variable is a setting clinml reads, the
 commands are real ``clinml`` subcommands with real options, every referenced Secret,
-ConfigMap and claim exists, the HorizontalPodAutoscaler scales the API, the GPU service
-asks for a GPU where GPUs are, every pod runs as the image's non-root user on a
-read-only root filesystem, and the MLflow and Feast configuration is read the way the
-manifests assume (checked against the installed MLflow and Feast).
+ConfigMap and claim exists, the HorizontalPodAutoscaler scales the API (and nothing
+else), the API reaches the GPU model service at that service's Service and port, the
+model service runs the executor on a GPU node and only the API pods may reach it, every
+pod runs as the image's non-root user on a read-only root filesystem, and the MLflow and
+Feast configuration is read the way the manifests assume (checked against the installed
+MLflow and Feast).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import re
@@ -42,6 +45,9 @@ SECRET_VARIABLES = {
 }
 FEATURE_STORE_CONFIGMAP = "clinml-feature-store"
 FEATURE_STORE_FILE = "feature_store.yaml"
+# The GPU model service: `bentoml serve serving.executor:ModelExecutor` on its own.
+MODEL_SERVICE = "clinml-model"
+EXECUTOR = "serving.executor:ModelExecutor"
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -110,15 +116,29 @@ def _walk(node: Any, key: str) -> list[Any]:
     return found
 
 
+def _runs_clinml(container: dict[str, Any]) -> bool:
+    """The image's CMD (the API), a ``clinml`` command, or ``bentoml serve serving.…``."""
+    argv = container.get("command", ["clinml"])
+    return argv[0] == "clinml" or (
+        argv[:2] == ["bentoml", "serve"] and argv[2].startswith("serving.")
+    )
+
+
 def _clinml_containers() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(workload, pod spec, container) for every container that runs clinml itself (the
-    API, the GPU service, the scheduled commands), not the MLflow server or an init step."""
+    API, the model service, the scheduled commands), not the MLflow server or an init
+    step."""
     return [
         (name, pod, c)
         for name, pod in _pods()
         for c in _containers(pod, init=False)
-        if c.get("command", ["clinml"])[0] == "clinml"
+        if _runs_clinml(c)
     ]
+
+
+def _feature_store_readers() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The clinml containers that open the feature store: all but the model service."""
+    return [entry for entry in _clinml_containers() if entry[0] != MODEL_SERVICE]
 
 
 def _dockerfile() -> str:
@@ -136,8 +156,9 @@ def _api_deployment() -> dict[str, Any]:
 def test_the_manifests_hold_every_object_the_deployment_needs() -> None:
     kinds = [d["kind"] for _, d in DOCUMENTS]
     for kind, least in {
-        "Deployment": 3,  # API, GPU service, MLflow
+        "Deployment": 3,  # API, GPU model service, MLflow
         "Service": 3,
+        "NetworkPolicy": 2,  # MLflow, GPU model service
         "HorizontalPodAutoscaler": 1,
         "CronJob": 2,
         "Secret": 1,
@@ -233,7 +254,8 @@ def test_every_clinml_variable_is_a_setting() -> None:
 
 def test_every_clinml_pod_runs_the_production_profile_with_the_same_configuration() -> None:
     containers = _clinml_containers()
-    assert len(containers) >= 4
+    assert len(containers) >= 5
+    assert {"clinml-api", MODEL_SERVICE} <= {name for name, _, _ in containers}
     for name, pod, container in containers:
         env = _env(container)
         assert env["CLINML_PROFILE"]["value"] == "production", name
@@ -255,6 +277,25 @@ def test_every_clinml_pod_runs_the_production_profile_with_the_same_configuratio
         assert not container.get("envFrom"), "envFrom would hide which variables are secrets"
 
 
+def test_no_service_link_variable_is_read_as_a_setting() -> None:
+    # Kubernetes gives every pod <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, ... for each
+    # Service in the namespace (enableServiceLinks). Services named clinml-* make them
+    # CLINML_*: none may land on a clinml setting.
+    from clinml.settings import Settings
+
+    fields = set(Settings.model_fields)
+    for service in _kind("Service"):
+        prefix = service["metadata"]["name"].upper().replace("-", "_")
+        names = [f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT", f"{prefix}_PORT"]
+        for port in service["spec"]["ports"]:
+            names.append(f"{prefix}_SERVICE_PORT_{port['name'].upper()}")
+            tcp = f"{prefix}_PORT_{port['port']}_TCP"
+            names += [tcp, f"{tcp}_PROTO", f"{tcp}_PORT", f"{tcp}_ADDR"]
+        for name in names:
+            if name.startswith("CLINML_"):
+                assert name.removeprefix("CLINML_").lower() not in fields, name
+
+
 def _feature_store_yaml() -> str:
     return _named("ConfigMap", FEATURE_STORE_CONFIGMAP)["data"][FEATURE_STORE_FILE]
 
@@ -270,6 +311,12 @@ def test_feature_store_yaml_is_mounted_where_clinml_is_told_to_read_it() -> None
         assert volume["configMap"]["name"] == FEATURE_STORE_CONFIGMAP, name
         items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
         assert items.get(path.name, path.name) == FEATURE_STORE_FILE, name
+        if name == MODEL_SERVICE:
+            # The production profile needs the setting, but the executor never opens
+            # the store: it gets none of the store's passwords.
+            given = referenced & set(env)
+            assert not given, f"{name} never opens the feature store: {sorted(given)}"
+            continue
         # Feast leaves an unset ${NAME} as literal text: each must be set in the pod.
         missing = referenced - set(env)
         assert not missing, f"{name}: feature_store.yaml needs {sorted(missing)}"
@@ -285,7 +332,7 @@ def test_files_the_store_configurations_name_are_mounted() -> None:
     files = re.compile(r"/etc/clinml/[A-Za-z0-9_./-]+")
     named = set(files.findall(_feature_store_yaml()))
     assert named, "feature_store.yaml names no CA: TLS without verification?"
-    for name, _, container in _clinml_containers():
+    for name, _, container in _feature_store_readers():
         for path in named:
             assert _mounted(container, path), f"{name}: {path} is not mounted"
     uri = _named("Secret", "clinml-mlflow")["stringData"]["backend-store-uri"]
@@ -377,7 +424,7 @@ def test_the_production_profile_accepts_every_clinml_pods_configuration(
         assert settings.mlflow_artifact_root == env["CLINML_ARTIFACT_ROOT"], name
 
 
-# --- the API, its autoscaler and the GPU service ------------------------------------------
+# --- the API, its autoscaler and the GPU model service -----------------------------------
 
 
 def _port(name: str, container: dict[str, Any]) -> int:
@@ -401,17 +448,12 @@ def test_the_autoscaler_scales_the_api_deployment_on_cpu() -> None:
         assert "cpu" in container["resources"]["requests"], container["name"]
 
 
-@pytest.mark.parametrize("deployment", ["clinml-api", "clinml-gpu"])
-def test_the_service_runs_the_images_entrypoint_with_probes_and_a_matching_service(
-    deployment: str,
-) -> None:
+def _serves_with_probes_behind_a_matching_service(deployment: str) -> dict[str, Any]:
+    """The Deployment's one container probes /livez and /readyz on its `http` port, and a
+    Service of the same name selects its pods and targets that port."""
     workload = _named("Deployment", deployment)
     template = workload["spec"]["template"]
     (container,) = template["spec"]["containers"]
-    assert "command" not in container and "args" not in container, "the Dockerfile's CMD"
-    exposed = re.search(r"^EXPOSE (\d+)$", _dockerfile(), re.MULTILINE)
-    assert exposed and _port("http", container) == int(exposed.group(1))
-    assert f'"--port", "{exposed.group(1)}"' in _dockerfile()
     for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
         assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
     assert container["startupProbe"]["httpGet"]["path"] == "/livez"
@@ -420,9 +462,151 @@ def test_the_service_runs_the_images_entrypoint_with_probes_and_a_matching_servi
     assert service["spec"]["selector"].items() <= labels.items()
     assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    return container
 
 
-@pytest.mark.parametrize("deployment", ["clinml-api", "clinml-gpu"])
+def _exposed_port() -> int:
+    exposed = re.search(r"^EXPOSE (\d+)$", _dockerfile(), re.MULTILINE)
+    assert exposed
+    return int(exposed.group(1))
+
+
+def test_the_api_runs_the_images_entrypoint_with_probes_and_a_matching_service() -> None:
+    container = _serves_with_probes_behind_a_matching_service("clinml-api")
+    assert "command" not in container and "args" not in container, "the Dockerfile's CMD"
+    assert _port("http", container) == _exposed_port()
+    assert f'"--port", "{_exposed_port()}"' in _dockerfile()
+
+
+def _bentoml_serve_options() -> set[str]:
+    from bentoml_cli.cli import create_bentoml_cli
+
+    return _options(create_bentoml_cli().commands["serve"])
+
+
+def _is_bentoml_service_class(module: Path, name: str) -> bool:
+    """``module`` defines class ``name`` under ``@bentoml.service(...)``."""
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return any(
+                ast.unparse(d.func if isinstance(d, ast.Call) else d) == "bentoml.service"
+                for d in node.decorator_list
+            )
+    return False
+
+
+def test_the_model_service_serves_the_executor_alone_with_probes() -> None:
+    container = _serves_with_probes_behind_a_matching_service(MODEL_SERVICE)
+    argv = container["command"] + container.get("args", [])
+    assert argv[:3] == ["bentoml", "serve", EXECUTOR], argv
+    module, _, name = EXECUTOR.partition(":")
+    source = PROJECT_ROOT / (module.replace(".", "/") + ".py")
+    assert _is_bentoml_service_class(source, name), f"{EXECUTOR} is not a BentoML service"
+    options = _bentoml_serve_options()
+    for word in argv[3:]:
+        if word.startswith("-"):
+            assert word in options, f"`bentoml serve` has no option {word}"
+    # Reachable from other pods, on the port the container declares.
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert int(argv[argv.index("--port") + 1]) == _port("http", container)
+    # The executor must not itself be pointed at an executor.
+    env = _env(container)
+    assert "CLINML_EXECUTOR_URL" not in env and "CLINML_EXECUTION" not in env
+
+
+def _resolve_port(port: int | str, container: dict[str, Any]) -> int:
+    """A Service targetPort or NetworkPolicy port, by number or by container port name."""
+    return _port(port, container) if isinstance(port, str) else int(port)
+
+
+def test_the_api_reaches_the_model_service_at_its_service_and_port() -> None:
+    api = _api_deployment()
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    assert env["CLINML_EXECUTION"]["value"] == "split"
+    url = env["CLINML_EXECUTOR_URL"]["value"]
+    found = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url)
+    assert found, f"{url}: expected http://<Service>:<port> in the namespace"
+    host, port = found.group(1), int(found.group(2))
+    assert host == MODEL_SERVICE, url
+    service = _named("Service", host)
+    model = _named("Deployment", host)["spec"]["template"]
+    (executor,) = model["spec"]["containers"]
+    assert service["spec"]["selector"].items() <= model["metadata"]["labels"].items()
+    targets = [p["targetPort"] for p in service["spec"]["ports"] if p["port"] == port]
+    assert len(targets) == 1, f"{url}: Service {host} has no port {port}"
+    (target,) = targets
+    argv = executor["command"]
+    assert _resolve_port(target, executor) == int(argv[argv.index("--port") + 1])
+
+
+def _pod_labels() -> dict[str, dict[str, str]]:
+    return {w["metadata"]["name"]: _pod_template(w)["metadata"]["labels"] for w in _workloads()}
+
+
+def _matching(selector: dict[str, Any]) -> set[str]:
+    """The workloads whose pods a label selector selects (matchLabels only)."""
+    assert set(selector) <= {"matchLabels"}, f"unsupported selector {selector}"
+    wanted = selector.get("matchLabels", {}).items()
+    return {name for name, labels in _pod_labels().items() if wanted <= labels.items()}
+
+
+def _admitted(policy: dict[str, Any]) -> tuple[set[str], set[int | str]]:
+    """(workloads admitted, ports admitted) by a NetworkPolicy's ingress rules. A rule
+    without peers or ports, or a peer outside the namespace's pods, admits anything."""
+    spec = policy["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    workloads: set[str] = set()
+    ports: set[int | str] = set()
+    for rule in spec.get("ingress", []):
+        assert rule.get("from"), "a rule without `from` admits every source"
+        assert rule.get("ports"), "a rule without `ports` admits every port"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"admits beyond the namespace's pods: {peer}"
+            workloads |= _matching(peer["podSelector"])
+        ports |= {p["port"] for p in rule["ports"] if p.get("protocol", "TCP") == "TCP"}
+    return workloads, ports
+
+
+def test_only_the_api_pods_reach_the_model_service() -> None:
+    # The executor's endpoints have no authentication: this policy is all that guards them.
+    policy = _named("NetworkPolicy", MODEL_SERVICE)
+    assert _matching(policy["spec"]["podSelector"]) == {MODEL_SERVICE}
+    workloads, ports = _admitted(policy)
+    assert workloads == {_api_deployment()["metadata"]["name"]}
+    (executor,) = _named("Deployment", MODEL_SERVICE)["spec"]["template"]["spec"]["containers"]
+    argv = executor["command"]
+    assert {_resolve_port(p, executor) for p in ports} == {int(argv[argv.index("--port") + 1])}
+
+
+@pytest.mark.parametrize(
+    "widen",
+    ["every clinml pod", "another namespace", "any port"],
+)
+def test_a_wider_model_service_policy_is_caught(widen: str) -> None:
+    policy = copy.deepcopy(_named("NetworkPolicy", MODEL_SERVICE))
+    rule = policy["spec"]["ingress"][0]
+    if widen == "every clinml pod":
+        rule["from"] = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "clinml"}}}]
+        workloads, _ = _admitted(policy)
+        assert workloads != {_api_deployment()["metadata"]["name"]}
+        return
+    if widen == "another namespace":
+        rule["from"][0]["namespaceSelector"] = {}
+    elif widen == "any port":
+        del rule["ports"]
+    with pytest.raises(AssertionError):
+        _admitted(policy)
+
+
+def test_no_autoscaler_targets_the_model_service() -> None:
+    # One GPU, one pod: scaling the model service is a deliberate change, not a default.
+    targets = {h["spec"]["scaleTargetRef"]["name"] for h in _kind("HorizontalPodAutoscaler")}
+    assert targets == {_api_deployment()["metadata"]["name"]}
+    assert MODEL_SERVICE not in targets
+
+
+@pytest.mark.parametrize("deployment", ["clinml-api", MODEL_SERVICE])
 def test_each_service_pod_has_its_own_bentoml_home_with_the_packaged_model(
     deployment: str,
 ) -> None:
@@ -442,20 +626,22 @@ def test_each_service_pod_has_its_own_bentoml_home_with_the_packaged_model(
     assert (PROJECT_ROOT / "configs" / f"{usecase}.yaml").is_file()
 
 
-def test_the_gpu_service_asks_for_a_gpu_on_a_gpu_node_and_executes_there() -> None:
-    pod = _named("Deployment", "clinml-gpu")["spec"]["template"]["spec"]
+def test_the_model_service_asks_for_a_gpu_on_a_gpu_node_and_executes_there() -> None:
+    pod = _named("Deployment", MODEL_SERVICE)["spec"]["template"]["spec"]
     assert pod.get("nodeSelector"), "no nodeSelector"
     tolerations = pod.get("tolerations", [])
     assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in tolerations)
     (container,) = pod["containers"]
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert container["image"].endswith("-cuda"), "the GPU variant of the image"
     env = _env(container)
-    assert env["CLINML_EXECUTION"]["value"] == "split"
     assert env["CLINML_GPU"]["value"] == "1"
     assert env["CLINML_DEVICE"]["value"] == "cuda"
+    # It follows the champion alias itself: nothing else reloads it on a schedule.
+    assert float(env["CLINML_RELOAD_INTERVAL_S"]["value"]) > 0
     # No other pod takes a GPU or tolerates the GPU nodes' taint.
     for name, other in _pods():
-        if name != "clinml-gpu":
+        if name != MODEL_SERVICE:
             assert "nvidia.com/gpu" not in str(other), name
 
 

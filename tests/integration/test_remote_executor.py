@@ -78,11 +78,18 @@ def remote(pipeline, home: Path):
             stop_group(state["executor"])
 
 
-def test_the_api_scores_through_the_remote_executor_as_inline_does(
-    remote, client, records
-) -> None:
-    api, keys, _, _ = remote
+def test_the_api_scores_through_the_remote_executor_as_inline_does(remote, client, records) -> None:
+    from training.tracking import Tracker
+
+    api, keys, _, settings = remote
     headers = {"Authorization": f"Bearer {keys['dev']}"}
+    # Earlier modules may have moved the champion: both services follow it on reload,
+    # the remote one through the API, which forwards the reload to the executor.
+    champion = str(Tracker.from_settings(settings).version_by_alias("pathology").version)
+    reloaded = httpx.post(f"{api.url}/admin/reload", headers=headers, timeout=120)
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["version"] == champion
+    assert client.post("/admin/reload").json()["version"] == champion
     body = {"records": records.head(5).to_dict("records")}
     answer = httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=30)
     assert answer.status_code == 200, answer.text
