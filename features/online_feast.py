@@ -34,6 +34,7 @@ class FeastOnlineReader:
         self.view = store.get_feature_view(view_name(spec))
         self.join_key = spec.entity.key
         self.features = list(spec.feature_names)
+        self.wanted = frozenset(self.features)
         self.provider = store._get_provider()  # Feast's public API has no lower-level read
         self._lock = threading.Lock()
 
@@ -41,7 +42,6 @@ class FeastOnlineReader:
         """Per id, ``{feature: (value, recorded_at)}`` for the values present, or None."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
-        from feast.type_map import feast_value_type_to_python_type
 
         keys = [
             EntityKey(join_keys=[self.join_key], entity_values=[Value(string_val=str(i))])
@@ -52,28 +52,29 @@ class FeastOnlineReader:
                 config=self.store.config,
                 table=self.view,
                 entity_keys=keys,
-                requested_features=self.features,
+                # A copy: Feast's Redis store appends its timestamp field to the list
+                # it is given, which would grow by one name on every read.
+                requested_features=list(self.features),
             )
         rows: list[dict[str, tuple[Any, datetime]] | None] = []
         for recorded, values in found:
             # An entity the store does not have: no values, or (Redis) every value empty
             # under the epoch as its timestamp.
-            empty = not values or all(v.WhichOneof("val") is None for v in values.values())
-            if recorded is None or (empty and recorded.timestamp() <= 0):
+            if recorded is None or (
+                recorded.timestamp() <= 0
+                and all(v.WhichOneof("val") is None for v in (values or {}).values())
+            ):
                 rows.append(None)
                 continue
             at = recorded if recorded.tzinfo else recorded.replace(tzinfo=UTC)
-            # A stored null is (None, at), as the SQLite reader gives it.
-            row = {
-                name: (
-                    None
-                    if value.WhichOneof("val") is None
-                    else feast_value_type_to_python_type(value),
-                    at,
-                )
-                for name, value in values.items()
-                if name in self.features
-            }
+            # A stored null is (None, at), as the SQLite reader gives it. The spec's
+            # types are scalars (double, int64, string), read straight off the message:
+            # Feast's general converter took half of a 100-entity read.
+            row: dict[str, tuple[Any, datetime]] = {}
+            for name, value in values.items():
+                if name in self.wanted:
+                    kind = value.WhichOneof("val")
+                    row[name] = (None if kind is None else getattr(value, kind), at)
             rows.append(row or None)
         return rows
 

@@ -36,13 +36,13 @@ def service_env(settings: Settings, usecase: str) -> dict[str, str]:
     return env
 
 
-def serve_command(host: str, port: int) -> list[str]:
+def serve_command(host: str, port: int, target: str = SERVICE_IMPORT) -> list[str]:
     return [
         sys.executable,
         "-m",
         "bentoml",
         "serve",
-        SERVICE_IMPORT,
+        target,
         "--host",
         host,
         "--port",
@@ -83,9 +83,19 @@ class ServiceProcess:
     """``bentoml serve`` in the background, logging to a file; a context manager."""
 
     def __init__(
-        self, settings: Settings, usecase: str, port: int, log_file: Path, host: str = "127.0.0.1"
+        self,
+        settings: Settings,
+        usecase: str,
+        port: int,
+        log_file: Path,
+        host: str = "127.0.0.1",
+        target: str = SERVICE_IMPORT,
     ):
+        """``target``: the BentoML service to serve; by default the API, which starts
+        the model-execution service it needs (``serving.executor:ModelExecutor`` serves
+        that one on its own)."""
         self.settings, self.usecase, self.port, self.host = settings, usecase, port, host
+        self.target = target
         self.log_file = log_file
         self.url = f"http://{host}:{port}"
         self._process: subprocess.Popen[bytes] | None = None
@@ -101,7 +111,7 @@ class ServiceProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_file.open("wb")
         self._process = subprocess.Popen(
-            serve_command(self.host, self.port),
+            serve_command(self.host, self.port, self.target),
             env=service_env(self.settings, self.usecase),
             stdout=log,
             stderr=subprocess.STDOUT,

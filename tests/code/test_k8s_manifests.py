@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT
+from tests.yaml_tree import walk
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 # The oldest Kubernetes release the manifests are written for (CronJob timeZone and
@@ -100,20 +101,6 @@ def _containers(pod: dict[str, Any], init: bool = True) -> list[dict[str, Any]]:
 
 def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
-
-
-def _walk(node: Any, key: str) -> list[Any]:
-    """Every value stored under ``key`` anywhere in a parsed YAML tree."""
-    found = []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key:
-                found.append(v)
-            found.extend(_walk(v, key))
-    elif isinstance(node, list):
-        for item in node:
-            found.extend(_walk(item, key))
-    return found
 
 
 def _runs_clinml(container: dict[str, Any]) -> bool:
@@ -370,9 +357,9 @@ def test_every_referenced_secret_configmap_and_claim_exists() -> None:
     configmaps = {(d["metadata"]["name"], key) for d in _kind("ConfigMap") for key in d["data"]}
     claims = {d["metadata"]["name"] for d in _kind("PersistentVolumeClaim")}
     for workload in _workloads():
-        for ref in _walk(workload, "secretKeyRef"):
+        for ref in walk(workload, "secretKeyRef"):
             assert (ref["name"], ref["key"]) in secrets, ref
-        for ref in _walk(workload, "configMapKeyRef"):
+        for ref in walk(workload, "configMapKeyRef"):
             assert (ref["name"], ref["key"]) in configmaps, ref
         for volume in _pod_template(workload)["spec"].get("volumes", []):
             if "configMap" in volume:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT
+from tests.yaml_tree import walk
 
 SCHEDULING = PROJECT_ROOT / "deploy" / "scheduling"
 DAG_FILE = SCHEDULING / "airflow_monitor_dag.py"
@@ -38,20 +39,6 @@ def _cronjob() -> dict[str, Any]:
     cronjobs = [d for d in documents if d and d.get("kind") == "CronJob"]
     assert len(cronjobs) == 1, "expected exactly one CronJob in monitor-cronjob.yaml"
     return cronjobs[0]
-
-
-def _walk(node: Any, key: str) -> list[Any]:
-    """Every value stored under ``key`` anywhere in a parsed YAML tree."""
-    found = []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key:
-                found.append(v)
-            found.extend(_walk(v, key))
-    elif isinstance(node, list):
-        for item in node:
-            found.extend(_walk(item, key))
-    return found
 
 
 def test_cronjob_is_a_batch_v1_cronjob_that_never_overlaps_or_retries() -> None:
@@ -103,17 +90,17 @@ def test_cronjob_runs_the_monitor_as_the_images_non_root_user() -> None:
 
 def test_cronjob_takes_secrets_only_from_the_clinml_secrets_secret() -> None:
     cronjob = _cronjob()
-    refs = _walk(cronjob, "secretKeyRef")
+    refs = walk(cronjob, "secretKeyRef")
     assert refs, "no secretKeyRef at all"
     assert {ref["name"] for ref in refs} == {"clinml-secrets"}
-    envs = [e for env in _walk(cronjob, "env") for e in env]
+    envs = [e for env in walk(cronjob, "env") for e in env]
     by_name = {e["name"]: e for e in envs}
     for name in SECRET_VARIABLES:
         assert "value" not in by_name[name], f"{name} has a literal value"
         assert by_name[name]["valueFrom"]["secretKeyRef"]["name"] == "clinml-secrets"
     assert {ref["key"] for ref in refs} == {"pseudonym-key", "alert-webhook-url"}
     assert by_name["CLINML_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["key"]
-    assert not _walk(cronjob, "envFrom"), "envFrom would hide which variables are secrets"
+    assert not walk(cronjob, "envFrom"), "envFrom would hide which variables are secrets"
 
 
 # --- crontab ----------------------------------------------------------------------------

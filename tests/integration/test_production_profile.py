@@ -190,6 +190,8 @@ def test_the_redis_reader_agrees_with_feast_online_api(
     ours = reader.read(ids)
     feasts = feature_store._read_with_feast(store, pathology_spec, ids)
     assert ours == feasts
+    assert reader.read(ids) == ours  # a second read is the same read
+    assert reader.features == list(pathology_spec.feature_names)  # Feast appends to its list
     assert ours[-1] is None and all(row is not None for row in ours[:-1])
     reader.ping()
 

@@ -8,74 +8,36 @@ run on this machine's CPU; what is tested is the path between them.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import PROJECT_ROOT
 from tests.integration.served import api_keys, serve_from_the_session_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def _start_executor(settings, port: int, log: Path) -> subprocess.Popen[bytes]:
-    from serving import launch
-
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                "serving.executor:ModelExecutor",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=launch.service_env(settings, "pathology"),
-            cwd=PROJECT_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"executor not ready: {log.read_text()[-3000:]}")
+EXECUTOR = "serving.executor:ModelExecutor"
 
 
 @pytest.fixture(scope="module")
 def remote(pipeline, home: Path):
-    from serving.launch import ServiceProcess, free_port, stop_group
+    from serving.launch import ServiceProcess, free_port
 
     settings, _, _ = pipeline
     keys = api_keys(home)
     with pytest.MonkeyPatch.context() as patch:
         serve_from_the_session_store(patch)
-        port = free_port()
         log = home / "logs" / "executor-remote.log"
-        state = {"executor": _start_executor(settings, port, log), "port": port, "log": log}
-        patch.setenv("CLINML_EXECUTION", "split")
-        patch.setenv("CLINML_EXECUTOR_URL", f"http://127.0.0.1:{port}")
-        api_log = home / "logs" / "serve-remote-executor.log"
-        try:
+        executor = ServiceProcess(settings, "pathology", free_port(), log, target=EXECUTOR)
+        with executor:
+            patch.setenv("CLINML_EXECUTION", "split")
+            patch.setenv("CLINML_EXECUTOR_URL", executor.url)
+            api_log = home / "logs" / "serve-remote-executor.log"
             with ServiceProcess(settings, "pathology", free_port(), api_log) as api:
-                yield api, keys, state, settings
-        finally:
-            stop_group(state["executor"])
+                yield api, keys, executor, settings
 
 
 def test_the_api_scores_through_the_remote_executor_as_inline_does(remote, client, records) -> None:
@@ -110,18 +72,16 @@ def test_the_api_scores_through_the_remote_executor_as_inline_does(remote, clien
 
 
 def test_a_stopped_remote_executor_is_a_503_and_its_return_is_served(remote, records) -> None:
-    from serving.launch import stop_group
-
-    api, keys, state, settings = remote
+    api, keys, executor, _ = remote
     headers = {"Authorization": f"Bearer {keys['app']}"}
     body = {"records": records.head(1).to_dict("records")}
-    stop_group(state["executor"])
+    executor.stop()
     down = httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=60)
     assert down.status_code == 503, down.text
     assert "model execution service unavailable" in down.text
     # The API's own `bentoml serve` started no executor: with the remote one stopped,
     # nothing answers.
-    state["executor"] = _start_executor(settings, state["port"], state["log"])
+    executor.start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         back = httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=60)
