@@ -35,7 +35,8 @@ def _unreachable() -> str | None:
             host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=3
         ).close()
     except psycopg.OperationalError as exc:
-        return f"PostgreSQL at {PG_HOST}:{PG_PORT} does not answer ({str(exc).strip()[:120]})"
+        reason = " ".join(str(exc).split())[:120]  # one line in pytest's summary
+        return f"PostgreSQL at {PG_HOST}:{PG_PORT} does not answer ({reason})"
     host, port = REDIS.split(":")
     try:
         redis.Redis(host=host, port=int(port), socket_connect_timeout=3).ping()
