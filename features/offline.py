@@ -165,30 +165,28 @@ class PostgresTables:
                     sql.SQL("ALTER TABLE {}.{} RENAME TO {}").format(schema, staged, final)
                 )
 
-    def exists(self, which: str) -> bool:
-        with self.connect() as connection:
-            row = connection.execute("SELECT to_regclass(%s)", (self.qualified(which),)).fetchone()
+    def exists(self, which: str, connection: psycopg.Connection | None = None) -> bool:
+        if connection is None:
+            with self.connect() as own:
+                return self.exists(which, own)
+        row = connection.execute("SELECT to_regclass(%s)", (self.qualified(which),)).fetchone()
         return row is not None and row[0] is not None
 
-    def read(self, which: str, columns: list[str] | None = None) -> pd.DataFrame | None:
+    def read(self, which: str) -> pd.DataFrame | None:
         """A table as a frame (None before the first ingest); timestamps in UTC."""
         from psycopg import sql
 
-        if not self.exists(which):
-            return None
-        selected = (
-            sql.SQL("*")
-            if columns is None
-            else sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        query = sql.SQL("SELECT * FROM {}.{}").format(
+            sql.Identifier(self.schema), sql.Identifier(self.table(which))
         )
-        query = sql.SQL("SELECT {} FROM {}.{}").format(
-            selected, sql.Identifier(self.schema), sql.Identifier(self.table(which))
-        )
-        with self.connect() as connection, connection.cursor() as cursor:
-            cursor.execute(query)
-            names = [d.name for d in cursor.description or []]
-            types = {d.name: d.type_code for d in cursor.description or []}
-            frame = pd.DataFrame.from_records(cursor.fetchall(), columns=names)
+        with self.connect() as connection:
+            if not self.exists(which, connection):
+                return None
+            with connection.cursor() as cursor:
+                cursor.execute(query)
+                names = [d.name for d in cursor.description or []]
+                types = {d.name: d.type_code for d in cursor.description or []}
+                frame = pd.DataFrame.from_records(cursor.fetchall(), columns=names)
         return _restore_types(frame, types)
 
     def earliest(self, column: str) -> datetime | None:

@@ -467,27 +467,24 @@ def online_lookup(
         spec: the use-case spec.
         entity_ids: pseudonymised entity ids, in the order wanted back.
         as_of: the time the values are needed for.
-        reader: an ``online_sqlite.OnlineReader`` to reuse (serving keeps one); by
-            default one is opened for the SQLite store, and other stores are read
-            through Feast's ``get_online_features``.
+        reader: an ``online_feast.online_reader`` to reuse (serving keeps one); by
+            default one is opened for this call.
         rows: the entities' rows already read (``OnlineReader.read``'s shape, one per
             id), for a caller that batches reads; then nothing is read here.
     """
-    from features import online_sqlite
+    from features.online_feast import online_reader
 
     if rows is not None:
         if len(rows) != len(entity_ids):
             raise ValueError(f"{len(rows)} rows read for {len(entity_ids)} entity ids")
     elif reader is not None:
         rows = reader.read(entity_ids)
-    elif store.config.online_store.type == "sqlite":
-        own = online_sqlite.OnlineReader.for_store(store, spec)
+    else:
+        own = online_reader(store, spec)
         try:
             rows = own.read(entity_ids)
         finally:
             own.close()
-    else:
-        rows = _read_with_feast(store, spec, entity_ids)
     features = spec.feature_names
     nullable = {c.name for c in spec.features if c.nullable}
     limit = ttl(spec)
@@ -521,7 +518,8 @@ def online_lookup(
 def _read_with_feast(
     store: FeatureStore, spec: UseCaseSpec, entity_ids: list[str]
 ) -> list[dict[str, tuple[Any, datetime]] | None]:
-    """Rows in the reader's shape, through Feast's own online API (any online store)."""
+    """Rows in the readers' shape through Feast's own ``get_online_features``: the
+    reference the readers are tested and benchmarked against (any online store)."""
     rows = [{spec.entity.key: entity_id} for entity_id in entity_ids]
     response = store.get_online_features(
         features=store.get_feature_service(spec.feature_service), entity_rows=rows

@@ -21,6 +21,7 @@ from clinml.tables import read_table
 from pipelines.progress import Progress
 
 if TYPE_CHECKING:
+    from clinml.environment import FeastEnvironment
     from features.offline import PostgresTables
     from training.governance import Decision
 
@@ -29,11 +30,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _offline_tables(spec: UseCaseSpec, settings: Settings) -> PostgresTables | None:
+def _offline_tables(spec: UseCaseSpec, environment: FeastEnvironment) -> PostgresTables | None:
     """The PostgreSQL offline store's tables of the use case (None: parquet files)."""
     from features.offline import PostgresTables
 
-    return PostgresTables.for_environment(settings.feast_environment, spec.name)
+    return PostgresTables.for_environment(environment, spec.name)
 
 
 def ingest(
@@ -55,7 +56,7 @@ def ingest(
 
     paths = settings.paths.usecase(spec.name)
     environment = settings.feast_environment
-    tables = _offline_tables(spec, settings)
+    tables = _offline_tables(spec, environment)
     with progress.step(f"ingest and validate '{spec.name}' (Great Expectations)"):
         frame = None if data is None else read_table(data)
         result = ingest_stage.run(
@@ -101,7 +102,7 @@ def materialize(
 
     paths = settings.paths.usecase(spec.name)
     environment = settings.feast_environment
-    if not has_data(paths, _offline_tables(spec, settings)):
+    if not has_data(paths, _offline_tables(spec, environment)):
         raise NotReadyError(
             f"no ingested data for '{spec.name}': run `clinml ingest {spec.name}` first"
         )
@@ -133,8 +134,9 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
         f"train {len(spec.training.candidates)} candidates: grouped-CV search, refit, "
         "clinical evaluation (MLflow runs)"
     ):
-        events = read_labels(spec, paths, _now(), _offline_tables(spec, settings))
-        store = feature_store.open_store(spec, paths, settings.feast_environment)
+        environment = settings.feast_environment
+        events = read_labels(spec, paths, _now(), _offline_tables(spec, environment))
+        store = feature_store.open_store(spec, paths, environment)
         tracker = Tracker.from_settings(settings, create=True)  # the first run creates it
         result = train_stage.run(spec, store, tracker, events, report=progress.detail)
         metrics = result.selected.metrics
@@ -168,8 +170,9 @@ def promote(
     tracker = Tracker.from_settings(settings)
     with progress.step(f"promotion gate for {spec.name} (challenger vs champion)"):
         tracker.version_by_alias(spec.name, governance.CHALLENGER)  # fail fast, before Feast
-        store = feature_store.open_store(spec, paths, settings.feast_environment)
-        events = read_labels(spec, paths, _now(), _offline_tables(spec, settings))
+        environment = settings.feast_environment
+        store = feature_store.open_store(spec, paths, environment)
+        events = read_labels(spec, paths, _now(), _offline_tables(spec, environment))
         frame = feature_store.training_frame(store, spec, events)
         data = governance.TestData.from_frame(spec, frame)
         progress.detail(f"current test data: {len(data.y):,} rows")
