@@ -295,13 +295,7 @@ def run(
                 spec, paths, now, pseudonymiser, raw, run_dir, append, learn_profile, phase, tables
             )
             if tables is not None:
-                staged = run_dir / "offline"
-                tables.replace(
-                    {
-                        "features": pd.read_parquet(staged / paths.features_file.name),
-                        "labels": pd.read_parquet(staged / paths.labels_file.name),
-                    }
-                )
+                tables.replace({"features": result.features, "labels": result.labels})
                 phase(f"committed to {tables.qualified('features')} and its labels table")
             _commit(paths, run_dir)
         except BaseException:
@@ -309,15 +303,15 @@ def run(
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         _recover(paths)  # publishes this run's report and profile, drops the previous run
-    phase(f"wrote {result.stored_features:,} feature rows and {result.stored_labels:,} labels")
+    phase(f"wrote {len(result.features):,} feature rows and {len(result.labels):,} labels")
     return result.outcome
 
 
 @dataclass(frozen=True)
 class _Staged:
     outcome: IngestResult
-    stored_features: int
-    stored_labels: int
+    features: pd.DataFrame  # everything stored once the run commits
+    labels: pd.DataFrame
 
 
 def _stage(
@@ -360,17 +354,19 @@ def _stage(
     labels = clean.loc[clean[label].notna(), label_columns].sort_values(ts, kind="stable")
 
     added = len(features)
-    stored_features, stored_labels = _stored(paths, tables) if append else (None, None)
+    stored_features = _stored(paths, tables, "features") if append else None
     if stored_features is not None:
         before = len(stored_features)
         features = _merge(stored_features, features, [key, ts], prefer_new=False)
         added = len(features) - before
+        stored_labels = _stored(paths, tables, "labels")
         if stored_labels is not None:
             labels = _merge(stored_labels, labels, [key, ts], prefer_new=True)
+    features, labels = features.reset_index(drop=True), labels.reset_index(drop=True)
     offline = run_dir / "offline"
     offline.mkdir()
-    features.reset_index(drop=True).to_parquet(offline / paths.features_file.name, index=False)
-    labels.reset_index(drop=True).to_parquet(offline / paths.labels_file.name, index=False)
+    features.to_parquet(offline / paths.features_file.name, index=False)
+    labels.to_parquet(offline / paths.labels_file.name, index=False)
     if profile is None:
         learn(raw, spec, now).save(run_dir / "publish" / "profile.json")
     outcome = IngestResult(
@@ -385,18 +381,15 @@ def _stage(
         report=published / "report.md",
         learned_profile=profile is None,
     )
-    return _Staged(outcome, len(features), len(labels))
+    return _Staged(outcome, features, labels)
 
 
-def _stored(
-    paths: UseCasePaths, tables: PostgresTables | None
-) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """The stored features and labels (None where nothing is stored yet)."""
+def _stored(paths: UseCasePaths, tables: PostgresTables | None, which: str) -> pd.DataFrame | None:
+    """The stored ``features`` or ``labels`` (None before the first ingest)."""
     if tables is not None:
-        return tables.read("features"), tables.read("labels")
-    features = pd.read_parquet(paths.features_file) if paths.features_file.is_file() else None
-    labels = pd.read_parquet(paths.labels_file) if paths.labels_file.is_file() else None
-    return features, labels
+        return tables.read(which)
+    file = paths.features_file if which == "features" else paths.labels_file
+    return pd.read_parquet(file) if file.is_file() else None
 
 
 def has_data(paths: UseCasePaths, tables: PostgresTables | None = None) -> bool:
@@ -411,9 +404,7 @@ def read_labels(
     tables: PostgresTables | None = None,
 ) -> pd.DataFrame:
     """The training events: entity, timestamp and label, for labels known by ``now``."""
-    labels = tables.read("labels") if tables is not None else None
-    if tables is None and paths.labels_file.is_file():
-        labels = pd.read_parquet(paths.labels_file)
+    labels = _stored(paths, tables, "labels")
     if labels is None:
         raise NotReadyError(
             f"no ingested data for '{spec.name}': run `clinml ingest {spec.name}` first"
