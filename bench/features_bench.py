@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.docsection import write_section  # noqa: E402
+from bench.loadgen import p50_p99_ms  # noqa: E402
 from clinml.pseudonym import Pseudonymiser  # noqa: E402
 from clinml.settings import Paths  # noqa: E402
 from clinml.spec import load_spec  # noqa: E402
@@ -55,11 +56,6 @@ def _timed(fn, *args, **kwargs):
     started = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - started
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    ms = np.array(samples) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
 def _median_round(rounds: list[tuple[float, float]]) -> tuple[float, float]:
@@ -157,7 +153,7 @@ def run(patients: int, feast_materialize: bool, reads: int) -> str:
                             reader.read(batch)
                         times[which].append(time.perf_counter() - started)
                 for which, samples in times.items():
-                    rounds[which].append(_percentiles(samples[20:]))
+                    rounds[which].append(p50_p99_ms(samples[20:]))
             (f50, f99), (d50, d99) = (
                 _median_round(rounds["feast"]),
                 _median_round(rounds["direct"]),

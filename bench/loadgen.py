@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 SERVER_CORE, LOAD_CORE = 0, 1
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # A Lua long string with a level-4 bracket, so a JSON body containing "]]" stays intact.
@@ -47,6 +49,12 @@ def write_lua(
     lines = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in every.items())
     path.write_text(LUA.format(method=method, headers=lines, body=body))
     return path
+
+
+def p50_p99_ms(samples_s: list[float]) -> tuple[float, float]:
+    """p50 and p99 in ms of timings measured in seconds (numpy's linear interpolation)."""
+    ms = np.array(samples_s) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
 def percentile(out: str, label: str) -> float:

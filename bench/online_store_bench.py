@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.docsection import write_section  # noqa: E402
-from bench.loadgen import SERVER_CORE, LoadError, pinned, write_lua  # noqa: E402
+from bench.loadgen import SERVER_CORE, LoadError, p50_p99_ms, pinned, write_lua  # noqa: E402
 from bench.reliability_bench import wrk_run  # noqa: E402
 from bench.serving_bench import (  # noqa: E402
     BenchError,
@@ -446,8 +446,7 @@ def read_latency(stores: Stores, sizes: list[int], rounds: int, reads: int) -> l
                     if path != "online_read" and any(row is None for row in rows):
                         raise BenchError(f"{path} on {STORE[profile]} found no row for an id")
             for key, samples in times.items():
-                ms = sorted(t * 1000 for t in samples[WARMUP_READS:])
-                per_round[key].append((percentile(ms, 50), percentile(ms, 99)))
+                per_round[key].append(p50_p99_ms(samples[WARMUP_READS:]))
         for (path, profile), measured in per_round.items():
             results.append(
                 {
@@ -479,14 +478,6 @@ def online_read(reader: Any, entity_ids: list[str]) -> list[Any]:
         entity_keys=keys,
         requested_features=list(reader.features),  # Feast appends to the list it is given
     )
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """Linear-interpolated percentile of sorted values (numpy's default)."""
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 # -- serving -----------------------------------------------------------------------------

@@ -138,8 +138,7 @@ class FeastEnvironment:
 
     @property
     def registry_type(self) -> str:
-        registry = self.sections["registry"]
-        return str(registry.get("registry_type", "file"))
+        return str(self.sections["registry"].get("registry_type", "file"))
 
     @property
     def registry_path(self) -> str:
@@ -151,17 +150,17 @@ class FeastEnvironment:
 
     def require_shared(self) -> None:
         """Raise unless every store is shared (what the production profile needs)."""
+        # A file registry in object storage (s3://, gs://) is shared; on a disk it is not.
+        registry_local = self.registry_type == "file" and "://" not in self.registry_path
         local = [
             f"{name} {kind}"
-            for name, kind, local_kind in (
-                ("online_store type", self.online_type, "sqlite"),
-                ("offline_store type", self.offline_type, "file"),
-                ("registry_type", self.registry_type, "file"),
+            for name, kind, is_local in (
+                ("online_store type", self.online_type, self.online_type == "sqlite"),
+                ("offline_store type", self.offline_type, self.offline_type == "file"),
+                ("registry_type", self.registry_type, registry_local),
             )
-            if kind == local_kind
+            if is_local
         ]
-        if local and local[-1].startswith("registry") and "://" in self.registry_path:
-            local.pop()  # a file registry in object storage (s3://, gs://) is shared
         if local:
             raise FeastEnvironmentError(
                 f"CLINML_PROFILE=production: {self.source} names stores that are local files "
