@@ -10,8 +10,9 @@ and returns a :class:`CompiledModel` that repeats the same computation on plain 
   ``ColumnTransformer``'s exact output order;
 - the classifier in torch, float64 throughout, on CUDA when available. Forests and boosted
   trees are evaluated for every tree and row at once with one gather per tree level; the
-  RBF SVM, its Nystroem approximation, Platt calibration, the MLP and the prior correction
-  of class-weighted models are the same formulas scikit-learn and clinml apply.
+  RBF SVM, its Nystroem approximation, Platt calibration, the MLP, the logistic regression
+  and the prior correction of class-weighted models are the same formulas scikit-learn and
+  clinml apply.
 
 Probabilities match the pipeline's to within 1e-5 (in practice below 1e-9; the MLP, which
 scikit-learn runs in float32, about 1e-7). A pipeline the compiler does not know raises
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("svm_rbf", "svm_nystroem", "rf", "gbm", "mlp")
+KINDS = ("svm_rbf", "svm_nystroem", "rf", "gbm", "mlp", "logreg")
 # Rows per device pass: bounds the memory of a kernel matrix (rows x support vectors) and
 # of the forest's per-row, per-tree state for large batches; a request is far smaller.
 CHUNK_ROWS = 8_192
@@ -81,10 +82,16 @@ EXPLAIN_METHODS = {
         "gradient x input on the network's log-odds, from a zero baseline in the "
         "standardised space (training means, no category); first-order"
     ),
+    "logreg": (
+        "coefficient x input on the logistic regression's log-odds, from a zero baseline in "
+        "the standardised space (training means, no category); exact for a linear model: "
+        "bias (the intercept) + contributions = log-odds"
+    ),
 }
 PRIOR_NOTES = {
     "rf": "; path contributions rescaled per row to the prior-corrected probability",
     "gbm": "; the prior correction adds log(odds factor) to the bias",
+    "logreg": "; the prior correction adds log(odds factor) to the bias",
 }
 PRIOR_NOTE = "; on the prior-corrected log-odds (the correction shifts it by a constant)"
 
@@ -704,9 +711,46 @@ class _MLP(_Differentiable):
         return torch.sigmoid(self.log_odds(x.to(torch.float32).to(torch.float64)))
 
 
+class _Logistic(_Differentiable):
+    """A binary LogisticRegression (any penalty and solver): log-odds ``x @ coef + intercept``.
+
+    scikit-learn's binary ``predict_proba`` is the sigmoid of ``decision_function``
+    (``_predict_proba_lr``), whatever penalty and solver fitted the coefficients.
+    """
+
+    kind = "logreg"
+
+    def __init__(self, model: Any, device: str):
+        import torch
+
+        if len(model.classes_) != 2:
+            raise UnsupportedModel(
+                f"a LogisticRegression with {len(model.classes_)} classes; the fast path "
+                "knows binary ones"
+            )
+        # scikit-learn < 1.8 could fit a binary model as a two-class softmax
+        # (multi_class="multinomial"), whose probability is not the sigmoid used here.
+        if getattr(model, "multi_class", None) == "multinomial":
+            raise UnsupportedModel("a multinomial LogisticRegression; the fast path knows binary")
+        coef = np.asarray(model.coef_, dtype=np.float64)
+        if coef.shape[0] != 1:
+            raise UnsupportedModel(f"a LogisticRegression with coef_ of shape {coef.shape}")
+        self.coef = torch.as_tensor(coef[0], device=device)
+        self.intercept = float(np.asarray(model.intercept_, dtype=np.float64).ravel()[0])
+
+    def log_odds(self, x: Any, has_nan: bool = False) -> Any:
+        return x @ self.coef + self.intercept
+
+    def attributions(self, x: Any, has_nan: bool) -> tuple[Any, Any]:
+        # What gradient x input gives for a linear function, without autograd: each column's
+        # coefficient times its value, and the intercept, the log-odds at the zero baseline.
+        return x * self.coef, x.new_full((x.shape[0],), self.intercept)
+
+
 def _compile_classifier(model: Any, device: str) -> Any:
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
 
     from training.mlp import TorchMLPClassifier
 
@@ -718,6 +762,8 @@ def _compile_classifier(model: Any, device: str) -> Any:
         return _Boosting(model, device)
     if isinstance(model, TorchMLPClassifier):
         return _MLP(model, device)
+    if isinstance(model, LogisticRegression):
+        return _Logistic(model, device)
     raise UnsupportedModel(
         f"no fast path for a {type(model).__module__}.{type(model).__name__} classifier; "
         "it is served through the scikit-learn pipeline"
@@ -731,7 +777,8 @@ class CompiledModel:
     """A fitted clinml pipeline compiled for serving (see the module docstring).
 
     Attributes:
-        kind: ``"svm_rbf"``, ``"svm_nystroem"``, ``"rf"``, ``"gbm"`` or ``"mlp"``.
+        kind: ``"svm_rbf"``, ``"svm_nystroem"``, ``"rf"``, ``"gbm"``, ``"mlp"`` or
+            ``"logreg"``.
         device: ``"cpu"`` or ``"cuda"``.
         features: the input columns, in the order the pipeline was fitted with.
         encoded_features: the preprocessed columns (``get_feature_names_out`` order).
@@ -836,9 +883,9 @@ class CompiledModel:
         Returns:
             ``(contributions, bias)``: arrays of shape (rows, features) in ``features``
             order and (rows,). For ``rf`` bias + contributions = the probability, for
-            ``gbm`` = the log-odds (both exact). For SVMs and the MLP the bias is the
-            log-odds at the zero baseline; gradient x input is a first-order estimate
-            and does not sum to the output.
+            ``gbm`` and ``logreg`` = the log-odds (all exact). For SVMs and the MLP the
+            bias is the log-odds at the zero baseline; gradient x input is a first-order
+            estimate and does not sum to the output.
         """
         torch = self._torch
         tensor, has_nan = self._tensor(x)

@@ -1,9 +1,10 @@
 """The compiled fast path reproduces each candidate's pipeline, and explains it.
 
-Every candidate (and the class-weighted, prior-corrected variants) is fitted on the tiny
-use case, with and without a nullable feature, and the compiled model must give the
-pipeline's probabilities to within 1e-5 on held-out rows that include an unseen category
-and missing values.
+Every candidate and the regularised logistic regression (and the class-weighted,
+prior-corrected variants) is fitted on the tiny use case, with and without a nullable
+feature, and the compiled model must give the pipeline's probabilities to within 1e-5
+(the logistic regression: 1e-9) on held-out rows that include an unseen category and
+missing values.
 
 ``latency_benchmark`` (not a test) times single records and 100-record batches on the
 readmission cohort; run ``.venv/bin/python -m tests.model.test_fastpath`` to print it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +27,12 @@ from clinml.spec import UseCaseSpec
 from serving import fastpath
 from serving.fastpath import CompiledModel, UnsupportedModel, compile_model
 from tests.conftest import make_tiny_frame
-from training.candidates import build_pipeline
+from training import model_io
+from training.candidates import PriorCorrected, build_pipeline, make_preprocessor
 
 TOLERANCE = 1e-5
+# The logistic regression is one dot product and a sigmoid: float64 rounding only.
+LINEAR_TOLERANCE = 1e-9
 # The Nystroem case keeps 300 components of about 300 training rows; sklearn says so.
 pytestmark = pytest.mark.filterwarnings("ignore:n_components > n_samples:UserWarning")
 # name, candidate, hyperparameters, class-weighted (-> PriorCorrected), expected kind
@@ -40,8 +45,22 @@ CASES = {
     "rf_balanced": ("rf", {"n_estimators": 30}, True, "rf"),
     "gbm_balanced": ("gbm", {"max_iter": 30}, True, "gbm"),
     "mlp_balanced": ("mlp", {"hidden_units": [8], "epochs": 30}, True, "mlp"),
+    "logreg": ("logreg", {}, False, "logreg"),
+    "logreg_balanced": ("logreg", {}, True, "logreg"),
 }
+LOGISTIC = [case for case, (_, _, _, kind) in CASES.items() if kind == "logreg"]
 NULLABLE = {False: "plain", True: "creatinine_nullable"}
+
+
+def logistic_pipeline(spec: UseCaseSpec, params: dict[str, Any], balanced: bool) -> Any:
+    """The L2 logistic reference model, built here rather than through the training
+    registry: the fast path must compile it however training wraps it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    model = LogisticRegression(**{"C": 1.0, "max_iter": 1000, **params})
+    classifier = PriorCorrected(model) if balanced else model
+    return Pipeline([("preprocess", make_preprocessor(spec)), ("model", classifier)])
 
 
 def variant(spec: UseCaseSpec, nullable: bool, balanced: bool) -> UseCaseSpec:
@@ -89,7 +108,10 @@ def fitted(tiny_spec: UseCaseSpec, data):
             candidate, params, balanced, _ = CASES[case]
             spec = variant(tiny_spec, nullable, balanced)
             x_train, y_train, _ = data[nullable]
-            pipeline = build_pipeline(candidate, spec, params, seed=0, n_rows=len(x_train))
+            if candidate == "logreg":
+                pipeline = logistic_pipeline(spec, params, balanced)
+            else:
+                pipeline = build_pipeline(candidate, spec, params, seed=0, n_rows=len(x_train))
             cache[case, nullable] = pipeline.fit(x_train, y_train)
         return cache[case, nullable]
 
@@ -184,20 +206,109 @@ def test_missing_value_in_a_feature_the_model_does_not_impute_is_refused(fitted)
 
 
 def test_an_unknown_classifier_is_unsupported(tiny_spec: UseCaseSpec, data) -> None:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import GaussianNB
 
     x_train, y_train, _ = data[False]
     pipeline = build_pipeline("rf", tiny_spec, {"n_estimators": 3}, seed=0)
-    pipeline.steps[-1] = ("model", LogisticRegression())
+    pipeline.steps[-1] = ("model", GaussianNB())
     pipeline.fit(x_train, y_train)
 
-    with pytest.raises(UnsupportedModel, match="LogisticRegression"):
+    with pytest.raises(UnsupportedModel, match="GaussianNB"):
         compile_model(pipeline, device="cpu")
     with pytest.raises(UnsupportedModel, match="Pipeline"):
-        compile_model(LogisticRegression(), device="cpu")
+        compile_model(GaussianNB(), device="cpu")
 
 
-@pytest.mark.parametrize("case", ["svm", "svm_nystroem", "rf", "gbm", "mlp"])
+@pytest.mark.parametrize("nullable", list(NULLABLE), ids=list(NULLABLE.values()))
+@pytest.mark.parametrize("case", LOGISTIC)
+def test_logistic_regression_matches_the_pipeline_to_float_rounding(
+    case: str, nullable: bool, fitted, data
+) -> None:
+    pipeline = fitted(case, nullable)
+    compiled = compile_model(pipeline, device="cpu")
+    _, _, x_test = data[nullable]
+    expected = pipeline.predict_proba(x_test)[:, 1]
+    records = records_of(x_test)
+
+    batch = compiled.predict_proba(compiled.encode_records(records))
+    single = np.concatenate([compiled.predict_proba(compiled.encode_records([r])) for r in records])
+
+    # rows 0 (unseen ward) and 1, 2, 10, 40 (creatinine missing when nullable) included
+    np.testing.assert_allclose(batch, expected, rtol=0, atol=LINEAR_TOLERANCE)
+    np.testing.assert_allclose(single, expected, rtol=0, atol=LINEAR_TOLERANCE)
+    if nullable:
+        assert "missingindicator_creatinine" in compiled.encoded_features
+    assert isinstance(pipeline[-1], PriorCorrected) == CASES[case][2]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"solver": "liblinear", "intercept_scaling": 5.0},  # intercept_ includes the scaling
+        {"solver": "liblinear", "l1_ratio": 1.0, "C": 0.05},  # L1: some coefficients zero
+        {"solver": "saga", "l1_ratio": 0.5, "C": 0.1, "max_iter": 5000},  # elastic net
+        {"C": np.inf},  # unpenalised
+        {"fit_intercept": False},
+    ],
+    ids=["liblinear", "l1", "elasticnet", "unpenalised", "no_intercept"],
+)
+def test_any_penalty_and_solver_compiles(params: dict[str, Any], tiny_spec, data) -> None:
+    x_train, y_train, x_test = data[True]
+    pipeline = logistic_pipeline(variant(tiny_spec, True, False), params, balanced=False)
+    pipeline.fit(x_train, y_train)
+
+    compiled = compile_model(pipeline, device="cpu")
+
+    np.testing.assert_allclose(
+        compiled.predict_proba(compiled.encode_records(records_of(x_test))),
+        pipeline.predict_proba(x_test)[:, 1],
+        rtol=0,
+        atol=LINEAR_TOLERANCE,
+    )
+
+
+def test_a_multiclass_logistic_regression_is_unsupported(tiny_spec: UseCaseSpec, data) -> None:
+    x_train, _, _ = data[False]
+    ward = x_train["ward"].map({"medical": 0, "surgical": 1, "icu": 2}).to_numpy()
+    pipeline = logistic_pipeline(tiny_spec, {}, balanced=False).fit(x_train, ward)
+
+    with pytest.raises(UnsupportedModel, match="3 classes"):
+        compile_model(pipeline, device="cpu")
+
+
+def test_a_binary_multinomial_logistic_regression_is_unsupported(fitted) -> None:
+    # scikit-learn < 1.8 could fit two classes as a softmax; its probability is not the
+    # sigmoid of the decision function, so such a model must not be compiled.
+    pipeline = fitted("logreg")
+    pipeline[-1].multi_class = "multinomial"
+    try:
+        with pytest.raises(UnsupportedModel, match="multinomial"):
+            compile_model(pipeline, device="cpu")
+    finally:
+        del pipeline[-1].multi_class
+
+
+@pytest.mark.parametrize("case", LOGISTIC)
+def test_a_saved_logistic_pipeline_loads_and_compiles(
+    case: str, fitted, data, tiny_spec: UseCaseSpec, tmp_path: Path
+) -> None:
+    pipeline = fitted(case, True)
+    _, _, x_test = data[True]
+    model_io.save(pipeline, tmp_path / "m", {"features": tiny_spec.feature_names})
+
+    loaded = model_io.load(tmp_path / "m")  # the allow-list accepts it
+    compiled = compile_model(loaded.pipeline, device="cpu")
+
+    assert compiled.kind == "logreg"
+    np.testing.assert_allclose(
+        compiled.predict_proba(compiled.encode(x_test)),
+        pipeline.predict_proba(x_test)[:, 1],
+        rtol=0,
+        atol=LINEAR_TOLERANCE,
+    )
+
+
+@pytest.mark.parametrize("case", ["svm", "svm_nystroem", "rf", "gbm", "mlp", "logreg"])
 def test_explain_names_input_features_by_absolute_contribution(case: str, fitted, data) -> None:
     compiled = compile_model(fitted(case, True), device="cpu")
     _, _, x_test = data[True]
@@ -250,6 +361,41 @@ def test_boosting_contributions_and_bias_add_up_to_the_log_odds(case: str, fitte
     )
 
 
+@pytest.mark.parametrize("nullable", list(NULLABLE), ids=list(NULLABLE.values()))
+@pytest.mark.parametrize("case", LOGISTIC)
+def test_logistic_contributions_and_bias_add_up_to_the_log_odds(
+    case: str, nullable: bool, fitted, data
+) -> None:
+    pipeline = fitted(case, nullable)
+    compiled = compile_model(pipeline, device="cpu")
+    _, _, x_test = data[nullable]
+    x = compiled.encode(x_test)
+    model = pipeline[-1]
+    shift = 0.0
+    if isinstance(model, PriorCorrected):
+        model, shift = model.estimator_, np.log(model.odds_correction_)
+    # scikit-learn's own log-odds (the prior correction moves it by a constant)
+    log_odds = model.decision_function(pipeline[:-1].transform(x_test)) + shift
+
+    contributions, bias = compiled.attributions(x)
+    everything = compiled.explain(x, top_k=len(compiled.features))
+
+    np.testing.assert_allclose(contributions.sum(axis=1) + bias, log_odds, rtol=0, atol=1e-12)
+    from_explain = np.array([sum(c for _, c in pairs) for pairs in everything])
+    np.testing.assert_allclose(from_explain + bias, log_odds, rtol=0, atol=1e-12)
+    # the bias is the log-odds at the zero baseline (training means, no category)
+    np.testing.assert_array_equal(bias, np.full(len(x), model.intercept_[0] + shift))
+    # heart rate has one standardised column: its contribution is coefficient x value
+    column = compiled.encoded_features.index("heart_rate")
+    np.testing.assert_allclose(
+        contributions[:, compiled.features.index("heart_rate")],
+        model.coef_[0, column] * x[:, column],
+        rtol=0,
+        atol=1e-15,
+    )
+    assert "exact" in compiled.explain_method
+
+
 @pytest.mark.parametrize("case", ["gbm", "gbm_balanced"])
 def test_boosting_bias_is_the_mean_training_log_odds(case: str, fitted, data) -> None:
     # Internal nodes carry the count-weighted mean of their leaves, so the bias (the
@@ -263,7 +409,7 @@ def test_boosting_bias_is_the_mean_training_log_odds(case: str, fitted, data) ->
     assert bias[0] == pytest.approx(np.log(probability / (1 - probability)).mean(), abs=1e-9)
 
 
-@pytest.mark.parametrize("case", ["svm", "svm_nystroem", "mlp", "mlp_balanced"])
+@pytest.mark.parametrize("case", ["svm", "svm_nystroem", "mlp", "mlp_balanced", "logreg"])
 def test_gradient_times_input_matches_finite_differences(case: str, fitted, data) -> None:
     compiled = compile_model(fitted(case, True), device="cpu")
     _, _, x_test = data[True]
@@ -393,7 +539,9 @@ def test_auto_device_falls_back_to_the_cpu_and_says_so(fitted, monkeypatch, capl
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", ["svm", "svm_nystroem", "rf_balanced", "gbm", "mlp_balanced"])
+@pytest.mark.parametrize(
+    "case", ["svm", "svm_nystroem", "rf_balanced", "gbm", "mlp_balanced", "logreg_balanced"]
+)
 def test_cuda_matches_the_pipeline(case: str, fitted, data) -> None:
     pipeline = fitted(case, True)
     compiled = compile_model(pipeline, device="auto")
