@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from clinml.errors import SpecError
 
 Identifier = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$", max_length=63)]
-CandidateName = Literal["svm", "rf", "gbm", "mlp"]
+CandidateName = Literal["svm", "rf", "gbm", "mlp", "logreg"]
+# The reference model: always fitted and evaluated beside the candidates (docs/training.md).
+REFERENCE_CANDIDATE = "logreg"
 # Metrics a spec may name as primary; all are higher-is-better (training/metrics.py).
 Metric = Literal[
     "roc_auc", "average_precision", "accuracy", "sensitivity", "specificity", "precision", "f1"
@@ -84,6 +86,13 @@ class LabelSpec(_Strict):
         default=None,
         description="Column saying when each label became known. Rows whose label is not "
         "known yet (null) are stored as features but are not training events.",
+    )
+    horizon_days: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="The outcome window: the label says what happened within this many days "
+        "after the event (30 for 30-day readmission). Training events this close before the "
+        "temporal holdout are left out, so no training label looks into the holdout.",
     )
 
     @model_validator(mode="after")
@@ -179,7 +188,21 @@ class CandidateSpec(_Strict):
 class TrainingSpec(_Strict):
     """How candidates are trained and compared."""
 
-    test_size: float = Field(default=0.25, gt=0.0, lt=0.9)
+    test_size: float = Field(
+        default=0.25,
+        gt=0.0,
+        lt=0.9,
+        description="Share of patients held out for testing. A patient is a test patient when "
+        "a keyed hash of their pseudonymised id falls below this share, so the assignment "
+        "never changes as data grows (docs/training.md).",
+    )
+    test_salt: str = Field(
+        default="",
+        max_length=200,
+        description="Key of the test-assignment hash ('' = the use-case name). Changing it "
+        "draws a new test set; versions trained under different salts are still compared "
+        "only on rows neither was trained on.",
+    )
     seed: int = 0
     temporal_holdout_months: float | None = Field(
         default=None,
@@ -195,6 +218,16 @@ class TrainingSpec(_Strict):
         "(docs/training.md), so it is off by default.",
     )
     search: SearchSpec = SearchSpec()
+    selection_margin: float | None = Field(
+        default=0.01,
+        ge=0.0,
+        lt=1.0,
+        description="Parsimony: a candidate more complex than the logistic-regression "
+        "reference is selected only when the lower 95% bound of its paired, cross-validated "
+        "gain over the reference exceeds this margin (docs/training.md). null: no "
+        "parsimony, the best other candidate by cross-validated score is selected (the "
+        "reference is still fitted, shown and used by a first promotion).",
+    )
     candidates: dict[CandidateName, CandidateSpec] = Field(
         default_factory=lambda: {n: CandidateSpec() for n in ("svm", "rf", "gbm", "mlp")},
         description="Candidate name -> its params and search space.",
@@ -242,9 +275,11 @@ class EvaluationSpec(_Strict):
     """How models are evaluated and how a probability becomes a label.
 
     The operating threshold is chosen by exactly one rule: a fixed ``operating_threshold``,
-    the fewest alerts that still reach ``min_sensitivity``, or the most sensitive threshold
-    within ``max_alerts_per_100`` patients. Rules are applied to out-of-fold predictions
-    on the training data, never to the test split.
+    the fewest alerts whose sensitivity still reaches ``min_sensitivity`` at its lower 95%
+    confidence bound, or the most sensitive threshold whose alert rate stays within
+    ``max_alerts_per_100`` at the upper 95% bound for a ``budget_window_days`` window of
+    new patients. Rules are applied to out-of-fold predictions on the training data, never
+    to the test split.
     """
 
     operating_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -258,6 +293,19 @@ class EvaluationSpec(_Strict):
         default=100,
         ge=1,
         description="Subgroups (and intersections) smaller than this are listed, not evaluated.",
+    )
+    min_group_events: int = Field(
+        default=10,
+        ge=1,
+        description="Subgroups with fewer positives (or negatives) than this are listed, not "
+        "evaluated: discrimination and sensitivity are undefined or pure noise below it.",
+    )
+    budget_window_days: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="With max_alerts_per_100: the period over which the team spends its budget. "
+        "The threshold keeps the alert rate of such a period within budget with 95% "
+        "probability, allowing for the chance variation of a period's patients.",
     )
 
     @model_validator(mode="after")
@@ -280,19 +328,48 @@ class EvaluationSpec(_Strict):
 
 
 class PromotionSpec(_Strict):
-    """The gate a challenger must pass to become champion (``clinml promote``)."""
+    """The gate a challenger must pass to become champion (``clinml promote``).
+
+    Every comparison is paired (both models on the same patients, rows neither was trained
+    on) and decided on a 95% patient-level bootstrap interval, not a point estimate
+    (docs/training.md explains each rule and its default).
+    """
 
     max_metric_drop: float = Field(
-        default=0.01,
+        default=0.02,
         ge=0.0,
-        description="The challenger's primary metric may be at most this much below the "
-        "champion's on the same test data.",
+        lt=1.0,
+        description="Non-inferiority margin: the lower 95% bound of (challenger - champion) "
+        "in the primary metric must lie above -max_metric_drop. Without a champion the "
+        "comparison is with the logistic-regression reference.",
     )
-    max_subgroup_gap: float = Field(
+    max_subgroup_drop: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Within each evaluated subgroup, the primary metric may not be shown lower "
+        "than the champion's (or the reference's) in that group by more than this: the group "
+        "fails when its whole 95% interval lies below -max_subgroup_drop. A group whose "
+        "interval cannot decide is listed as inconclusive, not refused.",
+    )
+    max_subgroup_sensitivity_drop: float = Field(
         default=0.10,
         ge=0.0,
-        description="No evaluated subgroup's primary metric may fall more than this below the "
-        "overall figure.",
+        le=1.0,
+        description="Within each evaluated subgroup, the sensitivity at the operating point "
+        "may not be shown lower than the reference's by more than this.",
+    )
+    subgroup_observed_expected: tuple[float, float] = Field(
+        default=(0.8, 1.25),
+        description="Within each evaluated subgroup the observed/expected ratio may not lie "
+        "outside this band with 95% confidence (the model under- or over-predicts the "
+        "group's risk).",
+    )
+    min_comparison_events: int = Field(
+        default=20,
+        ge=1,
+        description="A comparison with fewer positives (or negatives) on rows neither model "
+        "was trained on is underpowered: the gate refuses and says so.",
     )
     max_ece: float = Field(
         default=0.05, gt=0.0, description="Largest allowed expected calibration error."
@@ -300,6 +377,24 @@ class PromotionSpec(_Strict):
     require_valid_data: bool = Field(
         default=True, description="The latest ingested batch must have passed validation."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_subgroup_gap" in data:
+            raise ValueError(
+                "max_subgroup_gap (a subgroup's gap to the overall figure) was replaced by "
+                "max_subgroup_drop, a paired comparison with the reference within the group; "
+                "see docs/training.md"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _band(self) -> PromotionSpec:
+        low, high = self.subgroup_observed_expected
+        if not 0 < low < 1 < high:
+            raise ValueError("subgroup_observed_expected must be (low, high) with low < 1 < high")
+        return self
 
 
 class PerformanceFloors(_Strict):

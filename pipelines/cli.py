@@ -145,7 +145,8 @@ def materialize(
 
 @app.command()
 def train(usecase: UseCase) -> None:
-    """Search and train every candidate, evaluate, register the best as the challenger."""
+    """Train every candidate and the logistic-regression reference; register the selected one
+    (the reference unless another is clearly better) as the challenger."""
     from pipelines import stages
     from pipelines.progress import Progress
 
@@ -350,16 +351,30 @@ def audit_verify() -> None:
 
 @app.command()
 def run(usecase: UseCase, data: DataFile = None) -> None:
-    """ingest + materialize + train + promote + package: up to a servable champion."""
+    """ingest + materialize + train + promote + package: up to a servable champion.
+
+    Exit 1 when the gate refuses the challenger (nothing is packaged), as `clinml promote`.
+    """
     from pipelines import stages
     from pipelines.progress import Progress
+    from training.governance import PromotionRefused
 
     settings, spec = _setup(usecase)
     progress = Progress(total=6)
     stages.ingest(spec, settings, progress, data=data)
     stages.materialize(spec, settings, progress, full=True)
-    stages.train(spec, settings, progress)
-    stages.promote(spec, settings, progress)
+    version = stages.train(spec, settings, progress)
+    try:
+        stages.promote(spec, settings, progress)
+    except PromotionRefused as refused:
+        typer.echo(f"refused: {refused}", err=True)
+        typer.echo(
+            f"version {version} stays the challenger and nothing was packaged; override with "
+            f"`clinml promote {usecase} --force --reason TEXT` (recorded), then "
+            f"`clinml package {usecase}`",
+            err=True,
+        )
+        raise typer.Exit(1) from None
     stages.package(spec, settings, progress)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from clinml.errors import NotReadyError
 from clinml.settings import Settings
-from clinml.spec import UseCaseSpec
+from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
 from clinml.tables import read_table
 from pipelines.progress import Progress
 
@@ -130,9 +130,10 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
     from training.tracking import Tracker
 
     paths = settings.paths.usecase(spec.name)
+    others = [name for name in spec.training.candidates if name != REFERENCE_CANDIDATE]
     with progress.step(
-        f"train {len(spec.training.candidates)} candidates: grouped-CV search, refit, "
-        "clinical evaluation (MLflow runs)"
+        f"train {len(others)} candidates and the logistic-regression reference: grouped-CV "
+        "search, refit, clinical evaluation, selection (MLflow runs)"
     ):
         environment = settings.feast_environment
         events = read_labels(spec, paths, _now(), _offline_tables(spec, environment))
@@ -174,8 +175,11 @@ def promote(
         store = feature_store.open_store(spec, paths, environment)
         events = read_labels(spec, paths, _now(), _offline_tables(spec, environment))
         frame = feature_store.training_frame(store, spec, events)
-        data = governance.TestData.from_frame(spec, frame)
-        progress.detail(f"current test data: {len(data.y):,} rows")
+        data = governance.CurrentData.from_frame(spec, frame)
+        progress.detail(
+            f"today's labelled data: {len(data.y):,} rows; the models are compared on the "
+            "rows neither was trained on"
+        )
         try:
             decision = governance.promote(
                 spec,
@@ -200,6 +204,9 @@ def promote(
 
 
 def _report_checks(decision: Decision, progress: Progress) -> None:
+    if decision.assessment is not None:
+        for note in decision.assessment.notes:
+            progress.detail(note)
     for check in decision.checks:
         progress.detail(f"{'pass' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
 

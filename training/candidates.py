@@ -3,6 +3,13 @@
 Every candidate is a scikit-learn ``Pipeline``: the shared preprocessing (standardised
 numeric features, one-hot categories) followed by the candidate's classifier. Adding a
 candidate means adding one entry to ``CANDIDATES`` and one to ``SEARCH_SPACES``.
+``logreg``, an L2-regularised logistic regression, is the reference model: training always
+fits it beside the candidates the spec names (docs/training.md, "Reference model").
+
+Patient-grouped inner splits: a classifier that holds rows out while fitting (boosting's
+and the MLP's early stopping, the SVM's Platt calibration folds) takes the rows' patient
+ids as ``groups`` and holds out whole patients, so no patient's encounters sit on both
+sides. :func:`fit` passes them to whichever classifier accepts them.
 
 Class imbalance: with ``class_weight="balanced"`` the tree and MLP candidates fit with
 balanced sample weights (minority errors cost more, so the model does not just learn
@@ -15,6 +22,7 @@ the prevalence.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -23,13 +31,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.svm import SVC
 
 from clinml.errors import SpecError
 from clinml.spec import UseCaseSpec
-from training.mlp import TorchMLPClassifier
+from training.mlp import TorchMLPClassifier, patient_holdout
 
 # A kernel SVM's cost grows with the square of the rows: above this many training rows
 # the RBF kernel is approximated (Nystroem features + a linear SVM). Override per spec
@@ -54,13 +63,16 @@ class PriorCorrected(ClassifierMixin, BaseEstimator):
     def __init__(self, estimator: Any):
         self.estimator = estimator
 
-    def fit(self, X: Any, y: Any) -> PriorCorrected:
+    def fit(self, X: Any, y: Any, groups: Any = None) -> PriorCorrected:
         target = np.asarray(y)
         self.classes_, index, counts = np.unique(target, return_inverse=True, return_counts=True)
         if len(self.classes_) != 2:
             raise ValueError(f"PriorCorrected needs two classes, got {len(self.classes_)}")
         class_weights = len(target) / (2.0 * counts)
-        self.estimator_ = clone(self.estimator).fit(X, target, sample_weight=class_weights[index])
+        extra = {"groups": groups} if groups is not None and accepts_groups(self.estimator) else {}
+        self.estimator_ = clone(self.estimator).fit(
+            X, target, sample_weight=class_weights[index], **extra
+        )
         # The weighted fit estimates odds x w1/w0; this factor undoes it.
         self.odds_correction_ = float(class_weights[0] / class_weights[1])
         return self
@@ -73,6 +85,98 @@ class PriorCorrected(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
+
+
+def patient_folds(
+    labels: np.ndarray, groups: Any, n_splits: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Stratified K-fold splits of whole patients (fewer folds when a class has few
+    patients); ``None`` when not even two folds are possible."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    patients = np.asarray(groups, dtype=object)
+    smallest = min(len(set(patients[labels == label])) for label in np.unique(labels))
+    folds = min(n_splits, smallest)
+    if folds < 2:
+        return None
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels, patients))
+
+
+class GroupedCalibratedClassifierCV(CalibratedClassifierCV):
+    """Platt (sigmoid) calibration on cross-validated decision values, folds by patient.
+
+    With ``groups`` the ``cv`` folds are ``StratifiedGroupKFold`` over patients, so a
+    patient's decision values always come from an SVM that did not see that patient.
+    """
+
+    def fit(
+        self, X: Any, y: Any, sample_weight: Any = None, groups: Any = None, **fit_params: Any
+    ) -> GroupedCalibratedClassifierCV:
+        if groups is None or not isinstance(self.cv, int):
+            return super().fit(X, y, sample_weight=sample_weight, **fit_params)
+        folds = patient_folds(np.asarray(y), groups, self.cv)
+        if folds is None:
+            return super().fit(X, y, sample_weight=sample_weight, **fit_params)
+        requested = self.cv
+        # The splits are this fit's data; the parameter goes back to the fold count after.
+        self.cv = folds
+        try:
+            return super().fit(X, y, sample_weight=sample_weight, **fit_params)
+        finally:
+            self.cv = requested
+
+
+class GroupedHistGradientBoosting(HistGradientBoostingClassifier):
+    """Histogram gradient boosting whose early-stopping rows are whole patients.
+
+    scikit-learn's own early stopping (on by default above 10 000 rows) holds out a
+    stratified share of *rows*; with ``groups`` this holds out ``validation_fraction`` of
+    the patients instead and hands them to ``fit`` as its validation set.
+    """
+
+    def fit(
+        self, X: Any, y: Any, sample_weight: Any = None, groups: Any = None, **kwargs: Any
+    ) -> GroupedHistGradientBoosting:
+        stops_early = self.early_stopping is True or (
+            self.early_stopping == "auto" and len(y) > 10_000
+        )
+        if groups is None or not stops_early or kwargs or self.validation_fraction is None:
+            return super().fit(X, y, sample_weight=sample_weight, **kwargs)
+        target = np.asarray(y)
+        fraction = self.validation_fraction
+        seed = self.random_state if isinstance(self.random_state, int) else 0
+        held_out = patient_holdout(target, groups, fraction, seed)
+        if held_out is None:
+            return super().fit(X, y, sample_weight=sample_weight)
+        rows = np.asarray(X) if not hasattr(X, "iloc") else X
+        fit_part, val_part = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+        def take(part: np.ndarray) -> Any:
+            return rows.iloc[part] if hasattr(rows, "iloc") else rows[part]
+
+        weights = None if sample_weight is None else np.asarray(sample_weight)
+        return super().fit(
+            take(fit_part),
+            target[fit_part],
+            sample_weight=None if weights is None else weights[fit_part],
+            X_val=take(val_part),
+            y_val=target[val_part],
+            sample_weight_val=None if weights is None else weights[val_part],
+        )
+
+
+def accepts_groups(estimator: Any) -> bool:
+    """Whether the estimator's ``fit`` takes the rows' patient ids as ``groups``."""
+    return "groups" in inspect.signature(estimator.fit).parameters
+
+
+def fit(pipeline: Pipeline, x: Any, y: np.ndarray, groups: Any) -> Pipeline:
+    """Fit a candidate pipeline, passing patient ids to a classifier that holds rows out."""
+    model = pipeline.steps[-1][1]
+    name = pipeline.steps[-1][0]
+    extra = {f"{name}__groups": np.asarray(groups)} if accepts_groups(model) else {}
+    return pipeline.fit(x, y, **extra)
 
 
 def _svm(params: dict[str, Any], seed: int, n_rows: int, balanced: bool) -> ClassifierMixin:
@@ -94,7 +198,7 @@ def _svm(params: dict[str, Any], seed: int, n_rows: int, balanced: bool) -> Clas
         base = Pipeline([("kernel", kernel), ("svm", svm)])
     # SVC(probability=True) is deprecated in scikit-learn 1.9; Platt scaling fitted
     # on cross-validated decision values is its documented replacement.
-    return CalibratedClassifierCV(base, method="sigmoid", ensemble=False, cv=5)
+    return GroupedCalibratedClassifierCV(base, method="sigmoid", ensemble=False, cv=5)
 
 
 def _weighted(model: ClassifierMixin, balanced: bool) -> ClassifierMixin:
@@ -128,7 +232,14 @@ def _random_forest(
 def _gradient_boosting(
     params: dict[str, Any], seed: int, n_rows: int, balanced: bool
 ) -> ClassifierMixin:
-    return _weighted(HistGradientBoostingClassifier(**{**params, "random_state": seed}), balanced)
+    return _weighted(GroupedHistGradientBoosting(**{**params, "random_state": seed}), balanced)
+
+
+def _logistic_regression(
+    params: dict[str, Any], seed: int, n_rows: int, balanced: bool
+) -> ClassifierMixin:
+    model = LogisticRegression(**{"C": 1.0, "max_iter": 2000, **params, "random_state": seed})
+    return _weighted(model, balanced)
 
 
 def _mlp(params: dict[str, Any], seed: int, n_rows: int, balanced: bool) -> ClassifierMixin:
@@ -141,6 +252,7 @@ CANDIDATES: dict[str, Callable[[dict[str, Any], int, int, bool], ClassifierMixin
     "rf": _random_forest,
     "gbm": _gradient_boosting,
     "mlp": _mlp,
+    "logreg": _logistic_regression,
 }
 
 # name -> hyperparameter -> values the search samples from (a spec's `search` overrides).
@@ -157,6 +269,8 @@ SEARCH_SPACES: dict[str, dict[str, list[Any]]] = {
         "learning_rate": [3e-4, 1e-3, 3e-3],
         "weight_decay": [0.0, 1e-4],
     },
+    # L2 strength on standardised features; C=1 (the default params) is mild shrinkage.
+    "logreg": {"C": [0.01, 0.03, 0.1, 0.3, 3.0]},
 }
 
 

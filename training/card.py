@@ -3,19 +3,27 @@
 The card itself is a JSON-serialisable dict assembled by the training stage; this module
 only renders and writes it:
 
-- ``write_card(card, out_dir)`` writes ``model_card.json`` and ``model_card.html``;
-- ``render_html(card)`` is the HTML page alone: one self-contained file (inline CSS, no
-  scripts, no external assets) that can be attached to a change request or opened offline;
+- ``write_card(card, out_dir, images)`` writes ``model_card.json`` and ``model_card.html``;
+- ``render_html(card, images)`` is the HTML page alone: one self-contained file (inline
+  CSS, no scripts, no external assets; the figures in ``FIGURES`` embedded as PNG data
+  URIs) that can be attached to a change request or opened offline;
 - ``card_summary(card)`` is a few plain lines for the terminal after training.
 
+The page reads in the order a reviewer asks (TRIPOD+AI): intended use, training data, how
+the test patients were split off, evaluation, the operating point and whether its rule
+holds on held-out rows, calibration, decision curve, subgroups, model selection,
+limitations, provenance.
+
 Rendering never fails on a missing key: whatever the card lacks is shown as
-"not recorded", so a card from an older run still renders. Every string from the card is
-HTML-escaped. A subgroup's gap is its metric minus the overall value; every primary metric
-a spec may name is higher-is-better, so a gap below ``GAP_WARNING`` is flagged.
+"not recorded", so a card from an older run still renders; an image file that is missing
+or not a PNG is left out with a note. Every string from the card is HTML-escaped. A
+subgroup's gap is its metric minus the overall value; every primary metric a spec may name
+is higher-is-better, so a gap below ``GAP_WARNING`` is flagged.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -34,10 +42,28 @@ NO_VALUE = "—"
 GAP_WARNING = -0.05
 CARD_JSON = "model_card.json"
 CARD_HTML = "model_card.html"
+# The figures training hands to ``write_card`` (key -> alt text); other keys are ignored.
+FIGURES = {
+    "smoothed_calibration": (
+        "Smoothed calibration curves on the test rows: observed risk against predicted risk "
+        "for the selected model and the reference model, beside the ideal diagonal."
+    ),
+    "decision_curve": (
+        "Decision curves on the test rows: net benefit against threshold risk for the "
+        "selected model and the reference model, with treating all and treating none."
+    ),
+}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Ideal values of the calibration fit, as (key, label, ideal).
+_CALIBRATION_FIT = (
+    ("intercept", "Calibration intercept (in the large)", 0.0),
+    ("slope", "Calibration slope", 1.0),
+    ("observed_expected", "Observed / expected events", 1.0),
+)
 
 # Subgroup keys that describe the group; every other key is a metric or a gap_<metric>.
 _SUBGROUP_KEYS = ("attribute", "group", "n", "positives", "prevalence", "evaluated")
-_TEMPORAL_KEYS = ("window_start", "window_end", "rows")
+_TEMPORAL_KEYS = ("window_start", "window_end", "rows", "calibration_fit")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 _CSS = """
@@ -46,7 +72,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
 h1 { margin-bottom: 0.2rem; }
 h2 { border-bottom: 1px solid #cbd2d9; padding-bottom: 0.2rem; margin-top: 2rem; }
 .subtitle { color: #52606d; margin-top: 0; }
-table { border-collapse: collapse; margin: 0.5rem 0 1rem; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; display: block; max-width: 100%;
+        overflow-x: auto; }
 th, td { border: 1px solid #cbd2d9; padding: 0.25rem 0.6rem; text-align: left; }
 th { background: #f0f4f8; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -58,6 +85,13 @@ td.gap-worse { background: #fde8e8; color: #9b1c1c; font-weight: 600; }
 tr.gap-worse td:first-child { border-left: 3px solid #9b1c1c; }
 tr.selected td { background: #e3f8e9; }
 tr.not-evaluated td { color: #9aa5b1; }
+tr.reference td:first-child { font-style: italic; }
+tr.operating td { font-weight: 600; }
+tr.rule-missed td:first-child { border-left: 3px solid #9b1c1c; }
+p.flag { color: #9b1c1c; font-weight: 600; }
+figure { margin: 0.5rem 0 1rem; }
+figure img { max-width: 100%; height: auto; border: 1px solid #cbd2d9; }
+figcaption { color: #52606d; font-size: 0.9em; }
 code { font-size: 0.9em; word-break: break-all; }
 """
 
@@ -66,15 +100,20 @@ class CardError(ClinmlError):
     """A model card could not be written."""
 
 
-def write_card(card: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def write_card(
+    card: dict[str, Any], out_dir: Path, images: dict[str, Path] | None = None
+) -> tuple[Path, Path]:
     """Write the card as ``model_card.json`` and ``model_card.html`` in ``out_dir``.
 
-    NaN and infinite floats become ``null`` in the JSON (they are not JSON). Each file is
-    written under a temporary name and renamed, so a reader never sees half a card.
+    NaN and infinite floats become ``null`` in the JSON (they are not JSON). The images are
+    embedded in the HTML only, never in the JSON. Each file is written under a temporary
+    name and renamed, so a reader never sees half a card.
 
     Args:
         card: the model card (see the module docstring).
         out_dir: the directory to write to; created if missing.
+        images: PNG files by figure key (see ``FIGURES``); a missing or non-PNG file is
+            left out of the page with a note.
 
     Returns:
         ``(json_path, html_path)``.
@@ -88,7 +127,7 @@ def write_card(card: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         text = json.dumps(clean, indent=2, sort_keys=False, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise CardError(f"model card is not JSON-serialisable: {exc}") from exc
-    page = render_html(clean)
+    page = render_html(clean, images)
     out_dir = Path(out_dir)
     json_path, html_path = out_dir / CARD_JSON, out_dir / CARD_HTML
     try:
@@ -100,16 +139,19 @@ def write_card(card: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return json_path, html_path
 
 
-def render_html(card: dict[str, Any]) -> str:
+def render_html(card: dict[str, Any], images: dict[str, Path] | None = None) -> str:
     """The card as one self-contained HTML page (inline CSS, no scripts, no assets).
 
     Args:
         card: the model card; any missing part is rendered as "not recorded".
+        images: PNG files by figure key (see ``FIGURES``), embedded as data URIs; a
+            missing or non-PNG file is left out with a note.
 
     Returns:
         The page, with every string from the card HTML-escaped.
     """
     card = _dict(card)
+    figures = _figures(images)
     title = _title(card)
     model = _dict(card.get("model"))
     subtitle = (
@@ -119,11 +161,13 @@ def render_html(card: dict[str, Any]) -> str:
     sections = [
         _intended_use_section(card),
         _training_data_section(card),
+        _split_section(card),
         _evaluation_section(card),
         _operating_point_section(card),
-        _calibration_section(card),
+        _calibration_section(card, figures["smoothed_calibration"]),
+        _decision_curve_section(card, figures["decision_curve"]),
         _subgroups_section(card),
-        _candidates_section(card),
+        _selection_section(card),
         _limitations_section(card),
         _provenance_section(card),
     ]
@@ -155,8 +199,10 @@ def card_summary(card: dict[str, Any]) -> list[str]:
 
     Returns:
         Lines naming the model and candidate, the primary metric with its confidence
-        interval, the operating point, the worst evaluated subgroup gap in the primary
-        metric, and the training window and size.
+        interval, the operating point and whether its rule holds on each held-out set,
+        the calibration intercept, slope and observed/expected with their intervals, the
+        worst evaluated subgroup gap in the primary metric, why the model was selected,
+        and the training window and size.
     """
     card = _dict(card)
     model = _dict(card.get("model"))
@@ -164,6 +210,7 @@ def card_summary(card: dict[str, Any]) -> list[str]:
     training = _dict(card.get("training_data"))
     operating = _dict(evaluation.get("operating_point"))
     primary = evaluation.get("primary_metric")
+    primary = primary if isinstance(primary, str) else None  # a key of the metrics
     level = _dict(evaluation.get("bootstrap")).get("level")
 
     lines = [f"{_title(card)} — candidate {_plain(model.get('candidate'))}"]
@@ -182,6 +229,9 @@ def card_summary(card: dict[str, Any]) -> list[str]:
         f"({_plain(operating.get('rule'))}), "
         f"{_fixed(operating.get('alerts_per_100'), 1)} alerts per 100"
     )
+    lines += _achieved_lines(card)
+    lines += _calibration_lines(evaluation)
+    lines.append(_decision_line(evaluation, operating.get("threshold")))
     worst = _worst_subgroup(evaluation.get("subgroups"), primary)
     if worst is None:
         lines.append(f"worst subgroup gap in {_plain(primary)}: no subgroup evaluated")
@@ -193,13 +243,101 @@ def card_summary(card: dict[str, Any]) -> list[str]:
             f"{_plain(primary)} {_number(worst.get(primary))} (gap {_signed(gap)}, "
             f"n={_plain(worst.get('n'))}){flag}"
         )
+    lines.append(_selection_line(card))
     lines.append(
         f"trained on {_plain(training.get('rows'))} rows, "
         f"{_plain(training.get('patients'))} patients, "
         f"{_plain(training.get('positives'))} positives, "
         f"{_plain(training.get('window_start'))} to {_plain(training.get('window_end'))}"
     )
+    # Numbers are formatted with _number, which passes a string from the card through.
+    return [_CONTROL_CHARACTERS.sub("", line) for line in lines]
+
+
+def _achieved_lines(card: dict[str, Any]) -> list[str]:
+    """One line per held-out set: the rule's value with its interval, and whether it holds."""
+    point = _dict(card.get("operating_point"))
+    achieved = [_dict(a) for a in _list(point.get("achieved")) or []]
+    if not achieved:
+        return [f"operating point achieved: {NOT_RECORDED}"]
+    rule = _first(
+        point.get("rule"), _dict(_dict(card.get("evaluation")).get("operating_point")).get("rule")
+    )
+    lines = []
+    for row in achieved:
+        value, low, high = _achieved_values(row)
+        measure = f"{value} [{low}, {high}]"
+        if row.get("metric") == "alert_rate":
+            measure += " alerts per 100"
+        else:
+            measure = f"{_plain(row.get('metric'))} {measure}"
+        holds = row.get("holds")
+        verdict = (
+            "holds" if holds is True else "MISSED, review" if holds is False else "no rule to meet"
+        )
+        lines.append(
+            f"operating point on {_plain(row.get('rows'))}: {measure} "
+            f"(rule: {_plain(rule)}) — {verdict}"
+        )
     return lines
+
+
+def _calibration_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Intercept, slope and O/E with intervals, for the test rows and the temporal holdout."""
+    holdout = evaluation.get("temporal_holdout")
+    fits = [("test", _dict(evaluation.get("calibration_fit")))]
+    if isinstance(holdout, dict):
+        fits.append(("temporal holdout", _dict(holdout.get("calibration_fit"))))
+    lines = []
+    for name, fit in fits:
+        if not fit:
+            lines.append(f"calibration on {name}: {NOT_RECORDED}")
+            continue
+        parts = [
+            f"{label} {_number(fit.get(key))} "
+            f"[{_number(fit.get(f'{key}_low'))}, {_number(fit.get(f'{key}_high'))}]"
+            for key, label in (
+                ("intercept", "intercept"),
+                ("slope", "slope"),
+                ("observed_expected", "O/E"),
+            )
+        ]
+        lines.append(f"calibration on {name}: {', '.join(parts)} (ideal 0, 1, 1)")
+    return lines
+
+
+def _decision_line(evaluation: dict[str, Any], threshold: Any) -> str:
+    """Net benefit of the model against treat-all at the operating threshold (test rows)."""
+    points = [_dict(row) for row in _list(evaluation.get("decision_curve")) or []]
+    at = [row for row in points if _is_number(row.get("threshold"))]
+    if not at or not _is_number(threshold):
+        return f"net benefit at the operating threshold: {NOT_RECORDED}"
+    row = min(at, key=lambda r: abs(r["threshold"] - threshold))
+    model, everyone = row.get("net_benefit"), row.get("net_benefit_all")
+    verdict = (
+        "above treat-all and treat-none"
+        if _is_number(model) and _is_number(everyone) and model > max(everyone, 0.0)
+        else "NOT above both defaults, review"
+    )
+    return (
+        f"net benefit at threshold {_number(row['threshold'])} on test: model "
+        f"{_number(model)}, treat all {_number(everyone)}, treat none 0 — {verdict}"
+    )
+
+
+def _selection_line(card: dict[str, Any]) -> str:
+    selection = _dict(card.get("selection"))
+    if not selection:
+        return f"selection: {NOT_RECORDED}"
+    reason = selection.get("reason")
+    if reason is None:
+        low, high = _pair(selection.get("gain_ci"))
+        reason = (
+            f"gain of {_plain(selection.get('best_other'))} over the reference "
+            f"{_signed(selection.get('gain'), 4)} [{_signed(low, 4)}, {_signed(high, 4)}], "
+            f"margin {_general(selection.get('margin'))}"
+        )
+    return f"selected {_plain(selection.get('selected'))}: {_plain(reason)}"
 
 
 # -- sections ---------------------------------------------------------------------------
@@ -249,13 +387,52 @@ def _training_data_section(card: dict[str, Any]) -> str:
     return _section("Training data", body)
 
 
+def _split_section(card: dict[str, Any]) -> str:
+    split = _dict(card.get("split"))
+    if not split:
+        return _section("Split", f"<p>{_missing()}</p>")
+    assignment = split.get("test_assignment")
+    explanation = (
+        f"<p>Test patients are chosen by a {_esc(_text(assignment))}: a patient's side "
+        "depends on that patient alone, so as data grow no patient moves between training "
+        "and test, and every retrain and every candidate is tested on the same patients.</p>"
+        if assignment is not None
+        else ""
+    )
+    months = split.get("temporal_holdout_months")
+    if months is not None:
+        holdout = _Raw(
+            f"the last {_esc(_general(months))} months: {_cell(split.get('temporal_rows'))} rows"
+        )
+        gap = _Raw(
+            f"{_days(split.get('gap_days'))} between training and the holdout: "
+            f"{_cell(split.get('gap_rows'))} rows used for neither"
+        )
+    else:
+        holdout = _Raw("none" if "temporal_holdout_months" in split else _missing())
+        gap = _Raw("none" if "gap_days" in split else _missing())
+    body = _definitions(
+        [
+            ("Test assignment", assignment),
+            ("Test share", _Raw(_percent(split.get("test_fraction")))),
+            ("Salt (hash key)", _Raw(f"<code>{_cell(split.get('salt'))}</code>")),
+            ("Test rows", split.get("test_rows")),
+            ("Test patients", split.get("test_patients")),
+            ("Temporal holdout", holdout),
+            ("Gap", gap),
+        ]
+    )
+    return _section("Split", f"{explanation}\n{body}")
+
+
 def _evaluation_section(card: dict[str, Any]) -> str:
     evaluation = _dict(card.get("evaluation"))
     bootstrap = _dict(evaluation.get("bootstrap"))
     level = bootstrap.get("level")
     parts = [
         f"<p>Held out: {_cell(evaluation.get('test_rows'))} rows from "
-        f"{_cell(evaluation.get('test_patients'))} patients. Confidence intervals: "
+        f"{_cell(evaluation.get('test_patients'))} patients"
+        f"{_positives(evaluation.get('positives'))}. Confidence intervals: "
         f"{_esc(_level(level))}, {_cell(bootstrap.get('n_boot'))} bootstrap resamples by "
         f"{_cell(bootstrap.get('unit'))}. Primary metric: "
         f"<strong>{_cell(evaluation.get('primary_metric'))}</strong>.</p>",
@@ -273,7 +450,7 @@ def _evaluation_section(card: dict[str, Any]) -> str:
             metrics = {k: v for k, v in holdout.items() if k not in _TEMPORAL_KEYS}
         parts.append(_metrics_table(metrics, level))
     else:
-        parts.append(f"<p>{_missing()}</p>")
+        parts.append(f"<p>{_no_holdout(card)}</p>")
     return _section("Evaluation", "\n".join(parts))
 
 
@@ -294,15 +471,22 @@ def _metrics_table(metrics: Any, level: Any) -> str:
 
 
 def _operating_point_section(card: dict[str, Any]) -> str:
-    operating = _dict(_dict(card.get("evaluation")).get("operating_point"))
-    if not operating:
+    evaluation = _dict(card.get("evaluation"))
+    at_test = _dict(evaluation.get("operating_point"))
+    point = _dict(card.get("operating_point"))
+    if not at_test and not point:
         return _section("Operating point", f"<p>{_missing()}</p>")
-    confusion = _dict(operating.get("confusion"))
+    confusion = _dict(at_test.get("confusion"))
+    alerts = at_test.get("alerts_per_100")
     body = _definitions(
         [
-            ("Threshold", operating.get("threshold")),
-            ("Rule", operating.get("rule")),
-            ("Alerts per 100 patients", operating.get("alerts_per_100")),
+            ("Rule", _first(point.get("rule"), at_test.get("rule"))),
+            ("Threshold", _first(point.get("threshold"), at_test.get("threshold"))),
+            ("How the threshold was chosen", point.get("chosen_on")),
+            (
+                "Alerts per 100 patients (test)",
+                _Raw(_fixed(alerts, 1)) if _is_number(alerts) else alerts,
+            ),
         ]
     )
     matrix = _table(
@@ -312,24 +496,198 @@ def _operating_point_section(card: dict[str, Any]) -> str:
             [_th("Actual negative"), _num_td(confusion.get("fp")), _num_td(confusion.get("tn"))],
         ],
     )
-    return _section("Operating point", f"{body}\n{matrix}")
-
-
-def _calibration_section(card: dict[str, Any]) -> str:
-    bins = [_dict(b) for b in _list(_dict(card.get("evaluation")).get("calibration")) or []]
-    if not bins:
-        return _section("Calibration", f"<p>{_missing()}</p>")
-    rows = [
-        [
-            _td(_interval(b.get("lower"), b.get("upper")), "num"),
-            _num_td(b.get("n")),
-            _num_td(b.get("mean_predicted")),
-            _num_td(b.get("observed_rate")),
-        ]
-        for b in bins
+    level = _dict(evaluation.get("bootstrap")).get("level")
+    parts = [
+        body,
+        "<h3>Test rows at this threshold</h3>",
+        matrix,
+        "<h3>Does the rule hold on held-out rows?</h3>",
+        _achieved_table(_list(point.get("achieved")), level),
     ]
-    table = _table(["Predicted risk", "Rows", "Mean predicted", "Observed rate"], rows)
-    return _section("Calibration", table)
+    return _section("Operating point", "\n".join(parts))
+
+
+def _achieved_table(achieved: list[Any] | None, level: Any) -> str:
+    rows_ = [_dict(a) for a in achieved or []]
+    if not rows_:
+        return f"<p>{_missing()}</p>"
+    rows, classes, missed = [], [], []
+    for row in rows_:
+        value, low, high = _achieved_values(row)
+        holds = row.get("holds")
+        if holds is False:
+            missed.append(_text(row.get("rows")))
+        rows.append(
+            [
+                _td(_text(row.get("rows"))),
+                _td(_achieved_unit(row.get("metric"))),
+                _td(value, "num"),
+                _td(_interval_text(low, high), "num"),
+                _td(_holds_text(holds), "gap-worse" if holds is False else ""),
+                _td(_text(row.get("text"), missing="")),
+            ]
+        )
+        classes.append("rule-missed" if holds is False else "")
+    parts = []
+    if missed:
+        parts.append(
+            f'<p class="flag">The rule is missed on the {_esc(" and ".join(missed))} rows: '
+            "this threshold does not deliver what the rule promises there; review before use.</p>"
+        )
+    parts.append(
+        _table(
+            ["Rows", "Measure", "Value", f"{_level(level)} CI", "Rule holds", "Detail"],
+            rows,
+            classes,
+        )
+    )
+    parts.append(
+        "<p>Rule holds: whether the value on these rows meets the rule; a dash when the "
+        "threshold is fixed and there is no rule to meet.</p>"
+    )
+    return "\n".join(parts)
+
+
+def _calibration_section(card: dict[str, Any], figure: str) -> str:
+    evaluation = _dict(card.get("evaluation"))
+    parts = ["<h3>Intercept, slope and observed/expected</h3>", _calibration_fit_table(card)]
+    ece = _dict(_dict(evaluation.get("metrics")).get("ece")).get("value")
+    by_chance = evaluation.get("ece_by_chance")
+    if _is_number(ece) and _is_number(by_chance):
+        parts.append(
+            f"<p>Expected calibration error on the test rows: {_esc(_number(ece))}. A "
+            "perfectly calibrated model would show up to "
+            f"{_esc(_number(by_chance))} on rows like these by chance alone (95th "
+            "percentile), so an ECE below that cannot be told apart from noise.</p>"
+        )
+    parts += ["<h3>Smoothed calibration curve</h3>", figure]
+    bins = [_dict(b) for b in _list(evaluation.get("calibration")) or []]
+    parts.append("<h3>Binned</h3>")
+    if bins:
+        rows = [
+            [
+                _td(_interval(b.get("lower"), b.get("upper")), "num"),
+                _num_td(b.get("n")),
+                _num_td(b.get("mean_predicted")),
+                _num_td(b.get("observed_rate")),
+            ]
+            for b in bins
+        ]
+        parts.append(_table(["Predicted risk", "Rows", "Mean predicted", "Observed rate"], rows))
+    else:
+        parts.append(f"<p>{_missing()}</p>")
+    return _section("Calibration", "\n".join(parts))
+
+
+def _calibration_fit_table(card: dict[str, Any]) -> str:
+    evaluation = _dict(card.get("evaluation"))
+    holdout = evaluation.get("temporal_holdout")
+    sets = [("Test", _dict(evaluation.get("calibration_fit")))]
+    if isinstance(holdout, dict):
+        sets.append(("Temporal holdout", _dict(holdout.get("calibration_fit"))))
+    if not any(fit for _, fit in sets):
+        return f"<p>{_missing()}</p>"
+    level = _first(
+        *(fit.get("level") for _, fit in sets),
+        _dict(evaluation.get("bootstrap")).get("level"),
+    )
+    header = ["Measure", "Ideal"]
+    for name, _ in sets:
+        header += [name, f"{_level(level)} CI"]
+    rows = []
+    for key, label, ideal in _CALIBRATION_FIT:
+        row = [_td(label), _td(f"{ideal:g}", "num")]
+        for _, fit in sets:
+            low, high = fit.get(f"{key}_low"), fit.get(f"{key}_high")
+            off = _is_number(low) and _is_number(high) and not low <= ideal <= high
+            row += [
+                _num_td(fit.get(key)),
+                _td(_interval(low, high), "num gap-worse" if off else "num"),
+            ]
+        rows.append(row)
+    parts = [
+        "<p>Ideal values: intercept 0 (predicted risks are right on average), slope 1 "
+        "(below 1: predictions too extreme; above 1: too timid), observed/expected events 1. "
+        "An interval that excludes its ideal value is highlighted. These intervals come from "
+        "the calibration fit, so the observed/expected interval may differ slightly from the "
+        "bootstrap one under Evaluation.</p>",
+        _table(header, rows),
+    ]
+    for name, fit in sets:
+        if not fit:
+            parts.append(f"<p>{_esc(name)}: {_missing()}</p>")
+            continue
+        notes = fit.get("notes")
+        parts.append(
+            f"<p>{_esc(name)}: {_cell(fit.get('rows'))} rows, {_cell(fit.get('patients'))} "
+            f"patients, {_cell(fit.get('events'))} events."
+            + (f" Notes: {_esc(_text(notes))}." if notes else "")
+            + "</p>"
+        )
+    if not isinstance(holdout, dict):
+        parts.append(f"<p>Temporal holdout: {_no_holdout(card)}</p>")
+    return "\n".join(parts)
+
+
+def _decision_curve_section(card: dict[str, Any], figure: str) -> str:
+    evaluation = _dict(card.get("evaluation"))
+    threshold = _first(
+        _dict(card.get("operating_point")).get("threshold"),
+        _dict(evaluation.get("operating_point")).get("threshold"),
+    )
+    curve = [
+        _dict(point)
+        for point in _list(evaluation.get("decision_curve")) or []
+        if _is_number(_dict(point).get("threshold"))
+    ]
+    parts = [
+        figure,
+        "<p>Net benefit is the true positives per patient minus the false positives per "
+        "patient weighted by the odds of the threshold, t/(1−t), so 0.10 is as good as "
+        "finding 10 true positives per 100 patients with no false alarm; the model is worth "
+        "using at a threshold only where its net benefit is above both treating all and "
+        "treating none (0).</p>",
+    ]
+    if not curve:
+        parts.append(f"<p>Net benefit table: {_missing()}</p>")
+        return _section("Decision curve", "\n".join(parts))
+    operating, picked = _around(curve, threshold)
+    rows, classes = [], []
+    for i in picked:
+        point = curve[i]
+        model, treat_all = point.get("net_benefit"), point.get("net_benefit_all")
+        treat_none = point.get("net_benefit_none")
+        above = (
+            _text(model > max(treat_all, treat_none))
+            if all(_is_number(v) for v in (model, treat_all, treat_none))
+            else NO_VALUE
+        )
+        label = _number(point.get("threshold"))
+        rows.append(
+            [
+                _td(f"{label} (operating)" if i == operating else label, "num"),
+                _num_td(model),
+                _num_td(treat_all),
+                _num_td(treat_none),
+                _td(above),
+            ]
+        )
+        classes.append("operating" if i == operating else "")
+    header = ["Threshold", "Model", "Treat all", "Treat none", "Model above both"]
+    parts.append("<p>Net benefit of the selected model on the test rows:</p>")
+    parts.append(_table(header, rows, classes))
+    return _section("Decision curve", "\n".join(parts))
+
+
+def _around(curve: list[dict[str, Any]], threshold: Any) -> tuple[int | None, list[int]]:
+    """The index of the operating threshold in ``curve`` (None when unknown) and a few
+    indices spread around it: two grid steps of a sixteenth of the curve on either side."""
+    step = max(1, len(curve) // 16)
+    if not _is_number(threshold):
+        return None, sorted({round(i * (len(curve) - 1) / 4) for i in range(5)})
+    operating = min(range(len(curve)), key=lambda i: abs(curve[i]["threshold"] - threshold))
+    picked = {operating + k * step for k in (-2, -1, 0, 1, 2)}
+    return operating, sorted(i for i in picked if 0 <= i < len(curve))
 
 
 def _subgroups_section(card: dict[str, Any]) -> str:
@@ -387,29 +745,87 @@ def _subgroup_columns(groups: list[dict[str, Any]]) -> list[str]:
     return columns
 
 
-def _candidates_section(card: dict[str, Any]) -> str:
+def _selection_section(card: dict[str, Any]) -> str:
+    selection = _dict(card.get("selection"))
+    level = _dict(_dict(card.get("evaluation")).get("bootstrap")).get("level")
+    if selection:
+        low, high = _pair(selection.get("gain_ci"))
+        gain = _Raw(
+            f"{_esc(_signed(selection.get('gain'), 4))} (95% CI "
+            f"{_esc(_signed(low, 4))} to {_esc(_signed(high, 4))}) in cross-validated "
+            f"{_cell(selection.get('scoring'))}, paired on the same out-of-fold rows"
+        )
+        compared = _Raw(
+            f"{_cell(selection.get('rows'))} out-of-fold rows, "
+            f"{_cell(selection.get('patients'))} patients"
+        )
+        parts = [
+            f"<p><strong>{_cell(selection.get('reason'))}</strong></p>",
+            "<p>Parsimony rule: the reference model is kept unless the best other candidate's "
+            "gain over it has its lower 95% bound above the margin.</p>",
+            _definitions(
+                [
+                    ("Selected", selection.get("selected")),
+                    ("Reference", selection.get("reference")),
+                    ("Best other candidate", _first(selection.get("best_other"), "none")),
+                    ("Gain over the reference", gain),
+                    ("Margin", _Raw(_general(selection.get("margin")))),
+                    ("Compared on", compared),
+                ]
+            ),
+        ]
+    else:
+        parts = [f"<p>Selection rule and reason: {_missing()}</p>"]
+    parts.append("<h3>Candidates</h3>")
+    parts.append(_candidates_table(card, selection, level))
+    return _section("Model selection", "\n".join(parts))
+
+
+def _candidates_table(card: dict[str, Any], selection: dict[str, Any], level: Any) -> str:
     candidates = [_dict(c) for c in _list(card.get("candidates")) or []]
     if not candidates:
-        return _section("Candidates compared", f"<p>{_missing()}</p>")
-    metric_names: list[str] = []
+        return f"<p>{_missing()}</p>"
+    names: list[str] = []
     for candidate in candidates:
         for name in _dict(candidate.get("metrics")):
-            if name not in metric_names:
-                metric_names.append(name)
+            if name not in names:
+                names.append(name)
+    # A metric's <name>_ci_low/_ci_high pair becomes one interval column beside it.
+    with_ci = {n for n in names if f"{n}_ci_low" in names and f"{n}_ci_high" in names}
+    bounds = {f"{n}_ci_{side}" for n in with_ci for side in ("low", "high")}
+    # The cross-validated score the selection rests on comes first.
+    columns = sorted((n for n in names if n not in bounds), key=lambda n: not n.startswith("cv_"))
+    header = ["Candidate", "Role"]
+    for name in columns:
+        header.append(name)
+        if name in with_ci:
+            header.append(f"{name} {_level(level)} CI")
+    best_other = selection.get("best_other")
     rows, classes = [], []
     for candidate in candidates:
         metrics = _dict(candidate.get("metrics"))
+        reference = candidate.get("reference") is True
         selected = candidate.get("selected") is True
-        rows.append(
-            [
-                _td(_text(candidate.get("name"))),
-                *(_num_td(metrics.get(name)) for name in metric_names),
-                _td("selected" if selected else ""),
-            ]
+        roles = [
+            role
+            for role, applies in (
+                ("reference", reference),
+                ("best other", best_other is not None and candidate.get("name") == best_other),
+                ("selected", selected),
+            )
+            if applies
+        ]
+        row = [_td(_text(candidate.get("name"))), _td(", ".join(roles))]
+        for name in columns:
+            row.append(_num_td(metrics.get(name)))
+            if name in with_ci:
+                interval = _interval(metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high"))
+                row.append(_td(interval, "num"))
+        rows.append(row)
+        classes.append(
+            " ".join(c for c, on in (("selected", selected), ("reference", reference)) if on)
         )
-        classes.append("selected" if selected else "")
-    table = _table(["Candidate", *metric_names, ""], rows, classes)
-    return _section("Candidates compared", table)
+    return _table(header, rows, classes)
 
 
 def _limitations_section(card: dict[str, Any]) -> str:
@@ -431,6 +847,40 @@ def _provenance_section(card: dict[str, Any]) -> str:
     else:
         body += f"\n<p>Packages: {_missing()}</p>"
     return _section("Provenance", body)
+
+
+# -- figures ------------------------------------------------------------------------------
+
+
+def _figures(images: dict[str, Path] | None) -> dict[str, str]:
+    """Each figure in ``FIGURES`` as HTML: the PNG embedded as a data URI, or a note."""
+    images = images if isinstance(images, dict) else {}
+    out = {}
+    for key, alt in FIGURES.items():
+        path = images.get(key)
+        data, why = _png_base64(path)
+        if data is None:
+            out[key] = f"<p>Figure: {_missing()}{f' ({_esc(why)})' if why else ''}</p>"
+        else:
+            out[key] = (
+                f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
+                "<figcaption>The selected model and the reference model on the test rows."
+                "</figcaption></figure>"
+            )
+    return out
+
+
+def _png_base64(path: Any) -> tuple[str | None, str]:
+    """The file at ``path`` base64-encoded, or None and why not (empty when no file given)."""
+    if path is None:
+        return None, ""
+    try:
+        data = Path(path).read_bytes()
+    except (OSError, TypeError, ValueError):
+        return None, "the image file could not be read"
+    if not data.startswith(_PNG_SIGNATURE):
+        return None, "the image file is not a PNG"
+    return base64.b64encode(data).decode("ascii"), ""
 
 
 # -- HTML building blocks -----------------------------------------------------------------
@@ -550,12 +1000,82 @@ def _number(value: Any) -> str:
     return _text(value, missing=NO_VALUE)
 
 
-def _signed(value: Any) -> str:
-    return f"{value:+.3f}" if _is_number(value) else NO_VALUE
+def _signed(value: Any, digits: int = 3) -> str:
+    return f"{value:+.{digits}f}" if _is_number(value) else NO_VALUE
 
 
 def _interval(low: Any, high: Any) -> str:
-    return f"{_number(low)}–{_number(high)}" if _is_number(low) and _is_number(high) else NO_VALUE
+    """``low–high``; ``low to high`` when a bound is negative (a dash would read as a minus)."""
+    if not (_is_number(low) and _is_number(high)):
+        return NO_VALUE
+    return _interval_text(_number(low), _number(high))
+
+
+def _interval_text(low: str, high: str) -> str:
+    """An interval from bounds already formatted as text."""
+    if NO_VALUE in (low, high):
+        return NO_VALUE
+    return f"{low} to {high}" if low.startswith("-") or high.startswith("-") else f"{low}–{high}"
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None."""
+    return next((value for value in values if value is not None), None)
+
+
+def _pair(value: Any) -> tuple[Any, Any]:
+    """``[low, high]`` as a tuple; ``(None, None)`` when it is not a pair."""
+    items = _list(value)
+    return (items[0], items[1]) if items is not None and len(items) == 2 else (None, None)
+
+
+def _percent(value: Any) -> str:
+    """A share as escaped HTML: ``0.3`` as ``30%``."""
+    return _esc(f"{value * 100:g}%") if _is_number(value) else _missing()
+
+
+def _days(value: Any) -> str:
+    return _esc(f"{value:g} days") if _is_number(value) else _missing()
+
+
+def _general(value: Any) -> str:
+    """A number as written in a spec (``0.01``, ``0.0025``); "not recorded" when missing."""
+    return f"{value:g}" if _is_number(value) else NOT_RECORDED
+
+
+def _positives(value: Any) -> str:
+    return f" ({_esc(_text(value))} positives)" if _is_count(value) else ""
+
+
+def _no_holdout(card: dict[str, Any]) -> str:
+    """HTML for an absent temporal holdout: "none" when the split says none was configured."""
+    split = _dict(card.get("split"))
+    if "temporal_holdout_months" in split and split["temporal_holdout_months"] is None:
+        return "none (no temporal holdout configured)"
+    return _missing()
+
+
+def _achieved_values(row: dict[str, Any]) -> tuple[str, str, str]:
+    """An achieved row's value and interval bounds as text: an alert rate per 100
+    patients to one decimal, any other measure to three."""
+    per_100 = row.get("metric") == "alert_rate"
+
+    def text(value: Any) -> str:
+        return _fixed(100 * value, 1) if per_100 and _is_number(value) else _number(value)
+
+    return text(row.get("value")), text(row.get("ci_low")), text(row.get("ci_high"))
+
+
+def _achieved_unit(metric: Any) -> str:
+    return "alerts per 100" if metric == "alert_rate" else _text(metric)
+
+
+def _holds_text(holds: Any) -> str:
+    if holds is True:
+        return "yes"
+    if holds is False:
+        return "no — missed"
+    return NO_VALUE
 
 
 def _level(level: Any) -> str:

@@ -1,17 +1,33 @@
 """Model governance: the promotion gate, promote, rollback, and the audit trail.
 
-Training only ever creates a ``challenger``. ``promote`` evaluates the challenger and
-the current ``champion`` on the same current test rows (the patient-disjoint test split
-of today's labelled data, by the spec's seed) and checks the spec's gate:
+Training only ever creates a ``challenger``. ``promote`` scores the challenger and an
+incumbent (the current ``champion``; without one, the logistic-regression reference
+fitted beside the challenger) on today's labelled data and gates the challenger on
+evidence, never on point estimates (docs/training.md, "Promotion gate"):
 
-- the primary metric is not worse than the champion's by more than ``max_metric_drop``;
-- no evaluated subgroup's primary metric falls more than ``max_subgroup_gap`` below the
-  challenger's overall figure;
-- the expected calibration error is at most ``max_ece``, or at most what a perfectly
-  calibrated model would show on these rows by chance (95th percentile), when that is
-  larger: on 100 test rows chance alone gives an ECE near 0.08, and a gate that fails a
-  perfect model is noise, not governance;
-- the latest data-validation run passed.
+- **Comparison rows.** Every version records what it was trained on
+  (:class:`~training.assignment.TrainingRecord`: its hash assignment of test patients
+  and its training window). The two models are compared only on rows *neither* was
+  trained on: both models' test patients and everything after the later training
+  window. The gate says how many rows that is.
+- **primary_metric**: a paired, patient-level bootstrap of (challenger - incumbent) on
+  those rows; the challenger passes when the lower 95% bound is above
+  ``-promotion.max_metric_drop`` (non-inferiority). Too few positives or negatives, or an
+  interval too wide to decide, is refused *as underpowered*, and the detail says so.
+- **subgroup_discrimination / subgroup_sensitivity / subgroup_calibration**: the same
+  paired comparison within every evaluated group of the sensitive attributes (and their
+  pairwise intersections), for the primary metric and for the sensitivity at each
+  model's operating point, plus the challenger's observed/expected ratio in the group.
+  A group whose whole interval shows a loss beyond its margin (or an O/E outside its
+  band) fails; one whose interval cannot decide is listed as inconclusive, not refused
+  on noise.
+- **operating_point**: the challenger's threshold rule (sensitivity target or alert
+  budget) on its unseen test rows and on the rows after its training window: refused
+  when the interval shows the rule is missed.
+- **calibration**: the expected calibration error on the challenger's unseen rows is at
+  most ``max_ece``, or at most what a perfectly calibrated model would show there by
+  chance (95th percentile), when that is larger.
+- **data_validation**: the latest data-validation run passed.
 
 On a pass (or ``force`` with a reason) the previous champion keeps the alias
 ``previous_champion`` and ``champion`` moves to the challenger. Every decision, moves
@@ -35,10 +51,13 @@ import pandas as pd
 
 from clinml.audit import AuditLog
 from clinml.errors import ClinmlError, NotReadyError
-from clinml.spec import UseCaseSpec
-from training.evaluate import Evaluation, evaluate
+from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
+from training import metrics as m
+from training.assignment import TAG as RECORD_TAG
+from training.assignment import TrainingRecord, utc_instant, utc_instants
+from training.evaluate import Evaluation, evaluate, rule_holds
 from training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, Tracker
-from training.train import outcome, split_frame
+from training.train import REFERENCE_RUN_TAG, outcome
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -47,6 +66,13 @@ PROMOTE = "promote"
 FORCED_PROMOTE = "forced-promote"
 REFUSED = "promote-refused"
 ROLLBACK = "rollback"
+LEVEL = 0.95
+
+# Verdicts of a non-inferiority comparison (see non_inferiority).
+NON_INFERIOR = "non-inferior"
+INFERIOR = "inferior"
+UNDERPOWERED = "underpowered"
+NOT_SHOWN = "not shown non-inferior"
 
 
 class PromotionRefused(ClinmlError):
@@ -68,27 +94,6 @@ class Check:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The gate's verdict on a challenger, and what happened to the aliases."""
-
-    model: str
-    challenger: str
-    champion: str | None
-    checks: list[Check]
-    action: str
-    reason: str | None = None
-    evaluations: dict[str, Evaluation] = field(default_factory=dict, repr=False)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
-    def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-
-@dataclass(frozen=True)
 class ValidationStatus:
     passed: bool | None
     where: Path | None
@@ -103,82 +108,521 @@ class ValidationStatus:
         return cls(bool(summary.get("success")), runs[-1].parent)
 
 
-def gate(
-    spec: UseCaseSpec,
-    challenger: Evaluation,
-    champion: Evaluation | None,
-    validation: ValidationStatus,
-) -> list[Check]:
-    """Every check of the promotion gate, passed or not."""
-    rules = spec.promotion
-    metric = spec.primary_metric
-    checks = []
-    new = challenger.metrics[metric]
-    if champion is None:
-        checks.append(Check("primary_metric", True, f"{metric}={new:.4f}; no current champion"))
-    else:
-        old = champion.metrics[metric]
-        ok = not math.isnan(new) and new >= old - rules.max_metric_drop
-        checks.append(
-            Check(
-                "primary_metric",
-                ok,
-                f"{metric} {new:.4f} vs champion {old:.4f} "
-                f"(allowed drop {rules.max_metric_drop:g}, change {new - old:+.4f})",
-            )
-        )
-    worst = challenger.worst_gap(metric)
-    if worst is None:
-        checks.append(Check("subgroup_gap", True, "no subgroup large enough to evaluate"))
-    else:
-        attribute, group, gap = worst
-        checks.append(
-            Check(
-                "subgroup_gap",
-                gap >= -rules.max_subgroup_gap,
-                f"worst {metric} gap {gap:+.4f} in {attribute}={group} "
-                f"(limit -{rules.max_subgroup_gap:g}, "
-                f"groups of >= {spec.evaluation.min_group_size})",
-            )
-        )
-    ece = challenger.metrics["ece"]
-    chance = challenger.ece_by_chance
-    limit = max(rules.max_ece, chance) if math.isfinite(chance) else rules.max_ece
-    checks.append(
-        Check(
-            "calibration",
-            ece <= limit,
-            f"expected calibration error {ece:.4f} (limit {rules.max_ece:g}; chance alone "
-            f"reaches {chance:.4f} on {challenger.rows:,} rows)",
-        )
-    )
-    if rules.require_valid_data:
-        if validation.passed is None:
-            checks.append(Check("data_validation", False, "no data-validation run on record"))
-        else:
-            state = "passed" if validation.passed else "FAILED"
-            checks.append(
-                Check(
-                    "data_validation",
-                    validation.passed,
-                    f"latest validation run {state} ({validation.where})",
-                )
-            )
-    return checks
-
-
 @dataclass(frozen=True)
-class TestData:
-    """The current patient-disjoint test rows, the same for every model compared."""
+class CurrentData:
+    """Today's labelled events (features, attributes, outcome), as the gate sees them."""
 
     frame: pd.DataFrame = field(repr=False)
     y: np.ndarray = field(repr=False)
 
     @classmethod
-    def from_frame(cls, spec: UseCaseSpec, frame: pd.DataFrame) -> TestData:
-        rows = split_frame(frame, spec).test
-        test = frame.iloc[rows].reset_index(drop=True)
-        return cls(test, outcome(test, spec))
+    def from_frame(cls, spec: UseCaseSpec, frame: pd.DataFrame) -> CurrentData:
+        frame = frame.reset_index(drop=True)
+        return cls(frame, outcome(frame, spec))
+
+    def patients(self, spec: UseCaseSpec) -> np.ndarray:
+        return self.frame[spec.entity.key].to_numpy()
+
+    def times(self, spec: UseCaseSpec) -> pd.Series:
+        return self.frame[spec.event_timestamp]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One model as the gate sees it: its probabilities on today's rows, its threshold,
+    and what it was trained on.
+
+    Attributes:
+        role: ``challenger``, ``champion`` or ``reference``.
+        version: the registered version (None for an unregistered reference).
+        probability: the positive-class probability of every row of today's data.
+        threshold: its operating threshold.
+        record: what it was trained on; None for a version registered before records
+            existed, which then counts as trained on everything up to ``registered``.
+        registered: when the version was registered (used only without a record).
+    """
+
+    role: str
+    version: str | None
+    probability: np.ndarray = field(repr=False)
+    threshold: float
+    record: TrainingRecord | None = None
+    registered: pd.Timestamp | None = None
+
+    def trained(self, patients: np.ndarray, times: pd.Series) -> np.ndarray:
+        """Rows of today's data this model may have been trained on."""
+        if self.record is not None:
+            return self.record.trained(patients, times)
+        if self.registered is not None:
+            return utc_instants(times) <= utc_instant(self.registered)
+        return np.ones(len(patients), dtype=bool)
+
+    def provenance(self, patients: np.ndarray, times: pd.Series) -> str:
+        """How its training rows were found, in words."""
+        if self.record is None:
+            when = f"{self.registered:%Y-%m-%d %H:%M} UTC" if self.registered else "ever"
+            return f"{self.role}: no training record; every row up to {when} counts as trained"
+        if self.record.rebuilt(patients, times):
+            return (
+                f"{self.role}: its {self.record.patients:,} training patients rebuilt exactly "
+                "from today's data"
+            )
+        return (
+            f"{self.role}: today's data does not rebuild its recorded training patients; "
+            f"every row up to {self.record.window_end:%Y-%m-%d} counts as trained"
+        )
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """One subgroup on the comparison rows: the challenger against the incumbent."""
+
+    attribute: str
+    group: str
+    rows: int
+    positives: int
+    evaluated: bool
+    comparison: m.PairedComparison | None = field(default=None, repr=False)
+    verdicts: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self, metric: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "attribute": self.attribute,
+            "group": self.group,
+            "rows": self.rows,
+            "positives": self.positives,
+            "evaluated": self.evaluated,
+            **self.verdicts,
+        }
+        if self.comparison is not None:
+            c = self.comparison
+            for name in dict.fromkeys((metric, "sensitivity", "observed_expected")):
+                out[f"{name}"] = c.new[name]
+                out[f"{name}_ci"] = list(c.new_ci[name])
+                out[f"incumbent_{name}"] = c.reference[name]
+                out[f"difference_{name}"] = c.difference[name]
+                out[f"difference_{name}_ci"] = list(c.difference_ci[name])
+        return out
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Everything the gate measured, and its checks."""
+
+    checks: list[Check]
+    incumbent_role: str | None
+    comparison_rows: int
+    comparison: m.PairedComparison | None = field(default=None, repr=False)
+    groups: list[GroupResult] = field(default_factory=list, repr=False)
+    operating: dict[str, Evaluation] = field(default_factory=dict, repr=False)
+    unseen: Evaluation | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's verdict on a challenger, and what happened to the aliases."""
+
+    model: str
+    challenger: str
+    champion: str | None
+    checks: list[Check]
+    action: str
+    reason: str | None = None
+    assessment: Assessment | None = field(default=None, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def non_inferiority(ci: tuple[float, float], margin: float) -> str:
+    """The verdict of a difference's interval against a non-inferiority margin.
+
+    ``non-inferior`` when the whole interval lies above ``-margin``; ``inferior`` when it
+    lies wholly below; otherwise ``underpowered`` when the interval is wider than the
+    margin on either side of its centre (these rows cannot decide it), else ``not shown
+    non-inferior`` (precise enough, and straddling the margin).
+    """
+    low, high = ci
+    if math.isnan(low) or math.isnan(high):
+        return UNDERPOWERED
+    if low > -margin:
+        return NON_INFERIOR
+    if high < -margin:
+        return INFERIOR
+    return UNDERPOWERED if (high - low) / 2 > margin else NOT_SHOWN
+
+
+def _interval(ci: tuple[float, float], scale: float = 1.0, digits: int = 4) -> str:
+    low, high = ci
+    return f"[{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]"
+
+
+def _enough_events(y: np.ndarray, minimum: int) -> bool:
+    positives = int(y.sum())
+    return positives >= minimum and len(y) - positives >= minimum
+
+
+def _primary_check(
+    spec: UseCaseSpec,
+    comparison: m.PairedComparison | None,
+    role: str | None,
+    rows: int,
+    positives: int,
+    why_none: str,
+    legacy: bool = False,
+) -> Check:
+    metric = spec.primary_metric
+    rules = spec.promotion
+    if role is None:
+        return Check("primary_metric", True, f"no comparison: {why_none}")
+    minimum = rules.min_comparison_events
+    if comparison is None:
+        return Check(
+            "primary_metric",
+            False,
+            f"underpowered: {rows:,} rows ({positives:,} positives) that neither the challenger "
+            f"nor the {role} was trained on; at least {minimum} positives and {minimum} "
+            "negatives are needed to compare them. Wait for more labelled data, or retrain "
+            "the challenger on the same data as the incumbent"
+            + (
+                f" (the {role} has no training record: registered before clinml kept one, it "
+                "counts as trained on every row up to its registration)"
+                if legacy
+                else ""
+            ),
+        )
+    difference = comparison.difference[metric]
+    ci = comparison.difference_ci[metric]
+    verdict = non_inferiority(ci, rules.max_metric_drop)
+    detail = (
+        f"{metric} challenger {comparison.new[metric]:.4f} vs {role} "
+        f"{comparison.reference[metric]:.4f} on {comparison.rows:,} rows "
+        f"({comparison.patients:,} patients, {comparison.positives:,} positives) neither was "
+        f"trained on: difference {difference:+.4f}, 95% CI {_interval(ci)}; {verdict} "
+        f"(margin -{rules.max_metric_drop:g} on the lower bound)"
+    )
+    if verdict == UNDERPOWERED:
+        detail += "; these rows are too few to decide: wait for more labelled data"
+    return Check("primary_metric", verdict == NON_INFERIOR, detail)
+
+
+def _subgroup_results(
+    spec: UseCaseSpec,
+    data: CurrentData,
+    rows: np.ndarray,
+    challenger: Contender,
+    incumbent: Contender | None,
+    n_boot: int,
+) -> list[GroupResult]:
+    """Every group of the sensitive attributes on ``rows``, compared within the group."""
+    if not spec.sensitive_attributes:
+        return []
+    settings, rules = spec.evaluation, spec.promotion
+    frame = data.frame.iloc[rows]
+    y = data.y[rows]
+    patients = frame[spec.entity.key].to_numpy()
+    new = challenger.probability[rows]
+    # Without an incumbent the challenger is compared with itself: only its own
+    # observed/expected ratio is judged.
+    old = incumbent.probability[rows] if incumbent is not None else new
+    old_threshold = incumbent.threshold if incumbent is not None else challenger.threshold
+    results = []
+    for attribute, group, positions in m.subgroups(
+        frame[spec.sensitive_attributes], spec.sensitive_attributes
+    ):
+        y_g = y[positions]
+        evaluated = len(positions) >= settings.min_group_size and _enough_events(
+            y_g, settings.min_group_events
+        )
+        if not evaluated:
+            results.append(GroupResult(attribute, group, len(positions), int(y_g.sum()), False))
+            continue
+        comparison = m.paired_bootstrap(
+            y_g,
+            new[positions],
+            old[positions],
+            challenger.threshold,
+            old_threshold,
+            groups=patients[positions],
+            n_boot=n_boot,
+            level=LEVEL,
+            seed=spec.training.seed,
+            n_bins=settings.calibration_bins,
+        )
+        verdicts = {}
+        if incumbent is not None:
+            verdicts["discrimination"] = non_inferiority(
+                comparison.difference_ci[spec.primary_metric], rules.max_subgroup_drop
+            )
+            verdicts["sensitivity"] = non_inferiority(
+                comparison.difference_ci["sensitivity"], rules.max_subgroup_sensitivity_drop
+            )
+        low_band, high_band = rules.subgroup_observed_expected
+        low, high = comparison.new_ci["observed_expected"]
+        outside = high < low_band or low > high_band
+        verdicts["calibration"] = "outside band" if outside else "within band"
+        results.append(
+            GroupResult(
+                attribute, group, len(positions), int(y_g.sum()), True, comparison, verdicts
+            )
+        )
+    return results
+
+
+def _subgroup_checks(spec: UseCaseSpec, groups: list[GroupResult], role: str | None) -> list[Check]:
+    rules = spec.promotion
+    settings = spec.evaluation
+    evaluated = [g for g in groups if g.evaluated]
+    size = (
+        f"groups of >= {settings.min_group_size} rows and >= {settings.min_group_events} "
+        f"positives and negatives: {len(evaluated)} of {len(groups)}"
+    )
+    if not evaluated:
+        nothing = f"no subgroup large enough to evaluate ({size})"
+        return [Check("subgroup_calibration", True, nothing)]
+    checks = []
+    compared = [
+        ("subgroup_discrimination", "discrimination", spec.primary_metric, rules.max_subgroup_drop),
+        (
+            "subgroup_sensitivity",
+            "sensitivity",
+            "sensitivity",
+            rules.max_subgroup_sensitivity_drop,
+        ),
+    ]
+    for name, key, metric, margin in compared:
+        if role is None:
+            continue
+        # A group fails only on shown harm: its whole interval below -margin. Requiring
+        # each of a dozen smaller groups to prove non-inferiority on its own would refuse
+        # sound models on chance alone (docs/training.md, "Subgroups").
+        failed = [g for g in evaluated if g.verdicts[key] == INFERIOR]
+        unclear = [g for g in evaluated if g.verdicts[key] in (UNDERPOWERED, NOT_SHOWN)]
+        worst = min(
+            evaluated,
+            key=lambda g: _lower(g.comparison.difference_ci[metric]),  # type: ignore[union-attr]
+        )
+        assert worst.comparison is not None
+        parts = [
+            f"{metric} challenger - {role} within each group; lowest bound in "
+            f"{worst.attribute}={worst.group}: {worst.comparison.difference[metric]:+.4f} "
+            f"{_interval(worst.comparison.difference_ci[metric])} (margin -{margin:g}; {size})"
+        ]
+        if failed:
+            parts.append(
+                "shown worse in "
+                + ", ".join(
+                    f"{g.attribute}={g.group} {_interval(g.comparison.difference_ci[metric])}"  # type: ignore[union-attr]
+                    for g in failed
+                )
+            )
+        if unclear:
+            parts.append(
+                f"not shown non-inferior, nor worse (inconclusive) in {len(unclear)}: "
+                + ", ".join(f"{g.attribute}={g.group}" for g in unclear)
+            )
+        checks.append(Check(name, not failed, "; ".join(parts)))
+    low_band, high_band = rules.subgroup_observed_expected
+    outside = [g for g in evaluated if g.verdicts["calibration"] == "outside band"]
+    furthest = max(
+        evaluated,
+        key=lambda g: abs(math.log(max(g.comparison.new["observed_expected"], 1e-9))),  # type: ignore[union-attr]
+    )
+    assert furthest.comparison is not None
+    detail = (
+        f"observed/expected within each group; furthest from 1 in "
+        f"{furthest.attribute}={furthest.group}: "
+        f"{furthest.comparison.new['observed_expected']:.3f} "
+        f"[{furthest.comparison.new_ci['observed_expected'][0]:.3f}, "
+        f"{furthest.comparison.new_ci['observed_expected'][1]:.3f}] "
+        f"(band {low_band:g}-{high_band:g}; {size})"
+    )
+    if outside:
+        detail += "; shown outside the band in " + ", ".join(
+            f"{g.attribute}={g.group}" for g in outside
+        )
+    checks.append(Check("subgroup_calibration", not outside, detail))
+    return checks
+
+
+def _lower(ci: tuple[float, float]) -> float:
+    return ci[0] if not math.isnan(ci[0]) else math.inf
+
+
+def _operating_check(spec: UseCaseSpec, parts: dict[str, Evaluation]) -> Check:
+    rule = spec.evaluation
+    if rule.min_sensitivity is None and rule.max_alerts_per_100 is None:
+        return Check("operating_point", True, f"fixed threshold: {rule.threshold_rule}")
+    minimum = spec.promotion.min_comparison_events
+    lines, missed = [], []
+    for name, evaluation in parts.items():
+        _, text = rule_holds(spec, evaluation)
+        if evaluation.positives < minimum and rule.min_sensitivity is not None:
+            lines.append(f"{name}: {evaluation.positives} positives, too few to judge")
+            continue
+        if rule.min_sensitivity is not None:
+            shown_missed = evaluation.ci["sensitivity"][1] < rule.min_sensitivity
+        else:
+            shown_missed = 100 * evaluation.ci["alert_rate"][0] > rule.max_alerts_per_100  # type: ignore[operator]
+        lines.append(f"{name}: {text}" + (" MISSED" if shown_missed else ""))
+        if shown_missed:
+            missed.append(name)
+    if not lines:
+        return Check("operating_point", True, "no unseen rows to check the rule on")
+    detail = f"rule '{rule.threshold_rule}' (refused when the interval excludes it): " + "; ".join(
+        lines
+    )
+    return Check("operating_point", not missed, detail)
+
+
+def _calibration_check(spec: UseCaseSpec, unseen: Evaluation | None) -> Check:
+    rules = spec.promotion
+    if unseen is None:
+        return Check("calibration", False, "no rows the challenger was not trained on")
+    ece = unseen.metrics["ece"]
+    chance = unseen.ece_by_chance
+    limit = max(rules.max_ece, chance) if math.isfinite(chance) else rules.max_ece
+    oe = unseen.metrics["observed_expected"]
+    oe_low, oe_high = unseen.ci.get("observed_expected", (math.nan, math.nan))
+    return Check(
+        "calibration",
+        ece <= limit,
+        f"expected calibration error {ece:.4f} (limit {rules.max_ece:g}; chance alone "
+        f"reaches {chance:.4f} on {unseen.rows:,} rows); observed/expected {oe:.3f} "
+        f"[{oe_low:.3f}, {oe_high:.3f}]",
+    )
+
+
+def _validation_check(spec: UseCaseSpec, validation: ValidationStatus) -> list[Check]:
+    if not spec.promotion.require_valid_data:
+        return []
+    if validation.passed is None:
+        return [Check("data_validation", False, "no data-validation run on record")]
+    state = "passed" if validation.passed else "FAILED"
+    return [
+        Check(
+            "data_validation",
+            validation.passed,
+            f"latest validation run {state} ({validation.where})",
+        )
+    ]
+
+
+def assess(
+    spec: UseCaseSpec,
+    data: CurrentData,
+    challenger: Contender,
+    incumbent: Contender | None,
+    validation: ValidationStatus,
+    why_no_incumbent: str = "no champion",
+    n_boot: int | None = None,
+) -> Assessment:
+    """Run every check of the gate on today's data.
+
+    Args:
+        spec: the use-case spec (rules, margins, attributes).
+        data: today's labelled events.
+        challenger: the model asking for promotion.
+        incumbent: what it must not be worse than (the champion, else the reference);
+            None when there is nothing to compare with (the reason in ``why_no_incumbent``).
+        validation: the latest data-validation run.
+        n_boot: bootstrap resamples (default: the spec's).
+    """
+    n_boot = spec.evaluation.bootstrap if n_boot is None else n_boot
+    patients, times = data.patients(spec), data.times(spec)
+    unseen_by_challenger = ~challenger.trained(patients, times)
+    notes = [challenger.provenance(patients, times)]
+    comparable = unseen_by_challenger.copy()
+    if incumbent is not None:
+        comparable &= ~incumbent.trained(patients, times)
+        notes.append(incumbent.provenance(patients, times))
+    rows = np.flatnonzero(comparable)
+    role = incumbent.role if incumbent is not None else None
+    comparison = None
+    y_rows = data.y[rows]
+    if incumbent is not None and _enough_events(y_rows, spec.promotion.min_comparison_events):
+        comparison = m.paired_bootstrap(
+            y_rows,
+            challenger.probability[rows],
+            incumbent.probability[rows],
+            challenger.threshold,
+            incumbent.threshold,
+            groups=patients[rows],
+            n_boot=n_boot,
+            level=LEVEL,
+            seed=spec.training.seed,
+            n_bins=spec.evaluation.calibration_bins,
+        )
+    legacy = incumbent is not None and incumbent.record is None
+    checks = [
+        _primary_check(
+            spec, comparison, role, len(rows), int(y_rows.sum()), why_no_incumbent, legacy
+        )
+    ]
+    groups = _subgroup_results(spec, data, rows, challenger, incumbent, n_boot)
+    checks += _subgroup_checks(spec, groups, role)
+
+    operating: dict[str, Evaluation] = {}
+    unseen_rows = np.flatnonzero(unseen_by_challenger)
+    if challenger.record is not None:
+        later = utc_instants(times) > utc_instant(challenger.record.window_end)
+        parts = {
+            "test rows": np.flatnonzero(unseen_by_challenger & ~later),
+            "rows after its training window": np.flatnonzero(unseen_by_challenger & later),
+        }
+    else:
+        parts = {"unseen rows": unseen_rows}
+    for name, part in parts.items():
+        if len(part) and len(np.unique(data.y[part])) == 2:
+            operating[name] = _evaluate_rows(spec, data, part, challenger, n_boot)
+    checks.append(_operating_check(spec, operating))
+    unseen = None
+    if len(unseen_rows) and len(np.unique(data.y[unseen_rows])) == 2:
+        unseen = _evaluate_rows(spec, data, unseen_rows, challenger, n_boot)
+    checks.append(_calibration_check(spec, unseen))
+    checks += _validation_check(spec, validation)
+    return Assessment(
+        checks=checks,
+        incumbent_role=role,
+        comparison_rows=len(rows),
+        comparison=comparison,
+        groups=groups,
+        operating=operating,
+        unseen=unseen,
+        notes=notes,
+    )
+
+
+def _evaluate_rows(
+    spec: UseCaseSpec, data: CurrentData, rows: np.ndarray, model: Contender, n_boot: int
+) -> Evaluation:
+    frame = data.frame.iloc[rows]
+    return evaluate(
+        spec,
+        data.y[rows],
+        model.probability[rows],
+        model.threshold,
+        frame[spec.entity.key].to_numpy(),
+        frame[spec.sensitive_attributes],
+        n_boot=n_boot,
+        subgroups=False,
+    )
+
+
+# --------------------------------------------------------------------------- the registry
 
 
 def threshold_of(version: ModelVersion, default: float = 0.5) -> float:
@@ -186,22 +630,57 @@ def threshold_of(version: ModelVersion, default: float = 0.5) -> float:
     return float(raw) if raw is not None else default
 
 
-def evaluate_version(
-    spec: UseCaseSpec, tracker: Tracker, version: ModelVersion, data: TestData
-) -> Evaluation:
-    """A registered model version on the test rows, at the version's own threshold."""
+def record_of(version: ModelVersion) -> TrainingRecord | None:
+    """The version's training record, or None for a version registered before records."""
+    raw = (version.tags or {}).get(RECORD_TAG)
+    return TrainingRecord.from_json(raw) if raw else None
+
+
+def _predict(model_uri: str, tracker: Tracker, spec: UseCaseSpec, frame: pd.DataFrame) -> Any:
     import mlflow
 
     tracker.activate()
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-    probability = model.predict(data.frame[spec.feature_names])["probability"].to_numpy()
-    return evaluate(
-        spec,
-        data.y,
-        probability,
-        threshold_of(version),
-        data.frame[spec.entity.key].to_numpy(),
-        data.frame[spec.sensitive_attributes],
+    model = mlflow.pyfunc.load_model(model_uri)
+    return model.predict(frame[spec.feature_names])["probability"].to_numpy()
+
+
+def contender(
+    spec: UseCaseSpec, tracker: Tracker, version: ModelVersion, role: str, data: CurrentData
+) -> Contender:
+    """A registered version, scored on today's data."""
+    return Contender(
+        role=role,
+        version=str(version.version),
+        probability=_predict(
+            f"models:/{version.name}/{version.version}", tracker, spec, data.frame
+        ),
+        threshold=threshold_of(version),
+        record=record_of(version),
+        registered=pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC"),
+    )
+
+
+def reference_contender(
+    spec: UseCaseSpec, tracker: Tracker, challenger: ModelVersion, data: CurrentData
+) -> tuple[Contender | None, str]:
+    """The logistic-regression reference fitted beside the challenger, or why there is none."""
+    tags = challenger.tags or {}
+    if tags.get("candidate") == REFERENCE_CANDIDATE:
+        return None, "no champion, and the challenger is the reference model itself"
+    run_id = tags.get(REFERENCE_RUN_TAG)
+    if not run_id:
+        return None, "no champion, and the challenger has no reference model on record"
+    run = tracker.client.get_run(run_id)
+    threshold = float(run.data.metrics.get("operating_threshold", 0.5))
+    return (
+        Contender(
+            role="reference",
+            version=None,
+            probability=_predict(f"runs:/{run_id}/model", tracker, spec, data.frame),
+            threshold=threshold,
+            record=record_of(challenger),
+        ),
+        "",
     )
 
 
@@ -220,10 +699,10 @@ def _entry(
     to_version: str | None,
     reason: str | None,
     checks: list[Check],
-    evaluations: dict[str, Evaluation],
+    assessment: Assessment | None,
     metric: str,
 ) -> dict[str, Any]:
-    return {
+    entry: dict[str, Any] = {
         "action": action,
         "model": model,
         "actor": actor,
@@ -231,15 +710,46 @@ def _entry(
         "to_version": to_version,
         "reason": reason,
         "gate": [c.to_dict() for c in checks],
-        "metrics": {
-            role: {
-                "rows": e.rows,
-                metric: _finite(e.metrics[metric]),
-                "ece": _finite(e.metrics["ece"]),
-            }
-            for role, e in evaluations.items()
-        },
+        "metrics": {},
     }
+    if assessment is None:
+        return entry
+    comparison = assessment.comparison
+    if comparison is not None and assessment.incumbent_role is not None:
+        entry["metrics"] = {
+            "challenger": {
+                "rows": comparison.rows,
+                metric: _finite(comparison.new[metric]),
+                "ece": _finite(comparison.new["ece"]),
+            },
+            assessment.incumbent_role: {
+                "rows": comparison.rows,
+                metric: _finite(comparison.reference[metric]),
+                "ece": _finite(comparison.reference["ece"]),
+            },
+        }
+        low, high = comparison.difference_ci[metric]
+        entry["comparison"] = {
+            "incumbent": assessment.incumbent_role,
+            "rows": comparison.rows,
+            "patients": comparison.patients,
+            "positives": comparison.positives,
+            "difference": _finite(comparison.difference[metric]),
+            "ci": [_finite(low), _finite(high)],
+            "level": comparison.level,
+        }
+    elif assessment.unseen is not None:
+        unseen = assessment.unseen
+        entry["metrics"] = {
+            "challenger": {
+                "rows": unseen.rows,
+                metric: _finite(unseen.metrics[metric]),
+                "ece": _finite(unseen.metrics["ece"]),
+            }
+        }
+    entry["comparison_rows"] = assessment.comparison_rows
+    entry["provenance"] = list(assessment.notes)
+    return entry
 
 
 def _finite(value: float) -> float | None:
@@ -250,7 +760,7 @@ def promote(
     spec: UseCaseSpec,
     tracker: Tracker,
     audit: AuditLog,
-    data: TestData,
+    data: CurrentData,
     validation: ValidationStatus,
     actor: str,
     force: bool = False,
@@ -266,18 +776,22 @@ def promote(
     if force and not (reason and reason.strip()):
         raise ClinmlError("--force needs --reason: say why the gate is being overridden")
     model = spec.name
-    challenger = tracker.version_by_alias(model, CHALLENGER)
-    champion = _optional_alias(tracker, model, CHAMPION)
-    if champion is not None and champion.version == challenger.version:
-        raise ClinmlError(f"{model} version {challenger.version} already is the champion")
-    evaluations = {"challenger": evaluate_version(spec, tracker, challenger, data)}
-    if champion is not None:
-        evaluations["champion"] = evaluate_version(spec, tracker, champion, data)
-    checks = gate(spec, evaluations["challenger"], evaluations.get("champion"), validation)
+    challenger_version = tracker.version_by_alias(model, CHALLENGER)
+    champion_version = _optional_alias(tracker, model, CHAMPION)
+    if champion_version is not None and champion_version.version == challenger_version.version:
+        raise ClinmlError(f"{model} version {challenger_version.version} already is the champion")
+    challenger = contender(spec, tracker, challenger_version, CHALLENGER, data)
+    why = ""
+    if champion_version is not None:
+        incumbent: Contender | None = contender(spec, tracker, champion_version, CHAMPION, data)
+    else:
+        incumbent, why = reference_contender(spec, tracker, challenger_version, data)
+    assessment = assess(spec, data, challenger, incumbent, validation, why_no_incumbent=why)
+    checks = assessment.checks
     passed = all(c.passed for c in checks)
     action = PROMOTE if passed else FORCED_PROMOTE if force else REFUSED
-    from_version = str(champion.version) if champion is not None else None
-    to_version = str(challenger.version)
+    from_version = str(champion_version.version) if champion_version is not None else None
+    to_version = str(challenger_version.version)
     audit.append(
         _entry(
             action,
@@ -287,19 +801,19 @@ def promote(
             to_version,
             reason,
             checks,
-            evaluations,
+            assessment,
             spec.primary_metric,
         )
     )
-    decision = Decision(model, to_version, from_version, checks, action, reason, evaluations)
+    decision = Decision(model, to_version, from_version, checks, action, reason, assessment)
     if action == REFUSED:
-        reasons = "; ".join(c.detail for c in decision.failures)
+        reasons = "; ".join(f"{c.name}: {c.detail}" for c in decision.failures)
         raise PromotionRefused(
             f"{model} version {to_version} was not promoted: {reasons}", decision
         )
     client = tracker.client
-    if champion is not None:
-        client.set_registered_model_alias(model, PREVIOUS_CHAMPION, str(champion.version))
+    if champion_version is not None:
+        client.set_registered_model_alias(model, PREVIOUS_CHAMPION, str(champion_version.version))
     client.set_registered_model_alias(model, CHAMPION, to_version)
     client.delete_registered_model_alias(model, CHALLENGER)
     client.set_model_version_tag(model, to_version, "clinml.promoted_by", actor)
@@ -320,7 +834,7 @@ def rollback(
     if previous is None:
         raise NotReadyError(f"{model} has no previous champion to roll back to")
     from_version, to_version = str(current.version), str(previous.version)
-    audit.append(_entry(ROLLBACK, model, actor, from_version, to_version, reason, [], {}, ""))
+    audit.append(_entry(ROLLBACK, model, actor, from_version, to_version, reason, [], None, ""))
     client = tracker.client
     client.set_registered_model_alias(model, CHAMPION, to_version)
     before = champion_before(audit, model, to_version)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from scipy import sparse
+from scipy import sparse, stats
 
 METRICS: tuple[str, ...] = (
     "roc_auc",
@@ -48,8 +48,15 @@ METRICS: tuple[str, ...] = (
     "f1",
     "brier",
     "ece",
+    "alert_rate",
+    "observed_expected",
 )
-HIGHER_IS_BETTER: dict[str, bool] = {name: name not in ("brier", "ece") for name in METRICS}
+# alert_rate (the share of rows at or above the threshold) is a workload, and
+# observed_expected (observed positives / the sum of predicted probabilities, ideally 1)
+# a calibration ratio: neither is better higher; both are listed as not higher-is-better.
+HIGHER_IS_BETTER: dict[str, bool] = {
+    name: name not in ("brier", "ece", "alert_rate", "observed_expected") for name in METRICS
+}
 
 # Metrics reported as 0.0 (scikit-learn's zero_division=0) when their denominator is zero.
 _ZERO_WHEN_UNDEFINED = ("sensitivity", "specificity", "precision", "f1")
@@ -257,6 +264,9 @@ def _weighted_metrics(design: _Design, weights: np.ndarray) -> dict[str, np.ndar
         "brier": _divide(squared, total),
         # ECE = sum_b (W_b / W) |mean p_b - rate_b| = sum_b |sum_b w (p - y)| / W.
         "ece": _divide(np.abs(linear[:bins]).sum(axis=0), total),
+        "alert_rate": _divide(tp + fp, total),
+        # sum w p = sum w y + sum w (p - y), the residuals summed over the calibration bins.
+        "observed_expected": _divide(n_pos, n_pos + linear[:bins].sum(axis=0)),
     }
 
 
@@ -395,12 +405,30 @@ def confusion(y: ArrayLike, p: ArrayLike, threshold: float) -> dict[str, int]:
     }
 
 
+@dataclass(frozen=True)
+class BudgetWindow:
+    """The period over which a team spends an alert budget, as the data see it.
+
+    Attributes:
+        rows: predictions in one period (e.g. a month of discharges).
+        rows_per_patient: mean predictions per distinct patient within one period (1 when
+            nobody comes twice in a period).
+    """
+
+    rows: float
+    rows_per_patient: float = 1.0
+
+
 def choose_threshold(
     y: ArrayLike,
     p: ArrayLike,
     *,
     min_sensitivity: float | None = None,
     max_alerts_per_100: float | None = None,
+    groups: ArrayLike | None = None,
+    confidence: float | None = None,
+    window: BudgetWindow | None = None,
+    periods: ArrayLike | None = None,
 ) -> float:
     """The operating threshold by exactly one clinical rule.
 
@@ -410,6 +438,23 @@ def choose_threshold(
     sensitivity can exceed ``min_sensitivity`` and the achieved alert rate can fall well below
     ``max_alerts_per_100`` when many rows share the boundary probability.
 
+    With ``confidence`` the rule must hold at a one-sided confidence bound rather than at
+    the point estimate (a threshold picked where the rule is just met on these rows falls
+    short on new rows about half the time):
+
+    - ``min_sensitivity``: the highest threshold whose sensitivity's lower Wilson bound
+      still reaches the target; the bound uses the effective number of positives (the
+      positives divided by the design effect of patients with several positive rows);
+    - ``max_alerts_per_100``: the lowest threshold whose alert rate's upper bound is within
+      the budget. With ``window`` the bound also covers the chance variation of one period
+      of new rows (a prediction bound): the team spends its budget on the patients who
+      actually arrive in a period, not on a long-run average. Rows of one patient within
+      a period are correlated; their design effect is carried over from the patients'
+      rows here by Kish's ``1 + (m - 1) rho`` with ``m`` the period's rows per patient.
+      With ``periods`` (each row's period: consecutive budget windows) the variation of
+      the alert rate *between* periods beyond chance (a winter case mix, a busy month) is
+      added too, estimated by the method of moments from the periods' alert rates.
+
     Args:
         y: 1 for the positive class, 0 otherwise.
         p: predicted probability of the positive class (e.g. out-of-fold).
@@ -418,9 +463,16 @@ def choose_threshold(
         max_alerts_per_100: pick the lowest threshold that alerts at most this many rows per
             100 (the most sensitive threshold within the budget). If even the highest
             probability alerts too often, the next float above it is returned: nobody alerted.
+        groups: patient id per row, for the design effect (rows otherwise independent).
+        confidence: one-sided confidence level of the bound (e.g. 0.95); None: point rule.
+        window: with ``max_alerts_per_100`` and ``confidence``: one budget period.
+        periods: with ``window``: each row's budget period (any labels; periods with fewer
+            than 30 rows are left out of the between-period variance).
 
     Returns:
-        The threshold, a Python float in (0, 1]; rows with ``p >= threshold`` alert.
+        The threshold, a Python float in (0, 1]; rows with ``p >= threshold`` alert. When even
+        alerting every positive cannot bring the sensitivity's bound to the target (too few
+        positives), the threshold that alerts every positive.
 
     Raises:
         ValueError: not exactly one rule given, a target out of range, no positives for
@@ -428,11 +480,22 @@ def choose_threshold(
     """
     if (min_sensitivity is None) == (max_alerts_per_100 is None):
         raise ValueError("give exactly one of min_sensitivity and max_alerts_per_100")
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0.5, 1); got {confidence}")
     y_arr, p_arr = _check_inputs(y, p)
     candidates = np.unique(p_arr[p_arr > 0])  # ascending
+    units, _ = _unit_codes(groups, len(y_arr))
     if min_sensitivity is not None:
-        return _fewest_alerts_threshold(y_arr, p_arr, candidates, min_sensitivity)
-    return _alert_budget_threshold(p_arr, candidates, float(max_alerts_per_100))
+        if confidence is None:
+            return _fewest_alerts_threshold(y_arr, p_arr, candidates, min_sensitivity)
+        z = float(stats.norm.ppf(confidence))
+        return _fewest_alerts_threshold_bound(y_arr, p_arr, candidates, min_sensitivity, units, z)
+    budget = float(max_alerts_per_100)  # type: ignore[arg-type]
+    if confidence is None:
+        return _alert_budget_threshold(p_arr, candidates, budget)
+    z = float(stats.norm.ppf(confidence))
+    period_codes = None if periods is None else _unit_codes(periods, len(y_arr))[0]
+    return _alert_budget_threshold_bound(p_arr, candidates, budget, units, z, window, period_codes)
 
 
 def _share_at_or_above(values: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -441,14 +504,59 @@ def _share_at_or_above(values: np.ndarray, candidates: np.ndarray) -> np.ndarray
     return (len(ordered) - np.searchsorted(ordered, candidates, side="left")) / len(ordered)
 
 
+def design_effect(alerted: np.ndarray, units: np.ndarray) -> float:
+    """Variance inflation of a proportion whose rows come in clusters (patients).
+
+    The cluster-robust (ratio-estimator) variance of ``mean(alerted)`` over the
+    binomial one, floored at 1: 1 when every patient has one row, larger when a
+    patient's rows tend to agree.
+    """
+    n = len(alerted)
+    share = float(alerted.mean()) if n else 0.0
+    clusters = int(units.max()) + 1 if n else 0
+    if n == 0 or clusters < 2 or share in (0.0, 1.0):
+        return 1.0
+    per_unit = np.bincount(units, weights=alerted.astype(float), minlength=clusters)
+    sizes = np.bincount(units, minlength=clusters)
+    present = sizes > 0
+    residual = per_unit[present] - share * sizes[present]
+    m = int(present.sum())
+    robust = m / max(m - 1, 1) * float((residual**2).sum()) / n**2
+    return max(1.0, robust / (share * (1.0 - share) / n))
+
+
+def between_period_variance(
+    alerted: np.ndarray, periods: np.ndarray, effect: float = 1.0, min_rows: int = 30
+) -> float:
+    """Variance of a proportion between periods beyond what chance within a period gives.
+
+    Method of moments: the variance of the periods' proportions minus the mean of their
+    within-period sampling variances (``p (1 - p) effect / n_k``), floored at 0. Periods
+    with fewer than ``min_rows`` rows (a partial first or last one) are left out.
+    """
+    sizes = np.bincount(periods)
+    counts = np.bincount(periods, weights=alerted.astype(float))
+    kept = sizes >= min_rows
+    if kept.sum() < 3:
+        return 0.0
+    rates = counts[kept] / sizes[kept]
+    overall = counts[kept].sum() / sizes[kept].sum()
+    chance = overall * (1 - overall) * effect / sizes[kept]
+    return max(0.0, float(rates.var(ddof=1) - chance.mean()))
+
+
+def _wilson_lower(share: np.ndarray, n: float, z: float) -> np.ndarray:
+    """Lower Wilson score bound of a proportion observed on ``n`` (effective) rows."""
+    centre = share + z * z / (2 * n)
+    spread = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
 def _fewest_alerts_threshold(
     y: np.ndarray, p: np.ndarray, candidates: np.ndarray, min_sensitivity: float
 ) -> float:
     """The highest candidate whose sensitivity is at least ``min_sensitivity``."""
-    if not 0 <= min_sensitivity <= 1:
-        raise ValueError(f"min_sensitivity must be in [0, 1]; got {min_sensitivity}")
-    if not (y == 1).any():
-        raise ValueError("min_sensitivity needs at least one positive row; y has none")
+    _check_sensitivity_target(y, min_sensitivity)
     # Sensitivity falls as the threshold rises; the same division as point_metrics uses, so
     # the reported sensitivity at the returned threshold is >= min_sensitivity exactly.
     meets = np.flatnonzero(_share_at_or_above(p[y == 1], candidates) >= min_sensitivity)
@@ -458,6 +566,40 @@ def _fewest_alerts_threshold(
             "predicted exactly 0 can never alert; lower min_sensitivity"
         )
     return float(candidates[meets[-1]])
+
+
+def _check_sensitivity_target(y: np.ndarray, min_sensitivity: float) -> None:
+    if not 0 <= min_sensitivity <= 1:
+        raise ValueError(f"min_sensitivity must be in [0, 1]; got {min_sensitivity}")
+    if not (y == 1).any():
+        raise ValueError("min_sensitivity needs at least one positive row; y has none")
+
+
+def _fewest_alerts_threshold_bound(
+    y: np.ndarray,
+    p: np.ndarray,
+    candidates: np.ndarray,
+    min_sensitivity: float,
+    units: np.ndarray,
+    z: float,
+) -> float:
+    """The highest candidate whose sensitivity's lower bound reaches ``min_sensitivity``."""
+    _check_sensitivity_target(y, min_sensitivity)
+    positive = y == 1
+    p_pos, u_pos = p[positive], units[positive]
+    sensitivity = _share_at_or_above(p_pos, candidates)
+    n = len(p_pos)
+    # The design effect depends (a little) on the threshold: settle it by iterating.
+    threshold = _fewest_alerts_threshold(y, p, candidates, min_sensitivity)
+    for _ in range(5):
+        effective = n / design_effect(p_pos >= threshold, u_pos)
+        meets = np.flatnonzero(_wilson_lower(sensitivity, effective, z) >= min_sensitivity)
+        # Too few positives for the bound to reach the target: alert every positive.
+        chosen = float(candidates[meets[-1]] if len(meets) else p_pos[p_pos > 0].min())
+        if chosen == threshold:
+            break
+        threshold = chosen
+    return threshold
 
 
 def _alert_budget_threshold(p: np.ndarray, candidates: np.ndarray, per_100: float) -> float:
@@ -475,16 +617,72 @@ def _alert_budget_threshold(p: np.ndarray, candidates: np.ndarray, per_100: floa
     return float(np.nextafter(p.max(), 1.0))
 
 
+def _alert_budget_threshold_bound(
+    p: np.ndarray,
+    candidates: np.ndarray,
+    per_100: float,
+    units: np.ndarray,
+    z: float,
+    window: BudgetWindow | None,
+    periods: np.ndarray | None = None,
+) -> float:
+    """The lowest candidate whose alert rate's upper (prediction) bound is within budget."""
+    threshold = _alert_budget_threshold(p, candidates, per_100)
+    share = _share_at_or_above(p, candidates)
+    n = len(p)
+    rows_per_patient = n / (int(units.max()) + 1)
+    for _ in range(5):
+        alerted = p >= threshold
+        effect = design_effect(alerted, units)
+        variance = share * (1 - share) * effect / n
+        if window is not None and window.rows > 0:
+            # Kish: effect = 1 + (m - 1) rho; the same rho with a period's m.
+            rho = (effect - 1) / (rows_per_patient - 1) if rows_per_patient > 1 else 0.0
+            rho = min(max(rho, 0.0), 1.0)
+            in_period = 1 + (max(window.rows_per_patient, 1.0) - 1) * rho
+            variance = variance + share * (1 - share) * in_period / window.rows
+            if periods is not None:
+                variance = variance + between_period_variance(alerted, periods, in_period)
+        meets = np.flatnonzero(share + z * np.sqrt(variance) <= per_100 / 100)
+        chosen = float(candidates[meets[0]]) if len(meets) else float(np.nextafter(p.max(), 1.0))
+        if chosen == threshold:
+            break
+        threshold = chosen
+    return threshold
+
+
 # ---------------------------------------------------------------------------------------------
 # Bootstrap
 # ---------------------------------------------------------------------------------------------
 
 
 def _resample_block(
-    design: _Design, n_units: int, size: int, stream: np.random.SeedSequence
-) -> dict[str, np.ndarray]:
-    """Every metric on ``size`` resamples drawn from the block's own random stream."""
-    return _weighted_metrics(design, _draw_counts(np.random.default_rng(stream), n_units, size))
+    designs: tuple[_Design, ...], n_units: int, size: int, stream: np.random.SeedSequence
+) -> list[dict[str, np.ndarray]]:
+    """Every metric of every design on the same ``size`` resamples of the units."""
+    counts = _draw_counts(np.random.default_rng(stream), n_units, size)
+    return [_weighted_metrics(design, counts) for design in designs]
+
+
+def _bootstrap_draws(
+    designs: tuple[_Design, ...], n_units: int, n_rows: int, n_boot: int, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """``n_boot`` resampled values of every metric, per design, on shared resamples.
+
+    Every design sees the same resampled units in the same order, so differences between
+    designs (two models on the same patients) are paired.
+    """
+    block = max(1, min(n_boot, _BLOCK_CELLS // max(n_rows, n_units)))
+    sizes = [min(block, n_boot - start) for start in range(0, n_boot, block)]
+    # One independent stream per block, so the result does not depend on thread scheduling.
+    streams = np.random.SeedSequence(seed).spawn(len(sizes))
+    threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1, len(sizes)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        blocks = list(pool.map(partial(_resample_block, designs, n_units), sizes, streams))
+    return [
+        {name: np.concatenate([values[d][name] for values in blocks]) for name in METRICS}
+        for d in range(len(designs))
+    ]
 
 
 def _draw_counts(rng: np.random.Generator, n_units: int, size: int) -> np.ndarray:
@@ -504,6 +702,13 @@ def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(defined, [tail, 1.0 - tail])
     return (float(low), float(high))
+
+
+def _check_bootstrap(n_boot: int, level: float) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1; got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1; got {level}")
 
 
 def bootstrap_ci(
@@ -538,22 +743,98 @@ def bootstrap_ci(
         as 0 as :func:`point_metrics` reports it; if fewer than half the resamples define it
         the interval is ``(nan, nan)``.
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1; got {n_boot}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be between 0 and 1; got {level}")
+    _check_bootstrap(n_boot, level)
     y_arr, p_arr = _check_inputs(y, p)
     units, n_units = _unit_codes(groups, len(y_arr))
     design = _design(y_arr, p_arr, threshold, _check_bins(n_bins), units, n_units)
-    block = max(1, min(n_boot, _BLOCK_CELLS // max(len(y_arr), n_units)))
-    sizes = [min(block, n_boot - start) for start in range(0, n_boot, block)]
-    # One independent stream per block, so the result does not depend on thread scheduling.
-    streams = np.random.SeedSequence(seed).spawn(len(sizes))
-    threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1, len(sizes)))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        blocks = list(pool.map(partial(_resample_block, design, n_units), sizes, streams))
-    draws = {name: np.concatenate([values[name] for values in blocks]) for name in METRICS}
+    [draws] = _bootstrap_draws((design,), n_units, len(y_arr), n_boot, seed)
     return {name: _percentile_interval(draws[name], level) for name in METRICS}
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models on the same rows: each one's metrics and their paired difference.
+
+    ``difference[m]`` is ``new - reference`` on all rows, ``difference_ci[m]`` its
+    percentile interval over patient-level resamples shared by both models (a patient
+    drawn twice counts twice for both), so the correlation between the two models'
+    errors on the same patients narrows the interval, as it should.
+    """
+
+    rows: int
+    patients: int
+    positives: int
+    new: dict[str, float]
+    reference: dict[str, float]
+    difference: dict[str, float]
+    difference_ci: dict[str, tuple[float, float]]
+    new_ci: dict[str, tuple[float, float]]
+    reference_ci: dict[str, tuple[float, float]]
+    n_boot: int
+    level: float
+
+    @property
+    def negatives(self) -> int:
+        return self.rows - self.positives
+
+
+def paired_bootstrap(
+    y: ArrayLike,
+    p_new: ArrayLike,
+    p_reference: ArrayLike,
+    threshold_new: float,
+    threshold_reference: float,
+    groups: ArrayLike | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    n_bins: int = 10,
+) -> PairedComparison:
+    """Paired, patient-level bootstrap of the difference between two models' metrics.
+
+    Args:
+        y: 1 for the positive class, 0 otherwise.
+        p_new: the new model's probabilities (e.g. the challenger's).
+        p_reference: the reference model's probabilities on the same rows.
+        threshold_new: the new model's operating threshold.
+        threshold_reference: the reference model's operating threshold.
+        groups: patient id per row (rows of a patient are resampled together).
+        n_boot: resamples.
+        level: coverage of the intervals.
+        seed: root of the random streams.
+        n_bins: calibration bins for ``ece``.
+
+    Returns:
+        Both models' point metrics and intervals, and the paired differences
+        (``new - reference``) with their intervals.
+    """
+    _check_bootstrap(n_boot, level)
+    y_arr, new_arr = _check_inputs(y, p_new)
+    _, ref_arr = _check_inputs(y_arr, p_reference)
+    units, n_units = _unit_codes(groups, len(y_arr))
+    n_bins = _check_bins(n_bins)
+    designs = (
+        _design(y_arr, new_arr, threshold_new, n_bins, units, n_units),
+        _design(y_arr, ref_arr, threshold_reference, n_bins, units, n_units),
+    )
+    new_draws, ref_draws = _bootstrap_draws(designs, n_units, len(y_arr), n_boot, seed)
+    new_point = point_metrics(y_arr, new_arr, threshold_new, n_bins)
+    ref_point = point_metrics(y_arr, ref_arr, threshold_reference, n_bins)
+    return PairedComparison(
+        rows=len(y_arr),
+        patients=n_units,
+        positives=int(y_arr.sum()),
+        new=new_point,
+        reference=ref_point,
+        difference={name: new_point[name] - ref_point[name] for name in METRICS},
+        difference_ci={
+            name: _percentile_interval(new_draws[name] - ref_draws[name], level) for name in METRICS
+        },
+        new_ci={name: _percentile_interval(new_draws[name], level) for name in METRICS},
+        reference_ci={name: _percentile_interval(ref_draws[name], level) for name in METRICS},
+        n_boot=n_boot,
+        level=level,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,6 +872,30 @@ def _group_row(
         row[f"gap_{name}"] = value - overall[name]
     row["evaluated"] = evaluated
     return row
+
+
+def subgroups(
+    attributes: pd.DataFrame, columns: list[str], intersections: bool = True
+) -> list[tuple[str, str, np.ndarray]]:
+    """Every observed group: ``(attribute, group, row positions)``.
+
+    Single attributes first, in ``columns`` order with values sorted, then (with
+    ``intersections``) each pair of columns crossed, e.g. ``("sex x site", "F x hosp_a",
+    rows)``. Rows with a missing attribute value belong to no group of that attribute.
+    """
+    frame = attributes.reset_index(drop=True)
+    keys: list[list[str]] = [[c] for c in columns]
+    if intersections:
+        keys += [list(pair) for pair in itertools.combinations(columns, 2)]
+    found = []
+    for key in keys:
+        groups = frame.groupby(key if len(key) > 1 else key[0], sort=True, observed=True)
+        for value, positions in groups.indices.items():
+            labels = value if isinstance(value, tuple) else (value,)
+            found.append(
+                (" x ".join(key), " x ".join(str(v) for v in labels), np.asarray(positions))
+            )
+    return found
 
 
 def subgroup_table(
@@ -635,29 +940,12 @@ def subgroup_table(
     if unknown:
         raise ValueError(f"unknown metrics {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     overall = point_metrics(y_arr, p_arr, threshold, n_bins)
-    frame = attributes.reset_index(drop=True)
-    keys: list[list[str]] = [[c] for c in columns]
-    if intersections:
-        keys += [list(pair) for pair in itertools.combinations(columns, 2)]
-    rows = []
-    for key in keys:
-        groups = frame.groupby(key if len(key) > 1 else key[0], sort=True, observed=True)
-        for value, positions in groups.indices.items():
-            labels = value if isinstance(value, tuple) else (value,)
-            rows.append(
-                _group_row(
-                    " x ".join(key),
-                    " x ".join(str(v) for v in labels),
-                    np.asarray(positions),
-                    y_arr,
-                    p_arr,
-                    threshold,
-                    overall,
-                    metrics,
-                    min_size,
-                    n_bins,
-                )
-            )
+    rows = [
+        _group_row(
+            attribute, group, positions, y_arr, p_arr, threshold, overall, metrics, min_size, n_bins
+        )
+        for attribute, group, positions in subgroups(attributes, columns, intersections)
+    ]
     names = [c for m in metrics for c in (m, f"gap_{m}")]
     header = ["attribute", "group", "n", "positives", "prevalence", *names, "evaluated"]
     return pd.DataFrame(rows, columns=header)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,32 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
         rows = np.flatnonzero(labels == label)
         take = min(max(round(fraction * count), 1), count - 1)
         held_out[rng.choice(rows, size=take, replace=False)] = True
+    return held_out
+
+
+def patient_holdout(
+    labels: np.ndarray, groups: Any, fraction: float, seed: int, min_per_class: int = 1
+) -> np.ndarray | None:
+    """Boolean mask of whole patients held out for validation (about ``fraction`` of them).
+
+    Patients are drawn separately among those with a positive row and those without, so
+    both parts keep both classes; ``None`` when that is impossible (too few patients).
+    """
+    codes, uniques = pd.factorize(pd.Series(np.asarray(groups, dtype=object)))
+    positive = np.zeros(len(uniques), dtype=bool)
+    positive[codes[np.asarray(labels) == 1]] = True
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(len(uniques), dtype=bool)
+    for stratum in (np.flatnonzero(positive), np.flatnonzero(~positive)):
+        take = min(max(round(fraction * len(stratum)), 1), len(stratum) - 1)
+        if take < 1:
+            continue
+        chosen[rng.choice(stratum, size=take, replace=False)] = True
+    held_out = chosen[codes]
+    for part in (held_out, ~held_out):
+        counts = np.bincount(np.asarray(labels, dtype=np.int64)[part], minlength=2)
+        if counts.min() < min_per_class:
+            return None
     return held_out
 
 
@@ -202,7 +229,9 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             weights = weights * balanced_class_weights(labels)
         return weights.astype(np.float32)
 
-    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> TorchMLPClassifier:
+    def fit(
+        self, X: Any, y: Any, sample_weight: Any = None, groups: Any = None
+    ) -> TorchMLPClassifier:
         """Train the network on standardised ``X`` and binary ``y``.
 
         Args:
@@ -211,6 +240,9 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             sample_weight: optional non-negative weight per row; the loss of each batch
                 is the weighted mean, so scaling every weight by a constant changes
                 nothing.
+            groups: optional patient id per row: the early-stopping rows are then whole
+                patients (about ``validation_fraction`` of them), never some of a
+                patient's rows.
 
         Returns:
             The fitted estimator.
@@ -235,7 +267,16 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
 
         held_out = None
         if self.early_stopping:
-            held_out = stratified_holdout(labels, self.validation_fraction, self.seed)
+            if groups is None:
+                held_out = stratified_holdout(labels, self.validation_fraction, self.seed)
+            elif len(labels) >= MIN_ROWS_FOR_VALIDATION:
+                held_out = patient_holdout(
+                    labels,
+                    groups,
+                    self.validation_fraction,
+                    self.seed,
+                    min_per_class=MIN_ROWS_PER_CLASS_FOR_VALIDATION,
+                )
             if held_out is not None and weights[held_out].sum() <= 0:
                 held_out = None
             if held_out is None:

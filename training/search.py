@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from clinml.errors import SpecError
-from clinml.spec import UseCaseSpec
-from training.candidates import SEARCH_SPACES, build_pipeline
+from clinml.spec import CandidateSpec, UseCaseSpec
+from training.candidates import SEARCH_SPACES, build_pipeline, fit
 from training.metrics import point_metrics
 
 RANKING_METRICS = ("roc_auc", "average_precision")
@@ -53,6 +53,12 @@ class SearchResult:
     seconds: float
     oof_outcome: np.ndarray = field(repr=False)
     oof_probability: np.ndarray = field(repr=False)
+    # The patient of each out-of-fold row: the same rows, in the same order, for every
+    # candidate of one training run (one sample and one set of folds), so candidates
+    # can be compared pairwise on them.
+    oof_patients: np.ndarray = field(repr=False, default_factory=lambda: np.array([]))
+    # The event time of each out-of-fold row (when the search was given them).
+    oof_times: np.ndarray | None = field(repr=False, default=None)
 
     def trials_frame(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -116,6 +122,7 @@ def search(
     y: np.ndarray,
     groups: np.ndarray,
     report: Callable[[str], None] = lambda _: None,
+    times: np.ndarray | None = None,
 ) -> SearchResult:
     """Cross-validated search over one candidate's configurations.
 
@@ -126,13 +133,15 @@ def search(
         y: 0/1 outcomes.
         groups: the patient of each row; no patient is split across folds.
         report: receives one line per evaluated configuration.
+        times: optional event time of each row, kept with the out-of-fold predictions.
     """
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.utils._param_validation import InvalidParameterError
 
     budget = spec.training.search
     seed = spec.training.seed
-    candidate = spec.training.candidates[name]
+    # The reference model is searched even when the spec does not list it.
+    candidate = spec.training.candidates.get(name, CandidateSpec())
     scoring = scoring_metric(spec)
     rows = grouped_sample(groups, budget.max_rows, seed)
     xs, ys, gs = x.iloc[rows], y[rows], groups[rows]
@@ -156,7 +165,7 @@ def search(
         for fit_rows, score_rows in folds:
             pipeline = build_pipeline(name, spec, config, seed, n_rows=len(fit_rows))
             try:
-                pipeline.fit(xs.iloc[fit_rows], ys[fit_rows])
+                fit(pipeline, xs.iloc[fit_rows], ys[fit_rows], gs[fit_rows])
             except (InvalidParameterError, TypeError) as exc:
                 raise SpecError(f"training.candidates.{name}: {config}: {exc}") from None
             oof[score_rows] = pipeline.predict_proba(xs.iloc[score_rows])[:, 1]
@@ -180,6 +189,8 @@ def search(
         seconds=time.perf_counter() - started,
         oof_outcome=ys,
         oof_probability=best[2],
+        oof_patients=gs,
+        oof_times=None if times is None else np.asarray(times)[rows],
     )
 
 

@@ -34,10 +34,13 @@ import numpy as np
 import pandas as pd
 
 from clinml.errors import ClinmlError, SpecError
-from clinml.spec import UseCaseSpec
+from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
 from training import model_io
-from training.candidates import build_pipeline, svm_variant
-from training.evaluate import Evaluation, choose_threshold, evaluate
+from training.assignment import TAG as RECORD_TAG
+from training.assignment import PatientAssignment, TrainingRecord, utc_instant, utc_instants
+from training.candidates import build_pipeline, fit, svm_variant
+from training.evaluate import Evaluation, choose_threshold, evaluate, rule_holds
+from training.metrics import BudgetWindow
 from training.search import SearchResult, search
 from training.tracking import CHALLENGER, Tracker
 
@@ -51,6 +54,9 @@ REFERENCE_FILE = "reference.parquet"
 PREDICTION_REFERENCE_FILE = "predictions.parquet"
 REFERENCE_MAX_ROWS = 50_000
 CARD_ARTIFACT = "model_card"
+# Model-version tags naming the reference model fitted in the same training run.
+REFERENCE_RUN_TAG = "reference_run_id"
+REFERENCE_SHA_TAG = "reference_model_sha256"
 # The model's runtime needs, pinned to what trained it (requirement inference is slow
 # and records unrelated packages).
 MODEL_REQUIREMENTS = ["mlflow", "scikit-learn", "skops", "pandas", "numpy", "torch"]
@@ -59,12 +65,18 @@ PROVENANCE_PACKAGES = [*MODEL_REQUIREMENTS, "feast", "great-expectations", "evid
 
 @dataclass(frozen=True)
 class Split:
-    """Row indices: training, the patient-disjoint test set, the temporal holdout."""
+    """Row indices: training, the patient-disjoint test set, the temporal holdout.
+
+    ``gap`` holds the events left out between training and the temporal holdout (their
+    labels would look into it); ``assignment`` is the hash assignment of test patients.
+    """
 
     train: np.ndarray
     test: np.ndarray
     temporal: np.ndarray
     temporal_start: pd.Timestamp | None = None
+    gap: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
+    assignment: PatientAssignment | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,58 @@ class FittedCandidate:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Which candidate is registered, and the paired evidence for it (parsimony rule).
+
+    The logistic-regression reference wins unless the best other candidate (by
+    cross-validated score) beats it on the same out-of-fold rows with the lower 95%
+    bound of the paired gain above ``training.selection_margin``.
+    """
+
+    selected: str
+    best_other: str | None
+    scoring: str
+    gain: float
+    gain_ci: tuple[float, float]
+    margin: float | None
+    rows: int
+    patients: int
+
+    @property
+    def reason(self) -> str:
+        if self.best_other is None:
+            return "the reference model is the only candidate"
+        gain = (
+            f"{self.best_other} - {REFERENCE_CANDIDATE} cross-validated {self.scoring} "
+            f"{self.gain:+.4f} [{self.gain_ci[0]:+.4f}, {self.gain_ci[1]:+.4f}] on "
+            f"{self.rows:,} out-of-fold rows ({self.patients:,} patients)"
+        )
+        if self.margin is None:
+            return f"{gain}: the parsimony rule is off (training.selection_margin: null)"
+        if self.selected == REFERENCE_CANDIDATE:
+            return (
+                f"{gain}: the lower bound is not above the margin {self.margin:g}, so the "
+                "simpler reference model is kept"
+            )
+        return f"{gain}: the lower bound is above the margin {self.margin:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "selected": self.selected,
+            "reference": REFERENCE_CANDIDATE,
+            "best_other": self.best_other,
+            "scoring": self.scoring,
+            "gain": self.gain,
+            "gain_ci": list(self.gain_ci),
+            "margin": self.margin,
+            "level": 0.95,
+            "rows": self.rows,
+            "patients": self.patients,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
 class Fitted:
     """Every candidate fitted and evaluated on one frame."""
 
@@ -95,11 +159,64 @@ class Fitted:
     y: np.ndarray = field(repr=False)
     split: Split
     candidates: list[FittedCandidate]
+    selection: Selection | None = None
 
     @property
     def selected(self) -> FittedCandidate:
-        """The candidate with the best cross-validated score (the test set picks nothing)."""
-        return max(self.candidates, key=lambda c: c.search.best_score)
+        """The candidate the parsimony rule chose (the test set picks nothing)."""
+        if self.selection is None:
+            return max(self.candidates, key=lambda c: c.search.best_score)
+        return next(c for c in self.candidates if c.name == self.selection.selected)
+
+    @property
+    def reference(self) -> FittedCandidate | None:
+        """The logistic-regression reference, if it was fitted."""
+        return next((c for c in self.candidates if c.name == REFERENCE_CANDIDATE), None)
+
+
+def select(spec: UseCaseSpec, candidates: list[FittedCandidate], n_boot: int) -> Selection:
+    """The parsimony rule: the reference unless another candidate is clearly better.
+
+    Every candidate's search scores the same out-of-fold rows (one patient sample, one
+    set of folds), so the gain is a paired comparison on the same patients.
+    """
+    from training.metrics import paired_bootstrap
+
+    reference = next((c for c in candidates if c.name == REFERENCE_CANDIDATE), None)
+    others = [c for c in candidates if c.name != REFERENCE_CANDIDATE]
+    margin = spec.training.selection_margin
+    if reference is None or not others:
+        only = (reference or max(others, key=lambda c: c.search.best_score)).name
+        return Selection(only, None, "", math.nan, (math.nan, math.nan), margin, 0, 0)
+    best = max(others, key=lambda c: c.search.best_score)
+    a, b = best.search, reference.search
+    if not (
+        np.array_equal(a.oof_outcome, b.oof_outcome)
+        and np.array_equal(a.oof_patients, b.oof_patients)
+    ):
+        raise ClinmlError("candidates were searched on different rows; cannot compare them")
+    comparison = paired_bootstrap(
+        a.oof_outcome,
+        a.oof_probability,
+        b.oof_probability,
+        0.5,
+        0.5,
+        groups=a.oof_patients,
+        n_boot=n_boot,
+        seed=spec.training.seed,
+    )
+    gain_ci = comparison.difference_ci[a.scoring]
+    chosen = best.name if margin is None or gain_ci[0] > margin else reference.name
+    return Selection(
+        chosen,
+        best.name,
+        a.scoring,
+        comparison.difference[a.scoring],
+        gain_ci,
+        margin,
+        comparison.rows,
+        comparison.patients,
+    )
 
 
 @dataclass(frozen=True)
@@ -131,28 +248,44 @@ def outcome(frame: pd.DataFrame, spec: UseCaseSpec) -> np.ndarray:
 
 
 def split_frame(frame: pd.DataFrame, spec: UseCaseSpec) -> Split:
-    """Temporal holdout (if configured), then a patient-grouped train/test split of the rest."""
-    from sklearn.model_selection import GroupShuffleSplit
-
-    pool = np.arange(len(frame))
-    temporal = np.array([], dtype=int)
+    """Temporal holdout (if configured) after a gap of the label horizon, then test patients
+    by the hash assignment (:mod:`training.assignment`) among the earlier events."""
+    assignment = PatientAssignment.from_spec(spec)
+    times = utc_instants(frame[spec.event_timestamp])
+    pool = np.ones(len(frame), dtype=bool)
+    recent = np.zeros(len(frame), dtype=bool)
     start = None
     months = spec.training.temporal_holdout_months
     if months:
-        times = pd.to_datetime(frame[spec.event_timestamp], utc=True)
-        start = times.max() - pd.Timedelta(days=months * 30.4375)
-        recent = (times >= start).to_numpy()
-        temporal, pool = np.flatnonzero(recent), np.flatnonzero(~recent)
-        if len(temporal) == 0 or len(pool) == 0:
+        latest = pd.Timestamp(times.max(), tz="UTC")
+        start = latest - pd.Timedelta(days=months * 30.4375)
+        cutoff = start - pd.Timedelta(days=spec.label.horizon_days)
+        recent = times >= utc_instant(start)
+        pool = times < utc_instant(cutoff)
+        if not recent.any() or not pool.any():
             raise SpecError(
-                f"training.temporal_holdout_months: {months} months leaves "
-                f"{len(pool)} rows to train on and {len(temporal)} to hold out"
+                f"training.temporal_holdout_months: {months} months (and a gap of "
+                f"label.horizon_days={spec.label.horizon_days:g}) leave {int(pool.sum())} rows "
+                f"to train on and {int(recent.sum())} to hold out"
             )
-    splitter = GroupShuffleSplit(
-        n_splits=1, test_size=spec.training.test_size, random_state=spec.training.seed
+    tested = assignment.is_test(frame[spec.entity.key].to_numpy())
+    return Split(
+        train=np.flatnonzero(pool & ~tested),
+        test=np.flatnonzero(pool & tested),
+        temporal=np.flatnonzero(recent),
+        temporal_start=start,
+        gap=np.flatnonzero(~pool & ~recent),
+        assignment=assignment,
     )
-    train, test = next(splitter.split(pool, groups=frame[spec.entity.key].to_numpy()[pool]))
-    return Split(np.sort(pool[train]), np.sort(pool[test]), temporal, start)
+
+
+def training_record(frame: pd.DataFrame, spec: UseCaseSpec, split: Split) -> TrainingRecord:
+    """What the models fitted on ``split`` were trained on (stored with the version)."""
+    assert split.assignment is not None
+    rows = frame.iloc[split.train]
+    return TrainingRecord.of(
+        split.assignment, rows[spec.entity.key].to_numpy(), rows[spec.event_timestamp]
+    )
 
 
 def fit_candidates(
@@ -170,9 +303,6 @@ def fit_candidates(
         report: receives progress lines.
         n_boot: bootstrap resamples (default: the spec's).
     """
-    from sklearn.utils._param_validation import InvalidParameterError
-
-    features = spec.feature_names
     required = [c.name for c in spec.features if not c.nullable]
     missing = frame[required].isna().any(axis=1)
     if missing.any():
@@ -187,71 +317,124 @@ def fit_candidates(
         if len(np.unique(y[rows])) < 2:
             raise ClinmlError(f"the {name} split has only one class; use more data or another seed")
     patients = frame[spec.entity.key].to_numpy()
+    report(
+        f"{len(split.train):,} training rows, {len(split.test):,} test rows "
+        f"({len(np.unique(patients[split.test])):,} patients by the hash assignment, none in "
+        "training)"
+        + (
+            f", {len(split.temporal):,} temporal-holdout rows after a gap of "
+            f"{spec.label.horizon_days:g} days ({len(split.gap):,} rows left out)"
+            if len(split.temporal)
+            else ""
+        )
+    )
+    window = budget_window(frame, split, spec)
+    names = list(dict.fromkeys([*spec.training.candidates, REFERENCE_CANDIDATE]))
+    fitted = [fit_candidate(spec, frame, y, split, name, window, n_boot, report) for name in names]
+    selection = select(spec, fitted, spec.evaluation.bootstrap if n_boot is None else n_boot)
+    report(f"selected {selection.selected}: {selection.reason}")
+    return Fitted(frame, y, split, fitted, selection)
+
+
+def fit_candidate(
+    spec: UseCaseSpec,
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    split: Split,
+    name: str,
+    window: BudgetWindow | None = None,
+    n_boot: int | None = None,
+    report: Callable[[str], None] = lambda _: None,
+) -> FittedCandidate:
+    """Search, refit, choose the threshold and evaluate one candidate on a split frame."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    features = spec.feature_names
+    patients = frame[spec.entity.key].to_numpy()
     x_train, y_train = frame.iloc[split.train][features], y[split.train]
     x_test, y_test = frame.iloc[split.test][features], y[split.test]
     attributes = frame[spec.sensitive_attributes]
-    report(
-        f"{len(split.train):,} training rows, {len(split.test):,} test rows "
-        f"({len(np.unique(patients[split.test])):,} patients, none in training)"
-        + (f", {len(split.temporal):,} temporal-holdout rows" if len(split.temporal) else "")
+    times = frame.iloc[split.train][spec.event_timestamp].to_numpy()
+    result = search(name, spec, x_train, y_train, patients[split.train], report=report, times=times)
+    started = time.perf_counter()
+    pipeline = build_pipeline(name, spec, result.best_params, spec.training.seed, len(x_train))
+    try:
+        fit(pipeline, x_train, y_train, patients[split.train])
+    except (InvalidParameterError, TypeError) as exc:
+        raise SpecError(f"training.candidates.{name}: {exc}") from None
+    fit_seconds = time.perf_counter() - started
+    threshold = choose_threshold(
+        spec,
+        result.oof_outcome,
+        result.oof_probability,
+        patients=result.oof_patients,
+        window=window,
+        times=result.oof_times,
     )
-    fitted: list[FittedCandidate] = []
-    for name in spec.training.candidates:
-        result = search(name, spec, x_train, y_train, patients[split.train], report=report)
-        started = time.perf_counter()
-        pipeline = build_pipeline(name, spec, result.best_params, spec.training.seed, len(x_train))
-        try:
-            pipeline.fit(x_train, y_train)
-        except (InvalidParameterError, TypeError) as exc:
-            raise SpecError(f"training.candidates.{name}: {exc}") from None
-        fit_seconds = time.perf_counter() - started
-        threshold = choose_threshold(spec, result.oof_outcome, result.oof_probability)
-        probability = pipeline.predict_proba(x_test)[:, 1]
-        evaluation = evaluate(
+    probability = pipeline.predict_proba(x_test)[:, 1]
+    evaluation = evaluate(
+        spec,
+        y_test,
+        probability,
+        threshold,
+        patients[split.test],
+        attributes.iloc[split.test],
+        n_boot=n_boot,
+    )
+    temporal = None
+    if len(split.temporal):
+        x_recent = frame.iloc[split.temporal][features]
+        temporal = evaluate(
             spec,
-            y_test,
-            probability,
+            y[split.temporal],
+            pipeline.predict_proba(x_recent)[:, 1],
             threshold,
-            patients[split.test],
-            attributes.iloc[split.test],
+            patients[split.temporal],
+            attributes.iloc[split.temporal],
             n_boot=n_boot,
         )
-        temporal = None
-        if len(split.temporal):
-            x_recent = frame.iloc[split.temporal][features]
-            temporal = evaluate(
-                spec,
-                y[split.temporal],
-                pipeline.predict_proba(x_recent)[:, 1],
-                threshold,
-                patients[split.temporal],
-                attributes.iloc[split.temporal],
-                n_boot=n_boot,
-            )
-        fitted.append(
-            FittedCandidate(
-                name,
-                pipeline,
-                result,
-                threshold,
-                evaluation,
-                temporal,
-                fit_seconds,
-                probability,
-                train_rows=len(x_train),
-            )
-        )
-        primary = spec.primary_metric
-        low, high = evaluation.ci[primary]
-        report(
-            f"{name:<4} cv {result.scoring}={result.best_score:.3f} | test {primary}="
-            f"{evaluation.metrics[primary]:.3f} [{low:.3f}, {high:.3f}] "
-            f"ece={evaluation.metrics['ece']:.3f} threshold={threshold:.3f} "
-            f"sensitivity={evaluation.metrics['sensitivity']:.3f} "
-            + (f"| recent {primary}={temporal.metrics[primary]:.3f} " if temporal else "")
-            + f"(search {result.seconds:.0f}s, fit {fit_seconds:.1f}s)"
-        )
-    return Fitted(frame, y, split, fitted)
+    primary = spec.primary_metric
+    low, high = evaluation.ci[primary]
+    report(
+        f"{name:<6} cv {result.scoring}={result.best_score:.3f} | test {primary}="
+        f"{evaluation.metrics[primary]:.3f} [{low:.3f}, {high:.3f}] "
+        f"ece={evaluation.metrics['ece']:.3f} threshold={threshold:.3f} "
+        f"sensitivity={evaluation.metrics['sensitivity']:.3f} "
+        f"alerts/100={100 * evaluation.metrics['alert_rate']:.1f} "
+        + (f"| recent {primary}={temporal.metrics[primary]:.3f} " if temporal else "")
+        + f"(search {result.seconds:.0f}s, fit {fit_seconds:.1f}s)"
+    )
+    return FittedCandidate(
+        name,
+        pipeline,
+        result,
+        threshold,
+        evaluation,
+        temporal,
+        fit_seconds,
+        probability,
+        train_rows=len(x_train),
+    )
+
+
+def budget_window(frame: pd.DataFrame, split: Split, spec: UseCaseSpec) -> BudgetWindow | None:
+    """One ``evaluation.budget_window_days`` period of events, at the training data's rate.
+
+    All patients count (test ones too): the service scores everyone. The rows per patient
+    within a period come from cutting the same events into consecutive periods. None when
+    the data span less than a day (their rate is unknown).
+    """
+    rows = np.concatenate([split.train, split.test])
+    times = utc_instants(frame.iloc[rows][spec.event_timestamp])
+    days = spec.evaluation.budget_window_days
+    span_days = (times.max() - times.min()) / np.timedelta64(1, "D")
+    if span_days < 1:
+        return None
+    period = ((times - times.min()) / np.timedelta64(1, "D") // days).astype(np.int64)
+    patients = frame.iloc[rows][spec.entity.key].to_numpy()
+    pairs = pd.DataFrame({"period": period, "patient": patients})
+    per_patient = len(pairs) / len(pairs.drop_duplicates())
+    return BudgetWindow(rows=len(rows) / span_days * days, rows_per_patient=per_patient)
 
 
 def signature(spec: UseCaseSpec) -> Any:
@@ -400,12 +583,13 @@ def _log_candidate(
         candidate.evaluation.calibration.to_csv(out / "calibration.csv", index=False)
         result.trials_frame().to_csv(out / "search_trials.csv", index=False)
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
-        plots = plot_curves(
+        plot_curves(
             {candidate.name: (fitted.y[split.test], candidate.test_probability)},
             out / "plots",
             n_bins=spec.evaluation.calibration_bins,
         )
-        mlflow.log_artifacts(str(next(iter(plots.values())).parent), artifact_path="plots")
+        _clinical_plots(spec, fitted, [candidate], out / "plots")
+        mlflow.log_artifacts(str(out / "plots"), artifact_path="plots")
         model_dir = model_io.save(candidate.pipeline, out / "model", manifest)
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -433,6 +617,57 @@ def _log_candidate(
     )
 
 
+def _achieved(spec: UseCaseSpec, name: str, evaluation: Evaluation) -> dict[str, Any]:
+    """The threshold rule's value on one held-out set, with its interval."""
+    holds, text = rule_holds(spec, evaluation)
+    metric = "sensitivity" if spec.evaluation.min_sensitivity is not None else "alert_rate"
+    low, high = evaluation.ci.get(metric, (math.nan, math.nan))
+    return {
+        "rows": name,
+        "metric": metric,
+        "value": evaluation.metrics[metric],
+        "ci_low": low,
+        "ci_high": high,
+        "holds": holds,
+        "text": text,
+    }
+
+
+def _chosen_on(spec: UseCaseSpec, selected: FittedCandidate) -> str:
+    rule = spec.evaluation
+    where = f"out-of-fold predictions of {selected.search.search_rows:,} training rows"
+    if rule.min_sensitivity is not None:
+        return f"{where}, so that the rule holds at its one-sided 95% confidence bound"
+    if rule.max_alerts_per_100 is not None:
+        return (
+            f"{where}, so that the alert rate of a {rule.budget_window_days:g}-day period of "
+            "new patients stays within budget with 95% probability"
+        )
+    return "fixed in the spec"
+
+
+def _candidate_summary(candidate: FittedCandidate, selected: FittedCandidate) -> dict[str, Any]:
+    metrics = candidate.evaluation.metrics
+    ci = candidate.evaluation.ci
+    fit_summary = candidate.evaluation.calibration_fit
+    return {
+        "name": candidate.name,
+        "reference": candidate.name == REFERENCE_CANDIDATE,
+        "selected": candidate is selected,
+        "metrics": {
+            f"cv_{candidate.search.scoring}": candidate.search.best_score,
+            "roc_auc": metrics["roc_auc"],
+            "roc_auc_ci_low": ci["roc_auc"][0],
+            "roc_auc_ci_high": ci["roc_auc"][1],
+            "ece": metrics["ece"],
+            "brier": metrics["brier"],
+            "observed_expected": metrics["observed_expected"],
+            "calibration_intercept": fit_summary.get("intercept", math.nan),
+            "calibration_slope": fit_summary.get("slope", math.nan),
+        },
+    }
+
+
 def build_card(
     spec: UseCaseSpec,
     fitted: Fitted,
@@ -445,16 +680,27 @@ def build_card(
     train = frame.iloc[split.train]
     times = pd.to_datetime(train[spec.event_timestamp], utc=True)
     evaluation = selected.evaluation.to_dict(spec.primary_metric)
+    achieved = [_achieved(spec, "test", selected.evaluation)]
     if selected.temporal is not None:
         recent = pd.to_datetime(frame.iloc[split.temporal][spec.event_timestamp], utc=True)
+        temporal = selected.temporal.to_dict(spec.primary_metric)
         evaluation["temporal_holdout"] = {
-            **selected.temporal.to_dict(spec.primary_metric)["metrics"],
+            **temporal["metrics"],
+            "calibration_fit": temporal["calibration_fit"],
             "window_start": recent.min().isoformat(),
             "window_end": recent.max().isoformat(),
             "rows": len(split.temporal),
         }
+        achieved.append(_achieved(spec, "temporal holdout", selected.temporal))
     else:
         evaluation["temporal_holdout"] = None
+    rule = spec.evaluation
+    operating_point = {
+        "rule": rule.threshold_rule,
+        "threshold": selected.threshold,
+        "chosen_on": _chosen_on(spec, selected),
+        "achieved": achieved,
+    }
     too_small = selected.evaluation.subgroups
     limitations = list(spec.limitations)
     if not too_small.empty and (~too_small["evaluated"]).any():
@@ -463,9 +709,15 @@ def build_card(
             f"{spec.evaluation.min_group_size} test rows and were not evaluated."
         )
     limitations.append(
-        "Metrics come from a patient-disjoint split of the same data window; performance on "
-        "later data, other sites or other populations may differ."
+        "Test metrics come from patients held out of training within the same data window"
+        + (
+            ", and from the most recent months (temporal holdout)"
+            if selected.temporal is not None
+            else ""
+        )
+        + "; performance at other sites or in other populations may differ."
     )
+    assert split.assignment is not None
     label = f"{spec.label.column} = {spec.label.positive_class}"
     return _json_safe(
         {
@@ -487,18 +739,21 @@ def build_card(
                 "data_fingerprint": fingerprint,
                 "features": spec.feature_names,
             },
+            "split": {
+                "test_assignment": "keyed SHA-256 hash of the pseudonymised patient id",
+                "test_fraction": split.assignment.fraction,
+                "salt": split.assignment.salt,
+                "test_rows": len(split.test),
+                "test_patients": int(frame.iloc[split.test][spec.entity.key].nunique()),
+                "temporal_holdout_months": spec.training.temporal_holdout_months,
+                "temporal_rows": len(split.temporal),
+                "gap_days": spec.label.horizon_days if len(split.temporal) else None,
+                "gap_rows": len(split.gap),
+            },
             "evaluation": evaluation,
-            "candidates": [
-                {
-                    "name": c.name,
-                    "metrics": {
-                        f"cv_{c.search.scoring}": c.search.best_score,
-                        **{k: c.evaluation.metrics[k] for k in ("roc_auc", "ece", "brier")},
-                    },
-                    "selected": c is selected,
-                }
-                for c in fitted.candidates
-            ],
+            "operating_point": operating_point,
+            "selection": fitted.selection.to_dict() if fitted.selection else None,
+            "candidates": [_candidate_summary(c, selected) for c in fitted.candidates],
             "limitations": limitations,
             "provenance": provenance,
         }
@@ -576,7 +831,13 @@ def register(
             "threshold_rule": spec.evaluation.threshold_rule,
             f"test_{spec.primary_metric}": f"{selected.evaluation.metrics[primary]:.4f}",
             "test_ece": f"{selected.evaluation.metrics['ece']:.4f}",
+            # What it was trained on: the gate compares versions on rows neither saw.
+            RECORD_TAG: training_record(frame, spec, fitted.split).to_json(),
         }
+        if fitted.reference is not None:
+            reference_run = results[fitted.candidates.index(fitted.reference)]
+            tags[REFERENCE_RUN_TAG] = reference_run.run_id
+            tags[REFERENCE_SHA_TAG] = reference_run.model_sha256
         registered = mlflow.register_model(best.model_uri, spec.name, tags=tags)
         version = str(registered.version)
         client = tracker.client
@@ -595,17 +856,22 @@ def register(
             fingerprint,
             provenance,
         )
-        write_card(card, workdir / CARD_ARTIFACT)
-        client.log_artifacts(best.run_id, str(workdir / CARD_ARTIFACT), CARD_ARTIFACT)
-        comparison = plot_curves(
-            {c.name: (fitted.y[fitted.split.test], c.test_probability) for c in fitted.candidates},
+        test = fitted.split.test
+        plot_curves(
+            {c.name: (fitted.y[test], c.test_probability) for c in fitted.candidates},
             workdir / "comparison",
             n_bins=spec.evaluation.calibration_bins,
         )
-        client.log_artifacts(best.run_id, str(next(iter(comparison.values())).parent), "comparison")
+        reference = fitted.reference
+        shown = [selected] if reference in (None, selected) else [selected, reference]
+        images = _clinical_plots(spec, fitted, shown, workdir / "card_plots")  # type: ignore[list-item]
+        _clinical_plots(spec, fitted, fitted.candidates, workdir / "comparison")
+        client.log_artifacts(best.run_id, str(workdir / "comparison"), "comparison")
+        write_card(card, workdir / CARD_ARTIFACT, images=images)
+        client.log_artifacts(best.run_id, str(workdir / CARD_ARTIFACT), CARD_ARTIFACT)
     report(
-        f"selected {selected.name} (best cv {selected.search.scoring}); registered "
-        f"{spec.name} version {version} as '{CHALLENGER}'"
+        f"selected {selected.name} ({fitted.selection.reason if fitted.selection else 'best cv'});"
+        f" registered {spec.name} version {version} as '{CHALLENGER}'"
     )
     split = fitted.split
     return TrainResult(
@@ -619,6 +885,26 @@ def register(
         temporal_rows=len(split.temporal),
         card=card,
     )
+
+
+def _clinical_plots(
+    spec: UseCaseSpec, fitted: Fitted, shown: list[FittedCandidate], out_dir: Path
+) -> dict[str, Path]:
+    """Smoothed calibration curves and decision curves of ``shown`` on the test rows."""
+    from training.calibration import plot_decision_curve, plot_smoothed_calibration
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test = fitted.split.test
+    curves = {c.name: (fitted.y[test], c.test_probability) for c in shown}
+    patients = fitted.frame.iloc[test][spec.entity.key].to_numpy()
+    return {
+        "smoothed_calibration": plot_smoothed_calibration(
+            curves, out_dir / "smoothed_calibration.png", groups=patients
+        ),
+        "decision_curve": plot_decision_curve(
+            curves, {c.name: c.threshold for c in shown}, out_dir / "decision_curve.png"
+        ),
+    }
 
 
 def load_reference(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clinml.errors import SpecError
-from clinml.spec import UseCaseSpec
+from clinml.spec import REFERENCE_CANDIDATE, CandidateSpec, UseCaseSpec
 from tests.conftest import make_tiny_frame
 from training import model_io
 from training.candidates import CANDIDATES, build_pipeline
@@ -24,14 +24,14 @@ def split(tiny_spec: UseCaseSpec):
     return x.iloc[:450], y[:450], x.iloc[450:], y[450:]
 
 
-def test_registry_has_the_four_candidates() -> None:
-    assert set(CANDIDATES) == {"svm", "rf", "gbm", "mlp"}
+def test_registry_has_the_four_candidates_and_the_reference() -> None:
+    assert set(CANDIDATES) == {"svm", "rf", "gbm", "mlp", REFERENCE_CANDIDATE}
 
 
 @pytest.mark.parametrize("name", sorted(CANDIDATES))
 def test_candidate_learns_the_signal(name: str, tiny_spec: UseCaseSpec, split) -> None:
     x_train, y_train, x_test, y_test = split
-    params = tiny_spec.training.candidates[name].params
+    params = tiny_spec.training.candidates.get(name, CandidateSpec()).params
     model = build_pipeline(name, tiny_spec, params, seed=0).fit(x_train, y_train)
     probability = model.predict_proba(x_test)[:, 1]
     assert probability.shape == (len(x_test),)
@@ -71,9 +71,8 @@ def test_saved_model_loads_with_identical_probabilities(
     name: str, tiny_spec: UseCaseSpec, split, tmp_path: Path
 ) -> None:
     x_train, y_train, x_test, _ = split
-    model = build_pipeline(name, tiny_spec, tiny_spec.training.candidates[name].params, seed=0).fit(
-        x_train, y_train
-    )
+    params = tiny_spec.training.candidates.get(name, CandidateSpec()).params
+    model = build_pipeline(name, tiny_spec, params, seed=0).fit(x_train, y_train)
     model_io.save(model, tmp_path / "m", {"features": tiny_spec.feature_names})
     loaded = model_io.load(tmp_path / "m")
     shuffled = x_test[list(reversed(x_test.columns))]  # columns are matched by name
@@ -239,3 +238,84 @@ def test_the_service_refuses_a_version_without_a_recorded_hash(
             runtime.build(directory, {**metadata, "model_sha256": recorded}, None, "cpu")
     good = {**metadata, "model_sha256": model_io.sha256_of(directory / model_io.MODEL_FILE)}
     assert runtime.build(directory, good, None, "cpu").version == "1"
+
+
+# --- patient-grouped inner splits --------------------------------------------------------------
+
+
+def _repeated_patients(n_patients: int = 400, seed: int = 0):
+    """Rows of patients with 1-4 encounters each, and each row's patient id."""
+    rng = np.random.default_rng(seed)
+    frame = make_tiny_frame(n=n_patients, seed=seed)
+    repeats = rng.integers(1, 5, n_patients)
+    rows = frame.loc[frame.index.repeat(repeats)].reset_index(drop=True)
+    return rows, rows["patient_id"].to_numpy()
+
+
+def test_patient_holdout_holds_out_whole_patients_with_both_classes() -> None:
+    from training.mlp import patient_holdout
+
+    rows, patients = _repeated_patients()
+    labels = (rows["outcome"] == "yes").to_numpy(dtype=int)
+    held_out = patient_holdout(labels, patients, 0.2, seed=3)
+    assert held_out is not None
+    assert not set(patients[held_out]) & set(patients[~held_out])
+    assert 0.1 < held_out.mean() < 0.3
+    for part in (held_out, ~held_out):
+        assert set(labels[part]) == {0, 1}
+    assert patient_holdout(np.array([1, 0]), np.array(["a", "b"]), 0.5, seed=0) is None
+
+
+def test_calibration_folds_never_split_a_patient() -> None:
+    from training.candidates import patient_folds
+
+    rows, patients = _repeated_patients()
+    labels = (rows["outcome"] == "yes").to_numpy(dtype=int)
+    folds = patient_folds(labels, patients, 5)
+    assert folds is not None and len(folds) == 5
+    for fit_rows, held_rows in folds:
+        assert not set(patients[fit_rows]) & set(patients[held_rows])
+
+
+@pytest.mark.parametrize("name", ["svm", "gbm", "mlp"])
+def test_fit_hands_patient_ids_to_classifiers_that_hold_rows_out(
+    name: str, tiny_spec: UseCaseSpec, monkeypatch
+) -> None:
+    from training import candidates
+
+    rows, patients = _repeated_patients()
+    y = (rows["outcome"] == "yes").to_numpy(dtype=int)
+    pipeline = build_pipeline(name, tiny_spec, {}, seed=0)
+    model = pipeline.steps[-1][1]
+    seen = {}
+    original = type(model).fit
+
+    def spy(self, X, y, sample_weight=None, groups=None, **kwargs):
+        seen["groups"] = groups
+        return original(self, X, y, sample_weight=sample_weight, groups=groups, **kwargs)
+
+    monkeypatch.setattr(type(model), "fit", spy)
+    candidates.fit(pipeline, rows[tiny_spec.feature_names], y, patients)
+    np.testing.assert_array_equal(seen["groups"], patients)
+
+
+def test_boosting_stops_early_on_whole_patients(tiny_spec: UseCaseSpec) -> None:
+    """With patient ids the early-stopping rows are whole patients: the same model as
+    scikit-learn's fit given exactly those patients as its validation set."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from training.candidates import GroupedHistGradientBoosting
+    from training.mlp import patient_holdout
+
+    rows, patients = _repeated_patients(n_patients=300, seed=2)
+    x = rows[["heart_rate", "creatinine"]].to_numpy()
+    y = (rows["outcome"] == "yes").to_numpy(dtype=int)
+    params = {"early_stopping": True, "max_iter": 200, "random_state": 4}
+    grouped = GroupedHistGradientBoosting(**params).fit(x, y, groups=patients)
+    held_out = patient_holdout(y, patients, 0.1, seed=4)
+    assert held_out is not None
+    plain = HistGradientBoostingClassifier(**params).fit(
+        x[~held_out], y[~held_out], X_val=x[held_out], y_val=y[held_out]
+    )
+    assert grouped.n_iter_ == plain.n_iter_
+    np.testing.assert_array_equal(grouped.predict_proba(x), plain.predict_proba(x))

@@ -44,6 +44,8 @@ def _sklearn_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str
         "precision": skm.precision_score(y, predicted, zero_division=0),
         "f1": skm.f1_score(y, predicted, zero_division=0),
         "brier": skm.brier_score_loss(y, p),
+        "alert_rate": float(predicted.mean()),
+        "observed_expected": float(y.sum() / p.sum()),
     }
 
 
@@ -52,7 +54,12 @@ def _sklearn_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str
 
 def test_metric_names_and_directions() -> None:
     assert set(HIGHER_IS_BETTER) == set(METRICS)
-    assert [name for name in METRICS if not HIGHER_IS_BETTER[name]] == ["brier", "ece"]
+    assert [name for name in METRICS if not HIGHER_IS_BETTER[name]] == [
+        "brier",
+        "ece",
+        "alert_rate",
+        "observed_expected",
+    ]
 
 
 @pytest.mark.parametrize(("seed", "n", "decimals"), [(0, 300, 2), (1, 1000, 1), (2, 57, None)])
@@ -363,3 +370,104 @@ def test_ece_by_chance_is_large_on_small_sets_and_small_on_large_ones() -> None:
         expected_calibration_error((rng.random(100) < small).astype(int), small) for _ in range(400)
     ]
     assert 0.9 <= np.mean(np.array(observed) <= floor) <= 0.99
+
+
+# --- operating thresholds with a margin --------------------------------------------------------
+
+
+def test_design_effect_counts_patients_whose_rows_agree() -> None:
+    from training.metrics import design_effect
+
+    rng = np.random.default_rng(0)
+    alerted = rng.random(2_000) < 0.2
+    independent = design_effect(alerted, np.arange(2_000))
+    repeated = design_effect(np.repeat(alerted, 3), np.repeat(np.arange(2_000), 3))
+    assert independent == pytest.approx(1.0, abs=0.15)
+    assert repeated == pytest.approx(3.0, rel=0.15)  # three identical rows per patient
+
+
+def test_sensitivity_target_is_met_at_its_lower_confidence_bound() -> None:
+    y, p = _scores(3_000, seed=8, decimals=None)
+    point = choose_threshold(y, p, min_sensitivity=0.9)
+    bounded = choose_threshold(y, p, min_sensitivity=0.9, confidence=0.95)
+    assert bounded < point  # a margin costs alerts
+    positives = int(y.sum())
+    achieved = point_metrics(y, p, bounded)["sensitivity"]
+    z = 1.6448536269514722
+    wilson_low = (
+        achieved
+        + z * z / (2 * positives)
+        - z * math.sqrt(achieved * (1 - achieved) / positives + z * z / (4 * positives**2))
+    ) / (1 + z * z / positives)
+    assert wilson_low >= 0.9
+    # Too few positives to reach the bound: every positive is alerted, nothing raises.
+    few = choose_threshold(y[:40], p[:40], min_sensitivity=0.95, confidence=0.95)
+    assert point_metrics(y[:40], p[:40], few)["sensitivity"] == 1.0
+
+
+def test_an_alert_budget_chosen_with_a_prediction_bound_holds_in_new_periods() -> None:
+    """Out-of-fold rows and later months from the same population: a threshold chosen
+    where the budget is just met on the first overshoots about half the months; one
+    chosen at the 95% prediction bound keeps about 95% of months within budget."""
+    from training.metrics import BudgetWindow
+
+    rng = np.random.default_rng(12)
+
+    def draw(n: int) -> np.ndarray:
+        return 1 / (1 + np.exp(-rng.normal(-2.0, 1.0, n)))
+
+    month = 1_500
+    met = {"point": 0, "bounded": 0}
+    trials = 200
+    for _ in range(trials):
+        oof = draw(20_000)
+        y = (rng.random(len(oof)) < oof).astype(int)
+        thresholds = {
+            "point": choose_threshold(y, oof, max_alerts_per_100=15),
+            "bounded": choose_threshold(
+                y, oof, max_alerts_per_100=15, confidence=0.95, window=BudgetWindow(month)
+            ),
+        }
+        future = draw(month)
+        for name, threshold in thresholds.items():
+            met[name] += (future >= threshold).mean() <= 0.15
+    assert 0.35 < met["point"] / trials < 0.65
+    # Expected about 0.945 (the bound is 95% for a known population; the threshold's own
+    # sampling error takes a little off); 200 trials have a standard error of 0.016.
+    assert met["bounded"] / trials >= 0.87
+
+
+def test_between_period_variance_is_zero_by_chance_and_positive_for_seasons() -> None:
+    from training.metrics import between_period_variance
+
+    rng = np.random.default_rng(3)
+    periods = np.repeat(np.arange(24), 800)
+    steady = rng.random(len(periods)) < 0.15
+    assert between_period_variance(steady, periods) < 0.01**2
+    seasonal_rate = 0.15 + 0.03 * np.sin(np.arange(24) / 12 * 2 * np.pi)
+    seasonal = rng.random(len(periods)) < seasonal_rate[periods]
+    estimate = between_period_variance(seasonal, periods)
+    assert estimate == pytest.approx(seasonal_rate.var(ddof=1), rel=0.5)
+    # A partial period (a few rows) does not count.
+    assert between_period_variance(steady[:10], np.zeros(10, dtype=int)) == 0.0
+
+
+def test_paired_bootstrap_is_narrower_than_two_separate_intervals() -> None:
+    from training.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(9)
+    n = 3_000
+    truth = rng.normal(-1.5, 1.2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-truth))).astype(int)
+    a = 1 / (1 + np.exp(-(truth + rng.normal(0, 0.5, n))))
+    b = 1 / (1 + np.exp(-(truth + rng.normal(0, 0.5, n))))
+    paired = paired_bootstrap(y, a, b, 0.3, 0.3, groups=np.arange(n) // 2, n_boot=400)
+    auc = paired.difference["roc_auc"]
+    assert auc == pytest.approx(skm.roc_auc_score(y, a) - skm.roc_auc_score(y, b), abs=1e-12)
+    low, high = paired.difference_ci["roc_auc"]
+    assert low <= auc <= high
+    separate = (paired.new_ci["roc_auc"][1] - paired.new_ci["roc_auc"][0]) + (
+        paired.reference_ci["roc_auc"][1] - paired.reference_ci["roc_auc"][0]
+    )
+    assert high - low < 0.75 * separate / 2 * 2  # the shared patients cancel out
+    assert paired.patients == n // 2 and paired.rows == n
