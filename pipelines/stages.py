@@ -160,7 +160,8 @@ def promote(
     force: bool = False,
     reason: str | None = None,
 ) -> Decision:
-    """Gate the challenger against the champion on current test data; move the alias."""
+    """Gate the challenger against the champion (or the reference) on rows neither was trained
+    on; move the alias on a pass."""
     from clinml.audit import AuditLog
     from features import store as feature_store
     from features.ingest import read_labels

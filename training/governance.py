@@ -24,9 +24,10 @@ evidence, never on point estimates (docs/training.md, "Promotion gate"):
 - **operating_point**: the challenger's threshold rule (sensitivity target or alert
   budget) on its unseen test rows and on the rows after its training window: refused
   when the interval shows the rule is missed.
-- **calibration**: the expected calibration error on the challenger's unseen rows is at
-  most ``max_ece``, or at most what a perfectly calibrated model would show there by
-  chance (95th percentile), when that is larger.
+- **calibration**: refused when the expected calibration error on the challenger's
+  unseen rows is above ``max_ece`` (or above what a perfectly calibrated model would show
+  there by chance, when that is larger) *and* the observed/expected or slope interval
+  excludes 1, so the miscalibration is shown, not noise.
 - **data_validation**: the latest data-validation run passed.
 
 On a pass (or ``force`` with a reason) the previous champion keeps the alias
@@ -57,7 +58,7 @@ from training.assignment import TAG as RECORD_TAG
 from training.assignment import TrainingRecord, utc_instant, utc_instants
 from training.evaluate import Evaluation, evaluate, rule_holds
 from training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, Tracker
-from training.train import REFERENCE_RUN_TAG, outcome
+from training.train import REFERENCE_RUN_TAG, REFERENCE_SHA_TAG, outcome
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -489,21 +490,42 @@ def _operating_check(spec: UseCaseSpec, parts: dict[str, Evaluation]) -> Check:
 
 
 def _calibration_check(spec: UseCaseSpec, unseen: Evaluation | None) -> Check:
+    """ECE above its limit *and* confirmed by an interval: O/E or slope excludes 1.
+
+    The ECE of a perfectly calibrated model exceeds its chance level on one test set in
+    twenty, so on its own it would refuse sound models on noise; the calibration
+    intercept (as O/E) and slope, with their cluster-robust intervals, say whether the
+    miscalibration is real.
+    """
     rules = spec.promotion
     if unseen is None:
         return Check("calibration", False, "no rows the challenger was not trained on")
     ece = unseen.metrics["ece"]
     chance = unseen.ece_by_chance
     limit = max(rules.max_ece, chance) if math.isfinite(chance) else rules.max_ece
-    oe = unseen.metrics["observed_expected"]
-    oe_low, oe_high = unseen.ci.get("observed_expected", (math.nan, math.nan))
-    return Check(
-        "calibration",
-        ece <= limit,
-        f"expected calibration error {ece:.4f} (limit {rules.max_ece:g}; chance alone "
-        f"reaches {chance:.4f} on {unseen.rows:,} rows); observed/expected {oe:.3f} "
-        f"[{oe_low:.3f}, {oe_high:.3f}]",
+    fit = unseen.calibration_fit
+    excluded = []
+    for key, label in (("observed_expected", "O/E"), ("slope", "slope")):
+        low, high = fit.get(f"{key}_low", math.nan), fit.get(f"{key}_high", math.nan)
+        if math.isfinite(low) and math.isfinite(high) and (low > 1 or high < 1):
+            excluded.append(label)
+
+    def shown(key: str) -> str:
+        value = fit.get(key, math.nan)
+        low, high = fit.get(f"{key}_low", math.nan), fit.get(f"{key}_high", math.nan)
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    over = ece > limit
+    detail = (
+        f"expected calibration error {ece:.4f} (limit {rules.max_ece:g}; chance alone reaches "
+        f"{chance:.4f} on {unseen.rows:,} rows); observed/expected {shown('observed_expected')}"
+        f", slope {shown('slope')}"
     )
+    if over and excluded:
+        detail += f"; miscalibration confirmed: the {' and '.join(excluded)} interval excludes 1"
+    elif over:
+        detail += "; the ECE is above its limit but no interval excludes 1 (not shown)"
+    return Check("calibration", not (over and excluded), detail)
 
 
 def _validation_check(spec: UseCaseSpec, validation: ValidationStatus) -> list[Check]:
@@ -636,23 +658,51 @@ def record_of(version: ModelVersion) -> TrainingRecord | None:
     return TrainingRecord.from_json(raw) if raw else None
 
 
-def _predict(model_uri: str, tracker: Tracker, spec: UseCaseSpec, frame: pd.DataFrame) -> Any:
-    import mlflow
+def _predict(
+    model_uri: str,
+    expected_sha256: str | None,
+    tracker: Tracker,
+    spec: UseCaseSpec,
+    frame: pd.DataFrame,
+) -> np.ndarray:
+    """A logged model's probabilities on ``frame``, its file checked against the hash
+    recorded at registration before it is opened (as serving does).
 
-    tracker.activate()
-    model = mlflow.pyfunc.load_model(model_uri)
-    return model.predict(frame[spec.feature_names])["probability"].to_numpy()
+    Raises:
+        ModelLoadError: no hash was recorded, or the file's hash differs from it.
+    """
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    from training import model_io
+    from training.pyfunc import ARTIFACT_KEY
+
+    if not expected_sha256:
+        raise model_io.ModelLoadError(
+            f"{model_uri}: no model hash was recorded at registration; refusing to score a "
+            "model that cannot be checked"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_artifacts(artifact_uri=model_uri, dst_path=tmp, tracking_uri=tracker.uri)
+        model = model_io.load(Path(local) / "artifacts" / ARTIFACT_KEY, expected_sha256)
+        return model.predict_proba(frame)
 
 
 def contender(
     spec: UseCaseSpec, tracker: Tracker, version: ModelVersion, role: str, data: CurrentData
 ) -> Contender:
     """A registered version, scored on today's data."""
+    tags = version.tags or {}
     return Contender(
         role=role,
         version=str(version.version),
         probability=_predict(
-            f"models:/{version.name}/{version.version}", tracker, spec, data.frame
+            f"models:/{version.name}/{version.version}",
+            tags.get("model_sha256"),
+            tracker,
+            spec,
+            data.frame,
         ),
         threshold=threshold_of(version),
         record=record_of(version),
@@ -676,7 +726,9 @@ def reference_contender(
         Contender(
             role="reference",
             version=None,
-            probability=_predict(f"runs:/{run_id}/model", tracker, spec, data.frame),
+            probability=_predict(
+                f"runs:/{run_id}/model", tags.get(REFERENCE_SHA_TAG), tracker, spec, data.frame
+            ),
             threshold=threshold,
             record=record_of(challenger),
         ),

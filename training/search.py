@@ -7,7 +7,12 @@ ways: the search runs on a patient-grouped sample of at most ``search.max_rows``
 rows (so its cost does not grow with the cohort; only the final refit does), and an
 optional ``search.time_budget_s`` stops sampling early.
 
-The score is the spec's primary metric when it ranks probabilities (``roc_auc``,
+A configuration is chosen by its cross-validated **log loss**, a proper scoring rule: it
+rewards risks that are both well ranked and right in size, so the search cannot buy a
+sliver of AUROC with probabilities squashed towards the mean (an over-regularised
+logistic regression ranks almost as well as a good one and is badly calibrated). The
+score reported and used to compare candidates (``best_score``) is the spec's primary
+metric of that configuration when it ranks probabilities (``roc_auc``,
 ``average_precision``); for a threshold metric it is ``roc_auc``, because a threshold
 metric depends on a threshold the search has not chosen yet. The winning
 configuration's out-of-fold probabilities are kept: the operating threshold is chosen
@@ -16,6 +21,7 @@ on them, so the test split is never used to pick anything.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ class Trial:
     score: float
     fold_scores: list[float]
     seconds: float
+    log_loss: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class SearchResult:
                     "trial": i,
                     "params": repr(t.params),
                     f"cv_{self.scoring}": t.score,
+                    "cv_log_loss": t.log_loss,
                     "fold_scores": repr([round(s, 4) for s in t.fold_scores]),
                     "seconds": round(t.seconds, 2),
                     "selected": t.params == self.best_params,
@@ -154,7 +162,7 @@ def search(
     configs = configurations(name, candidate.params, candidate.search, budget.n_iter, seed)
     started = time.perf_counter()
     trials: list[Trial] = []
-    best: tuple[float, dict[str, Any], np.ndarray] | None = None
+    best: tuple[float, float, dict[str, Any], np.ndarray] | None = None
     for i, config in enumerate(configs):
         if trials and budget.time_budget_s and time.perf_counter() - started > budget.time_budget_s:
             report(f"{name}: time budget reached after {len(trials)} of {len(configs)} configs")
@@ -171,27 +179,34 @@ def search(
             oof[score_rows] = pipeline.predict_proba(xs.iloc[score_rows])[:, 1]
             scores.append(point_metrics(ys[score_rows], oof[score_rows], 0.5)[scoring])
         score = float(np.mean(scores))
-        trials.append(Trial(config, score, scores, time.perf_counter() - trial_started))
+        loss = log_loss(ys, oof)
+        trials.append(Trial(config, score, scores, time.perf_counter() - trial_started, loss))
         report(
-            f"{name} [{i + 1}/{len(configs)}] cv {scoring}={score:.4f} "
+            f"{name} [{i + 1}/{len(configs)}] cv log loss={loss:.4f} {scoring}={score:.4f} "
             f"({time.perf_counter() - trial_started:.1f}s) {_short(config)}"
         )
-        if best is None or score > best[0]:
-            best = (score, config, oof)
+        if best is None or loss < best[0]:
+            best = (loss, score, config, oof)
     assert best is not None
     return SearchResult(
         candidate=name,
         scoring=scoring,
-        best_params=best[1],
-        best_score=best[0],
+        best_params=best[2],
+        best_score=best[1],
         trials=trials,
         search_rows=len(rows),
         seconds=time.perf_counter() - started,
         oof_outcome=ys,
-        oof_probability=best[2],
+        oof_probability=best[3],
         oof_patients=gs,
         oof_times=None if times is None else np.asarray(times)[rows],
     )
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary cross-entropy, probabilities clipped to [1e-15, 1 - 1e-15]."""
+    clipped = np.clip(p, 1e-15, 1 - 1e-15)
+    return float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))
 
 
 def _short(config: dict[str, Any]) -> str:

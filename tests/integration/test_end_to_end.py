@@ -234,13 +234,28 @@ def test_governance_refuse_force_rollback_and_history(
     from pipelines import stages
     from pipelines.progress import Progress
     from training.governance import FORCED_PROMOTE, PROMOTE, REFUSED, ROLLBACK, PromotionRefused
+    from training.model_io import ModelLoadError
     from training.tracking import Tracker
 
     settings, _, _ = pipeline
     tracker = Tracker.from_settings(settings)
     quiet = Progress(total=1, echo=lambda _: None)
     assert stages.train(pathology_spec, settings, quiet) == "2"
-    assert str(tracker.version_by_alias("pathology", "challenger").version) == "2"
+    challenger = tracker.version_by_alias("pathology", "challenger")
+    assert str(challenger.version) == "2"
+
+    # The gate scores models only after checking them against the hash recorded at
+    # registration: a rewritten model file is refused before it is opened.
+    logged_model = challenger.source.removeprefix("models:/")
+    [model_file] = Path(settings.mlflow_artifact_root).rglob(f"{logged_model}/**/model.skops")
+    original = model_file.read_bytes()
+    model_file.write_bytes(original + b"\0")
+    try:
+        with pytest.raises(ModelLoadError, match="recorded at registration"):
+            stages.promote(pathology_spec, settings, quiet)
+    finally:
+        model_file.write_bytes(original)
+    assert str(tracker.version_by_alias("pathology").version) == "1"
 
     # A batch that fails data validation arrives: the gate now refuses, names why, and
     # nothing moves.

@@ -319,3 +319,31 @@ def test_boosting_stops_early_on_whole_patients(tiny_spec: UseCaseSpec) -> None:
     )
     assert grouped.n_iter_ == plain.n_iter_
     np.testing.assert_array_equal(grouped.predict_proba(x), plain.predict_proba(x))
+
+
+def test_the_search_chooses_by_log_loss_not_by_a_sliver_of_auroc(tiny_spec: UseCaseSpec) -> None:
+    """Heavy shrinkage barely moves a logistic regression's AUROC but squashes its risks
+    towards the mean: the proper scoring rule refuses it."""
+    from training.search import log_loss, search
+
+    frame = make_tiny_frame(n=800, seed=5)
+    y = (frame["outcome"] == "yes").to_numpy(dtype=int)
+    training = tiny_spec.training.model_copy(
+        update={
+            "search": tiny_spec.training.search.model_copy(update={"n_iter": 2, "cv_folds": 3}),
+            "candidates": {
+                "logreg": CandidateSpec(params={"C": 1e-4}, search={"C": [1.0]}),
+            },
+        }
+    )
+    spec = tiny_spec.model_copy(update={"training": training})
+    result = search("logreg", spec, frame[spec.feature_names], y, frame["patient_id"].to_numpy())
+    squashed, fitted = result.trials
+    assert squashed.params["C"] == 1e-4 and fitted.params["C"] == 1.0
+    assert abs(squashed.score - fitted.score) < 0.02  # ranking nearly the same
+    assert fitted.log_loss < squashed.log_loss
+    assert result.best_params["C"] == 1.0
+    assert result.best_score == fitted.score
+    assert log_loss(y, np.full(len(y), y.mean())) == pytest.approx(
+        -np.mean(y * np.log(y.mean()) + (1 - y) * np.log(1 - y.mean()))
+    )

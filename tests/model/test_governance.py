@@ -342,6 +342,23 @@ def test_the_calibration_limit_widens_to_the_chance_level_of_a_small_set(
     assert small.metrics["ece"] > 0.01 and check.passed, check.detail
     assert "chance alone reaches" in check.detail and "observed/expected" in check.detail
 
+    # Risks systematically too low: the ECE is above its limit and the O/E interval
+    # confirms it.
+    truth = rng.uniform(0.05, 0.6, 3_000)
+    outcome = (rng.random(3_000) < truth).astype(int)
+    low = evaluate(
+        tiny_spec,
+        outcome,
+        truth * 0.6,
+        0.3,
+        np.arange(3_000),
+        pd.DataFrame(index=range(3_000)),
+        n_boot=100,
+        subgroups=False,
+    )
+    refused = _calibration_check(tiny_spec, low)
+    assert not refused.passed and "confirmed: the O/E" in refused.detail
+
 
 # --- records and the audit trail ---------------------------------------------------------------
 
