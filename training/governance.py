@@ -683,6 +683,9 @@ def _predict(
             f"{model_uri}: no model hash was recorded at registration; refusing to score a "
             "model that cannot be checked"
         )
+    # models:/ URIs resolve through MLflow's global registry URI: point it at this tracker
+    # (otherwise another registry's model of the same name and version could be scored).
+    tracker.activate()
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifacts(artifact_uri=model_uri, dst_path=tmp, tracking_uri=tracker.uri)
         model = model_io.load(Path(local) / "artifacts" / ARTIFACT_KEY, expected_sha256)
