@@ -512,6 +512,8 @@ def _calibration_check(spec: UseCaseSpec, unseen: Evaluation | None) -> Check:
 
     def shown(key: str) -> str:
         value = fit.get(key, math.nan)
+        if not math.isfinite(value):  # e.g. the slope of perfectly separated rows
+            return "not estimable"
         low, high = fit.get(f"{key}_low", math.nan), fit.get(f"{key}_high", math.nan)
         return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 

@@ -869,10 +869,7 @@ def register(
         client.log_artifacts(best.run_id, str(workdir / "comparison"), "comparison")
         write_card(card, workdir / CARD_ARTIFACT, images=images)
         client.log_artifacts(best.run_id, str(workdir / CARD_ARTIFACT), CARD_ARTIFACT)
-    report(
-        f"selected {selected.name} ({fitted.selection.reason if fitted.selection else 'best cv'});"
-        f" registered {spec.name} version {version} as '{CHALLENGER}'"
-    )
+    report(f"registered {spec.name} version {version} as '{CHALLENGER}' ({selected.name})")
     split = fitted.split
     return TrainResult(
         model_name=spec.name,
