@@ -144,25 +144,20 @@ class GroupedHistGradientBoosting(HistGradientBoostingClassifier):
         if groups is None or not stops_early or kwargs or self.validation_fraction is None:
             return super().fit(X, y, sample_weight=sample_weight, **kwargs)
         target = np.asarray(y)
-        fraction = self.validation_fraction
         seed = self.random_state if isinstance(self.random_state, int) else 0
-        held_out = patient_holdout(target, groups, fraction, seed)
+        held_out = patient_holdout(target, groups, self.validation_fraction, seed)
         if held_out is None:
             return super().fit(X, y, sample_weight=sample_weight)
-        rows = np.asarray(X) if not hasattr(X, "iloc") else X
-        fit_part, val_part = np.flatnonzero(~held_out), np.flatnonzero(held_out)
-
-        def take(part: np.ndarray) -> Any:
-            return rows.iloc[part] if hasattr(rows, "iloc") else rows[part]
-
+        rows = X.iloc if hasattr(X, "iloc") else np.asarray(X)  # a frame keeps its dtypes
         weights = None if sample_weight is None else np.asarray(sample_weight)
+        kept = ~held_out
         return super().fit(
-            take(fit_part),
-            target[fit_part],
-            sample_weight=None if weights is None else weights[fit_part],
-            X_val=take(val_part),
-            y_val=target[val_part],
-            sample_weight_val=None if weights is None else weights[val_part],
+            rows[kept],
+            target[kept],
+            sample_weight=None if weights is None else weights[kept],
+            X_val=rows[held_out],
+            y_val=target[held_out],
+            sample_weight_val=None if weights is None else weights[held_out],
         )
 
 
