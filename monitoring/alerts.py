@@ -194,12 +194,28 @@ class Delivery:
             type, never the URL: it may carry a token). Empty when it succeeded or none
             is configured.
         alert_file: the run's alert file, or None when nothing was sent.
+        webhook_configured: whether a webhook was configured (posted to, when anything
+            was sent).
     """
 
     sent: list[Alert]
     suppressed: list[Alert]
     webhook_failures: list[str]
     alert_file: Path | None
+    webhook_configured: bool = False
+
+    def line(self) -> str:
+        """What happened, in words: written where, posted or not, suppressed."""
+        suppressed = f", {len(self.suppressed)} suppressed by cooldown" if self.suppressed else ""
+        if not self.sent:
+            return f"alerts: none new{suppressed}"
+        written = f"alerts: {len(self.sent)} written to {self.alert_file}"
+        if not self.webhook_configured:
+            return f"{written} (no webhook configured){suppressed}"
+        if self.webhook_failures:
+            failed = "; ".join(self.webhook_failures)
+            return f"{written}; webhook FAILED ({failed}): they are retried next run{suppressed}"
+        return f"{written} and posted to the webhook{suppressed}"
 
 
 class AlertSink:
@@ -313,7 +329,11 @@ class AlertSink:
             sent, suppressed = self._split(alerts, state, now)
             if not sent:
                 return Delivery(
-                    sent=[], suppressed=suppressed, webhook_failures=[], alert_file=None
+                    sent=[],
+                    suppressed=suppressed,
+                    webhook_failures=[],
+                    alert_file=None,
+                    webhook_configured=self.has_webhook,
                 )
 
             document = {
@@ -341,7 +361,11 @@ class AlertSink:
                 stored = {key: when.isoformat() for key, when in state.items()}
                 _write_atomic(self.state_file, json.dumps(stored, indent=2, sort_keys=True) + "\n")
         return Delivery(
-            sent=sent, suppressed=suppressed, webhook_failures=failures, alert_file=alert_file
+            sent=sent,
+            suppressed=suppressed,
+            webhook_failures=failures,
+            alert_file=alert_file,
+            webhook_configured=self.has_webhook,
         )
 
     # -- internals -----------------------------------------------------------------

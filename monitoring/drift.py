@@ -154,15 +154,25 @@ class DriftVerdict:
         return 1 if self.alerts else 0
 
     def line(self) -> str:
-        """The one-line verdict the CLI prints."""
+        """The one-line verdict the CLI prints, naming the rule that fired."""
         n, total = len(self.drifted_features), len(self.features)
         head = "DRIFT" if self.drift else "no drift"
         worst = ", ".join(f.feature for f in self.drifted_features[:3])
         tail = f" (e.g. {worst})" if worst else ""
-        text = (
-            f"{head}: {n} of {total} features drifted ({self.drifted_share:.0%}; "
-            f"alert at {self.drift_share_threshold:.0%}){tail}"
-        )
+        share = f"{n} of {total} features drifted ({self.drifted_share:.0%})"
+        significant = [f.feature for f in self.features if f.alerts]
+        if self.drifted_share >= self.drift_share_threshold:
+            text = f"{head}: {share}, at or above the alert share of "
+            text += f"{self.drift_share_threshold:.0%}{tail}"
+        elif significant:
+            # The per-feature rule: a p-value below the Bonferroni level (or a distance
+            # past twice its threshold), however few features moved.
+            text = (
+                f"{head}: {', '.join(significant[:3])} beyond the per-feature alert level "
+                f"({share}; the share rule alerts at {self.drift_share_threshold:.0%})"
+            )
+        else:
+            text = f"{head}: {share}; alert at {self.drift_share_threshold:.0%}{tail}"
         extra = [kind.replace("_", " ") for kind in self.alerts if kind != "data_drift"]
         return text + (f"; also {', '.join(extra)}" if extra else "")
 
@@ -213,7 +223,10 @@ def _severity_order(column: FeatureDrift) -> tuple[bool, float, str]:
 def _check_columns(frame: pd.DataFrame, spec: UseCaseSpec, what: str) -> None:
     missing = [c for c in spec.feature_names if c not in frame.columns]
     if missing:
-        raise ClinmlError(f"{what} lacks feature columns: {', '.join(missing[:5])}")
+        raise ClinmlError(
+            f"{what} lacks {len(missing)} of the {len(spec.feature_names)} feature columns: "
+            + ", ".join(missing)
+        )
 
 
 def _definition(spec: UseCaseSpec, columns: list[str]) -> Any:
@@ -368,6 +381,12 @@ def _quality(
         if missing and not column.nullable:
             reasons.append(f"{missing} missing values in a feature that may not be null")
             severity = _worse(severity, "high" if missing_share > SEVERE_SHARE else "medium")
+        elif missing and missing_share >= 1.0:
+            reasons.append(
+                f"no value at all in the window ({reference_share:.1%} missing in the "
+                "reference); left out of the drift tests"
+            )
+            severity = "high"
         elif missing_share > reference_share + MISSING_MARGIN:
             reasons.append(
                 f"missing share {missing_share:.1%} vs {reference_share:.1%} in the reference"
@@ -488,6 +507,33 @@ def _subgroup_slices(
     return slices, skipped
 
 
+def _testable(spec: UseCaseSpec, reference: pd.DataFrame, current: pd.DataFrame) -> list[str]:
+    """The features a drift test can compare: every one with values on both sides.
+
+    A feature without a single value in the window is bad input when the spec does not
+    allow it to be missing (an export that lost a column): one clear error. A nullable one
+    (a lab nobody ordered this week) is reported by the data-quality check instead, and
+    left out of the drift tests, which cannot compare an empty column.
+
+    Raises:
+        ClinmlError: a feature that may not be null has no value in the window.
+    """
+    nullable = {c.name for c in spec.features if c.nullable}
+    empty = [name for name in spec.feature_names if current[name].isna().all()]
+    required = [name for name in empty if name not in nullable]
+    if required:
+        raise ClinmlError(
+            f"the window's {', '.join(required)} column{'s' if len(required) > 1 else ''} "
+            "holds no value at all, and the spec does not allow it to be missing: nothing to "
+            "compare; check the file or the export that made it"
+        )
+    return [
+        name
+        for name in spec.feature_names
+        if name not in empty and not reference[name].isna().all()
+    ]
+
+
 def _within(features: list[str], attribute: str) -> list[str]:
     """The features tested within a group: all but the (constant) attribute itself."""
     return [f for f in features if f != attribute]
@@ -533,7 +579,7 @@ def run(
     if len(current) == 0:
         raise ClinmlError("the window has no records")
     current = _masked(spec, current)  # values outside the spec's domain are never shown
-    features = spec.feature_names
+    features = _testable(spec, reference, current)
     monitoring = spec.monitoring
     alpha = monitoring.family_alpha
     slices, skipped = _subgroup_slices(spec, reference, current) if subgroups else ([], [])
@@ -564,7 +610,7 @@ def run(
             [_drift_preset(spec, features), *_quality_metrics(spec)],
             current,
             reference,
-            features,
+            spec.feature_names,  # all of them: the quality counts cover untestable ones too
             timestamp=stamp,
             tags=tags,
         )

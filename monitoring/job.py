@@ -76,12 +76,7 @@ class MonitorResult:
         for window in self.performance:
             lines.append(_performance_line(window))
         if self.delivery is not None:
-            d = self.delivery
-            failed = "; ".join(d.webhook_failures)
-            lines.append(
-                f"alerts: {len(d.sent)} sent, {len(d.suppressed)} suppressed by cooldown"
-                + (f"; webhook failed: {failed}" if failed else "")
-            )
+            lines.append(self.delivery.line())
         if self.retrained_version:
             lines.append(
                 f"retrained: challenger version {self.retrained_version} registered; "
@@ -171,13 +166,19 @@ def _drift_alerts(verdict: drift.DriftVerdict, base: dict[str, Any]) -> list[Ale
     groups = [g for g in verdict.subgroups if g.alerts]
     if groups:
         labels = [f"{g.attribute}={g.group}" for g in groups]
+        # The key names the features too: a later shift in other features of the same
+        # groups is a new alert, not one muted by the cooldown.
+        keyed = [
+            f"{label}[{','.join(sorted(f.feature for f in g.drifted if f.alerts))}]"
+            for label, g in zip(labels, groups, strict=True)
+        ]
         alerts.append(
             Alert(
                 **base,
                 kind="subgroup_drift",
                 severity="high",
                 summary="drift within subgroups: " + ", ".join(labels),
-                key="subgroup_drift:" + ",".join(sorted(labels)),
+                key="subgroup_drift:" + ",".join(sorted(keyed)),
                 details={
                     "groups": [
                         {"group": label, "features": [f.feature for f in g.drifted if f.alerts]}

@@ -232,12 +232,21 @@ def _validated(spec: UseCaseSpec, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _label_keys(frame: pd.DataFrame) -> list[tuple[Any, ...]]:
-    """(patient, request_id, time in ns, outcome) per row: what makes a label a duplicate."""
+    """(patient, request_id, time in ns, outcome) per row: what makes a label a duplicate.
+
+    A missing id is None however it arrived (a fresh batch without patient ids holds NaN,
+    a stored one None), so the same label never looks new twice.
+    """
     times = frame["time"].astype(_UTC_NS).array.asi8
+
+    def ids(column: str) -> list[Any]:
+        values = frame[column].astype(object)
+        return values.where(values.notna(), None).tolist()
+
     return list(
         zip(
-            frame["patient"].tolist(),
-            frame["request_id"].tolist(),
+            ids("patient"),
+            ids("request_id"),
             times.tolist(),
             frame["outcome"].astype("int64").tolist(),
             strict=True,

@@ -7,6 +7,7 @@ without drift and 1 with drift.
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -460,18 +461,30 @@ def monitor(
             raise ClinmlError("give a window: --window 7d, or --since (and --until)")
         since_at = _utc(since) if since else until_at - job.parse_duration(window or "")
         since, until = since_at, until_at
-    result = job.run(
-        spec,
-        settings,
-        since=since if frame is None else None,
-        until=until if frame is None else None,
-        batch=frame,
-        out_dir=out,
-        label_lookback=job.parse_duration(label_lookback),
-        subgroups=subgroups,
-        retrain_on_drift=retrain_on_drift,
-        now=now,
-    )
+    try:
+        result = job.run(
+            spec,
+            settings,
+            since=since if frame is None else None,
+            until=until if frame is None else None,
+            batch=frame,
+            out_dir=out,
+            label_lookback=job.parse_duration(label_lookback),
+            subgroups=subgroups,
+            retrain_on_drift=retrain_on_drift,
+            now=now,
+        )
+    except (ClinmlError, typer.Exit):
+        raise
+    except Exception as exc:
+        # Exit 1 means an alert and nothing else: a failure is exit 2, one line. Only the
+        # exception's type is shown (its text may quote a value of the input); the
+        # traceback goes to the log.
+        logging.getLogger(__name__).exception("clinml monitor failed")
+        raise ClinmlError(
+            f"monitoring failed with an unexpected {type(exc).__name__} (the traceback is in "
+            "the log); nothing was alerted"
+        ) from None
     for line in result.lines():
         typer.echo(line)
     typer.echo(f"report: {result.verdict.html_path}\nverdict: {result.verdict_path}")

@@ -511,3 +511,54 @@ def test_from_settings_without_a_webhook_writes_files_only(tmp_path: Path) -> No
     assert not sink.has_webhook
     assert sink.deliver([_alert()], run_id="run1").webhook_failures == []
     assert (tmp_path / "pathology" / "monitoring" / "alerts" / "run1.json").exists()
+
+
+# -- what the monitor prints about a delivery ------------------------------------------
+
+
+def test_the_delivery_line_says_where_alerts_went_not_just_sent(
+    tmp_path: Path, webhook: Webhook
+) -> None:
+    """Was "alerts: 2 sent" with no webhook configured and "3 sent" when it failed."""
+    files_only = _sink(tmp_path / "a").deliver([_alert()], run_id="run1")
+    line = files_only.line()
+    assert line.startswith("alerts: 1 written to ") and "(no webhook configured)" in line
+    assert "sent" not in line
+
+    webhook.answers = [500] * 10
+    failed = _sink(tmp_path / "b", webhook_url=webhook.url, retries=0).deliver(
+        [_alert()], run_id="run1"
+    )
+    assert "webhook FAILED (" in failed.line() and "retried next run" in failed.line()
+    assert "SECRET" not in failed.line()
+
+    webhook.answers = []
+    posted = _sink(tmp_path / "c", webhook_url=webhook.url).deliver([_alert()], run_id="run1")
+    assert posted.line().endswith("and posted to the webhook")
+    again = _sink(tmp_path / "c", webhook_url=webhook.url).deliver([_alert()], run_id="run2")
+    assert again.line() == "alerts: none new, 1 suppressed by cooldown"
+
+
+def test_a_subgroup_drift_alert_key_names_the_features_that_drifted() -> None:
+    """A later shift in other features of the same groups must not be muted by the
+    cooldown of the first one (the key used to name the groups only)."""
+    from monitoring import drift
+    from monitoring.job import _drift_alerts
+
+    def verdict(features: list[str]) -> drift.DriftVerdict:
+        drifted = [
+            drift.FeatureDrift(name, "ks", 1e-9, "p_value", 0.05, True, "high") for name in features
+        ]
+        groups = [drift.SubgroupDrift("sex", value, 300, 300, drifted) for value in ("F", "M")]
+        return drift.DriftVerdict("tiny", False, 0.0, 0.5, 600, 600, subgroups=groups)
+
+    base = {
+        "usecase": "tiny",
+        "model_version": "1",
+        "window_start": "2026-05-25T00:00:00+00:00",
+        "window_end": "2026-06-01T00:00:00+00:00",
+    }
+    [first] = _drift_alerts(verdict(["creatinine"]), base)
+    [later] = _drift_alerts(verdict(["creatinine", "heart_rate"]), base)
+    assert first.key == "subgroup_drift:sex=F[creatinine],sex=M[creatinine]"
+    assert later.key != first.key and "heart_rate" in later.key

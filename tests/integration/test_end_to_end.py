@@ -208,6 +208,15 @@ def test_monitor_cli_exit_codes(pipeline, home: Path, pathology_spec: UseCaseSpe
         assert result.stdout.splitlines()[0].startswith("DRIFT" if verdict["drift"] else "no drift")
     assert codes == {"unshifted": 0, "shifted": 1}
 
+    # A feature column with no value at all is bad input, not an alert: exit 2, one line
+    # naming the column (it was a traceback and exit 1, the alert code).
+    empty = batches["unshifted"].assign(mean_radius=float("nan"))
+    empty.to_parquet(home / "empty-column.parquet")
+    result = clinml(home, "monitor", "pathology", "--batch", str(home / "empty-column.parquet"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "mean_radius column holds no value at all" in result.stderr
+
 
 def test_bentoml_build_succeeds_offline(pipeline) -> None:
     """The bento holds the service code, the spec and a reference to the imported champion."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from clinml.errors import ClinmlError
@@ -42,7 +43,9 @@ def test_a_shifted_batch_shows_drift(tiny_spec: UseCaseSpec, reference, tmp_path
     assert verdict.exit_code == 1
     assert {f.feature for f in verdict.drifted_features} == {"creatinine", "ward"}
     assert verdict.drifted_share == pytest.approx(2 / 3)
-    assert verdict.line().startswith("DRIFT: 2 of 3 features drifted (67%; alert at 50%)")
+    assert verdict.line().startswith(
+        "DRIFT: 2 of 3 features drifted (67%), at or above the alert share of 50%"
+    )
 
     written = json.loads((tmp_path / drift.JSON_FILE).read_text())
     assert written["drift"] is True
@@ -86,7 +89,9 @@ def test_bonferroni_thresholds_shrink_with_the_number_of_tests(
 def test_a_batch_without_the_features_is_an_error(
     tiny_spec: UseCaseSpec, reference, tmp_path: Path
 ) -> None:
-    with pytest.raises(ClinmlError, match="the window lacks feature columns: heart_rate"):
+    with pytest.raises(
+        ClinmlError, match="the window lacks 1 of the 3 feature columns: heart_rate"
+    ):
         drift.run(tiny_spec, reference, reference.drop(columns=["heart_rate"]), tmp_path)
     with pytest.raises(ClinmlError, match="the window has no records"):
         drift.run(tiny_spec, reference, reference.head(0), tmp_path)
@@ -110,3 +115,54 @@ def test_the_verdict_without_reports_matches_the_evidently_reports(
     assert direct.quality == with_reports.quality
     assert {q.feature for q in direct.quality} >= {"creatinine"}
     assert direct.alerts == with_reports.alerts
+
+
+def test_every_missing_column_is_named_not_only_the_first_five(pathology_spec) -> None:
+    names = pathology_spec.feature_names
+    frame = pd.DataFrame({name: [1.0] for name in names[7:]})
+    with pytest.raises(ClinmlError) as raised:
+        drift._check_columns(frame, pathology_spec, "the batch")
+    message = str(raised.value)
+    assert f"lacks 7 of the {len(names)} feature columns" in message
+    assert all(name in message for name in names[:7])
+
+
+def test_the_verdict_line_names_the_per_feature_rule_when_it_fired() -> None:
+    """One feature far past the Bonferroni level alerts although the share of drifted
+    features is below the share rule: the line must say which rule fired."""
+    features = [
+        drift.FeatureDrift("creatinine", "ks", 1e-9, "p_value", 0.05, True, "high"),
+        *(drift.FeatureDrift(f"f{i}", "ks", 0.6, "p_value", 0.05, False, "none") for i in range(6)),
+    ]
+    verdict = drift.DriftVerdict(
+        usecase="tiny",
+        drift=True,
+        drifted_share=1 / 7,
+        drift_share_threshold=0.5,
+        reference_rows=100,
+        current_rows=100,
+        features=features,
+    )
+    line = verdict.line()
+    assert line.startswith("DRIFT: creatinine beyond the per-feature alert level")
+    assert "1 of 7 features drifted (14%); the share rule alerts at 50%" in line
+
+
+def test_a_column_without_any_value_is_bad_input_or_a_quality_issue(
+    tiny_spec: UseCaseSpec, reference, tmp_path: Path
+) -> None:
+    """It crashed Evidently ("An empty column ... was provided") with a traceback."""
+    empty = make_tiny_frame(n=200, seed=103).assign(creatinine=float("nan"))
+    with pytest.raises(ClinmlError, match="creatinine column holds no value at all"):
+        drift.run(tiny_spec, reference, empty, tmp_path / "required")
+    features = [
+        c.model_copy(update={"nullable": True}) if c.name == "creatinine" else c
+        for c in tiny_spec.features
+    ]
+    nullable = tiny_spec.model_copy(update={"features": features})
+    verdict = drift.run(nullable, reference, empty, tmp_path / "nullable")
+    assert "creatinine" not in {f.feature for f in verdict.features}
+    assert {f.feature for f in verdict.features} == {"heart_rate", "ward"}
+    [issue] = [q for q in verdict.quality if q.feature == "creatinine"]
+    assert issue.severity == "high" and "no value at all" in issue.reason
+    assert "data_quality" in verdict.alerts

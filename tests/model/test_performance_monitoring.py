@@ -221,6 +221,22 @@ def test_ingest_skips_duplicates_within_and_across_batches(spec, settings):
     assert len(_files(_labels_dir(spec, settings))) == 2
 
 
+def test_a_file_with_only_request_ids_is_not_stored_twice(spec, settings):
+    """Such a batch holds no patient ids at all: its missing patient (NaN) must match the
+    stored one (None), or every re-ingest duplicates the labels."""
+    only_requests = pd.DataFrame(
+        {
+            "request_id": ["req-a", "req-b"],
+            "outcome": ["yes", "no"],
+            "time": ["2026-05-01", "2026-05-02"],
+        }
+    )
+    first = ingest_labels(spec, settings, only_requests)
+    again = ingest_labels(spec, settings, only_requests)
+    assert (first.rows, again.rows, again.duplicates_skipped) == (2, 0, 2)
+    assert len(read_labels(_labels_dir(spec, settings))) == 2
+
+
 def test_a_failed_write_leaves_no_file(spec, settings, monkeypatch):
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
