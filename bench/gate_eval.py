@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.docsection import write_section  # noqa: E402
 from clinml.spec import UseCaseSpec, load_spec  # noqa: E402
 from features.datasets import readmission  # noqa: E402
-from training.evaluate import rule_holds  # noqa: E402
+from training.evaluate import rule_holds, rule_metric, rule_refuted  # noqa: E402
 from training.governance import (  # noqa: E402
     Contender,
     CurrentData,
@@ -173,17 +173,11 @@ def one_seed(spec: UseCaseSpec, seed: int, n_patients: int, end: datetime) -> di
         temporal = fitted.selected.temporal
         assert temporal is not None
         holds, _ = rule_holds(spec, temporal)
-        metric = "sensitivity" if spec.evaluation.min_sensitivity is not None else "alert_rate"
-        low, high = temporal.ci[metric]
-        target_value = (
-            spec.evaluation.min_sensitivity
-            if spec.evaluation.min_sensitivity is not None
-            else spec.evaluation.max_alerts_per_100 / 100  # type: ignore[operator]
-        )
-        excluded = high < target_value if metric == "sensitivity" else low > target_value
+        metric = rule_metric(spec)
+        assert metric is not None  # the bench needs a rule to measure
         out[f"{role}_temporal_{metric}"] = temporal.metrics[metric]
         out[f"{role}_rule_holds"] = bool(holds)
-        out[f"{role}_rule_refuted"] = bool(excluded)
+        out[f"{role}_rule_refuted"] = rule_refuted(spec, temporal)
         test_holds, _ = rule_holds(spec, fitted.selected.evaluation)
         out[f"{role}_test_rule_holds"] = bool(test_holds)
     out["seconds"] = time.perf_counter() - started
@@ -193,7 +187,7 @@ def one_seed(spec: UseCaseSpec, seed: int, n_patients: int, end: datetime) -> di
 def summarise(results: list[dict], spec: UseCaseSpec) -> dict:
     n = len(results)
     frame = pd.DataFrame(results)
-    metric = "sensitivity" if spec.evaluation.min_sensitivity is not None else "alert_rate"
+    metric = rule_metric(spec)
     return {
         "seeds": n,
         "false_refusal_rate": float((~frame["retrain_passed"]).mean()),

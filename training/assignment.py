@@ -150,9 +150,7 @@ class TrainingRecord:
 
     def rebuilt(self, patients: np.ndarray, times: pd.Series) -> bool:
         """Whether today's data rebuilds exactly the recorded training patients."""
-        rows = self.candidate_rows(patients, times)
-        found = np.asarray(patients, dtype=object)[rows]
-        return len(set(found)) == self.patients and patients_digest(found) == self.patients_sha256
+        return self.training_rows(patients, times)[1]
 
     def trained(self, patients: np.ndarray, times: pd.Series) -> np.ndarray:
         """Rows of today's data this version may have been trained on.
@@ -162,9 +160,15 @@ class TrainingRecord:
         removed from the window since, or the pseudonym key changed), every row of the
         window counts as trained: the comparison loses rows, never gains unfair ones.
         """
-        if self.rebuilt(patients, times):
-            return self.candidate_rows(patients, times)
-        return utc_instants(times) <= utc_instant(self.window_end)
+        return self.training_rows(patients, times)[0]
+
+    def training_rows(self, patients: np.ndarray, times: pd.Series) -> tuple[np.ndarray, bool]:
+        """:meth:`trained`'s rows, and whether they rebuilt the recorded patients exactly."""
+        rows = self.candidate_rows(patients, times)
+        found = np.asarray(patients, dtype=object)[rows]
+        if len(set(found)) == self.patients and patients_digest(found) == self.patients_sha256:
+            return rows, True
+        return utc_instants(times) <= utc_instant(self.window_end), False
 
 
 def utc_instants(times: pd.Series | np.ndarray) -> np.ndarray:

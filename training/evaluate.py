@@ -145,17 +145,37 @@ def choose_threshold(
             groups=patients,
             confidence=THRESHOLD_CONFIDENCE,
             window=window,
-            periods=None if times is None else _periods(times, rule.budget_window_days),
+            periods=None if times is None else periods(times, rule.budget_window_days),
         )
     return rule.operating_threshold if rule.operating_threshold is not None else 0.5
 
 
-def _periods(times: np.ndarray, days: float) -> np.ndarray:
+def periods(times: np.ndarray, days: float) -> np.ndarray:
     """Each time's consecutive ``days``-long period, counted from the earliest."""
     from training.assignment import utc_instants
 
     instants = utc_instants(times)
     return ((instants - instants.min()) / np.timedelta64(1, "D") // days).astype(np.int64)
+
+
+def rule_metric(spec: UseCaseSpec) -> str | None:
+    """The metric the threshold rule is about: ``sensitivity``, ``alert_rate`` or None
+    (a fixed threshold)."""
+    rule = spec.evaluation
+    if rule.min_sensitivity is not None:
+        return "sensitivity"
+    return "alert_rate" if rule.max_alerts_per_100 is not None else None
+
+
+def rule_refuted(spec: UseCaseSpec, evaluation: Evaluation) -> bool:
+    """Whether the interval excludes the rule: the sensitivity's upper bound below its
+    target, or the alert rate's lower bound above the budget (what the gate refuses on)."""
+    rule = spec.evaluation
+    if rule.min_sensitivity is not None:
+        return evaluation.ci["sensitivity"][1] < rule.min_sensitivity
+    if rule.max_alerts_per_100 is not None:
+        return 100 * evaluation.ci["alert_rate"][0] > rule.max_alerts_per_100
+    return False
 
 
 def rule_holds(spec: UseCaseSpec, evaluation: Evaluation) -> tuple[bool | None, str]:

@@ -56,7 +56,7 @@ from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
 from training import metrics as m
 from training.assignment import TAG as RECORD_TAG
 from training.assignment import TrainingRecord, utc_instant, utc_instants
-from training.evaluate import Evaluation, evaluate, rule_holds
+from training.evaluate import Evaluation, evaluate, rule_holds, rule_refuted
 from training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, Tracker
 from training.train import REFERENCE_RUN_TAG, REFERENCE_SHA_TAG, outcome
 
@@ -152,26 +152,30 @@ class Contender:
 
     def trained(self, patients: np.ndarray, times: pd.Series) -> np.ndarray:
         """Rows of today's data this model may have been trained on."""
-        if self.record is not None:
-            return self.record.trained(patients, times)
-        if self.registered is not None:
-            return utc_instants(times) <= utc_instant(self.registered)
-        return np.ones(len(patients), dtype=bool)
+        return self.training(patients, times)[0]
 
-    def provenance(self, patients: np.ndarray, times: pd.Series) -> str:
-        """How its training rows were found, in words."""
+    def training(self, patients: np.ndarray, times: pd.Series) -> tuple[np.ndarray, str]:
+        """:meth:`trained`'s rows, and how they were found, in words."""
         if self.record is None:
+            if self.registered is None:
+                rows = np.ones(len(patients), dtype=bool)
+            else:
+                rows = utc_instants(times) <= utc_instant(self.registered)
             when = f"{self.registered:%Y-%m-%d %H:%M} UTC" if self.registered else "ever"
-            return f"{self.role}: no training record; every row up to {when} counts as trained"
-        if self.record.rebuilt(patients, times):
-            return (
+            note = f"{self.role}: no training record; every row up to {when} counts as trained"
+            return rows, note
+        rows, rebuilt = self.record.training_rows(patients, times)
+        if rebuilt:
+            note = (
                 f"{self.role}: its {self.record.patients:,} training patients rebuilt exactly "
                 "from today's data"
             )
-        return (
-            f"{self.role}: today's data does not rebuild its recorded training patients; "
-            f"every row up to {self.record.window_end:%Y-%m-%d} counts as trained"
-        )
+        else:
+            note = (
+                f"{self.role}: today's data does not rebuild its recorded training patients; "
+                f"every row up to {self.record.window_end:%Y-%m-%d} counts as trained"
+            )
+        return rows, note
 
 
 @dataclass(frozen=True)
@@ -474,10 +478,7 @@ def _operating_check(spec: UseCaseSpec, parts: dict[str, Evaluation]) -> Check:
         if evaluation.positives < minimum and rule.min_sensitivity is not None:
             lines.append(f"{name}: {evaluation.positives} positives, too few to judge")
             continue
-        if rule.min_sensitivity is not None:
-            shown_missed = evaluation.ci["sensitivity"][1] < rule.min_sensitivity
-        else:
-            shown_missed = 100 * evaluation.ci["alert_rate"][0] > rule.max_alerts_per_100  # type: ignore[operator]
+        shown_missed = rule_refuted(spec, evaluation)
         lines.append(f"{name}: {text}" + (" MISSED" if shown_missed else ""))
         if shown_missed:
             missed.append(name)
@@ -567,12 +568,14 @@ def assess(
     """
     n_boot = spec.evaluation.bootstrap if n_boot is None else n_boot
     patients, times = data.patients(spec), data.times(spec)
-    unseen_by_challenger = ~challenger.trained(patients, times)
-    notes = [challenger.provenance(patients, times)]
+    seen, note = challenger.training(patients, times)
+    unseen_by_challenger = ~seen
+    notes = [note]
     comparable = unseen_by_challenger.copy()
     if incumbent is not None:
-        comparable &= ~incumbent.trained(patients, times)
-        notes.append(incumbent.provenance(patients, times))
+        seen, note = incumbent.training(patients, times)
+        comparable &= ~seen
+        notes.append(note)
     rows = np.flatnonzero(comparable)
     role = incumbent.role if incumbent is not None else None
     comparison = None

@@ -39,7 +39,14 @@ from training import model_io
 from training.assignment import TAG as RECORD_TAG
 from training.assignment import PatientAssignment, TrainingRecord, utc_instant, utc_instants
 from training.candidates import build_pipeline, fit, svm_variant
-from training.evaluate import Evaluation, choose_threshold, evaluate, rule_holds
+from training.evaluate import (
+    Evaluation,
+    choose_threshold,
+    evaluate,
+    periods,
+    rule_holds,
+    rule_metric,
+)
 from training.metrics import BudgetWindow
 from training.search import SearchResult, search
 from training.tracking import CHALLENGER, Tracker
@@ -430,9 +437,8 @@ def budget_window(frame: pd.DataFrame, split: Split, spec: UseCaseSpec) -> Budge
     span_days = (times.max() - times.min()) / np.timedelta64(1, "D")
     if span_days < 1:
         return None
-    period = ((times - times.min()) / np.timedelta64(1, "D") // days).astype(np.int64)
     patients = frame.iloc[rows][spec.entity.key].to_numpy()
-    pairs = pd.DataFrame({"period": period, "patient": patients})
+    pairs = pd.DataFrame({"period": periods(times, days), "patient": patients})
     per_patient = len(pairs) / len(pairs.drop_duplicates())
     return BudgetWindow(rows=len(rows) / span_days * days, rows_per_patient=per_patient)
 
@@ -620,7 +626,7 @@ def _log_candidate(
 def _achieved(spec: UseCaseSpec, name: str, evaluation: Evaluation) -> dict[str, Any]:
     """The threshold rule's value on one held-out set, with its interval."""
     holds, text = rule_holds(spec, evaluation)
-    metric = "sensitivity" if spec.evaluation.min_sensitivity is not None else "alert_rate"
+    metric = rule_metric(spec) or "alert_rate"  # a fixed threshold: what it alerts on
     low, high = evaluation.ci.get(metric, (math.nan, math.nan))
     return {
         "rows": name,
