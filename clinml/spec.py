@@ -122,6 +122,13 @@ class ColumnSpec(_Strict):
         description="Null is a legitimate value (e.g. a lab not ordered); the model "
         "imputes it explicitly. Otherwise a null fails the quality gate.",
     )
+    drift_floor: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="The smallest change of this feature the monitor alerts on (Wasserstein "
+        "distance in reference SDs for a number, total-variation distance for a category); "
+        "default: monitoring.numeric_floor or monitoring.categorical_floor.",
+    )
 
     @model_validator(mode="after")
     def _range_or_categories(self) -> ColumnSpec:
@@ -415,10 +422,56 @@ class PerformanceFloors(_Strict):
 
 
 class MonitoringSpec(_Strict):
-    """How drift is tested (Evidently stat-test names) and when it alerts."""
+    """How drift is tested and when it alerts (docs/monitoring.md).
+
+    A feature alerts when its change is both at least its effect-size floor and
+    significant after Bonferroni, with patients (not rows) as the unit
+    (:mod:`monitoring.statistics`). ``numeric_method`` and ``categorical_method`` choose
+    the tests Evidently's HTML report shows.
+    """
 
     numeric_method: Literal["ks", "wasserstein", "psi", "jensenshannon", "anderson"] = "ks"
     categorical_method: Literal["chisquare", "z", "psi", "jensenshannon"] = "chisquare"
+    numeric_floor: float = Field(
+        default=0.2,
+        gt=0.0,
+        description="Smallest change of a numeric feature that alerts: the Wasserstein "
+        "distance in reference standard deviations (0.2: Cohen's 'small' effect).",
+    )
+    categorical_floor: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Smallest change of a categorical feature that alerts: the "
+        "total-variation distance (0.1: one record in ten would have to change category).",
+    )
+    prediction_floor: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Floor for prediction drift (the probabilities, in reference SDs); "
+        "default: numeric_floor.",
+    )
+    min_patients: int | None = Field(
+        default=None,
+        ge=1,
+        description="A window with fewer (effective) patients is 'not enough data' for the "
+        "drift tests; default: the number that finds a change 1.5 times the floors with 95% "
+        "power at the Bonferroni level.",
+    )
+    reference: Literal["training", "seasonal", "rolling"] = Field(
+        default="training",
+        description="What a window is compared with: the champion's training rows; those "
+        "of the same weeks of the year (season_weeks either side); or the prediction log "
+        "of the rolling_days before the window.",
+    )
+    season_weeks: int = Field(default=4, ge=1, le=26)
+    rolling_days: int = Field(default=28, ge=1)
+    population: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="The population the service sees, as categories of sensitive "
+        "attributes (e.g. {site: [hosp_a]} for a service of one hospital): the reference "
+        "is restricted to it.",
+    )
 
     drift_share: float = Field(
         default=0.5,
@@ -533,6 +586,19 @@ class UseCaseSpec(_Strict):
                 "identifier_columns are dropped at ingestion, so they cannot be used: "
                 + ", ".join(phi)
             )
+        by_name = {c.name: c for c in self.columns}
+        for attribute, values in self.monitoring.population.items():
+            column = by_name.get(attribute)
+            if attribute not in self.sensitive_attributes or column is None:
+                raise ValueError(
+                    f"monitoring.population: {attribute} is not one of sensitive_attributes"
+                )
+            unknown = sorted(set(values) - set(column.categories or ()))
+            if column.type != "category" or not values or unknown:
+                raise ValueError(
+                    f"monitoring.population.{attribute} needs one or more of its declared "
+                    "categories"
+                )
         return self
 
     @property

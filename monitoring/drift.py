@@ -39,17 +39,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from clinml.errors import ClinmlError
 from clinml.spec import UseCaseSpec
+from monitoring import statistics
 
 HTML_FILE = "drift.html"
 PREDICTION_HTML_FILE = "prediction_drift.html"
 JSON_FILE = "drift.json"
-# Tests whose score is a p-value (drift when below the threshold); the others give a
-# distance (drift when above it). Evidently names auto-chosen tests "... p_value".
-P_VALUE_METHODS = {"ks", "chisquare", "z", "anderson"}
 # A nullable feature's missing share may exceed the reference's by this much.
 MISSING_MARGIN = 0.05
 # A quality problem touching more than this share of rows is severe.
@@ -61,12 +60,15 @@ UNDECLARED = "(undeclared value)"
 @dataclass(frozen=True)
 class FeatureDrift:
     feature: str
-    method: str
-    score: float
-    score_kind: str  # "p_value" or "distance"
-    threshold: float
-    drifted: bool  # crossed the per-feature threshold (reported)
-    severity: str = "none"  # "high" alerts; "medium" = drifted but not significant enough
+    method: str  # "ks" or "chisquare", patient-clustered (monitoring.statistics)
+    score: float  # the p-value
+    score_kind: str  # "p_value"
+    threshold: float  # column_threshold
+    drifted: bool  # at least the floor, and p below column_threshold (reported)
+    severity: str = "none"  # "high" alerts (p below Bonferroni too); "medium" = drifted
+    effect: float = float("nan")  # Wasserstein distance in SDs, or total variation
+    effect_kind: str = ""
+    floor: float = float("nan")
 
     @property
     def alerts(self) -> bool:
@@ -112,6 +114,11 @@ class DriftVerdict:
     subgroups: list[SubgroupDrift] = field(default_factory=list)
     skipped_subgroups: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
+    # Patients (effective, monitoring.statistics.effective_size) in the window, and the
+    # number the drift tests need; below it the verdict is "not enough data".
+    window_patients: float = 0.0
+    min_patients: int = 0
+    reference_note: str = ""
     created_at: str = ""
     window_start: str | None = None
     window_end: str | None = None
@@ -125,6 +132,13 @@ class DriftVerdict:
     @property
     def drifted_features(self) -> list[FeatureDrift]:
         return [f for f in self.features if f.drifted]
+
+    @property
+    def enough_data(self) -> bool:
+        """Whether a quiet verdict means anything: the window holds the patients the tests
+        need to find a change past the floors. A change found in a smaller window still
+        alerts (the evidence is there); only its absence says nothing."""
+        return self.window_patients >= self.min_patients
 
     @property
     def prediction_drift(self) -> bool:
@@ -156,6 +170,14 @@ class DriftVerdict:
     def line(self) -> str:
         """The one-line verdict the CLI prints, naming the rule that fired."""
         n, total = len(self.drifted_features), len(self.features)
+        extra = [kind.replace("_", " ") for kind in self.alerts if kind != "data_drift"]
+        also = f"; also {', '.join(extra)}" if extra else ""
+        if not self.drift and not self.enough_data:
+            return (
+                f"not enough data: {self.window_patients:,.0f} patients in the window, the "
+                f"drift tests need {self.min_patients:,} to find a change past their floors; "
+                f"lengthen the window (data quality was checked){also}"
+            )
         head = "DRIFT" if self.drift else "no drift"
         worst = ", ".join(f.feature for f in self.drifted_features[:3])
         tail = f" (e.g. {worst})" if worst else ""
@@ -173,8 +195,7 @@ class DriftVerdict:
             )
         else:
             text = f"{head}: {share}; alert at {self.drift_share_threshold:.0%}{tail}"
-        extra = [kind.replace("_", " ") for kind in self.alerts if kind != "data_drift"]
-        return text + (f"; also {', '.join(extra)}" if extra else "")
+        return text + also
 
     def to_dict(self) -> dict[str, Any]:
         plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "snapshots"}
@@ -182,6 +203,7 @@ class DriftVerdict:
             **{k: _plain(v) for k, v in plain.items()},
             "alerts": self.alerts,
             "drifted_features": [f.feature for f in self.drifted_features],
+            "enough_data": self.enough_data,
         }
 
 
@@ -191,33 +213,36 @@ def _plain(value: Any) -> Any:
     return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 
 
-def _score_kind(method: str) -> str:
-    return "p_value" if method in P_VALUE_METHODS or "p_value" in method else "distance"
-
-
 def _judged(
-    feature: str, method: str, score: float, threshold: float, drifted: bool, alert_p: float
+    feature: str,
+    found: statistics.Comparison,
+    floor: float,
+    threshold: float,
+    alert_p: float,
 ) -> FeatureDrift:
-    """One feature's result with its severity: "high" (alerts) below the Bonferroni
-    p-value ``alert_p``, or past twice a distance threshold; "medium" when it only
-    crossed the per-feature threshold."""
-    kind = _score_kind(method)
-    significant = score < alert_p if kind == "p_value" else score > 2 * threshold
+    """One feature's result with its severity. Nothing below the floor drifts, however
+    small its p-value; at or above it, "high" (alerts) below the Bonferroni p-value
+    ``alert_p``, "medium" (reported) below ``threshold``."""
+    large = found.effect >= floor
+    drifted = large and found.p_value < threshold
+    significant = large and found.p_value < alert_p
     return FeatureDrift(
         feature=feature,
-        method=method,
-        score=score,
-        score_kind=kind,
+        method=found.test,
+        score=found.p_value,
+        score_kind="p_value",
         threshold=threshold,
         drifted=drifted,
         severity="high" if significant else ("medium" if drifted else "none"),
+        effect=found.effect,
+        effect_kind=found.effect_kind,
+        floor=floor,
     )
 
 
-def _severity_order(column: FeatureDrift) -> tuple[bool, float, str]:
-    """Drifted first, most severe first (low p-values, large distances), then by name."""
-    score = column.score if column.score_kind == "p_value" else -column.score
-    return (not column.drifted, score, column.feature)
+def _severity_order(column: FeatureDrift) -> tuple[bool, float, float, str]:
+    """Drifted first, largest change relative to its floor first, then by name."""
+    return (not column.drifted, -column.effect / column.floor, column.score, column.feature)
 
 
 def _check_columns(frame: pd.DataFrame, spec: UseCaseSpec, what: str) -> None:
@@ -277,30 +302,6 @@ def _drift_preset(spec: UseCaseSpec, columns: list[str]) -> Any:
         cat_method=monitoring.categorical_method,
         threshold=monitoring.column_threshold,
     )
-
-
-def _value_drifts(result: dict[str, Any], alert_p: float) -> tuple[list[FeatureDrift], float]:
-    """Per-column drift results of a report, and its share of drifted columns."""
-    tests = [t for t in result["tests"] if "metric_config" in t]
-    status = {t["metric_config"]["metric_id"]: t["status"] for t in tests}
-    columns: list[FeatureDrift] = []
-    share = 0.0
-    for metric in result["metrics"]:
-        config = metric["config"]
-        if config["type"].endswith(":ValueDrift"):
-            columns.append(
-                _judged(
-                    config["column"],
-                    config["method"],
-                    float(metric["value"]),
-                    float(config["threshold"]),
-                    status.get(metric["id"]) == "FAIL",
-                    alert_p,
-                )
-            )
-        elif config["type"].endswith(":DriftedColumnsCount"):
-            share = float(metric["value"]["share"])
-    return sorted(columns, key=_severity_order), share
 
 
 def _quality_metrics(spec: UseCaseSpec) -> list[Any]:
@@ -408,43 +409,70 @@ def _quality(
     return issues
 
 
+CLUSTER_COLUMN = "_cluster"  # the reference's patient, as an arbitrary integer
+
+
+def patient_codes(spec: UseCaseSpec, frame: pd.DataFrame) -> np.ndarray:
+    """Which rows belong to one patient: the reference's ``_cluster``, the prediction
+    log's pseudonymised ``patient`` or the entity key, whichever the frame has; without
+    any, every row is a patient of its own."""
+    for column in (CLUSTER_COLUMN, "patient", spec.entity.key):
+        if column in frame.columns:
+            return statistics.cluster_codes(frame, column)
+    return statistics.cluster_codes(frame, None)
+
+
+def floor_of(spec: UseCaseSpec, name: str) -> float:
+    """The effect-size floor of a feature (or of ``probability``)."""
+    monitoring = spec.monitoring
+    if name == "probability":
+        return monitoring.prediction_floor or monitoring.numeric_floor
+    column = next(c for c in spec.features if c.name == name)
+    if column.drift_floor is not None:
+        return column.drift_floor
+    return monitoring.numeric_floor if column.is_numeric else monitoring.categorical_floor
+
+
+def min_patients(spec: UseCaseSpec, alert_p: float) -> int:
+    """The patients a window needs: the spec's ``min_patients``, or enough to find a
+    change 1.5 times every feature's floor with 95% power at ``alert_p``. At 1.5 times
+    the floor both halves of the rule (the estimate past the floor, the p-value past
+    Bonferroni) need about the same sample, so the rule's power there is about 95%."""
+    if spec.monitoring.min_patients is not None:
+        return spec.monitoring.min_patients
+    return max(
+        statistics.required_patients(1.5 * floor_of(spec, c.name), not c.is_numeric, alert_p)
+        for c in spec.features
+    )
+
+
 def _direct_drifts(
     spec: UseCaseSpec,
     current: pd.DataFrame,
     reference: pd.DataFrame,
     columns: list[str],
     alert_p: float,
-    method: str | None = None,
 ) -> tuple[list[FeatureDrift], float]:
-    """Per-column drift with Evidently's own statistical tests, without building a report
-    (a report renders every plot: about 1 s per group for nothing nobody reads)."""
-    from evidently.legacy.calculations.stattests import get_stattest
-
-    monitoring = spec.monitoring
+    """Per-column drift: the patient-clustered test and effect size of
+    :mod:`monitoring.statistics`, judged against the column's floor."""
+    threshold = spec.monitoring.column_threshold
     numeric = {c.name for c in spec.features if c.is_numeric} | {"probability"}
+    codes_before, codes_now = patient_codes(spec, reference), patient_codes(spec, current)
     results = []
     for name in columns:
-        kind = "num" if name in numeric else "cat"
-        chosen = method or (
-            monitoring.numeric_method if kind == "num" else monitoring.categorical_method
-        )
-        before, now = reference[name].dropna(), current[name].dropna()
+        kept_before, kept_now = reference[name].notna(), current[name].notna()
+        before, now = reference[name][kept_before], current[name][kept_now]
         if before.empty or now.empty:
             continue
-        test = get_stattest(before, now, kind, chosen)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            found = test(before, now, kind, monitoring.column_threshold)
-        results.append(
-            _judged(
-                name,
-                chosen,
-                float(found.drift_score),
-                float(found.actual_threshold),
-                bool(found.drifted),
-                alert_p,
-            )
+        sizes = (
+            statistics.effective_size(codes_before[kept_before.to_numpy()]),
+            statistics.effective_size(codes_now[kept_now.to_numpy()]),
         )
+        if name in numeric:
+            found = statistics.compare_numeric(before.to_numpy(float), now.to_numpy(float), *sizes)
+        else:
+            found = statistics.compare_categorical(before, now, *sizes)
+        results.append(_judged(name, found, floor_of(spec, name), threshold, alert_p))
     share = sum(r.drifted for r in results) / len(results) if results else 0.0
     return sorted(results, key=_severity_order), share
 
@@ -458,7 +486,6 @@ def _masked(spec: UseCaseSpec, frame: pd.DataFrame) -> pd.DataFrame:
     just past the bound it crossed (still out of range, and of the same rank, so rank-based
     tests such as KS are unchanged; with no max declared, a value that is no number
     becomes missing). Missing values stay missing."""
-    import numpy as np
 
     masked = frame
     for column in spec.columns:
@@ -539,6 +566,90 @@ def _within(features: list[str], attribute: str) -> list[str]:
     return [f for f in features if f != attribute]
 
 
+WEEK_COLUMN = "_week"  # the reference row's ISO week of the year (no year, no day)
+
+
+def _weeks_between(start: datetime, end: datetime) -> set[int]:
+    days = pd.date_range(pd.Timestamp(start).normalize(), pd.Timestamp(end), freq="D")
+    return {int(w) for w in days.isocalendar().week} or {int(pd.Timestamp(start).isocalendar()[1])}
+
+
+def _near(weeks: pd.Series, wanted: set[int], spread: int) -> pd.Series:
+    """Rows whose week is within ``spread`` weeks of any wanted week, across new year."""
+    values = weeks.to_numpy(dtype=int)
+    close = np.zeros(len(values), dtype=bool)
+    for week in wanted:
+        gap = np.abs(values - week)
+        close |= np.minimum(gap, 52 - gap) <= spread
+    return pd.Series(close, index=weeks.index)
+
+
+def choose_reference(
+    spec: UseCaseSpec,
+    reference: pd.DataFrame,
+    window: tuple[datetime | None, datetime | None] = (None, None),
+    held_out: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
+    """The part of the champion's reference a window is compared with.
+
+    ``monitoring.population`` keeps the rows of the population the service sees (one
+    hospital's service compared with that hospital's training rows). ``monitoring.
+    reference: seasonal`` keeps the rows of the window's weeks of the year, and
+    ``season_weeks`` either side, so a winter week meets winter, not the year's average.
+    Either falls back to the whole reference, and says so, when what it keeps has fewer
+    patients than a window needs or the reference predates the columns it needs. (The
+    rolling reference is the prediction log's: :func:`monitoring.job.run` reads it.)
+
+    Returns:
+        The reference rows, the held-out rows for prediction drift (restricted the same
+        way where they carry the columns), and a note saying what was chosen.
+    """
+    monitoring = spec.monitoring
+    notes = []
+    kept, kept_held_out = reference, held_out
+    for attribute, values in monitoring.population.items():
+        if attribute not in kept.columns:
+            notes.append(f"the reference has no {attribute} column: all of it is used")
+            continue
+        kept = kept[kept[attribute].astype(str).isin(values)]
+        if kept_held_out is not None and attribute in kept_held_out.columns:
+            kept_held_out = kept_held_out[kept_held_out[attribute].astype(str).isin(values)]
+        notes.append(f"{attribute} in {', '.join(values)}")
+    if monitoring.reference == "seasonal":
+        start, end = window
+        if start is None or end is None:
+            notes.append("seasonal reference needs a window: the whole year is used")
+        elif WEEK_COLUMN not in kept.columns:
+            notes.append("the reference has no weeks (trained before they were recorded): "
+                         "the whole year is used")  # fmt: skip
+        elif (end - start).days >= 182:
+            notes.append("the window spans half a year or more: the whole year is used")
+        else:
+            wanted = _weeks_between(start, end)
+            seasonal = kept[_near(kept[WEEK_COLUMN], wanted, monitoring.season_weeks)]
+            alpha = monitoring.family_alpha
+            needed = min_patients(spec, alpha / 2 / (len(spec.features) + 1))
+            patients = statistics.effective_size(patient_codes(spec, seasonal))
+            if patients < needed:
+                notes.append(
+                    f"the same weeks of the year hold {patients:,.0f} patients, fewer than "
+                    f"the {needed:,} a comparison needs: the whole year is used"
+                )
+            else:
+                kept = seasonal
+                if kept_held_out is not None and WEEK_COLUMN in kept_held_out.columns:
+                    near = _near(kept_held_out[WEEK_COLUMN], wanted, monitoring.season_weeks)
+                    kept_held_out = kept_held_out[near]
+                notes.append(f"weeks {min(wanted)}–{max(wanted)} ±{monitoring.season_weeks}")
+    if kept.empty:
+        raise ClinmlError(
+            "the champion's reference holds no rows of monitoring.population: check the "
+            "spec's population against the data the model was trained on"
+        )
+    what = "training reference" + (f" ({'; '.join(notes)})" if notes else "")
+    return kept, kept_held_out, f"{what}: {len(kept):,} rows"
+
+
 def run(
     spec: UseCaseSpec,
     reference: pd.DataFrame,
@@ -552,6 +663,7 @@ def run(
     model_version: str | None = None,
     subgroups: bool = True,
     write: bool = True,
+    reference_note: str = "",
 ) -> DriftVerdict:
     """Compare ``current`` with ``reference`` on the spec's features.
 
@@ -570,6 +682,7 @@ def run(
         model_version: recorded in the verdict and the snapshots' tags.
         subgroups: also test drift within each sensitive-attribute group.
         write: write the reports and the verdict (False: compute only, for evaluations).
+        reference_note: how the reference was chosen (:func:`choose_reference`), recorded.
 
     Returns:
         The verdict; ``exit_code`` is 1 when any alert is raised.
@@ -582,8 +695,10 @@ def run(
     features = _testable(spec, reference, current)
     monitoring = spec.monitoring
     alpha = monitoring.family_alpha
-    slices, skipped = _subgroup_slices(spec, reference, current) if subgroups else ([], [])
     overall_tests = len(features) + 1
+    needed = min_patients(spec, (alpha / 2) / overall_tests)
+    window_patients = statistics.effective_size(patient_codes(spec, current))
+    slices, skipped = _subgroup_slices(spec, reference, current) if subgroups else ([], [])
     subgroup_tests = sum(len(_within(features, attribute)) for attribute, *_ in slices)
     share_each = alpha / 2 if slices else alpha
     thresholds = {
@@ -601,8 +716,14 @@ def run(
         held_out = reference
     scored = current if prediction_current is None else prediction_current
     predictions = "probability" in scored.columns and len(scored) and held_out is not None
-    main, prediction_snapshot, prediction = None, None, None
-    if write:  # the Evidently reports: HTML, workspace, and the numbers of the verdict
+    # The verdict's statistics (monitoring.statistics); Evidently renders the reports.
+    columns, share = _direct_drifts(spec, current, reference, features, thresholds["overall_p"])
+    prediction = None
+    if predictions:
+        found, _ = _direct_drifts(spec, scored, held_out, ["probability"], thresholds["overall_p"])
+        prediction = found[0] if found else None
+    main, prediction_snapshot = None, None
+    if write:  # the Evidently reports: HTML, workspace, and the data-quality counts
         from evidently.metrics import ValueDrift
 
         main = _run_report(
@@ -614,9 +735,7 @@ def run(
             timestamp=stamp,
             tags=tags,
         )
-        main_result = main.dict()
-        columns, share = _value_drifts(main_result, thresholds["overall_p"])
-        quality = _quality(spec, _evidently_counts(main_result), reference)
+        quality = _quality(spec, _evidently_counts(main.dict()), reference)
         if predictions:
             limit = monitoring.column_threshold
             test = ValueDrift(column="probability", method=method, threshold=limit)
@@ -629,16 +748,8 @@ def run(
                 timestamp=stamp,
                 tags=[*tags, "prediction"],
             )
-            found, _ = _value_drifts(prediction_snapshot.dict(), thresholds["overall_p"])
-            prediction = found[0] if found else None
-    else:  # the same tests and counts, without rendering reports
-        columns, share = _direct_drifts(spec, current, reference, features, thresholds["overall_p"])
+    else:  # the same counts, without rendering reports
         quality = _quality(spec, _direct_counts(spec, current), reference)
-        if predictions:
-            found, _ = _direct_drifts(
-                spec, scored, held_out, ["probability"], thresholds["overall_p"], method
-            )
-            prediction = found[0] if found else None
 
     subgroup_results = []
     for attribute, group, now_mask, before_mask in slices:
@@ -675,6 +786,9 @@ def run(
         subgroups=subgroup_results,
         skipped_subgroups=skipped,
         thresholds=thresholds,
+        window_patients=window_patients,
+        min_patients=needed,
+        reference_note=reference_note,
         created_at=(now or datetime.now(UTC)).isoformat(timespec="seconds"),
         window_start=window[0].isoformat() if window[0] else None,
         window_end=window[1].isoformat() if window[1] else None,

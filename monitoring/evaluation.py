@@ -1,26 +1,46 @@
 """How well the monitor itself works: false alarms and detection on the readmission generator.
 
-The monitor is judged the way it runs: :func:`monitoring.drift.run` on windows of a
-realistic size against a training reference, and
-:func:`monitoring.performance.performance_by_window` on the same windows once their
-labels are known. Only the data changes between conditions:
+The monitor is judged the way it runs: :func:`monitoring.drift.run` on windows of
+consecutive discharges, as a health system's prediction log would hold them, against a
+champion's training reference, and :func:`monitoring.performance.performance_by_window`
+on the same windows once their labels are known.
 
-- ``none``: fresh patients from the same generator (a new seed per window);
-- ``site mix``: the patient share per site changes (a referral pattern moves);
-- ``lab units``: creatinine is reported in µmol/L instead of mg/dL;
-- ``case mix``: a winter surge, with more COPD, older patients and higher acuity;
-- ``label rate``: the odds of readmission double with the same features (for example a
-  change in discharge practice), which only labelled performance can see.
+The health system discharges about 100 000 patients a year (``SYSTEM_PATIENTS``
+simulated), so a window of 500 rows is two days, 2 000 a week, 10 000 five weeks and
+50 000 half a year, with the repeat patients such windows hold. The stand-in champion (a
+histogram gradient-boosting model: what is evaluated is the monitor, not the model) is
+trained on the first year of one seeded system; every window comes from the second year
+of another seed, each window's system its own seed.
 
-The model is a histogram gradient-boosting classifier fitted here on the reference
-cohort's training patients, standing in for the champion: what is evaluated is the
-monitor's statistics, not the model. ``tests/model/test_monitor_power.py`` asserts the
-rates; ``bench/monitor_eval.py`` writes the table in docs/monitoring.md.
+Windows without a shift (:data:`QUIET`), each a way real traffic differs from a random
+sample of the training year:
+
+- ``consecutive``: consecutive discharges from any week of the year;
+- ``winter``: windows starting in December or January, against the whole year (the
+  generator's winters raise acuity), and ``winter, seasonal reference``: the same
+  windows against the training rows of the same weeks (``monitoring.reference: seasonal``);
+- ``one site``: the service of the largest hospital alone, with
+  ``monitoring.population: {site: [hosp_a]}``.
+
+Shifts (:data:`SHIFTS`), each with a dose, for the dose-response curves:
+
+- ``site mix``: patients thinned by site towards shares 10/15/25/50% (from 35/30/20/15%);
+  the dose is the mixing weight, so the site shares move by a total variation of 0.4 ×
+  dose;
+- ``case mix``: the generator's winter surge (more COPD, older patients, higher acuity)
+  at ``winter_case_mix`` = dose;
+- ``sodium offset``: an analyser reads sodium high by dose × the reference SD;
+- ``lab units``: a share (dose) of creatinine results reported in µmol/L;
+- ``label rate``: the odds of readmission multiplied by 1 + dose at the same features,
+  which only labelled performance can see.
+
+``tests/model/test_monitor_power.py`` asserts a small version; ``bench/monitor_eval.py``
+writes the tables and the plot in docs/monitoring.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,31 +53,51 @@ from clinml.spec import UseCaseSpec
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 REFERENCE_SEED = 2024
-REFERENCE_PATIENTS = 20_000
-# A week of discharges at the four hospitals of the synthetic health system.
-WINDOW_ROWS = 1_000
-WINDOW = timedelta(days=7)
-SHIFTS: dict[str, dict[str, Any]] = {
-    "none": {},
-    "site mix": {"site_weights": (0.10, 0.15, 0.25, 0.50)},
-    "lab units": {"creatinine_unit": "umol/L"},
-    "case mix": {"winter_case_mix": 1.0},
-    "label rate": {"label_odds_ratio": 2.0},
-}
+SYSTEM_PATIENTS = 100_000
+SIZES = (500, 2_000, 10_000, 50_000)
+DOSE_SIZES = (2_000, 10_000)  # a week and five weeks
+REFERENCE_ROWS = 50_000  # training.train.REFERENCE_MAX_ROWS
 DRIFT_KINDS = ("data_drift", "prediction_drift", "data_quality", "subgroup_drift")
+TARGET_SITE_SHARES = np.array([0.10, 0.15, 0.25, 0.50])
+LARGEST_SITE = "hosp_a"
+QUIET = ("consecutive", "winter", "winter, seasonal reference", "one site")
+SHIFTS: dict[str, tuple[float, ...]] = {
+    "site mix": (0.0, 0.125, 0.25, 0.375, 0.5),
+    "case mix": (0.0, 0.1, 0.2, 0.3, 0.45, 0.6),
+    "sodium offset": (0.0, 0.1, 0.2, 0.3, 0.45),
+    "lab units": (0.0, 0.002, 0.01, 0.05),
+    "label rate": (0.0, 1.0),
+}
+# Shifts the generator makes (a new system per dose): its parameter and value at a dose.
+GENERATED: dict[str, tuple[str, Callable[[float], float]]] = {
+    "case mix": ("winter_case_mix", lambda dose: dose),
+    "label rate": ("label_odds_ratio", lambda dose: 1.0 + dose),
+}
+# The smallest dose of each shift docs/monitoring.md calls clinically meaningful (why:
+# there); detection there should be at least 95%.
+MEANINGFUL = {"site mix": 0.375, "case mix": 0.45, "sodium offset": 0.3, "lab units": 0.002}
+# A shift no feature shows (the odds of readmission double at the same features, e.g. a
+# change in discharge practice): only labelled performance can see it.
+UNSEEN = ("label rate",)
 
 
 @dataclass(frozen=True)
 class WindowOutcome:
-    shift: str
-    seed: int
+    condition: str  # a QUIET condition, or a shift
+    dose: float
+    size: int  # as planned (one site has fewer rows than the largest size)
     rows: int
+    seed: int
     drift_alerts: list[str]  # kinds among DRIFT_KINDS
+    enough_data: bool
+    patients: float  # effective patients in the window
     performance_alert: bool
     judged: bool
-    roc_auc: float | None
-    sensitivity: float | None
-    ece: float | None
+    features: list[str]  # the features that alerted
+
+    @property
+    def alarmed(self) -> bool:
+        return bool(self.drift_alerts)
 
 
 @dataclass
@@ -65,142 +105,314 @@ class Reference:
     """The stand-in champion: the model, its training snapshot, its held-out answers."""
 
     model: Any
-    features: pd.DataFrame  # training rows: features + in-sample probability
-    held_out: pd.DataFrame  # test patients: probability + outcome
+    features: pd.DataFrame  # training rows: features, _cluster, _week, in-sample probability
+    held_out: pd.DataFrame  # test patients: probability, outcome, _cluster, _week, site
     threshold: float
+    sodium_sd: float
 
 
-def _frame(cohort: pd.DataFrame, spec: UseCaseSpec) -> pd.DataFrame:
-    x = cohort[spec.feature_names].copy()
+def _frame(rows: pd.DataFrame, spec: UseCaseSpec) -> pd.DataFrame:
+    x = rows[spec.feature_names].copy()
     for column in spec.features:
         if column.type == "category":
             x[column.name] = pd.Categorical(x[column.name], categories=column.categories)
     return x
 
 
-def _cohort(spec: UseCaseSpec, seed: int, n_patients: int, **shift: Any) -> pd.DataFrame:
+def system(spec: UseCaseSpec, seed: int, **shift: Any) -> pd.DataFrame:
+    """Two years of one seeded health system's discharges, in time order."""
     from features.datasets import readmission
 
-    cohort = readmission.load(seed=seed, now=NOW, n_patients=n_patients, months=24, **shift)
+    cohort = readmission.load(seed=seed, now=NOW, n_patients=SYSTEM_PATIENTS, months=24, **shift)
+    cohort = cohort.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
     return cohort.assign(outcome=(cohort[spec.label.column] == spec.label.positive_class) * 1)
 
 
+def _second_year(cohort: pd.DataFrame) -> pd.DataFrame:
+    start = cohort["event_timestamp"].min() + pd.Timedelta(days=365)
+    return cohort[cohort["event_timestamp"] >= start].reset_index(drop=True)
+
+
+def _monitoring_keys(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    from monitoring.drift import CLUSTER_COLUMN, WEEK_COLUMN
+
+    weeks = pd.to_datetime(rows["event_timestamp"], utc=True).dt.isocalendar().week
+    return {
+        CLUSTER_COLUMN: pd.factorize(rows["patient_id"])[0],
+        WEEK_COLUMN: weeks.to_numpy(dtype=np.int16),
+    }
+
+
 def fit_reference(spec: UseCaseSpec) -> Reference:
-    """Fit the stand-in model on 80% of a reference cohort's patients."""
+    """Train the stand-in champion on the first year of the reference system, as
+    clinml's training would: 80% of patients, a reference of at most 50 000 of their
+    rows, held-out probabilities of the other 20%."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    cohort = _cohort(spec, REFERENCE_SEED, REFERENCE_PATIENTS)
-    patients = cohort["patient_id"].unique()
+    cohort = system(spec, REFERENCE_SEED)
+    first = cohort[
+        cohort["event_timestamp"] < cohort["event_timestamp"].min() + pd.Timedelta(days=365)
+    ]
+    patients = first["patient_id"].unique()
     rng = np.random.default_rng(REFERENCE_SEED)
     test_patients = set(rng.choice(patients, size=len(patients) // 5, replace=False))
-    is_test = cohort["patient_id"].isin(test_patients).to_numpy()
-    train, test = cohort[~is_test], cohort[is_test]
+    is_test = first["patient_id"].isin(test_patients).to_numpy()
+    train, test = first[~is_test], first[is_test]
     model = HistGradientBoostingClassifier(
         categorical_features="from_dtype", max_iter=200, learning_rate=0.05, random_state=0
     ).fit(_frame(train, spec), train["outcome"])
+    probability = model.predict_proba(_frame(test, spec))[:, 1]
     held_out = pd.DataFrame(
-        {"probability": model.predict_proba(_frame(test, spec))[:, 1], "outcome": test["outcome"]}
+        {
+            "probability": probability,
+            "outcome": test["outcome"].to_numpy(),
+            "site": test["site"].to_numpy(),
+            **_monitoring_keys(test),
+        }
     )
     rule = spec.evaluation
     if rule.max_alerts_per_100 is not None:
-        threshold = float(np.quantile(held_out["probability"], 1 - rule.max_alerts_per_100 / 100))
+        threshold = float(np.quantile(probability, 1 - rule.max_alerts_per_100 / 100))
     else:
         threshold = float(rule.operating_threshold or 0.5)
-    features = train[spec.feature_names].assign(
-        probability=model.predict_proba(_frame(train, spec))[:, 1]
+    rows = train.sample(min(REFERENCE_ROWS, len(train)), random_state=REFERENCE_SEED)
+    features = rows[spec.feature_names].assign(
+        probability=model.predict_proba(_frame(rows, spec))[:, 1], **_monitoring_keys(rows)
     )
-    return Reference(model, features.reset_index(drop=True), held_out, threshold)
+    sodium_sd = float(features["sodium"].std())
+    return Reference(model, features.reset_index(drop=True), held_out, threshold, sodium_sd)
 
 
-def window(spec: UseCaseSpec, reference: Reference, shift: str, seed: int) -> pd.DataFrame:
+def _thinned_by_site(rows: pd.DataFrame, dose: float, seed: int) -> pd.DataFrame:
+    """Patients kept with a probability by site, so the site shares move ``dose`` of the
+    way from the generator's to TARGET_SITE_SHARES (every patient's own data unchanged)."""
+    from features.datasets.readmission import SITE_WEIGHTS, SITES
+
+    base = np.asarray(SITE_WEIGHTS, dtype=float)
+    target = (1 - dose) * base + dose * TARGET_SITE_SHARES
+    keep = dict(zip(SITES, (target / base) / (target / base).max(), strict=True))
+    patients = rows["patient_id"].unique()
+    draw = dict(zip(patients, np.random.default_rng(seed).random(len(patients)), strict=True))
+    chance = rows["site"].map(keep).to_numpy()
+    return rows[rows["patient_id"].map(draw).to_numpy() < chance]
+
+
+def _consecutive(rows: pd.DataFrame, size: int, rng: np.random.Generator) -> pd.DataFrame:
+    start = int(rng.integers(0, max(len(rows) - size, 0) + 1))
+    return rows.iloc[start : start + size]
+
+
+def _winter(rows: pd.DataFrame, size: int, rng: np.random.Generator) -> pd.DataFrame:
+    months = rows["event_timestamp"].dt.month.to_numpy()
+    starts = np.flatnonzero(np.isin(months, (12, 1)))
+    start = int(rng.choice(starts[starts <= max(len(rows) - size, 0)] if size < len(rows) else [0]))
+    return rows.iloc[start : start + size]
+
+
+def window(
+    spec: UseCaseSpec,
+    reference: Reference,
+    year: pd.DataFrame,
+    condition: str,
+    dose: float,
+    size: int,
+    seed: int,
+) -> pd.DataFrame:
     """One window as the prediction log would hold it, with the outcomes that arrive."""
-    # Encounters drawn uniformly, as discharges arrive, from a cohort much larger than the
-    # window, so a week holds few repeat patients (as a real week's discharges do).
-    cohort = _cohort(spec, seed, n_patients=WINDOW_ROWS * 10, **SHIFTS[shift])
-    rows = cohort.sample(n=WINDOW_ROWS, random_state=seed).reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    rows = year
+    if condition == "site mix":
+        rows = _thinned_by_site(rows, dose, seed)
+    elif condition == "one site":
+        rows = rows[rows["site"] == LARGEST_SITE]
+    take = _winter if condition.startswith("winter") else _consecutive
+    rows = take(rows.reset_index(drop=True), size, rng).copy()
+    if condition == "sodium offset":
+        rows["sodium"] = rows["sodium"] + dose * reference.sodium_sd
+    if condition == "lab units":
+        switched = rng.random(len(rows)) < dose
+        rows.loc[switched, "creatinine"] = rows.loc[switched, "creatinine"] * 88.42
     probability = reference.model.predict_proba(_frame(rows, spec))[:, 1]
     positive, negative = spec.label.positive_class, spec.label.negative_class
-    rng = np.random.default_rng(seed)
-    offsets = pd.to_timedelta(rng.uniform(0, WINDOW.total_seconds(), len(rows)), unit="s")
     return rows[spec.feature_names].assign(
-        time=pd.Timestamp(NOW - WINDOW) + offsets,
+        time=rows["event_timestamp"].to_numpy(),
         request_id=[f"r{seed}-{i}" for i in range(len(rows))],
         model_version="1",
-        patient=rows["patient_id"].astype(str),
+        patient=rows["patient_id"].astype(str).to_numpy(),
         probability=probability,
         label=np.where(probability >= reference.threshold, positive, negative),
         outcome=rows["outcome"].to_numpy(),
     )
 
 
+def monitored_spec(spec: UseCaseSpec, condition: str) -> UseCaseSpec:
+    """The spec a team would run for this condition (seasonal reference, one site)."""
+    monitoring = spec.monitoring
+    if condition == "winter, seasonal reference":
+        monitoring = monitoring.model_copy(update={"reference": "seasonal"})
+    elif condition == "one site":
+        monitoring = monitoring.model_copy(update={"population": {"site": [LARGEST_SITE]}})
+    return spec.model_copy(update={"monitoring": monitoring})
+
+
 def judge(
-    spec: UseCaseSpec, reference: Reference, shift: str, seed: int, out_dir: Path
+    spec: UseCaseSpec,
+    reference: Reference,
+    current: pd.DataFrame,
+    condition: str,
+    dose: float,
+    size: int,
+    seed: int,
+    out_dir: Path,
 ) -> WindowOutcome:
     from monitoring import drift, performance
 
-    current = window(spec, reference, shift, seed)
+    chosen = monitored_spec(spec, condition)
+    start, end = current["time"].min().to_pydatetime(), current["time"].max().to_pydatetime()
+    rows, held_out, note = drift.choose_reference(
+        chosen, reference.features, (start, end), reference.held_out
+    )
     verdict = drift.run(
-        spec,
-        reference.features,
+        chosen,
+        rows,
         current,
         out_dir,
         now=NOW,
-        prediction_reference=reference.held_out,
-        window=(NOW - WINDOW, NOW),
+        prediction_reference=held_out,
+        window=(start, end),
         write=False,
+        reference_note=note,
     )
+    span = end - start + timedelta(seconds=1)
     [measured] = performance.performance_by_window(
-        spec, current, WINDOW, NOW - WINDOW, NOW, n_boot=0, seed=seed
+        spec, current, span, start, end + timedelta(seconds=1), n_boot=0, seed=seed
     )
+    alerted = sorted({f.feature for f in verdict.features if f.alerts})
+    if verdict.prediction_drift:
+        alerted.append("probability")
+    for group in verdict.subgroups:
+        alerted += [
+            f"{group.attribute}={group.group}:{f.feature}" for f in group.drifted if f.alerts
+        ]
+    alerted += [f"quality:{q.feature}" for q in verdict.quality if q.severity in {"high", "medium"}]
     return WindowOutcome(
-        shift=shift,
-        seed=seed,
+        condition=condition,
+        dose=dose,
+        size=size,
         rows=len(current),
+        seed=seed,
         drift_alerts=[k for k in verdict.alerts if k in DRIFT_KINDS],
+        enough_data=verdict.enough_data,
+        patients=verdict.window_patients,
         performance_alert=measured.judged and bool(measured.below_floor),
         judged=measured.judged,
-        roc_auc=measured.roc_auc,
-        sensitivity=measured.sensitivity,
-        ece=measured.ece,
+        features=alerted,
     )
+
+
+def _plan(
+    windows: int,
+    sizes: tuple[int, ...],
+    conditions: tuple[str, ...],
+    shifts: dict[str, tuple[float, ...]],
+    dose_sizes: tuple[int, ...],
+) -> Iterator[tuple[int, str, float, int]]:
+    for i in range(windows):
+        for size in sizes:
+            for condition in conditions:
+                yield i, condition, 0.0, size
+        for size in dose_sizes:
+            for shift, doses in shifts.items():
+                for dose in doses:
+                    if dose > 0:  # dose 0 is the consecutive condition
+                        yield i, shift, dose, size
 
 
 def evaluate(
     spec: UseCaseSpec,
     windows: int,
     out_dir: Path,
-    shifts: tuple[str, ...] = tuple(SHIFTS),
+    *,
+    sizes: tuple[int, ...] = SIZES,
+    conditions: tuple[str, ...] = QUIET,
+    shifts: dict[str, tuple[float, ...]] | None = None,
+    dose_sizes: tuple[int, ...] = DOSE_SIZES,
     echo: Callable[[str], None] = lambda _: None,
 ) -> list[WindowOutcome]:
-    """``windows`` seeded windows per shift, each judged by the monitor."""
+    """``windows`` seeded windows per quiet condition and size (``sizes``), and per shift,
+    dose and size (``dose_sizes``), each judged by the monitor. Window ``i`` of every
+    condition comes from system seed ``10_000 + i``."""
     reference = fit_reference(spec)
-    outcomes = []
-    for shift in shifts:
-        for i in range(windows):
-            outcomes.append(judge(spec, reference, shift, seed=10_000 + i, out_dir=out_dir))
-        done = [o for o in outcomes if o.shift == shift]
-        drifted = sum(bool(o.drift_alerts) for o in done)
-        flagged = sum(o.performance_alert for o in done)
-        echo(f"{shift}: {drifted}/{len(done)} drift alerts, {flagged}/{len(done)} performance")
+    shifts = SHIFTS if shifts is None else shifts
+    outcomes: list[WindowOutcome] = []
+    years: dict[tuple[int, str, float], pd.DataFrame] = {}
+    for i, condition, dose, size in _plan(windows, sizes, conditions, shifts, dose_sizes):
+        seed = 10_000 + i
+        parameter = GENERATED.get(condition)
+        key = (seed, condition, dose) if parameter else (seed, "", 0.0)
+        if key not in years:
+            years = {k: v for k, v in years.items() if k[0] == seed}  # window i-1 is done
+            extra = {parameter[0]: parameter[1](dose)} if parameter else {}
+            years[key] = _second_year(system(spec, seed, **extra))
+        year = years[key]
+        current = window(spec, reference, year, condition, dose, size, seed * 7 + size)
+        outcomes.append(judge(spec, reference, current, condition, dose, size, seed, out_dir))
+        if (condition, size) == (conditions[-1], sizes[-1]) if conditions else False:
+            done = [o for o in outcomes if o.dose == 0]
+            echo(
+                f"window {i + 1}/{windows}: {sum(o.alarmed for o in done)} of {len(done)} "
+                "unshifted windows alarmed so far"
+            )
     return outcomes
 
 
-def summarise(outcomes: list[WindowOutcome]) -> pd.DataFrame:
-    """One row per shift: windows, drift and performance alert rates, by kind."""
+def false_alarms(outcomes: list[WindowOutcome]) -> pd.DataFrame:
+    """Per quiet condition and size: windows, the share that raised a drift alert, the
+    share judged 'not enough data', and what alarmed."""
     rows = []
-    for shift in dict.fromkeys(o.shift for o in outcomes):
-        done = [o for o in outcomes if o.shift == shift]
-        n = len(done)
-        row: dict[str, Any] = {
-            "shift": shift,
-            "windows": n,
-            "drift alert rate": sum(bool(o.drift_alerts) for o in done) / n,
-            "performance alert rate": sum(o.performance_alert for o in done) / n,
-            "any alert rate": sum(bool(o.drift_alerts) or o.performance_alert for o in done) / n,
-        }
-        for kind in DRIFT_KINDS:
-            row[kind] = sum(kind in o.drift_alerts for o in done) / n
-        row["median AUROC"] = float(np.median([o.roc_auc for o in done if o.roc_auc is not None]))
-        row["median ECE"] = float(np.median([o.ece for o in done if o.ece is not None]))
-        rows.append(row)
+    for (condition, size), group in _grouped(o for o in outcomes if o.dose == 0):
+        rows.append(
+            {
+                "condition": condition,
+                "size": size,
+                "windows": len(group),
+                "alarmed": sum(o.alarmed for o in group),
+                "false alarm rate": sum(o.alarmed for o in group) / len(group),
+                "not enough data": sum(not o.enough_data for o in group) / len(group),
+                "patients": float(np.median([o.patients for o in group])),
+                "performance alerts": sum(o.performance_alert for o in group),
+                "what alarmed": ", ".join(sorted({f for o in group for f in o.features})),
+            }
+        )
     return pd.DataFrame(rows)
+
+
+def detection(outcomes: list[WindowOutcome]) -> pd.DataFrame:
+    """Per shift, dose and size: the share of windows that raised any drift alert (dose
+    0 is the consecutive quiet condition)."""
+    rows = []
+    quiet = {size: g for (c, size), g in _grouped(outcomes) if c == QUIET[0]}
+    for (condition, size), group in _grouped(o for o in outcomes if o.dose > 0):
+        by_dose = {0.0: quiet.get(size, [])}
+        for o in group:
+            by_dose.setdefault(o.dose, []).append(o)
+        for dose, done in sorted(by_dose.items()):
+            if done:
+                rows.append(
+                    {
+                        "shift": condition,
+                        "size": size,
+                        "dose": dose,
+                        "windows": len(done),
+                        "detected": sum(o.alarmed for o in done) / len(done),
+                        "performance alert": sum(o.performance_alert for o in done) / len(done),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _grouped(outcomes: Any) -> list[tuple[tuple[str, int], list[WindowOutcome]]]:
+    groups: dict[tuple[str, int], list[WindowOutcome]] = {}
+    for o in outcomes:
+        groups.setdefault((o.condition, o.size), []).append(o)
+    return list(groups.items())

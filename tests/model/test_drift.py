@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -166,3 +167,102 @@ def test_a_column_without_any_value_is_bad_input_or_a_quality_issue(
     [issue] = [q for q in verdict.quality if q.feature == "creatinine"]
     assert issue.severity == "high" and "no value at all" in issue.reason
     assert "data_quality" in verdict.alerts
+
+
+def _monitoring(spec: UseCaseSpec, **changes) -> UseCaseSpec:
+    return spec.model_copy(update={"monitoring": spec.monitoring.model_copy(update=changes)})
+
+
+def test_a_patients_repeated_rows_are_not_extra_evidence(tiny_spec, tmp_path) -> None:
+    """150 patients with 30 encounters each (ward and site repeat on every one): the tests
+    count 150 patients, not 4 500 rows, so chance differences between those patients and
+    the reference do not alert (they did: chi-square on 4 500 rows)."""
+    spec = _monitoring(tiny_spec, categorical_floor=0.001, numeric_floor=0.001)  # tests alone
+    reference = make_tiny_frame(n=4000, seed=100)
+    patients = make_tiny_frame(n=150, seed=105)
+    window = patients.loc[patients.index.repeat(30)].reset_index(drop=True)
+    verdict = drift.run(spec, reference, window, tmp_path, write=False)
+    assert not verdict.drift and verdict.exit_code == 0, verdict.line()
+    assert verdict.window_patients == pytest.approx(150)
+    once = drift.run(spec, reference, patients, tmp_path, write=False)
+    for repeated, single in zip(verdict.features, once.features, strict=True):
+        assert repeated.feature == single.feature
+        assert repeated.score == pytest.approx(single.score, rel=0.05, abs=1e-4)
+
+
+def test_a_change_below_the_floor_never_alerts_however_large_the_window(
+    tiny_spec, tmp_path
+) -> None:
+    """20 000 rows a side: a 0.08 SD move of heart rate and 6 in 100 records moving ward are
+    far past Bonferroni but below the floors (0.2 SD, 0.1): reported, never alerted."""
+    reference = make_tiny_frame(n=20_000, seed=100)
+    window = make_tiny_frame(n=20_000, seed=106)
+    window["heart_rate"] += 0.08 * reference["heart_rate"].std()
+    moved = window.index[window["ward"] == "medical"][:1200]
+    window.loc[moved, "ward"] = "icu"
+    verdict = drift.run(tiny_spec, reference, window, tmp_path, write=False, subgroups=False)
+    assert not verdict.drift and verdict.exit_code == 0, verdict.line()
+    by_name = {f.feature: f for f in verdict.features}
+    for name in ("heart_rate", "ward"):
+        assert by_name[name].score < verdict.thresholds["overall_p"]  # a p-value alone alerts
+        assert by_name[name].effect < by_name[name].floor
+        assert by_name[name].severity == "none"
+    assert verdict.line().startswith("no drift:")
+
+
+def test_a_small_quiet_window_is_not_enough_data_but_a_large_change_still_alerts(
+    tiny_spec, tmp_path
+) -> None:
+    spec = _monitoring(tiny_spec, min_patients=None)  # the default: from the floors
+    reference = make_tiny_frame(n=2000, seed=100)
+    quiet = drift.run(spec, reference, make_tiny_frame(n=120, seed=107), tmp_path, write=False)
+    assert quiet.min_patients > 120 and not quiet.enough_data
+    assert quiet.exit_code == 0
+    assert quiet.line().startswith("not enough data: 120 patients in the window, the drift ")
+    shifted = make_tiny_frame(n=120, seed=107).assign(ward="icu")
+    loud = drift.run(spec, reference, shifted, tmp_path, write=False)
+    assert loud.drift and loud.exit_code == 1 and loud.line().startswith("DRIFT")
+
+
+def test_a_seasonal_reference_compares_a_winter_window_with_winter(tiny_spec, tmp_path) -> None:
+    from datetime import UTC, datetime
+
+    reference = make_tiny_frame(n=6000, seed=100)
+    reference[drift.WEEK_COLUMN] = np.resize(np.arange(1, 53), len(reference))
+    winter = reference[drift.WEEK_COLUMN].isin([*range(48, 53), *range(1, 10)])
+    reference.loc[winter, "heart_rate"] += 15  # winters run faster hearts
+    window = make_tiny_frame(n=400, seed=108)
+    window["heart_rate"] += 15
+    january = (datetime(2026, 1, 12, tzinfo=UTC), datetime(2026, 1, 19, tzinfo=UTC))
+
+    whole, _, note = drift.choose_reference(tiny_spec, reference, january)
+    assert len(whole) == len(reference) and note == f"training reference: {len(reference):,} rows"
+    assert drift.run(tiny_spec, whole, window, tmp_path, write=False).drift  # winter vs year
+
+    seasonal = _monitoring(tiny_spec, reference="seasonal", season_weeks=2)
+    rows, _, note = drift.choose_reference(seasonal, reference, january)
+    assert set(rows[drift.WEEK_COLUMN]) == {1, 2, 3, 4, 5, 6}  # weeks 3 and 4, two either side
+    assert "weeks 3–4 ±2" in note
+    verdict = drift.run(seasonal, rows, window, tmp_path, write=False, reference_note=note)
+    assert not verdict.drift, verdict.line()
+
+    # Without weeks (a champion trained before they were recorded), it says so.
+    _, _, note = drift.choose_reference(
+        seasonal, reference.drop(columns=drift.WEEK_COLUMN), january
+    )
+    assert "the reference has no weeks" in note
+
+
+def test_a_population_restricts_the_reference_to_the_hospital_served(tiny_spec, tmp_path) -> None:
+    reference = make_tiny_frame(n=4000, seed=100)
+    north = reference["site"] == "north"
+    reference.loc[north, "ward"] = np.where(np.arange(north.sum()) % 4 == 0, "medical", "icu")
+    window = make_tiny_frame(n=600, seed=109).assign(site="north")
+    window["ward"] = np.where(np.arange(len(window)) % 4 == 0, "medical", "icu")
+
+    assert drift.run(tiny_spec, reference, window, tmp_path, write=False).drift
+    served = _monitoring(tiny_spec, population={"site": ["north"]})
+    rows, _, note = drift.choose_reference(served, reference)
+    assert (rows["site"] == "north").all() and "site in north" in note
+    verdict = drift.run(served, rows, window, tmp_path, write=False)
+    assert not verdict.drift, verdict.line()
