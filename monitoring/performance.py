@@ -10,9 +10,10 @@ so performance is monitored in three steps:
 2. ``join_labels`` attaches each label to the prediction it is about: by ``request_id``
    when the label names a single-record request, otherwise the patient's latest
    prediction at or before the label's time, within a horizon.
-3. ``performance_by_window`` computes AUROC, sensitivity at the served operating threshold
-   and calibration (ECE) with bootstrap intervals per time window of predictions, and
-   checks them against the spec's ``monitoring.performance`` floors.
+3. ``performance_by_window`` computes, per time window of predictions, AUROC, the served
+   operating point's sensitivity and alert rate, and calibration (ECE, observed/expected
+   ratio, calibration slope), each with a 95% interval, and checks them against the spec's
+   ``monitoring.performance`` floors. :mod:`monitoring.performance_report` draws them.
 
 Usage::
 
@@ -42,7 +43,15 @@ import pandas as pd
 from clinml.errors import DataValidationError
 from clinml.pseudonym import pseudonymise_column
 from clinml.spec import UseCaseSpec
-from training.metrics import bootstrap_ci, point_metrics
+from training.calibration import calibration_summary
+from training.metrics import (
+    bootstrap_values,
+    design_effect,
+    percentile_interval,
+    point_metrics,
+    recentred_interval,
+    wilson_interval,
+)
 
 if TYPE_CHECKING:
     from clinml.settings import Settings
@@ -567,7 +576,9 @@ class WindowPerformance:
     """Performance on the labelled predictions made in ``[start, end)``.
 
     A metric is None where it is undefined (AUROC needs both classes, sensitivity a
-    positive); an interval is None where the bootstrap could not define it (or was off).
+    positive); an interval is None where it could not be estimated. The bootstrap intervals
+    (AUROC, sensitivity, ECE) resample patients and are None when ``n_boot`` is 0; the
+    others are closed-form and always computed.
 
     Attributes:
         n: labelled predictions in the window.
@@ -575,13 +586,26 @@ class WindowPerformance:
         roc_auc, roc_auc_ci: AUROC and its 95% percentile-bootstrap interval.
         sensitivity, sensitivity_ci: at the operating threshold the model served with,
             i.e. from the logged ``label``.
-        ece, ece_ci: expected calibration error (``evaluation.calibration_bins`` bins).
-            ECE is biased upwards on small samples and its percentile interval sits above
-            the point estimate, so read it as "how large miscalibration may be".
+        ece, ece_ci: expected calibration error (``evaluation.calibration_bins`` bins), as
+            measured in the window (the value ``max_ece`` judges), and a 95% interval for
+            the ECE that windows of this many labels from the same patients would show
+            (:func:`training.metrics.recentred_interval`). ECE is biased upwards on small
+            samples; the interval says how far chance alone moves it, and always contains
+            the estimate.
         judged: there were at least ``min_labels`` labelled predictions and both classes,
             so the window is checked against the floors.
         below_floor: one line per floor the point estimate breaks, e.g.
             ``"ece 0.081 > 0.05"``; always empty when the window is not judged.
+        observed_expected, observed_expected_ci: outcomes observed over outcomes the model
+            predicted (the sum of its probabilities); 1 is ideal, above 1 the model
+            under-predicts risk. Patient-cluster-robust interval
+            (:func:`training.calibration.calibration_summary`).
+        calibration_slope, calibration_slope_ci: ``b`` in ``logit P(y=1) = a + b logit(p)``;
+            1 is ideal, below 1 the risks are too extreme. Cluster-robust interval.
+        alert_rate, alert_rate_ci: share of the window's labelled predictions at or above
+            the operating threshold (the served label is the positive class), with a Wilson
+            interval on the patient-effective number of rows.
+        calibration_notes: why O/E or the slope is missing (one class, separation), else "".
     """
 
     start: datetime
@@ -596,6 +620,13 @@ class WindowPerformance:
     ece_ci: tuple[float, float] | None
     judged: bool
     below_floor: list[str] = field(default_factory=list)
+    observed_expected: float | None = None
+    observed_expected_ci: tuple[float, float] | None = None
+    calibration_slope: float | None = None
+    calibration_slope_ci: tuple[float, float] | None = None
+    alert_rate: float | None = None
+    alert_rate_ci: tuple[float, float] | None = None
+    calibration_notes: str = ""
 
 
 def _value(number: float) -> float | None:
@@ -612,6 +643,19 @@ def _aware(name: str, when: datetime) -> datetime:
     if when.tzinfo is None:
         raise ValueError(f"{name} needs a time zone (use UTC)")
     return when.astimezone(UTC)
+
+
+def _patient_units(rows: pd.DataFrame) -> np.ndarray:
+    """Each row's patient as a code ``0..k-1``: the unit the bootstrap resamples (all of a
+    patient's rows together) and the intervals cluster on. A row without a patient (or a
+    log without patients) is its own unit."""
+    n = len(rows)
+    if "patient" not in rows:
+        return np.arange(n)
+    codes, uniques = pd.factorize(rows["patient"].astype(object), use_na_sentinel=True)
+    missing = codes < 0
+    codes[missing] = len(uniques) + np.arange(int(missing.sum()))
+    return codes.astype(np.intp)
 
 
 def _window(
@@ -638,22 +682,29 @@ def _window(
     sensitivity = _value(decisions["sensitivity"]) if positives else None
     ece = _value(scores["ece"])
 
+    groups = _patient_units(rows)
     intervals: dict[str, tuple[float, float] | None] = dict.fromkeys(
         ("roc_auc", "sensitivity", "ece")
     )
     if n_boot > 0 and n > 1:
-        # Resample patients (all of a patient's rows together) where the log knows them;
-        # a row without a patient is its own unit. Both calls draw the same resamples.
-        patient = rows["patient"] if "patient" in rows else pd.Series(None, index=rows.index)
-        unit = patient.astype(object).where(patient.notna(), [f"_row{i}" for i in range(n)])
-        groups = unit.to_numpy()
-        on_scores = bootstrap_ci(y, p, 0.5, groups=groups, n_boot=n_boot, seed=seed, n_bins=bins)
-        on_decisions = bootstrap_ci(
+        # Both calls draw the same resamples (same units, same seed).
+        on_scores = bootstrap_values(
+            y, p, 0.5, groups=groups, n_boot=n_boot, seed=seed, n_bins=bins
+        )
+        on_decisions = bootstrap_values(
             y, alerted, 0.5, groups=groups, n_boot=n_boot, seed=seed, n_bins=bins
         )
-        intervals["roc_auc"] = _interval(on_scores["roc_auc"]) if both else None
-        intervals["sensitivity"] = _interval(on_decisions["sensitivity"]) if positives else None
-        intervals["ece"] = _interval(on_scores["ece"])
+        if both:
+            intervals["roc_auc"] = _interval(percentile_interval(on_scores["roc_auc"]))
+        if positives:
+            intervals["sensitivity"] = _interval(percentile_interval(on_decisions["sensitivity"]))
+        if ece is not None:
+            # ECE's resamples sit above it (see recentred_interval): not a percentile interval.
+            intervals["ece"] = _interval(recentred_interval(on_scores["ece"], ece, lowest=0.0))
+
+    calibration = calibration_summary(y, p, groups=groups)
+    alert_rate = float(alerted.mean())
+    effective = n / design_effect(alerted, groups)
 
     floors = spec.monitoring.performance
     judged = n >= floors.min_labels and both
@@ -679,6 +730,13 @@ def _window(
         ece_ci=intervals["ece"],
         judged=judged,
         below_floor=below,
+        observed_expected=_value(calibration.observed_expected),
+        observed_expected_ci=_interval(calibration.observed_expected_interval),
+        calibration_slope=_value(calibration.slope),
+        calibration_slope_ci=_interval(calibration.slope_interval),
+        alert_rate=alert_rate,
+        alert_rate_ci=_interval(wilson_interval(alert_rate, effective)),
+        calibration_notes=calibration.notes,
     )
 
 

@@ -552,6 +552,37 @@ def _wilson_lower(share: np.ndarray, n: float, z: float) -> np.ndarray:
     return (centre - spread) / (1 + z * z / n)
 
 
+def wilson_interval(share: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson, JASA 1927;22:209-212).
+
+    Unlike the normal (Wald) interval it stays within [0, 1] and keeps its coverage near 0
+    and 1, where alert rates and sensitivities live.
+
+    Args:
+        share: the observed proportion, in [0, 1].
+        n: the rows it was observed on; pass ``rows / design_effect(...)`` (an effective
+            number) when rows come in clusters such as a patient's admissions.
+        level: coverage, e.g. 0.95.
+
+    Returns:
+        ``(low, high)``; NaNs when ``n`` is not positive.
+    """
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be a proportion in [0, 1]; got {share}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1; got {level}")
+    if not n > 0:
+        return (math.nan, math.nan)
+    z = float(stats.norm.ppf(0.5 + level / 2.0))
+    centre = share + z * z / (2 * n)
+    spread = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    scale = 1 + z * z / n
+    # At 0 (or 1) the bound is exactly 0 (or 1); rounding would leave a speck above it.
+    low = 0.0 if share == 0 else max(0.0, (centre - spread) / scale)
+    high = 1.0 if share == 1 else min(1.0, (centre + spread) / scale)
+    return (low, high)
+
+
 def _fewest_alerts_threshold(
     y: np.ndarray, p: np.ndarray, candidates: np.ndarray, min_sensitivity: float
 ) -> float:
@@ -694,13 +725,85 @@ def _draw_counts(rng: np.random.Generator, n_units: int, size: int) -> np.ndarra
     return counts
 
 
-def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile interval of the defined (non-NaN) values; NaNs if fewer than half are."""
+def _defined(values: np.ndarray) -> np.ndarray | None:
+    """The defined (non-NaN) values, or None when fewer than half the values are defined."""
+    values = np.asarray(values, dtype=float)
     defined = values[~np.isnan(values)]
     if len(defined) == 0 or 2 * len(defined) < len(values):
+        return None
+    return defined
+
+
+def percentile_interval(values: ArrayLike, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap values: their ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles, over the defined (non-NaN) values; NaNs if fewer than
+    half are defined."""
+    defined = _defined(values)
+    if defined is None:
         return (math.nan, math.nan)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(defined, [tail, 1.0 - tail])
+    return (float(low), float(high))
+
+
+def recentred_interval(
+    values: ArrayLike, estimate: float, level: float = 0.95, lowest: float | None = None
+) -> tuple[float, float]:
+    """The percentile interval moved by the bootstrap's own bias, so it is centred on
+    ``estimate``: for a statistic whose resamples sit to one side of it, such as ECE.
+
+    The percentile interval takes the spread of the resampled values *around the estimate*
+    as the spread of the estimate around what it estimates; that needs the resamples to be
+    centred on the estimate (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993,
+    ch. 13). ECE is a sum of absolute values, ``sum_b |sum_{i in b} (p_i - y_i)| / n``: the
+    sampling noise in each bin's residual raises it, and resampling adds that noise a second
+    time, so the resampled ECEs sit above the window's own ECE. A well-calibrated window then
+    gets an interval above its estimate, sometimes excluding it (issue 18:
+    ``ece 0.009 [0.011, 0.032]``).
+
+    The bootstrap estimate of that extra bias is ``median(values) - estimate`` (ch. 10 of
+    the same book, with the median for the mean so the result is certain to contain the
+    estimate). Subtracting it from both ends gives
+
+        ``(estimate - (median - q_low), estimate + (q_high - median))``,
+
+    the resampled values' spread below and above their median, laid around the estimate. It
+    is an interval for what the statistic measures on samples of this size, i.e. for ECE the
+    expected ECE of a window with this many labels from the same patients, which is the
+    quantity a fixed ECE ceiling is compared with. It always contains ``estimate`` (the
+    median lies between the quantiles), and is clipped at ``lowest``.
+
+    Why not the textbook corrections for the population ECE itself: the basic interval
+    ``2 * estimate - q`` (Davison & Hinkley, *Bootstrap Methods and their Application*, 1997,
+    section 5.2) excludes the estimate whenever the percentile interval does, and even with
+    the bias-corrected estimate it covers the true ECE of a perfectly calibrated model far
+    less often than its level says: at a true value on the boundary (0) the bootstrap cannot
+    estimate the bias (Andrews, Econometrica 2000;68:399-405). The recentred interval keeps
+    its coverage of the expected ECE for calibrated and miscalibrated models alike
+    (``tests/model/test_metrics.py`` checks it; docs/monitoring.md gives the numbers).
+
+    Args:
+        values: the statistic on each resample (:func:`bootstrap_values`); NaNs are left
+            out, and fewer than half defined gives ``(nan, nan)``.
+        estimate: the statistic on the original rows.
+        level: coverage, e.g. 0.95.
+        lowest: the smallest value the statistic can take (0 for ECE); the lower end is
+            clipped to it.
+
+    Returns:
+        ``(low, high)`` with ``low <= estimate <= high`` (or NaNs).
+    """
+    defined = _defined(values)
+    if defined is None or math.isnan(estimate):
+        return (math.nan, math.nan)
+    tail = (1.0 - level) / 2.0
+    q_low, median, q_high = np.quantile(defined, [tail, 0.5, 1.0 - tail])
+    # Differences of ordered values are >= 0 exactly, so the estimate stays inside even
+    # after rounding.
+    low = estimate - float(median - q_low)
+    high = estimate + float(q_high - median)
+    if lowest is not None:
+        low = max(low, lowest)
     return (float(low), float(high))
 
 
@@ -744,11 +847,38 @@ def bootstrap_ci(
         the interval is ``(nan, nan)``.
     """
     _check_bootstrap(n_boot, level)
+    draws = bootstrap_values(y, p, threshold, groups, n_boot, seed, n_bins)
+    return {name: percentile_interval(draws[name], level) for name in METRICS}
+
+
+def bootstrap_values(
+    y: ArrayLike,
+    p: ArrayLike,
+    threshold: float,
+    groups: ArrayLike | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = 10,
+) -> dict[str, np.ndarray]:
+    """Every metric in :data:`METRICS` on each of ``n_boot`` resamples.
+
+    The values :func:`bootstrap_ci` summarises (the same resamples for the same arguments),
+    for a caller that needs another interval than the percentile one, e.g.
+    :func:`recentred_interval`.
+
+    Args:
+        y, p, threshold, groups, n_boot, seed, n_bins: as for :func:`bootstrap_ci`.
+
+    Returns:
+        Metric name -> ``(n_boot,)`` array, NaN in a resample where the metric is undefined
+        (a zero denominator, e.g. no positives drawn).
+    """
+    _check_bootstrap(n_boot, 0.95)
     y_arr, p_arr = _check_inputs(y, p)
     units, n_units = _unit_codes(groups, len(y_arr))
     design = _design(y_arr, p_arr, threshold, _check_bins(n_bins), units, n_units)
     [draws] = _bootstrap_draws((design,), n_units, len(y_arr), n_boot, seed)
-    return {name: _percentile_interval(draws[name], level) for name in METRICS}
+    return draws
 
 
 @dataclass(frozen=True)
@@ -828,10 +958,10 @@ def paired_bootstrap(
         reference=ref_point,
         difference={name: new_point[name] - ref_point[name] for name in METRICS},
         difference_ci={
-            name: _percentile_interval(new_draws[name] - ref_draws[name], level) for name in METRICS
+            name: percentile_interval(new_draws[name] - ref_draws[name], level) for name in METRICS
         },
-        new_ci={name: _percentile_interval(new_draws[name], level) for name in METRICS},
-        reference_ci={name: _percentile_interval(ref_draws[name], level) for name in METRICS},
+        new_ci={name: percentile_interval(new_draws[name], level) for name in METRICS},
+        reference_ci={name: percentile_interval(ref_draws[name], level) for name in METRICS},
         n_boot=n_boot,
         level=level,
     )

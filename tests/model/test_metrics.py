@@ -15,13 +15,17 @@ from training.metrics import (
     HIGHER_IS_BETTER,
     METRICS,
     bootstrap_ci,
+    bootstrap_values,
     calibration_table,
     choose_threshold,
     confusion,
     expected_calibration_error,
+    percentile_interval,
     plot_curves,
     point_metrics,
+    recentred_interval,
     subgroup_table,
+    wilson_interval,
 )
 
 
@@ -262,6 +266,64 @@ def test_bootstrap_skips_undefined_resamples() -> None:
     none = bootstrap_ci(np.zeros(60, dtype=int), p, 0.5, n_boot=50)
     assert all(math.isnan(v) for v in none["sensitivity"] + none["roc_auc"])
     assert not any(math.isnan(v) for v in none["specificity"])
+
+
+def _calibrated_window(rng: np.random.Generator, n: int, odds: float) -> tuple[np.ndarray, ...]:
+    """Readmission-like risks; outcomes drawn from them at ``odds`` times their odds."""
+    p = 1 / (1 + np.exp(-rng.normal(-1.8, 0.9, n)))
+    shifted = odds * p / (1 - p + odds * p)
+    return (rng.random(n) < shifted).astype(int), p
+
+
+@pytest.mark.parametrize("odds", [1.0, 2.0])
+def test_the_recentred_ece_interval_contains_the_ece_and_covers_its_expected_value(
+    odds: float,
+) -> None:
+    """ECE's percentile interval sits above the ECE (resampling adds its bias again); the
+    recentred one contains it, and covers the median ECE of same-size windows from the same
+    model about as often as its level says, calibrated (odds 1) or not (odds 2)."""
+    rng = np.random.default_rng(5)
+    n, windows = 1000, 150
+    expected = float(
+        np.median(
+            [expected_calibration_error(*_calibrated_window(rng, n, odds)) for _ in range(2000)]
+        )
+    )
+    covered = percentile_covered = 0
+    for seed in range(windows):
+        y, p = _calibrated_window(rng, n, odds)
+        ece = expected_calibration_error(y, p)
+        values = bootstrap_values(y, p, 0.5, n_boot=200, seed=seed)["ece"]
+        low, high = recentred_interval(values, ece, lowest=0.0)
+        assert 0.0 <= low <= ece <= high, (seed, low, ece, high)
+        covered += low <= expected <= high
+        p_low, p_high = percentile_interval(values)
+        percentile_covered += p_low <= expected <= p_high
+    assert covered / windows >= 0.9
+    if odds == 1.0:  # the percentile interval, centred too high, covers less
+        assert percentile_covered < covered
+
+
+def test_bootstrap_values_are_what_bootstrap_ci_summarises() -> None:
+    y, p = _scores(400, seed=12)
+    values = bootstrap_values(y, p, 0.4, n_boot=150, seed=2)
+    ci = bootstrap_ci(y, p, 0.4, n_boot=150, seed=2)
+    assert set(values) == set(METRICS) and all(len(v) == 150 for v in values.values())
+    for name in METRICS:
+        assert percentile_interval(values[name]) == ci[name], name
+    assert all(math.isnan(v) for v in recentred_interval(np.full(10, np.nan), 0.1))
+
+
+def test_wilson_interval() -> None:
+    # Wilson's interval for 10 of 100 at 95%: (0.0552, 0.1744), e.g. Newcombe, Stat Med 1998.
+    low, high = wilson_interval(0.1, 100)
+    assert (round(low, 4), round(high, 4)) == (0.0552, 0.1744)
+    assert wilson_interval(0.0, 50)[0] == 0.0 and 0 < wilson_interval(0.0, 50)[1] < 0.1
+    assert wilson_interval(1.0, 50)[1] == 1.0
+    assert wilson_interval(0.1, 25)[1] - wilson_interval(0.1, 25)[0] > high - low  # fewer rows
+    assert all(math.isnan(v) for v in wilson_interval(0.5, 0))
+    with pytest.raises(ValueError, match="proportion"):
+        wilson_interval(1.5, 10)
 
 
 # --- subgroups ---------------------------------------------------------------------------------

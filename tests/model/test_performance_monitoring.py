@@ -403,6 +403,28 @@ def test_a_shifted_outcome_rate_is_judged_and_flagged(spec, settings):
     assert shifted.roc_auc is not None and shifted.roc_auc > FLOORS["min_roc_auc"]
 
 
+def test_the_ece_interval_contains_the_ece_on_well_calibrated_windows(spec, settings):
+    """Issue 18: ``ece 0.009 [0.011, 0.032]`` was printed, an estimate outside its interval.
+
+    ECE is biased upwards, and a bootstrap resample adds that bias a second time, so the
+    percentile interval of a well-calibrated window sits above the window's ECE and
+    sometimes excludes it.
+    """
+    weeks = 12
+    labelled = _labelled_weeks(settings, odds=[1.0] * weeks, n=300)
+
+    windows = performance_by_window(
+        spec, labelled, WEEK, START, START + weeks * WEEK, n_boot=200, seed=0
+    )
+
+    outside = [
+        f"{w.start:%Y-%m-%d}: ece {w.ece:.4f} [{w.ece_ci[0]:.4f}, {w.ece_ci[1]:.4f}]"
+        for w in windows
+        if w.ece_ci is None or not w.ece_ci[0] <= w.ece <= w.ece_ci[1]
+    ]
+    assert outside == []
+
+
 def test_sensitivity_is_that_of_the_labels_served(spec, settings):
     labelled = _labelled_weeks(settings, odds=[1.0])
     positive = labelled["outcome"] == 1
