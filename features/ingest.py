@@ -20,6 +20,13 @@ With ``append=True`` the batch is added to what is stored: rows whose (entity,
 timestamp) is already stored are not added again, and a label that has become known
 fills in a stored unknown one. Otherwise the batch replaces what is stored.
 
+``append_monitored`` adds rows that clinml itself saw in service, with their outcomes
+(the labelled predictions a retrain on drift learns from: ``monitoring.retraining``):
+their patient ids are already pseudonyms and their event time is the prediction's; they
+pass the spec's own checks but not the learned profile, which describes the source's
+batches (drifted rows are what the retrain is for), teach the profile nothing, and never
+replace a stored row of the same (entity, timestamp).
+
 A batch is stored all or nothing. ``offline`` is a symlink to the directory of the
 last committed run under ``.ingest/``: a run writes its files (and its report and
 profile) into a new directory there and commits by renaming a new link over
@@ -51,8 +58,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clinml.errors import DataValidationError, NotReadyError, SpecError
-from clinml.pseudonym import Pseudonymiser, pseudonymise_column
+from clinml.errors import ClinmlError, DataValidationError, NotReadyError, SpecError
+from clinml.pseudonym import PREFIX, Pseudonymiser, pseudonymise_column
 from clinml.settings import UseCasePaths
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
@@ -122,13 +129,17 @@ def normalise_types(frame: pd.DataFrame, spec: UseCaseSpec) -> pd.DataFrame:
     return frame
 
 
-def add_generated_columns(frame: pd.DataFrame, spec: UseCaseSpec, now: datetime) -> pd.DataFrame:
+def add_generated_columns(
+    frame: pd.DataFrame, spec: UseCaseSpec, now: datetime, keep_timestamps: bool = False
+) -> pd.DataFrame:
     """Derive the entity key and/or the timestamp where the spec says the data has none.
 
     - ``entity.generated``: each row's key is a hash of its declared columns plus its
       occurrence number among identical rows, so re-ingesting the same file gives the
       same keys. Every row is then its own patient.
-    - ``event_timestamp_generated``: every row is stamped with ``now``.
+    - ``event_timestamp_generated``: every row is stamped with ``now`` (with
+      ``keep_timestamps``, only when the frame has no timestamp column: monitored rows
+      carry the time of their prediction).
     """
     frame = frame.copy()
     if spec.entity.generated:
@@ -138,7 +149,8 @@ def add_generated_columns(frame: pd.DataFrame, spec: UseCaseSpec, now: datetime)
         frame[spec.entity.key] = [
             f"row_{h:016x}_{k}" for h, k in zip(content, occurrence, strict=True)
         ]
-    if spec.event_timestamp_generated:
+    given = keep_timestamps and spec.event_timestamp in frame.columns
+    if spec.event_timestamp_generated and not given:
         frame[spec.event_timestamp] = pd.Timestamp(now).tz_convert("UTC")
     return frame
 
@@ -279,21 +291,107 @@ def run(
         DataValidationError: the batch failed the gate; nothing was stored (the
             gate's report is written under ``reports/validation/``).
     """
+    phase = _phases(report)
+    raw = prepare_batch(spec, now, frame)
+    phase(f"loaded {len(raw):,} rows")
+    mode = _Mode(append=append, learn_profile=learn_profile)
+    return _store(spec, paths, now, pseudonymiser, raw, mode, phase, tables)
+
+
+def append_monitored(
+    spec: UseCaseSpec,
+    paths: UseCasePaths,
+    now: datetime,
+    pseudonymiser: Pseudonymiser,
+    frame: pd.DataFrame,
+    keys_pseudonymised: bool = True,
+    report: Callable[[str], None] = lambda _: None,
+    tables: PostgresTables | None = None,
+) -> IngestResult:
+    """Add rows seen in service, with their outcomes, to the offline store, all or nothing.
+
+    Rows whose (entity, timestamp) is already stored are left out (the stored row stays
+    as it is), so adding the same monitored rows again changes nothing. The rows pass the
+    spec's own checks (types, nulls, ranges, categories, label classes, unique
+    keys), not the learned profile: that profile describes the source's batches, and
+    rows that drifted from it are what a retrain on drift is for. Nothing is learned
+    from them.
+
+    Args:
+        spec: the use-case spec.
+        paths: where this use case's files live.
+        now: the clock: names the gate's report (and stamps generated timestamps of rows
+            without any).
+        pseudonymiser: the keyed hash, for raw ids (``keys_pseudonymised=False``) and for
+            keys the spec generates.
+        frame: one row per event: entity key, event timestamp, label (and
+            ``label.known_at`` when the spec has it), features and attributes.
+        keys_pseudonymised: the entity key column already holds pseudonyms (the
+            prediction log's ``patient``); otherwise it holds raw ids, hashed here.
+        report: receives a line as each phase finishes.
+        tables: the PostgreSQL offline store's tables, if any (as for :func:`run`).
+
+    Returns:
+        Counts (``added_rows``: rows not stored before) and the paths written.
+
+    Raises:
+        DataValidationError: the rows failed the spec's checks; nothing was stored.
+        ClinmlError: a key that should be a pseudonym is not one (nothing is stored
+            that could be a raw id).
+    """
+    phase = _phases(report)
+    raw = add_generated_columns(normalise_types(frame, spec), spec, now, keep_timestamps=True)
+    pseudonymise = spec.entity.generated or not keys_pseudonymised
+    if not pseudonymise and spec.entity.key in raw.columns:
+        keys = raw[spec.entity.key]
+        raw_ids = int((keys.notna() & ~keys.astype(str).str.startswith(PREFIX)).sum())
+        if raw_ids:
+            raise ClinmlError(
+                f"{raw_ids} of {len(raw):,} monitored rows have a {spec.entity.key} that is "
+                "not a pseudonym; nothing was stored"
+            )
+    phase(f"loaded {len(raw):,} monitored rows")
+    mode = _Mode(append=True, pseudonymise=pseudonymise, learned_checks=False, keep_stored=True)
+    return _store(spec, paths, now, pseudonymiser, raw, mode, phase, tables)
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """How a batch is stored: a source batch (``run``) or monitored rows."""
+
+    append: bool
+    learn_profile: bool = False
+    pseudonymise: bool = True  # False: the key column already holds pseudonyms
+    learned_checks: bool = True  # False: the spec's checks only, and nothing is learned
+    keep_stored: bool = False  # rows whose (entity, timestamp) is stored are left out
+
+
+def _phases(report: Callable[[str], None]) -> Callable[[str], None]:
     started = time.perf_counter()
 
     def phase(text: str) -> None:
         report(f"{text} ({time.perf_counter() - started:.1f}s)")
 
-    raw = prepare_batch(spec, now, frame)
-    phase(f"loaded {len(raw):,} rows")
+    return phase
+
+
+def _store(
+    spec: UseCaseSpec,
+    paths: UseCasePaths,
+    now: datetime,
+    pseudonymiser: Pseudonymiser,
+    raw: pd.DataFrame,
+    mode: _Mode,
+    phase: Callable[[str], None],
+    tables: PostgresTables | None,
+) -> IngestResult:
+    """Gate ``raw`` and commit it (see the module doc), under the use case's lock."""
     with atomic.locked(_runs(paths) / "lock"):
         _recover(paths)
         run_dir = _runs(paths) / f"run-{uuid.uuid4().hex[:12]}"
         run_dir.mkdir()  # the umask's permissions, as offline/ always had
         try:
-            result = _stage(
-                spec, paths, now, pseudonymiser, raw, run_dir, append, learn_profile, phase, tables
-            )
+            result = _stage(spec, paths, now, pseudonymiser, raw, run_dir, mode, phase, tables)
             if tables is not None:
                 tables.replace({"features": result.features, "labels": result.labels})
                 phase(f"committed to {tables.qualified('features')} and its labels table")
@@ -321,8 +419,7 @@ def _stage(
     pseudonymiser: Pseudonymiser,
     raw: pd.DataFrame,
     run_dir: Path,
-    append: bool,
-    learn_profile: bool,
+    mode: _Mode,
     phase: Callable[[str], None],
     tables: PostgresTables | None = None,
 ) -> _Staged:
@@ -331,7 +428,9 @@ def _stage(
     Raises:
         DataValidationError: the batch failed the gate; its report is published.
     """
-    profile = None if learn_profile else reference_profile(paths)
+    reference = reference_profile(paths) if mode.learned_checks else None
+    learning = mode.learned_checks and (mode.learn_profile or reference is None)
+    profile = None if learning else reference
     published = paths.validation_run(now)
     staged_report = run_dir / "publish" / "validation" / published.name
     try:
@@ -348,13 +447,19 @@ def _stage(
     dropped = [c for c in spec.identifier_columns if c in raw.columns]
     key, ts, label = spec.entity.key, spec.event_timestamp, spec.label.column
     clean = raw.drop(columns=dropped)
-    clean[key] = pseudonymise_column(clean[key], pseudonymiser)
+    if mode.pseudonymise:
+        clean[key] = pseudonymise_column(clean[key], pseudonymiser)
     features = clean[[key, ts, *(c.name for c in spec.columns)]].sort_values(ts, kind="stable")
     label_columns = [key, ts, label, *([spec.label.known_at] if spec.label.known_at else [])]
     labels = clean.loc[clean[label].notna(), label_columns].sort_values(ts, kind="stable")
 
     added = len(features)
-    stored_features = _stored(paths, tables, "features") if append else None
+    stored_features = _stored(paths, tables, "features") if mode.append else None
+    if stored_features is not None and mode.keep_stored:
+        fresh = ~_keys(features, key, ts).isin(_keys(stored_features, key, ts))
+        features = features[fresh]
+        labels = labels[~_keys(labels, key, ts).isin(_keys(stored_features, key, ts))]
+        added = len(features)
     if stored_features is not None:
         before = len(stored_features)
         features = _merge(stored_features, features, [key, ts], prefer_new=False)
@@ -367,7 +472,7 @@ def _stage(
     offline.mkdir()
     features.to_parquet(offline / paths.features_file.name, index=False)
     labels.to_parquet(offline / paths.labels_file.name, index=False)
-    if profile is None:
+    if learning:
         learn(raw, spec, now).save(run_dir / "publish" / "profile.json")
     outcome = IngestResult(
         rows=len(clean),
@@ -379,9 +484,15 @@ def _stage(
         labels_file=paths.labels_file,
         validation=validation,
         report=published / "report.md",
-        learned_profile=profile is None,
+        learned_profile=learning,
     )
     return _Staged(outcome, features, labels)
+
+
+def _keys(frame: pd.DataFrame, key: str, ts: str) -> pd.MultiIndex:
+    """(entity, timestamp) pairs, comparable whatever the timestamps' unit."""
+    stamps = pd.to_datetime(frame[ts], utc=True).astype("datetime64[ns, UTC]")
+    return pd.MultiIndex.from_arrays([frame[key].astype(object), stamps])
 
 
 def _stored(paths: UseCasePaths, tables: PostgresTables | None, which: str) -> pd.DataFrame | None:
@@ -390,6 +501,22 @@ def _stored(paths: UseCasePaths, tables: PostgresTables | None, which: str) -> p
         return tables.read(which)
     file = paths.features_file if which == "features" else paths.labels_file
     return pd.read_parquet(file) if file.is_file() else None
+
+
+def read_features(
+    spec: UseCaseSpec, paths: UseCasePaths, tables: PostgresTables | None = None
+) -> pd.DataFrame:
+    """The stored feature rows: entity, timestamp, features and attributes.
+
+    Raises:
+        NotReadyError: nothing has been ingested.
+    """
+    features = _stored(paths, tables, "features")
+    if features is None:
+        raise NotReadyError(
+            f"no ingested data for '{spec.name}': run `clinml ingest {spec.name}` first"
+        )
+    return features
 
 
 def has_data(paths: UseCasePaths, tables: PostgresTables | None = None) -> bool:

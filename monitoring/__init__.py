@@ -7,5 +7,7 @@ Modules:
                  AUROC / sensitivity / ECE with bootstrap CIs against the spec's floors
     alerts       the alert file, the webhook (timeout, retries) and the cooldown
     job          ``clinml monitor``: one window, judged, alerted on, optionally retrained
+    retraining   what a retrain on drift learns from: the monitored rows whose outcomes
+                 are known, and the account of what it trained on
     evaluation   the monitor's own false-alarm and detection rates on the generator
 """

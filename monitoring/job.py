@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import pandas as pd
 from clinml.errors import ClinmlError
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
-from monitoring import drift
+from monitoring import drift, statistics
 from monitoring.alerts import Alert, AlertSink, Delivery
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class MonitorResult:
     delivery: Delivery | None = None
     out_dir: Path | None = None
     retrained_version: str | None = None
+    retraining: Any = None  # monitoring.retraining.RetrainingData: what it trained on
+    performance_html: Path | None = None  # performance over time, when windows had labels
 
     @property
     def exit_code(self) -> int:
@@ -61,6 +64,8 @@ class MonitorResult:
     def lines(self) -> list[str]:
         """What the CLI prints."""
         lines = [self.verdict.line()]
+        if self.verdict.reference_note:
+            lines.append(f"compared with the {self.verdict.reference_note}")
         if self.verdict.prediction is not None:
             p = self.verdict.prediction
             lines.append(
@@ -75,6 +80,8 @@ class MonitorResult:
                 lines.append(f"subgroup drift: {group.attribute}={group.group}: {names}")
         for window in self.performance:
             lines.append(_performance_line(window))
+        if self.performance_html is not None:
+            lines.append(f"performance over time: {self.performance_html}")
         if self.delivery is not None:
             lines.append(self.delivery.line())
         if self.retrained_version:
@@ -82,6 +89,8 @@ class MonitorResult:
                 f"retrained: challenger version {self.retrained_version} registered; "
                 f"review it and run `clinml promote` (never automatic)"
             )
+            if self.retraining is not None:
+                lines.append(f"retrained on {self.retraining.trained_on()}")
         return lines
 
 
@@ -250,6 +259,7 @@ def run(
     retrain_on_drift: bool = False,
     now: datetime | None = None,
     deliver: bool = True,
+    echo: Callable[[str], None] | None = None,
 ) -> MonitorResult:
     """Judge one window (or an explicit ``batch``) and deliver the alerts it raises.
 
@@ -279,8 +289,15 @@ def run(
         current = batch
     run_id = f"{(until or now):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     target = out_dir or paths.monitoring / "runs" / run_id
-    reference = load_reference(tracker, spec.name)
-    held_out = _prediction_reference(tracker, spec.name)
+    reference, held_out, reference_note = _reference(
+        spec,
+        load_reference(tracker, spec.name),
+        _prediction_reference(tracker, spec.name),
+        paths.predictions,
+        (since, until),
+        str(champion),
+    )
+    log.info("compared with the %s", reference_note)
     scored = current
     if "model_version" in current.columns:  # prediction drift: the champion's own answers
         scored = current[current["model_version"].astype(str) == str(champion)]
@@ -296,8 +313,11 @@ def run(
         window=(since, until),
         model_version=str(champion),
         subgroups=subgroups,
+        reference_note=reference_note,
     )
-    windows = _performance(spec, settings, since, until, label_lookback) if batch is None else []
+    windows, labelled = (
+        _performance(spec, settings, since, until, label_lookback) if batch is None else ([], None)
+    )
     base = {
         "usecase": spec.name,
         "model_version": str(champion),
@@ -309,12 +329,63 @@ def run(
         deliver and alerts
     ) else None  # fmt: skip
     _add_to_workspace(settings, spec, verdict)
-    retrained = None
+    performance_html = _performance_report(spec, settings, windows, labelled, target, str(champion))
+    result = MonitorResult(
+        run_id, verdict, windows, alerts, delivery, target, performance_html=performance_html
+    )
+    _write(result)  # before retraining: the verdict stands if the retraining fails
     if retrain_on_drift and (verdict.drift or verdict.prediction_drift):
-        retrained = _retrain(spec, settings)
-    result = MonitorResult(run_id, verdict, windows, alerts, delivery, target, retrained)
-    _write(result)
+        retraining = _retrain(spec, settings, since, until, label_lookback, batch, run_id, echo)
+        result = replace(result, retrained_version=retraining.version, retraining=retraining)
+        _write(result)
     return result
+
+
+def _reference(
+    spec: UseCaseSpec,
+    training: pd.DataFrame,
+    held_out: pd.DataFrame | None,
+    log_directory: Path,
+    window: tuple[datetime | None, datetime | None],
+    champion: str,
+) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
+    """What the window is compared with (``monitoring.reference``): the champion's
+    training rows, those of the same season (:func:`monitoring.drift.choose_reference`),
+    or the prediction log of the ``rolling_days`` before the window; the rolling one
+    falls back to the training rows, and says so, when the log holds too few patients."""
+    from serving.requestlog import read_predictions
+
+    monitoring = spec.monitoring
+    since = window[0]
+    if monitoring.reference != "rolling":
+        return drift.choose_reference(spec, training, window, held_out)
+    if since is None:
+        chosen, held, note = drift.choose_reference(spec, training, window, held_out)
+        return chosen, held, f"{note} (a rolling reference needs a window, not a batch)"
+    start = since - timedelta(days=monitoring.rolling_days)
+    rolling = read_predictions(log_directory, start, since)
+    alpha = monitoring.family_alpha
+    needed = drift.min_patients(spec, alpha / 2 / (len(spec.features) + 1))
+    patients = statistics.effective_size(drift.patient_codes(spec, rolling))
+    if rolling.empty or patients < needed:
+        chosen, held, note = drift.choose_reference(spec, training, window, held_out)
+        return (
+            chosen,
+            held,
+            (
+                f"{note} (the {monitoring.rolling_days} days before the window hold "
+                f"{patients:,.0f} patients, fewer than the {needed:,} a rolling reference needs)"
+            ),
+        )
+    scored = rolling
+    if "model_version" in rolling.columns:
+        scored = rolling[rolling["model_version"].astype(str) == champion]
+    held = scored if "probability" in scored.columns and len(scored) else held_out
+    return (
+        rolling,
+        held,
+        (f"prediction log of {start:%Y-%m-%d}..{since:%Y-%m-%d}: {len(rolling):,} rows"),
+    )
 
 
 def _performance(
@@ -323,27 +394,60 @@ def _performance(
     since: datetime | None,
     until: datetime | None,
     lookback: timedelta,
-) -> list[Any]:
+) -> tuple[list[Any], pd.DataFrame | None]:
+    """The performance windows with labelled predictions, and those predictions."""
     from monitoring import performance
     from serving.requestlog import read_predictions
 
     paths = settings.paths.usecase(spec.name)
     if since is None or until is None or not paths.labels.is_dir():
-        return []
+        return [], None
     labels = performance.read_labels(paths.labels)
     if labels.empty:
-        return []
+        return [], None
     start = until - max(lookback, until - since)
     predictions = read_predictions(paths.predictions, start, until)
     if predictions.empty:
-        return []
+        return [], None
     labelled = performance.join_labels(predictions, labels)
     period = until - since
-    return [
+    windows = [
         w
         for w in performance.performance_by_window(spec, labelled, period, start, until)
         if w.n > 0
     ]
+    return windows, labelled
+
+
+def _performance_report(
+    spec: UseCaseSpec,
+    settings: Settings,
+    windows: list[Any],
+    labelled: pd.DataFrame | None,
+    target: Path,
+    champion: str,
+) -> Path | None:
+    """``performance.html`` in the run's directory, and the windows in the Evidently
+    workspace (:mod:`monitoring.performance_report`). The verdict and its alerts stand
+    without either, so a failure is logged, not raised."""
+    if not windows:
+        return None
+    from monitoring import performance_report
+
+    path = None
+    try:
+        path = performance_report.write_report(spec, windows, target, model_version=champion)
+    except Exception as exc:
+        log.warning("could not write the performance report: %s", exc)
+    if labelled is not None:
+        workspace = settings.paths.usecase(spec.name).evidently_workspace
+        try:
+            performance_report.add_to_workspace(
+                spec, labelled, windows, workspace, model_version=champion
+            )
+        except Exception as exc:
+            log.warning("could not add performance to the Evidently workspace: %s", exc)
+    return path
 
 
 def _add_to_workspace(settings: Settings, spec: UseCaseSpec, verdict: drift.DriftVerdict) -> None:
@@ -354,15 +458,43 @@ def _add_to_workspace(settings: Settings, spec: UseCaseSpec, verdict: drift.Drif
         log.warning("could not add the snapshots to the Evidently workspace: %s", exc)
 
 
-def _retrain(spec: UseCaseSpec, settings: Settings) -> str:
-    """Ingest fresh data, materialize, train: a new challenger. Never promotes."""
+def _retrain(
+    spec: UseCaseSpec,
+    settings: Settings,
+    since: datetime | None,
+    until: datetime | None,
+    lookback: timedelta,
+    batch: pd.DataFrame | None,
+    run_id: str,
+    echo: Callable[[str], None] | None,
+) -> Any:
+    """A new challenger trained on the offline store plus the monitored rows whose outcomes
+    are known (``pipelines.stages.retrain``), its progress through ``echo`` (the command
+    line's output; the log without one). Never promotes.
+
+    Returns:
+        A ``monitoring.retraining.RetrainingData``: what it trained on, and the version.
+    """
     from pipelines import stages
     from pipelines.progress import Progress
 
-    progress = Progress(total=3, echo=log.info)
-    stages.ingest(spec, settings, progress)
-    stages.materialize(spec, settings, progress)
-    return stages.train(spec, settings, progress)
+    say = echo or log.info
+    say(
+        "drift found: training a challenger on the offline store and the monitored rows "
+        "whose outcomes are known (it is never promoted automatically)"
+    )
+    progress = Progress(total=stages.RETRAIN_STEPS, echo=say, interactive=None if echo else False)
+    return stages.retrain(
+        spec,
+        settings,
+        progress,
+        since=since,
+        until=until,
+        lookback=lookback,
+        batch=batch,
+        reason="drift",
+        monitor_run=run_id,
+    )
 
 
 def _write(result: MonitorResult) -> None:
@@ -383,7 +515,9 @@ def _write(result: MonitorResult) -> None:
         },
         "drift": result.verdict.to_dict(),
         "performance": [_window_dict(w) for w in result.performance],
+        "performance_html": str(result.performance_html) if result.performance_html else None,
         "retrained_version": result.retrained_version,
+        "retraining": result.retraining.to_dict() if result.retraining is not None else None,
     }
     (result.out_dir / VERDICT_FILE).write_text(json.dumps(document, indent=2, default=str))
 

@@ -432,8 +432,8 @@ def monitor(
         bool,
         typer.Option(
             "--retrain-on-drift",
-            help="On data or prediction drift, train a new challenger on fresh data "
-            "(never promoted automatically).",
+            help="On data or prediction drift, train a new challenger on the offline store "
+            "plus the monitored rows whose outcomes are known (never promoted automatically).",
         ),
     ] = False,
     out: Annotated[
@@ -473,6 +473,7 @@ def monitor(
             subgroups=subgroups,
             retrain_on_drift=retrain_on_drift,
             now=now,
+            echo=typer.echo,  # the retrain's progress, as `clinml run` shows it
         )
     except (ClinmlError, typer.Exit):
         raise

@@ -7,14 +7,14 @@ progress. Tests call the stage functions themselves with their own collaborators
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from clinml.errors import NotReadyError
+from clinml.errors import ClinmlError, NotReadyError
 from clinml.settings import Settings
 from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
 from clinml.tables import read_table
@@ -23,6 +23,7 @@ from pipelines.progress import Progress
 if TYPE_CHECKING:
     from clinml.environment import FeastEnvironment
     from features.offline import PostgresTables
+    from monitoring.retraining import RetrainingData
     from training.governance import Decision
 
 
@@ -122,8 +123,14 @@ def materialize(
             )
 
 
-def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
-    """Search, train and evaluate every candidate; register the best as the challenger."""
+def train(
+    spec: UseCaseSpec,
+    settings: Settings,
+    progress: Progress,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Search, train and evaluate every candidate; register the best as the challenger
+    (``tags``: more MLflow tags for it, e.g. why it was trained)."""
     from features import store as feature_store
     from features.ingest import read_labels
     from training import train as train_stage
@@ -139,7 +146,7 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
         events = read_labels(spec, paths, _now(), _offline_tables(spec, environment))
         store = feature_store.open_store(spec, paths, environment)
         tracker = Tracker.from_settings(settings, create=True)  # the first run creates it
-        result = train_stage.run(spec, store, tracker, events, report=progress.detail)
+        result = train_stage.run(spec, store, tracker, events, report=progress.detail, tags=tags)
         metrics = result.selected.metrics
         primary = spec.primary_metric
         progress.detail(
@@ -151,6 +158,65 @@ def train(spec: UseCaseSpec, settings: Settings, progress: Progress) -> str:
         )
         progress.detail(f"next: clinml promote {spec.name}")
     return result.version
+
+
+# The steps of ``retrain``: gather, store, materialize, train.
+RETRAIN_STEPS = 4
+
+
+def retrain(
+    spec: UseCaseSpec,
+    settings: Settings,
+    progress: Progress,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    lookback: timedelta = timedelta(days=90),
+    batch: pd.DataFrame | None = None,
+    reason: str = "drift",
+    monitor_run: str | None = None,
+) -> RetrainingData:
+    """Train a challenger on the offline store plus the monitored rows whose outcomes are
+    known: a window's labelled predictions (``since``, ``until``, ``lookback``) or a
+    ``batch``'s labelled rows (``monitoring.retraining``). Never promotes.
+
+    The spec's source is not read again: a built-in loader would only regenerate the data
+    it seeded, and new source data arrives by ``clinml ingest --append`` (docs/monitoring.md).
+    """
+    from features import ingest as ingest_stage
+    from features.ingest import read_labels
+    from monitoring import retraining
+
+    paths = settings.paths.usecase(spec.name)
+    tables = _offline_tables(spec, settings.feast_environment)
+    with progress.step("gather the monitored rows whose outcomes are known"):
+        if batch is not None:
+            rows = retraining.batch_rows(spec, settings, batch, _now())
+        elif since is not None and until is not None:
+            rows = retraining.window_rows(spec, settings, since, until, lookback, tables)
+        else:
+            raise ClinmlError("retraining needs the monitored window or batch")
+        progress.detail(rows.line())
+    with progress.step("add them to the offline store (the spec's checks; stored rows stay)"):
+        before = read_labels(spec, paths, _now(), tables)
+        added_rows = 0
+        if rows.usable:
+            added_rows = ingest_stage.append_monitored(
+                spec,
+                paths,
+                _now(),
+                settings.pseudonymiser(),
+                rows.frame,
+                keys_pseudonymised=rows.keys_pseudonymised,
+                report=progress.detail,
+                tables=tables,
+            ).added_rows
+        after = read_labels(spec, paths, _now(), tables)
+        data = retraining.describe(spec, rows, before, after, added_rows, reason, monitor_run)
+        progress.detail(data.line())
+    materialize(spec, settings, progress)
+    version = train(spec, settings, progress, tags=data.tags())
+    return replace(data, version=version)
 
 
 def promote(

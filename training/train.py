@@ -541,7 +541,10 @@ def _log_candidate(
         train_rows = train_rows.sample(REFERENCE_MAX_ROWS, random_state=spec.training.seed)
     reference = train_rows[
         [*spec.feature_names, *(a.name for a in spec.attributes), "outcome"]
-    ].assign(probability=candidate.pipeline.predict_proba(train_rows[spec.feature_names])[:, 1])
+    ].assign(
+        probability=candidate.pipeline.predict_proba(train_rows[spec.feature_names])[:, 1],
+        **_monitoring_keys(spec, train_rows),
+    )
     with mlflow.start_run(experiment_id=experiment_id, run_name=candidate.name) as active:
         mlflow.set_tags(
             {
@@ -609,8 +612,14 @@ def _log_candidate(
         reference.to_parquet(reference_file, index=False)
         mlflow.log_artifact(str(reference_file), artifact_path=REFERENCE_ARTIFACT)
         held_out = out / PREDICTION_REFERENCE_FILE
+        test_rows = frame.iloc[split.test]
         pd.DataFrame(
-            {"probability": candidate.test_probability, "outcome": fitted.y[split.test]}
+            {
+                "probability": candidate.test_probability,
+                "outcome": fitted.y[split.test],
+                **{a: test_rows[a].to_numpy() for a in spec.sensitive_attributes},
+                **_monitoring_keys(spec, test_rows),
+            }
         ).to_parquet(held_out, index=False)
         mlflow.log_artifact(str(held_out), artifact_path=REFERENCE_ARTIFACT)
     return CandidateResult(
@@ -772,6 +781,7 @@ def run(
     tracker: Tracker,
     events: pd.DataFrame,
     report: Callable[[str], None] = lambda _: None,
+    tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train, evaluate and log every candidate; register the best as the challenger.
 
@@ -781,6 +791,8 @@ def run(
         tracker: where runs and the registered model go.
         events: entity key, event timestamp and label for each training event.
         report: receives progress lines.
+        tags: more tags for the registered version and its run (why it was trained,
+            e.g. a retrain on drift and what it was trained on).
 
     Returns:
         Every candidate's run and metrics, and the registered version.
@@ -788,7 +800,7 @@ def run(
     from features.store import training_frame
 
     frame = training_frame(store, spec, events)
-    return register(spec, fit_candidates(spec, frame, report=report), tracker, report)
+    return register(spec, fit_candidates(spec, frame, report=report), tracker, report, tags)
 
 
 def register(
@@ -796,8 +808,11 @@ def register(
     fitted: Fitted,
     tracker: Tracker,
     report: Callable[[str], None] = lambda _: None,
+    tags: dict[str, str] | None = None,
 ) -> TrainResult:
-    """Log every fitted candidate as an MLflow run; register the selected one as challenger."""
+    """Log every fitted candidate as an MLflow run; register the selected one as challenger.
+
+    ``tags`` are added to the registered version's tags and to its run's."""
     import mlflow
 
     from training.card import write_card
@@ -822,7 +837,7 @@ def register(
         }
         service_version = spec.feature_service.rsplit("_v", 1)[1]
         primary = spec.primary_metric
-        tags = {
+        version_tags = {
             "candidate": selected.name,
             "feature_service": spec.feature_service,
             "feature_service_version": service_version,
@@ -842,11 +857,14 @@ def register(
         }
         if fitted.reference is not None:
             reference_run = results[fitted.candidates.index(fitted.reference)]
-            tags[REFERENCE_RUN_TAG] = reference_run.run_id
-            tags[REFERENCE_SHA_TAG] = reference_run.model_sha256
-        registered = mlflow.register_model(best.model_uri, spec.name, tags=tags)
+            version_tags[REFERENCE_RUN_TAG] = reference_run.run_id
+            version_tags[REFERENCE_SHA_TAG] = reference_run.model_sha256
+        version_tags.update(tags or {})
+        registered = mlflow.register_model(best.model_uri, spec.name, tags=version_tags)
         version = str(registered.version)
         client = tracker.client
+        for key, value in (tags or {}).items():
+            client.set_tag(best.run_id, key, value)
         client.set_registered_model_alias(spec.name, CHALLENGER, version)
         card = build_card(
             spec,
@@ -908,6 +926,19 @@ def _clinical_plots(
             curves, {c.name: c.threshold for c in shown}, out_dir / "decision_curve.png"
         ),
     }
+
+
+def _monitoring_keys(spec: UseCaseSpec, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """What the monitor needs beside the features, and no more: which rows share a
+    patient (an arbitrary integer, shuffled, not the pseudonymised id) for its
+    patient-clustered tests, and each row's week of the year (no year, no day) for a
+    seasonal reference (monitoring.drift.choose_reference)."""
+    from monitoring.drift import CLUSTER_COLUMN, WEEK_COLUMN
+
+    codes, uniques = pd.factorize(rows[spec.entity.key])
+    shuffled = np.random.default_rng(spec.training.seed).permutation(len(uniques))
+    weeks = pd.to_datetime(rows[spec.event_timestamp], utc=True).dt.isocalendar().week
+    return {CLUSTER_COLUMN: shuffled[codes], WEEK_COLUMN: weeks.to_numpy(dtype=np.int16)}
 
 
 def load_reference(
