@@ -1,9 +1,10 @@
 """Drift and data quality: a window of records against the champion's training reference.
 
-``run`` builds Evidently 0.7 reports and returns a :class:`DriftVerdict`:
+``run`` returns a :class:`DriftVerdict` and, unless ``write=False``, draws Evidently 0.7
+reports of the same window:
 
-- **data drift** per feature, with the spec's test and per-feature threshold
-  (``spec.monitoring``);
+- **data drift** per feature: a patient-clustered test and an effect size
+  (:mod:`monitoring.statistics`) against the feature's floor (``spec.monitoring``);
 - **prediction drift**: served probabilities against the champion's *held-out*
   probabilities (in-sample ones would be more extreme than any served ones);
 - **data quality**: missing values and values outside the spec's range or category list;
@@ -11,15 +12,16 @@
   attribute present in the data, computed by slicing both frames here (not with
   Evidently's ``GroupBy``).
 
-Alerting is built so that an unshifted window rarely alarms however many features and
-groups there are. A feature is *drifted* when its test crosses ``column_threshold``;
-that is reported, but what alerts is a feature whose p-value is below a Bonferroni
-threshold: ``family_alpha`` is split in half between the overall tests (features and
-the prediction) and the subgroup tests, and each half is divided by its number of tests,
-so the chance of any false alarm in a window is at most ``family_alpha``. (With a
-distance method there is no p-value; a feature then alerts when its distance exceeds
-twice the threshold.) The dataset-level rule (a share of drifted features at or above
-``drift_share``) also alerts.
+Alerting is built so that an unshifted window rarely alarms at any size. A feature is
+*drifted* when its change is at least its floor and its p-value below
+``column_threshold``; that is reported, but what alerts is a drifted feature whose
+p-value is also below a Bonferroni threshold: ``family_alpha`` is split in half between
+the overall tests (features and the prediction) and the subgroup tests, and each half is
+divided by its number of tests, so the chance of any false alarm in a window is at most
+``family_alpha``. The dataset-level rule (a share of drifted features at or above
+``drift_share``) also alerts. A quiet window with fewer patients than the tests need
+(:func:`min_patients`) is "not enough data", not "no drift". :func:`choose_reference`
+picks the part of the reference a window meets (season, population).
 
 A value outside the spec's declared categories or range (a name typed into a category,
 a phone number into a numeric field) is counted as a quality problem but never shown:
