@@ -66,6 +66,17 @@ def test_name_lookup_uses_the_config_dir(tmp_path: Path) -> None:
             "declared twice: ward",
         ),
         (lambda r: r["features"][2].update(categories=[]), "features[2]", "non-empty"),
+        (
+            lambda r: r.update(monitoring={"population": {"ward": ["icu"]}}),
+            "(top level)",
+            "monitoring.population: ward is not one of sensitive_attributes",
+        ),
+        (
+            lambda r: r.update(monitoring={"population": {"site": ["east"]}}),
+            "(top level)",
+            "monitoring.population.site needs one or more of its declared categories",
+        ),
+        (lambda r: r.update(monitoring={"numeric_floor": 0}), "monitoring.numeric_floor", ""),
     ],
 )
 def test_invalid_spec_names_file_and_field(

@@ -266,3 +266,42 @@ def test_a_population_restricts_the_reference_to_the_hospital_served(tiny_spec, 
     assert (rows["site"] == "north").all() and "site in north" in note
     verdict = drift.run(served, rows, window, tmp_path, write=False)
     assert not verdict.drift, verdict.line()
+
+
+def test_a_rolling_reference_is_the_prediction_log_before_the_window(tiny_spec, tmp_path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from monitoring.job import _reference
+    from serving.requestlog import PredictionLog
+
+    rolling = _monitoring(tiny_spec, reference="rolling", rolling_days=28)
+    training = make_tiny_frame(n=2000, seed=100)
+    since = datetime(2026, 11, 1, tzinfo=UTC)
+    window = (since, since + timedelta(days=7))
+
+    # An empty log: the training rows, and the run says why.
+    rows, _, note = _reference(rolling, training, None, tmp_path / "log", window, "1")
+    assert len(rows) == len(training)
+    assert "fewer than the 50 a rolling reference needs" in note
+
+    before = make_tiny_frame(n=300, seed=110)
+    logged = before[["heart_rate", "creatinine", "ward"]].assign(
+        heart_rate=before["heart_rate"] + 15,  # the service's recent weeks, not training's
+        time=[since - timedelta(hours=2 * i + 1) for i in range(len(before))],
+        request_id=[f"r{i}" for i in range(len(before))],
+        model_version="1",
+        patient=[f"ps_{i:04d}" for i in range(len(before))],
+        probability=0.3,
+        label="no",
+    )
+    log = PredictionLog(tmp_path / "log")
+    log.record(logged.to_dict("records"))
+    log.close()
+    rows, held, note = _reference(rolling, training, None, tmp_path / "log", window, "1")
+    assert len(rows) == len(logged) and note.startswith("prediction log of 2026-10-04..")
+    assert held is not None and len(held) == len(logged)
+
+    current = make_tiny_frame(n=300, seed=111)
+    current["heart_rate"] += 15
+    assert drift.run(tiny_spec, training, current, tmp_path, write=False).drift
+    assert not drift.run(rolling, rows, current, tmp_path, write=False).drift
