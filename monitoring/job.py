@@ -294,7 +294,7 @@ def run(
         load_reference(tracker, spec.name),
         _prediction_reference(tracker, spec.name),
         paths.predictions,
-        (since, until),
+        (since, until) if batch is None else _batch_span(spec, batch),
         str(champion),
     )
     log.info("compared with the %s", reference_note)
@@ -339,6 +339,17 @@ def run(
         result = replace(result, retrained_version=retraining.version, retraining=retraining)
         _write(result)
     return result
+
+
+def _batch_span(spec: UseCaseSpec, batch: pd.DataFrame) -> tuple[datetime | None, datetime | None]:
+    """When a ``--batch`` file's records happened (its ``time`` or event-timestamp column),
+    for a seasonal or rolling reference; unknown without either."""
+    for column in ("time", spec.event_timestamp):
+        if column in batch.columns:
+            when = pd.to_datetime(batch[column], utc=True, errors="coerce").dropna()
+            if len(when):
+                return when.min().to_pydatetime(), when.max().to_pydatetime()
+    return None, None
 
 
 def _reference(

@@ -305,3 +305,14 @@ def test_a_rolling_reference_is_the_prediction_log_before_the_window(tiny_spec, 
     current["heart_rate"] += 15
     assert drift.run(tiny_spec, training, current, tmp_path, write=False).drift
     assert not drift.run(rolling, rows, current, tmp_path, write=False).drift
+
+
+def test_a_batch_is_placed_in_time_by_its_own_timestamps(tiny_spec) -> None:
+    """A --batch file has no --since/--until: a seasonal reference takes its weeks from the
+    records' own times (it fell back to the whole year)."""
+    from monitoring.job import _batch_span
+
+    batch = make_tiny_frame(n=50, seed=112)
+    start, end = _batch_span(tiny_spec, batch)
+    assert (start, end) == (batch["event_timestamp"].min(), batch["event_timestamp"].max())
+    assert _batch_span(tiny_spec, batch.drop(columns="event_timestamp")) == (None, None)
