@@ -185,8 +185,7 @@ def main() -> None:
                     }
                 )
             )
-    alpha = spec.monitoring.family_alpha
-    needed = drift.min_patients(spec, alpha / 2 / (len(spec.features) + 1))
+    needed = drift.min_patients(spec)
     write_section(args.doc, START, END, section(outcomes, windows, minutes, needed))
     print(evaluation.false_alarms(outcomes).to_string())
     print(evaluation.detection(outcomes).to_string())

@@ -435,13 +435,17 @@ def floor_of(spec: UseCaseSpec, name: str) -> float:
     return monitoring.numeric_floor if column.is_numeric else monitoring.categorical_floor
 
 
-def min_patients(spec: UseCaseSpec, alert_p: float) -> int:
+def min_patients(spec: UseCaseSpec, alert_p: float | None = None) -> int:
     """The patients a window needs: the spec's ``min_patients``, or enough to find a
-    change 1.5 times every feature's floor with 95% power at ``alert_p``. At 1.5 times
-    the floor both halves of the rule (the estimate past the floor, the p-value past
-    Bonferroni) need about the same sample, so the rule's power there is about 95%."""
+    change 1.5 times every feature's floor with 95% power at ``alert_p`` (default: the
+    overall Bonferroni level with every feature tested, half of ``family_alpha`` over the
+    features and the prediction). At 1.5 times the floor both halves of the rule (the
+    estimate past the floor, the p-value past Bonferroni) need about the same sample, so
+    the rule's power there is about 95%."""
     if spec.monitoring.min_patients is not None:
         return spec.monitoring.min_patients
+    if alert_p is None:
+        alert_p = spec.monitoring.family_alpha / 2 / (len(spec.features) + 1)
     return max(
         statistics.required_patients(1.5 * floor_of(spec, c.name), not c.is_numeric, alert_p)
         for c in spec.features
@@ -629,8 +633,7 @@ def choose_reference(
         else:
             wanted = _weeks_between(start, end)
             seasonal = kept[_near(kept[WEEK_COLUMN], wanted, monitoring.season_weeks)]
-            alpha = monitoring.family_alpha
-            needed = min_patients(spec, alpha / 2 / (len(spec.features) + 1))
+            needed = min_patients(spec)
             patients = statistics.effective_size(patient_codes(spec, seasonal))
             if patients < needed:
                 notes.append(

@@ -375,8 +375,7 @@ def _reference(
         return chosen, held, f"{note} (a rolling reference needs a window, not a batch)"
     start = since - timedelta(days=monitoring.rolling_days)
     rolling = read_predictions(log_directory, start, since)
-    alpha = monitoring.family_alpha
-    needed = drift.min_patients(spec, alpha / 2 / (len(spec.features) + 1))
+    needed = drift.min_patients(spec)
     patients = statistics.effective_size(drift.patient_codes(spec, rolling))
     if rolling.empty or patients < needed:
         chosen, held, note = drift.choose_reference(spec, training, window, held_out)

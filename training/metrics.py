@@ -545,11 +545,17 @@ def between_period_variance(
     return max(0.0, float(rates.var(ddof=1) - chance.mean()))
 
 
-def _wilson_lower(share: np.ndarray, n: float, z: float) -> np.ndarray:
-    """Lower Wilson score bound of a proportion observed on ``n`` (effective) rows."""
+def _wilson_bounds(share: np.ndarray, n: float, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score bounds of a proportion observed on ``n`` (effective) rows, unclipped."""
     centre = share + z * z / (2 * n)
     spread = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    return (centre - spread) / (1 + z * z / n)
+    scale = 1 + z * z / n
+    return (centre - spread) / scale, (centre + spread) / scale
+
+
+def _wilson_lower(share: np.ndarray, n: float, z: float) -> np.ndarray:
+    """Lower Wilson score bound of a proportion observed on ``n`` (effective) rows."""
+    return _wilson_bounds(share, n, z)[0]
 
 
 def wilson_interval(share: float, n: float, level: float = 0.95) -> tuple[float, float]:
@@ -574,12 +580,10 @@ def wilson_interval(share: float, n: float, level: float = 0.95) -> tuple[float,
     if not n > 0:
         return (math.nan, math.nan)
     z = float(stats.norm.ppf(0.5 + level / 2.0))
-    centre = share + z * z / (2 * n)
-    spread = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    scale = 1 + z * z / n
+    lower, upper = _wilson_bounds(np.float64(share), n, z)
     # At 0 (or 1) the bound is exactly 0 (or 1); rounding would leave a speck above it.
-    low = 0.0 if share == 0 else max(0.0, (centre - spread) / scale)
-    high = 1.0 if share == 1 else min(1.0, (centre + spread) / scale)
+    low = 0.0 if share == 0 else max(0.0, float(lower))
+    high = 1.0 if share == 1 else min(1.0, float(upper))
     return (low, high)
 
 
