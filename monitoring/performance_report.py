@@ -40,6 +40,7 @@ import pandas as pd
 
 from clinml.spec import UseCaseSpec
 from monitoring.performance import WindowPerformance
+from training.card import PAGE_CSS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -54,17 +55,10 @@ _WINDOW_KEY = "window_start"
 _TICKED_WINDOWS = 14
 _FLOOR_COLOUR = "#9b1c1c"
 _REFERENCE_COLOUR = "#52606d"
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
-       max-width: 62rem; padding: 0 1rem; color: #1f2933; line-height: 1.45; }
-h1 { margin-bottom: 0.2rem; }
-h2 { border-bottom: 1px solid #cbd2d9; padding-bottom: 0.2rem; margin-top: 2rem; }
-.subtitle { color: #52606d; margin-top: 0; }
-table { border-collapse: collapse; margin: 0.5rem 0 1rem; display: block; max-width: 100%;
-        overflow-x: auto; }
-th, td { border: 1px solid #cbd2d9; padding: 0.25rem 0.6rem; text-align: left; }
-th { background: #f0f4f8; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+_CSS = (
+    PAGE_CSS
+    + """body { max-width: 62rem; }
+td.num { white-space: nowrap; }
 tr.not-judged td { color: #7b8794; }
 tr.below-floor td:first-child { border-left: 3px solid #9b1c1c; }
 td.below { background: #fde8e8; color: #9b1c1c; font-weight: 600; }
@@ -72,6 +66,7 @@ figure { margin: 0.5rem 0 1.5rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #cbd2d9; }
 figcaption { color: #52606d; font-size: 0.9em; }
 """
+)
 
 
 @dataclass(frozen=True)

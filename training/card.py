@@ -66,7 +66,9 @@ _SUBGROUP_KEYS = ("attribute", "group", "n", "positives", "prevalence", "evaluat
 _TEMPORAL_KEYS = ("window_start", "window_end", "rows", "calibration_fit")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
-_CSS = """
+# The page, headings and tables of clinml's HTML reports (the model card, the monitor's
+# performance report).
+PAGE_CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
        max-width: 60rem; padding: 0 1rem; color: #1f2933; line-height: 1.45; }
 h1 { margin-bottom: 0.2rem; }
@@ -77,7 +79,10 @@ table { border-collapse: collapse; margin: 0.5rem 0 1rem; display: block; max-wi
 th, td { border: 1px solid #cbd2d9; padding: 0.25rem 0.6rem; text-align: left; }
 th { background: #f0f4f8; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
+"""
+_CSS = (
+    PAGE_CSS
+    + """dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
 dt { font-weight: 600; }
 dd { margin: 0; }
 .missing { color: #9aa5b1; font-style: italic; }
@@ -94,6 +99,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid #cbd2d9; }
 figcaption { color: #52606d; font-size: 0.9em; }
 code { font-size: 0.9em; word-break: break-all; }
 """
+)
 
 
 class CardError(ClinmlError):
