@@ -77,6 +77,25 @@ class Settings(BaseSettings):
         "CLINML_HOME/audit/model_registry.jsonl. Put it on storage that outlives the data "
         "directory (and ship it to WORM storage in production).",
     )
+    audit_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key that signs the audit logs' checkpoints (at least 32 random "
+        "bytes, from a secret store; never kept under CLINML_HOME). Without it no "
+        "checkpoints are written and `clinml audit verify` cannot detect a cut-off tail or "
+        "a deleted log.",
+    )
+    audit_checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Where signed audit checkpoints are written: a location apart from "
+        "CLINML_HOME (another volume, or one shipped to WORM storage); default: "
+        "CLINML_HOME/audit/checkpoints, which detects only tampering with the log alone.",
+    )
+    audit_checkpoint_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the request audit trail writes a signed checkpoint while "
+        "records arrive.",
+    )
     actor: str | None = Field(
         default=None,
         description="Who is running the command, as recorded in the audit log; default: the "
@@ -133,6 +152,41 @@ class Settings(BaseSettings):
         description="Requests a service worker answers at once; one more is refused at once "
         "with 429 and Retry-After (load shedding, serving/overload.py). 0 turns it off.",
     )
+    max_in_flight_per_key: int = Field(
+        default=32,
+        ge=0,
+        description="Requests one API key may have in flight on a worker; one more is refused "
+        "with 429, so one caller cannot take the whole CLINML_MAX_IN_FLIGHT budget. 0 turns "
+        "it off.",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for an authenticated request's body to arrive in full; "
+        "past it the request is answered 408 and its slot freed.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a request's headers to arrive in full once its first "
+        "byte has; past it the connection is closed (a slow-header attack holds nothing longer).",
+    )
+    max_header_bytes: int = Field(
+        default=32_768,
+        ge=1_024,
+        description="Largest request line plus headers the server reads; more is answered "
+        "431 and the connection closed.",
+    )
+    max_headers: int = Field(
+        default=100, ge=8, description="Most header fields in one request; more is answered 431."
+    )
+    max_explain_cost: int = Field(
+        default=1_000,
+        ge=1,
+        description="Cap on records x top_k in one /explain call (422 above it): 200 records "
+        "at the default top_k of 5. An explanation costs several predictions and runs on the "
+        "worker's event loop, so this bounds how long one call can delay everyone else's.",
+    )
     max_batch_size: int = Field(
         default=256, ge=2, le=100_000, description="Most records in one adaptive batch."
     )
@@ -180,7 +234,14 @@ class Settings(BaseSettings):
         description="/readyz reports not ready while the online feature store is unreachable.",
     )
 
-    @field_validator("home", "config_dir", "audit_log", "api_keys_file", "feature_store_yaml")
+    @field_validator(
+        "home",
+        "config_dir",
+        "audit_log",
+        "audit_checkpoint_dir",
+        "api_keys_file",
+        "feature_store_yaml",
+    )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
@@ -246,6 +307,11 @@ class Settings(BaseSettings):
         return self.audit_log or self.paths.audit_log
 
     @property
+    def audit_checkpoint_path(self) -> Path:
+        """Where the audit logs' signed checkpoints go (``clinml.audit.Checkpoints``)."""
+        return self.audit_checkpoint_dir or self.paths.audit_checkpoints
+
+    @property
     def api_keys_path(self) -> Path:
         return self.api_keys_file or self.home / "secrets" / "api_keys.json"
 
@@ -294,6 +360,12 @@ class Paths:
     def request_audit_log(self) -> Path:
         """The per-request audit trail of the prediction service."""
         return self.home / "audit" / "requests.jsonl"
+
+    @property
+    def audit_checkpoints(self) -> Path:
+        """Default home of the audit logs' signed checkpoints: beside the logs, so it
+        catches tampering with a log alone; CLINML_AUDIT_CHECKPOINT_DIR moves it apart."""
+        return self.home / "audit" / "checkpoints"
 
     @property
     def bentoml_home(self) -> Path:

@@ -273,11 +273,11 @@ def models_card(usecase: UseCase, ref: VersionRef = "champion") -> None:
 @models_app.command("history")
 def models_history(usecase: UseCase) -> None:
     """Every alias move (and refused promotion) from the audit log, oldest first."""
-    from clinml.audit import AuditLog
+    from clinml.audit import AuditLog, Checkpoints
     from training import governance
 
     settings, spec = _setup(usecase)
-    log = AuditLog(settings.audit_log_path)
+    log = AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings))
     log.verify()
     records = governance.history(log, spec.name)
     if not records:
@@ -327,26 +327,66 @@ app.add_typer(audit_app, name="audit")
 
 @audit_app.command("verify")
 def audit_verify() -> None:
-    """Check the hash chains of the model-registry and request audit logs. Exit 1 if broken."""
-    from clinml.audit import AuditError, AuditLog
+    """Check the model-registry and request audit logs: byte-exact hash chains and, with
+    CLINML_AUDIT_KEY, their signed checkpoints (a cut-off tail, a deleted or emptied log, a
+    rebuilt chain, a forged or missing checkpoint). Exit 1 if either is broken."""
+    from clinml.audit import AuditError, AuditLog, Checkpoints
     from pipelines import runtime
 
     settings = runtime.load_settings()
+    checkpoints = Checkpoints.from_settings(settings)
+    if checkpoints is None:
+        typer.echo(
+            "no CLINML_AUDIT_KEY: chains checked without checkpoints, so a cut-off tail or "
+            "a deleted log cannot be detected"
+        )
     broken = False
     for name, path in (
         ("model registry", settings.audit_log_path),
         ("requests", settings.paths.request_audit_log),
     ):
-        if not path.is_file():
-            typer.echo(f"{name}: {path} (no records yet)")
-            continue
         try:
-            count = AuditLog(path).verify()
+            verification = AuditLog(path, checkpoints=checkpoints).check()
         except AuditError as exc:
             broken = True
             typer.echo(f"{name}: BROKEN: {exc}", err=True)
             continue
-        typer.echo(f"{name}: {path}: {count} records, chain intact")
+        typer.echo(f"{name}: {verification.summary()}")
+    raise typer.Exit(1 if broken else 0)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint() -> None:
+    """Sign a checkpoint of each audit log as it is now (needs CLINML_AUDIT_KEY), once its
+    chain and any checkpoints it has verify. For logs written before the key was set:
+    check them against their archived copies first. Exit 1 if a log is broken."""
+    from clinml.audit import AuditError, AuditLog, Checkpoints
+    from pipelines import runtime
+
+    settings = runtime.load_settings()
+    checkpoints = Checkpoints.from_settings(settings)
+    if checkpoints is None:
+        raise ClinmlError("clinml audit checkpoint needs CLINML_AUDIT_KEY (the audit key)")
+    broken = False
+    for name, path in (
+        ("model registry", settings.audit_log_path),
+        ("requests", settings.paths.request_audit_log),
+    ):
+        log = AuditLog(path, checkpoints=checkpoints)
+        try:
+            log.check(require_checkpoint=False)
+            checkpoint = log.checkpoint(adopt=True)
+        except AuditError as exc:
+            broken = True
+            typer.echo(f"{name}: BROKEN, not checkpointed: {exc}", err=True)
+            continue
+        if checkpoint is None:
+            typer.echo(f"{name}: {path} (no records yet, nothing to sign)")
+        else:
+            typer.echo(
+                f"{name}: {path}: checkpoint {checkpoint.number} signed at "
+                f"{checkpoint.records} records"
+            )
     raise typer.Exit(1 if broken else 0)
 
 

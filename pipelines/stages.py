@@ -228,7 +228,7 @@ def promote(
 ) -> Decision:
     """Gate the challenger against the champion (or the reference) on rows neither was trained
     on; move the alias on a pass."""
-    from clinml.audit import AuditLog
+    from clinml.audit import AuditLog, Checkpoints
     from features import store as feature_store
     from features.ingest import read_labels
     from training import governance
@@ -251,7 +251,7 @@ def promote(
             decision = governance.promote(
                 spec,
                 tracker,
-                AuditLog(settings.audit_log_path),
+                AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings)),
                 data,
                 governance.ValidationStatus.latest(paths.validation_reports),
                 settings.actor_name,
@@ -282,7 +282,7 @@ def rollback(
     spec: UseCaseSpec, settings: Settings, progress: Progress, reason: str | None = None
 ) -> tuple[str, str]:
     """Point ``champion`` back at the previous champion."""
-    from clinml.audit import AuditLog
+    from clinml.audit import AuditLog, Checkpoints
     from training import governance
     from training.tracking import Tracker
 
@@ -290,7 +290,7 @@ def rollback(
         moved = governance.rollback(
             spec,
             Tracker.from_settings(settings),
-            AuditLog(settings.audit_log_path),
+            AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings)),
             settings.actor_name,
             reason,
         )

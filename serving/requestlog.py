@@ -8,13 +8,26 @@ prediction down. They differ in what happens when writing cannot keep up or fail
   what outcome) is a compliance control, so it **fails closed**: while its queue is full
   or its last write failed, ``healthy`` is False and the service answers 503. A failed
   batch is kept and retried; the first write that succeeds makes it healthy again.
+  With an audit key it also signs a checkpoint of the log (``clinml.audit.Checkpoints``)
+  with the first batch, then at most once per ``checkpoint_interval_s`` while records
+  arrive, and on close. A checkpoint that cannot be written is logged and counted
+  (``checkpoint_failures``) but does **not** make the trail unhealthy: the records are
+  written and chained by then; what is lost is only how soon a cut-off tail is noticed,
+  and refusing predictions for that would turn a failure of the checkpoint volume (kept
+  apart from the log on purpose) into a clinical outage. ``head`` (record count, last
+  hash) is there for the service to publish, so an outside witness sees the records
+  after the last checkpoint too.
 - ``PredictionLog`` (inputs, probability and label of every prediction, PHI-free, for
   monitoring) **fails open**: rows that do not fit in the queue, or whose write fails,
   are dropped and counted in ``dropped``; the prediction itself always goes ahead.
 
 Usage::
 
-    audit = RequestAudit(settings.home / "audit" / "requests.jsonl")
+    audit = RequestAudit(
+        settings.paths.request_audit_log,
+        checkpoints=Checkpoints.from_settings(settings),  # None without CLINML_AUDIT_KEY
+        checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+    )
     predictions = PredictionLog(settings.home / "predictions")
     if not audit.healthy:
         ...  # answer 503: nothing is served that the audit trail would not record
@@ -34,6 +47,7 @@ Nothing here logs a record's values: errors name counts, paths and exception typ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -46,7 +60,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clinml.audit import AuditError, AuditLog
+from clinml.audit import AuditError, AuditLog, Checkpoints
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,6 +79,10 @@ AUDIT_FIELDS = (
     "latency_ms",  # time spent serving the request
 )
 _REQUIRED_AUDIT_FIELDS = frozenset({"request_id", "endpoint", "outcome", "latency_ms"})
+# Fields written only when given.
+AUDIT_OPTIONAL_FIELDS = (
+    "count",  # how many identical refused requests the record stands for (>= 1)
+)
 # How long the prediction log's writer waits for more rows at a time, so that a flush or
 # close is noticed promptly while rows are being gathered into a batch.
 _POLL_S = 0.05
@@ -103,6 +121,11 @@ class RequestAudit:
             arrive, so that a busy service pays for opening, locking and fsyncing the log
             once per many requests rather than once per request.
         clock: the current time (aware); injected for tests.
+        checkpoints: where to sign checkpoints of the log (``Checkpoints.from_settings``);
+            None (no audit key) writes none.
+        checkpoint_interval_s: the least time between two checkpoints while records
+            arrive (``CLINML_AUDIT_CHECKPOINT_INTERVAL_S``); one is written with the first
+            batch and on close, none while nothing arrives.
     """
 
     def __init__(
@@ -114,9 +137,15 @@ class RequestAudit:
         batch_max: int = 1_000,
         linger_s: float = 0.005,
         clock: Callable[[], datetime] = _utc_now,
+        checkpoints: Checkpoints | None = None,
+        checkpoint_interval_s: float = 60.0,
     ) -> None:
         self.path = Path(path)
-        self._log = AuditLog(self.path)
+        self._log = AuditLog(self.path, checkpoints=checkpoints)
+        self._checkpoint_interval = checkpoint_interval_s
+        self._checkpoint_due = -math.inf  # monotonic time; the first batch signs one
+        self._uncheckpointed = 0  # records written since the last checkpoint
+        self._head: tuple[int, str] | None = None
         self._linger = linger_s
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=max_queue)
         self._interval = flush_interval_s
@@ -144,8 +173,9 @@ class RequestAudit:
 
         Args:
             record: ``request_id``, ``endpoint``, ``outcome`` (HTTP status) and
-                ``latency_ms``, and optionally ``key_id``, ``model_version`` and
-                ``patient`` (pseudonymised); nothing else.
+                ``latency_ms``, and optionally ``key_id``, ``model_version``,
+                ``patient`` (pseudonymised) and ``count`` (an int >= 1: the record stands
+                for that many identical refused requests); nothing else.
 
         Returns:
             True when the record was queued; False when the queue is full or the trail is
@@ -213,6 +243,25 @@ class RequestAudit:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def head(self) -> tuple[int, str] | None:
+        """``(record count, last hash)`` of the log after this trail's latest durable
+        write (or as it found the log on starting); None until then, or when the log's
+        end could not be read. For an outside witness on ``/metrics``: a later log that
+        lacks record ``count`` with this hash was cut or rewritten."""
+        return self._head
+
+    @property
+    def checkpoint_failures(self) -> int:
+        """Checkpoints that could not be written (each logged); 0 without an audit key."""
+        return self._log.checkpoint_failures
+
+    @property
+    def integrity_alarms(self) -> int:
+        """Times the writer found the log had lost or replaced records it had written, or
+        a checkpoint gone (each logged, and signed into the next checkpoint)."""
+        return self._log.integrity_alarms
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record submitted so far is written.
 
@@ -240,11 +289,15 @@ class RequestAudit:
     def _entry(self, record: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(record, dict):
             raise ValueError(f"an audit record must be a dict, not {type(record).__name__}")
-        unknown = sorted(str(key) for key in record if key not in AUDIT_FIELDS)
+        unknown = sorted(
+            str(key)
+            for key in record
+            if key not in AUDIT_FIELDS and key not in AUDIT_OPTIONAL_FIELDS
+        )
         if unknown:
             raise ValueError(
                 f"audit record has unknown field(s) {', '.join(unknown)}; the fields are "
-                f"{', '.join(AUDIT_FIELDS)}"
+                f"{', '.join(AUDIT_FIELDS + AUDIT_OPTIONAL_FIELDS)}"
             )
         missing = sorted(_REQUIRED_AUDIT_FIELDS - set(record))
         if missing:
@@ -266,9 +319,28 @@ class RequestAudit:
             elif not (value is None or isinstance(value, str)):
                 raise ValueError(f"audit record field {field} must be a string or None")
             entry[field] = value
+        if "count" in record:
+            count = record["count"]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError("audit record field count must be an integer >= 1")
+            entry["count"] = count
         return entry
 
     def _run(self) -> None:
+        try:
+            self._head = self._log.head()  # what a witness sees until the first write
+        except Exception as exc:  # a broken end: the first write will say so (unhealthy)
+            logger.error(
+                "request audit trail %s: cannot read its end (%s)", self.path, _reason(exc)
+            )
+        try:
+            self._write_batches()
+        finally:
+            if self._uncheckpointed and self._log.checkpoints is not None:
+                with contextlib.suppress(Exception):  # logged and counted by the log
+                    self._log.checkpoint()
+
+    def _write_batches(self) -> None:
         pending: list[dict[str, Any]] = []
         while True:
             if not pending:
@@ -277,6 +349,7 @@ class RequestAudit:
                 except queue.Empty:
                     if self._stop.is_set():
                         return
+                    self._checkpoint_when_idle()
                     continue
                 if self._linger > 0 and not self._stop.is_set():
                     time.sleep(self._linger)  # let the batch gather
@@ -285,8 +358,9 @@ class RequestAudit:
                     pending.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            due = self._log.checkpoints is not None and time.monotonic() >= self._checkpoint_due
             try:
-                self._log.append_many(pending)
+                records = self._log.append_many(pending, checkpoint=due)
             except Exception as exc:  # kept and retried: the trail stays unhealthy
                 reason = _reason(exc)
                 with self._lock:
@@ -304,6 +378,11 @@ class RequestAudit:
                     return
                 time.sleep(self._interval)
                 continue
+            self._head = (records[-1]["seq"], records[-1]["hash"])
+            self._uncheckpointed += len(records)
+            if due and self._log.checkpoint_error is None:  # else retried with the next batch
+                self._checkpoint_due = time.monotonic() + self._checkpoint_interval
+                self._uncheckpointed = 0
             if self._write_error is not None:  # said before waiters wake, so in order
                 logger.warning("request audit trail %s: writing again", self.path)
             with self._settled:
@@ -313,6 +392,24 @@ class RequestAudit:
                 self._written += len(pending)
                 self._settled.notify_all()
             pending = []
+
+    def _checkpoint_when_idle(self) -> None:
+        """Sign the records written since the last checkpoint once the interval is up,
+        though no more arrive: otherwise the last records before a quiet spell stay
+        uncovered, and could be cut unnoticed, until traffic resumes."""
+        if (
+            not self._uncheckpointed
+            or self._log.checkpoints is None
+            or time.monotonic() < self._checkpoint_due
+        ):
+            return
+        try:
+            self._log.checkpoint()
+        except Exception:  # logged and counted by the log; tried again next interval
+            self._checkpoint_due = time.monotonic() + self._checkpoint_interval
+            return
+        self._checkpoint_due = time.monotonic() + self._checkpoint_interval
+        self._uncheckpointed = 0
 
 
 class PredictionLog:

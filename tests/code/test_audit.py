@@ -282,3 +282,61 @@ def test_a_read_only_file_system_is_refused_with_the_path_and_reason(
         with pytest.raises(AuditError, match=r"aliases\.jsonl.*Read-only file system"):
             log.append({"action": "promote"})
     assert path.read_bytes() == before
+
+
+# -- byte-exact records (issue 19): what parses to a valid record is not enough ---------------
+
+
+def test_verify_refuses_a_key_smuggled_in_twice_and_names_the_line(tmp_path: Path) -> None:
+    # json keeps the last of two equal keys, so a first "action" placed before the real
+    # one is invisible to a parser, and the hash recomputes over the real one.
+    path = tmp_path / "aliases.jsonl"
+    log = _log_with(path, 3)
+    lines = _lines(path)
+    original = json.loads(lines[1])
+    lines[1] = b'{"action":"rollback","model":"someone-else",' + lines[1][1:]
+    path.write_bytes(b"".join(lines))
+    assert json.loads(lines[1]) == original  # what a parser sees: the record, unchanged
+    with pytest.raises(AuditError, match=r"line 2: key 'action' appears twice in one object"):
+        log.verify()
+    with pytest.raises(AuditError, match=r"line 2: key 'action' appears twice"):
+        log.records()
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda record: json.dumps(record, sort_keys=True, ensure_ascii=False),  # spaces
+        lambda record: json.dumps(
+            dict(reversed(record.items())), separators=(",", ":"), ensure_ascii=False
+        ),
+        lambda record: json.dumps(record, sort_keys=True, separators=(",", ":")),  # escapes
+    ],
+    ids=["spaces", "keys-reordered", "unicode-escaped"],
+)
+def test_verify_refuses_a_line_that_is_not_its_records_canonical_bytes(
+    tmp_path: Path, rewrite
+) -> None:
+    path = tmp_path / "aliases.jsonl"
+    log = AuditLog(path, clock=_fixed_clock())
+    for reason in ("first — ünïcode", "second — ünïcode", "third"):
+        log.append({"action": "promote", "reason": reason})
+    lines = _lines(path)
+    record = json.loads(lines[1])
+    lines[1] = (rewrite(record) + "\n").encode()
+    assert json.loads(lines[1]) == record and record["hash"] == record_hash(record)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditError, match=r"line 2: not byte for byte the canonical JSON"):
+        log.verify()
+
+
+def test_append_refuses_to_extend_a_non_canonical_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "aliases.jsonl"
+    log = _log_with(path, 2)
+    lines = _lines(path)
+    lines[-1] = (json.dumps(json.loads(lines[-1]), sort_keys=True) + "\n").encode()
+    path.write_bytes(b"".join(lines))
+    before = path.read_bytes()
+    with pytest.raises(AuditError, match=r"line 2 is broken \(not byte for byte.*refusing"):
+        log.append({"action": "promote"})
+    assert path.read_bytes() == before

@@ -4,6 +4,7 @@ what it drops), both written by background threads off the request path."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from clinml.audit import AuditLog
+from clinml.audit import AuditError, AuditLog, Checkpoints, canonical_json, record_hash
 from serving.requestlog import AUDIT_FIELDS, PredictionLog, RequestAudit, read_predictions
 
 T0 = datetime(2026, 6, 1, 23, 59, 58, tzinfo=UTC)  # two seconds before midnight
 FEATURE_VALUE = 987.654321  # a distinctive feature value that must never reach a log
+AUDIT_KEY = "5e" * 32  # the audit checkpoints' HMAC key in these tests
 
 
 def _eventually(predicate, timeout: float = 10.0) -> bool:
@@ -179,6 +181,202 @@ def test_a_full_audit_queue_makes_the_trail_unhealthy_until_it_drains(
     finally:
         audit.close(timeout=1)
     assert not audit.healthy and audit.submit(_request(9)) is False  # closed
+
+
+def test_a_count_summarises_refusals_and_is_written_only_when_given(
+    audit: RequestAudit,
+) -> None:
+    refusals = {"request_id": "agg-1", "key_id": "triage-app", "endpoint": "/predict"}
+    assert audit.submit({**refusals, "outcome": 429, "latency_ms": 0.0, "count": 17})
+    assert audit.submit(_request(1))
+    assert audit.flush(10)
+    first, second = AuditLog(audit.path).records()
+    assert first["count"] == 17 and first["outcome"] == 429
+    assert "count" not in second  # ordinary requests carry no count
+
+
+@pytest.mark.parametrize("count", [0, -3, True, "17", 2.0, None])
+def test_a_bad_count_is_refused_naming_the_field_not_the_value(
+    audit: RequestAudit, count: object
+) -> None:
+    with pytest.raises(ValueError, match=r"^audit record field count must be an integer >= 1$"):
+        audit.submit({**_request(0), "count": count})
+    assert audit.queued == 0
+
+
+def test_head_follows_each_durable_write_and_starts_from_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    first = RequestAudit(path, flush_interval_s=0.02)
+    try:
+        assert _eventually(lambda: first.head is not None)
+        assert first.head == (0, "0" * 64)  # no log yet
+        for i in range(5):
+            assert first.submit(_request(i))
+        assert first.flush(10)
+        last = AuditLog(path).records()[-1]
+        assert first.head == (5, last["hash"])
+    finally:
+        first.close(timeout=5)
+    second = RequestAudit(path, flush_interval_s=0.02)  # a restart: the witness's count holds
+    try:
+        assert _eventually(lambda: second.head is not None)
+        assert second.head == (5, last["hash"])
+    finally:
+        second.close(timeout=5)
+
+
+def _trail(tmp_path: Path, interval: float) -> tuple[RequestAudit, Checkpoints]:
+    store = Checkpoints(tmp_path / "checkpoints", AUDIT_KEY)
+    trail = RequestAudit(
+        tmp_path / "audit" / "requests.jsonl",
+        flush_interval_s=0.02,
+        checkpoints=store,
+        checkpoint_interval_s=interval,
+    )
+    return trail, store
+
+
+def test_the_trail_signs_a_checkpoint_with_its_first_batch_then_per_interval_and_on_close(
+    tmp_path: Path,
+) -> None:
+    trail, store = _trail(tmp_path, interval=3600.0)  # no second one within the test
+    try:
+        assert trail.submit(_request(0)) and trail.flush(10)
+        assert [c.records for c in store.read(trail.path)] == [1]  # with the first batch
+        for i in range(1, 6):
+            assert trail.submit(_request(i))
+        assert trail.flush(10)
+        assert [c.records for c in store.read(trail.path)] == [1]  # not yet due
+    finally:
+        trail.close(timeout=5)
+    assert [c.records for c in store.read(trail.path)] == [1, 6]  # on close
+    assert trail.checkpoint_failures == 0 and trail.integrity_alarms == 0
+    result = AuditLog(trail.path, checkpoints=store).check()
+    assert result.records == 6 and result.uncovered == 0
+
+
+def test_records_before_a_quiet_spell_are_signed_once_the_interval_is_up(
+    tmp_path: Path,
+) -> None:
+    # Found by tests/integration/test_attacks.py: checkpoints were signed only when more
+    # records arrived, so the last records before traffic stopped stayed uncovered (and
+    # could be cut unnoticed) for as long as the service was quiet.
+    trail, store = _trail(tmp_path, interval=0.05)
+    try:
+        assert trail.submit(_request(0)) and trail.flush(10)
+        for i in range(1, 6):
+            assert trail.submit(_request(i))
+        assert trail.flush(10)
+        # no more records arrive: the idle writer signs the five once the interval is up
+        assert _eventually(lambda: [c.records for c in store.read(trail.path)][-1] == 6)
+        assert trail.checkpoint_failures == 0
+    finally:
+        trail.close(timeout=5)
+
+
+def test_lines_cut_under_flock_from_a_running_trail_are_detected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The red-team finding: 10 lines cut under the log's own lock while the service ran
+    # went unnoticed. The chain alone still calls the cut log intact; the checkpoint that
+    # covered those lines does not, and the writer raises an alarm at its next write.
+    trail, store = _trail(tmp_path, interval=0.0)  # a checkpoint with every batch
+    try:
+        for i in range(20):
+            assert trail.submit(_request(i))
+        assert trail.flush(10)
+        log = AuditLog(trail.path)
+        with open(log.lock_path, "a+") as lock:  # as an attacker with `flock` would
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lines = trail.path.read_bytes().splitlines(keepends=True)
+            trail.path.write_bytes(b"".join(lines[:-10]))
+        assert log.verify() == 10  # the chain alone: "intact"
+        with pytest.raises(AuditError, match=r"has 10 records, but checkpoint \d+ .* signed 20"):
+            AuditLog(trail.path, checkpoints=store).verify()
+
+        with caplog.at_level(logging.ERROR, logger="clinml.audit"):
+            for i in range(20, 25):
+                assert trail.submit(_request(i))
+            assert trail.flush(10)
+        assert trail.healthy  # detected and reported, not failed closed
+        assert trail.integrity_alarms >= 1
+        assert any("the log shrank" in r.getMessage() for r in caplog.records)
+        assert not any("p_000000" in r.getMessage() for r in caplog.records)
+        with pytest.raises(AuditError, match=r"has 15 records, but checkpoint \d+ .* signed 20"):
+            AuditLog(trail.path, checkpoints=store).verify()
+    finally:
+        trail.close(timeout=5)
+    alarms = [c.alarm for c in store.read(trail.path) if c.alarm]
+    assert alarms and "the log shrank" in alarms[0]
+
+
+def test_a_failed_checkpoint_leaves_the_trail_healthy_and_loses_no_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trail, store = _trail(tmp_path, interval=0.0)
+    try:
+        real_replace = os.replace
+
+        def checkpoint_disk_full(src, dst, *args, **kwargs):
+            if str(dst).endswith(".json"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", checkpoint_disk_full)
+        for i in range(3):
+            assert trail.submit(_request(i))
+        assert trail.flush(10)
+        assert trail.healthy and trail.checkpoint_failures >= 1
+        assert AuditLog(trail.path).verify() == 3 == trail.written
+        monkeypatch.undo()
+        assert trail.submit(_request(3)) and trail.flush(10)  # retried with the next batch
+        assert store.read(trail.path)[-1].records == 4
+    finally:
+        trail.close(timeout=5)
+    assert AuditLog(trail.path, checkpoints=store).verify() == 4
+
+
+def test_a_keyed_trail_on_a_log_written_before_the_key_stays_healthy_until_adopted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit" / "requests.jsonl"
+    before = RequestAudit(path, flush_interval_s=0.02)  # no key yet
+    assert before.submit(_request(0)) and before.flush(10)
+    before.close(timeout=5)
+    trail, store = _trail(tmp_path, interval=0.0)
+    try:
+        assert trail.submit(_request(1)) and trail.flush(10)
+        assert trail.healthy and trail.checkpoint_failures >= 1  # refused, not failed closed
+        assert store.read(path) == []
+        AuditLog(path, checkpoints=store).checkpoint(adopt=True)  # `clinml audit checkpoint`
+        assert trail.submit(_request(2)) and trail.flush(10)
+        assert store.read(path)[-1].records == 3
+    finally:
+        trail.close(timeout=5)
+    assert AuditLog(path, checkpoints=store).verify() == 3
+
+
+def test_a_made_up_record_appended_to_a_running_trail_shows_only_to_the_witness(
+    tmp_path: Path,
+) -> None:
+    # The window, stated as a test: a record appended with a valid hash after the last
+    # checkpoint passes verify (it is counted as uncovered) and the next checkpoint signs
+    # it. The trail's head, published for an outside witness, does not include it.
+    trail, store = _trail(tmp_path, interval=3600.0)
+    try:
+        assert trail.submit(_request(0)) and trail.flush(10)
+        genuine = AuditLog(trail.path).records()[-1]
+        forged = {**_request(99), "time": genuine["time"], "seq": 2, "prev_hash": genuine["hash"]}
+        forged["hash"] = record_hash(forged)
+        with trail.path.open("ab") as file:
+            file.write((canonical_json(forged) + "\n").encode())
+        result = AuditLog(trail.path, checkpoints=store).check()
+        assert (result.records, result.uncovered) == (2, 1)
+        assert trail.head == (1, genuine["hash"])  # the witness saw one record
+        assert trail.submit(_request(1)) and trail.flush(10)
+    finally:
+        trail.close(timeout=5)
+    assert AuditLog(trail.path, checkpoints=store).verify() == 3  # signed in with the rest
 
 
 # -- the prediction log ----------------------------------------------------------------------
