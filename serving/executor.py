@@ -34,7 +34,7 @@ import bentoml
 from clinml.errors import ClinmlError
 from clinml.settings import Settings
 from clinml.spec import load_spec
-from serving.runtime import ModelHolder, ServedModel, load_from_bento
+from serving.runtime import ServedModel, load_from_bento, starting_holder
 
 log = logging.getLogger("bentoml.clinml")
 
@@ -78,21 +78,39 @@ class ModelExecutor:
             # Small per-request work: one thread is as fast and does not fight the API
             # workers for the cores (measured in tests/model/test_fastpath.py).
             torch.set_num_threads(1)
-        self.models = ModelHolder(load_from_bento(str(self.bento_model.tag), SETTINGS.device))
-        model = self.models.current
-        device = getattr(model.compiled, "device", "cpu")
-        fallback = SETTINGS.device == "auto" and not device.startswith("cuda")
-        log.info(
-            "model execution: %s version %s (%s) on %s%s",
-            model.name,
-            model.version,
-            "compiled fast path" if model.fast else "scikit-learn pipeline",
-            device,
-            "; CUDA is not available, falling back to the CPU" if fallback else "",
+        from training.tracking import Tracker
+
+        # The bento's model, checked against the hashes recorded at registration (and
+        # those against the registry's when it answers). A refused model leaves the
+        # executor running without one: not ready, `last_error` saying why.
+        self.models = starting_holder(
+            lambda: load_from_bento(
+                str(self.bento_model.tag),
+                SPEC,
+                Tracker.from_settings(SETTINGS),
+                SETTINGS.device,
+            )
         )
+        if self.models.loaded:
+            model = self.models.current
+            device = getattr(model.compiled, "device", "cpu")
+            fallback = SETTINGS.device == "auto" and not device.startswith("cuda")
+            log.info(
+                "model execution: %s version %s (%s) on %s%s",
+                model.name,
+                model.version,
+                "compiled fast path" if model.fast else "scikit-learn pipeline",
+                device,
+                "; CUDA is not available, falling back to the CPU" if fallback else "",
+            )
         self._stop = threading.Event()
         if SETTINGS.reload_interval_s > 0:
             threading.Thread(target=self._follow_alias, daemon=True).start()
+
+    def __is_ready__(self) -> bool:
+        """Ready while a model is loaded: served on its own (``CLINML_EXECUTOR_URL``), a
+        model refused at start is a 503 on this service's ``/readyz``."""
+        return self.models.loaded
 
     @bentoml.api(
         batchable=SETTINGS.batching,
@@ -137,16 +155,18 @@ class ModelExecutor:
     @bentoml.api
     def reload(self) -> dict[str, Any]:
         """Switch to the registry's current champion; a model that fails to load is
-        refused and the old one keeps serving (``error`` says why)."""
-        old = self.models.current
+        refused and the old one keeps serving (``error`` says why). Without a model (the
+        bento's was refused at start) a champion that passes its checks is loaded."""
+        old = self.models.current.version if self.models.loaded else None
         try:
             new = self._load_champion()
         except Exception as exc:  # a tampered file, an unreachable registry: keep serving
             error = str(exc) if isinstance(exc, ClinmlError) else f"{type(exc).__name__}: {exc}"
-            return {"previous_version": old.version, "version": old.version, "error": error}
-        if new.version != old.version:
+            return {"previous_version": old, "version": old, "error": error}
+        if new.version != old:
             self.models.swap(new)
-        return {"previous_version": old.version, "version": new.version, "error": None}
+            self.models.last_error = None
+        return {"previous_version": old, "version": new.version, "error": None}
 
     def _load_champion(self) -> ServedModel:
         from serving.runtime import load_from_registry

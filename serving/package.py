@@ -3,7 +3,8 @@
 ``import_champion`` copies the model version behind the ``champion`` alias into the
 BentoML model store (``$BENTOML_HOME``, set by the CLI to ``$CLINML_HOME/bentoml``),
 tagged with its registered name, version and operating threshold so the service can
-say which version produced each answer. ``build_bento`` runs ``bentoml build`` on
+say which version produced each answer, and with the hashes recorded at registration so
+the service can check what it loads. ``build_bento`` runs ``bentoml build`` on
 ``bentofile.yaml``.
 """
 
@@ -27,8 +28,12 @@ def import_champion(spec: UseCaseSpec, tracker: Tracker) -> PackagedModel:
     """Import ``models:/<usecase>@champion`` (and its model card) into the BentoML store.
 
     The metadata carries what ``GET /model`` reports (version, threshold, training time,
-    test metrics) and the model file's SHA-256 recorded at registration, so the bento
-    serves and describes the model without the registry.
+    test metrics) and every SHA-256 recorded at registration (``model_io.INTEGRITY_TAGS``:
+    the model file, the card's JSON and HTML, the serving metadata, the spec's serving
+    contract), so the bento serves, describes and checks the model without the registry.
+    The card goes into the stored model as the registry holds it; nothing here is
+    trusted until ``serving.runtime.load_from_bento`` has checked it against those
+    hashes, and them against the registry's when it answers.
     """
     import shutil
     import tempfile

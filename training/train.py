@@ -846,8 +846,6 @@ def register(
             "spec_sha256": provenance["spec_sha256"],
             "packages": json.dumps(provenance["packages"], sort_keys=True),
             "run_id": best.run_id,
-            # Serving refuses a model file whose hash differs from this one.
-            "model_sha256": best.model_sha256,
             "operating_threshold": repr(selected.threshold),
             "threshold_rule": spec.evaluation.threshold_rule,
             f"test_{spec.primary_metric}": f"{selected.evaluation.metrics[primary]:.4f}",
@@ -860,12 +858,28 @@ def register(
             version_tags[REFERENCE_RUN_TAG] = reference_run.run_id
             version_tags[REFERENCE_SHA_TAG] = reference_run.model_sha256
         version_tags.update(tags or {})
+        # What the service checks at every load (serving/runtime.py), set after the
+        # caller's tags so that none of them can replace a hash. The card's hashes follow
+        # once the card is written.
+        version_tags.update(
+            {
+                model_io.MODEL_SHA_TAG: best.model_sha256,
+                model_io.SERVING_SHA_TAG: model_io.serving_digest(
+                    registered_model=spec.name,
+                    run_id=best.run_id,
+                    candidate=selected.name,
+                    operating_threshold=selected.threshold,
+                    feature_service=spec.feature_service,
+                    features=spec.feature_names,
+                ),
+                model_io.SPEC_CONTRACT_SHA_TAG: model_io.spec_contract_digest(spec),
+            }
+        )
         registered = mlflow.register_model(best.model_uri, spec.name, tags=version_tags)
         version = str(registered.version)
         client = tracker.client
         for key, value in (tags or {}).items():
             client.set_tag(best.run_id, key, value)
-        client.set_registered_model_alias(spec.name, CHALLENGER, version)
         card = build_card(
             spec,
             fitted,
@@ -891,8 +905,15 @@ def register(
         images = _clinical_plots(spec, fitted, shown, workdir / "card_plots")  # type: ignore[list-item]
         _clinical_plots(spec, fitted, fitted.candidates, workdir / "comparison")
         client.log_artifacts(best.run_id, str(workdir / "comparison"), "comparison")
-        write_card(card, workdir / CARD_ARTIFACT, images=images)
+        card_json, card_html = write_card(card, workdir / CARD_ARTIFACT, images=images)
         client.log_artifacts(best.run_id, str(workdir / CARD_ARTIFACT), CARD_ARTIFACT)
+        for tag, path in (
+            (model_io.CARD_JSON_SHA_TAG, card_json),
+            (model_io.CARD_HTML_SHA_TAG, card_html),
+        ):
+            client.set_model_version_tag(spec.name, version, tag, model_io.sha256_of(path))
+        # The challenger is a version whose every recorded hash is set.
+        client.set_registered_model_alias(spec.name, CHALLENGER, version)
     report(f"registered {spec.name} version {version} as '{CHALLENGER}' ({selected.name})")
     split = fitted.split
     return TrainResult(

@@ -235,9 +235,11 @@ def test_the_service_refuses_a_version_without_a_recorded_hash(
     metadata = {"registered_model": "tiny", "version": "1"}
     for recorded in (None, ""):
         with pytest.raises(model_io.ModelLoadError, match="no model hash was recorded"):
-            runtime.build(directory, {**metadata, "model_sha256": recorded}, None, "cpu")
+            runtime.build(
+                directory, {**metadata, "model_sha256": recorded}, None, "cpu", spec=tiny_spec
+            )
     good = {**metadata, "model_sha256": model_io.sha256_of(directory / model_io.MODEL_FILE)}
-    assert runtime.build(directory, good, None, "cpu").version == "1"
+    assert runtime.build(directory, good, None, "cpu", spec=tiny_spec).version == "1"
 
 
 # --- patient-grouped inner splits --------------------------------------------------------------
