@@ -17,18 +17,20 @@ variable (JSON) both hold ``{"keys": [{"id": ..., "sha256": ..., "roles": [...]}
     app = AuthMiddleware(JsonOnlyMiddleware(BodyLimitMiddleware(app, 1 << 20)), keystore, ...)
 
 Put ``AuthMiddleware`` outside the others (as above) so that a caller without a key is
-turned away before the service looks at, or buffers, any of its body.
+turned away from the headers alone, before the service looks at, waits for or buffers
+any of its body; open paths (probes, docs, metrics) take no body at all.
 
 Nothing here logs or returns a secret, and a rejected request is answered without echoing
-anything it sent.
+anything it sent. Refusals are reported to :mod:`serving.refusals` (counted, and logged
+and audited in aggregate).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import os
 import re
 import secrets
@@ -38,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from clinml.errors import ClinmlError
-
-logger = logging.getLogger(__name__)
 
 ROLES = ("predict", "explain", "admin")
 # The role each protected path needs; a path neither here nor exempt needs ``admin``.
@@ -380,8 +380,43 @@ def _presented_secret(scope: Scope) -> str | None:
     return bearer or api_key
 
 
+class OpenPaths:
+    """The paths served without a key: ``path in open_paths``.
+
+    Args:
+        exempt: paths; an entry ending in "/" (other than "/" itself) opens everything
+            under it, except paths with dot segments.
+    """
+
+    def __init__(self, exempt: Iterable[str] = DEFAULT_EXEMPT) -> None:
+        exempt = set(exempt)
+        self._paths = frozenset(p for p in exempt if p == "/" or not p.endswith("/"))
+        self._prefixes = tuple(sorted(p for p in exempt if p != "/" and p.endswith("/")))
+
+    def __contains__(self, path: object) -> bool:
+        if not isinstance(path, str):
+            return False
+        if path in self._paths:
+            return True
+        if not path.startswith(self._prefixes):
+            return False
+        # "/static_content/../predict" must not ride on the exemption.
+        return not any(part in (".", "..") for part in path.split("/"))
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (a non-zero length, or chunked)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length" and value.strip() != b"0":
+            return True
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
 class AuthMiddleware:
-    """Require an API key holding the right role on every path that is not exempt.
+    """Require an API key holding the right role on every path that is not open; answer
+    a request to an open path that carries a body with 413, without reading it.
 
     Args:
         app: the ASGI application to protect.
@@ -393,8 +428,12 @@ class AuthMiddleware:
         protect_metrics: require a key for ``/metrics`` too (role from ``rules``, else
             ``admin``).
 
+    Every refusal is answered from the headers alone, so a caller without a key holds
+    no body buffer, no slot and no worker, and is reported to
+    :mod:`serving.refusals` (counted, logged and audited in aggregate).
+
     On success the key's id is put in ``scope["state"]["clinml_key_id"]`` (``request.state
-    .clinml_key_id`` in Starlette) for the audit trail.
+    .clinml_key_id`` in Starlette) for the audit trail and the per-key limit.
     """
 
     def __init__(
@@ -404,12 +443,9 @@ class AuthMiddleware:
         rules: Mapping[str, str] | None = None,
         exempt: Iterable[str] | None = None,
         protect_metrics: bool = False,
-        on_refuse: Callable[[str, int], None] | None = None,
     ) -> None:
         self.app = app
         self.keystore = keystore
-        # Told (rule path or "other", status) for every refusal, e.g. to count it.
-        self.on_refuse = on_refuse
         self.rules = dict(DEFAULT_RULES if rules is None else rules)
         bad = sorted({role for role in self.rules.values() if role not in ROLES})
         if bad:
@@ -417,16 +453,10 @@ class AuthMiddleware:
         exempt = set(DEFAULT_EXEMPT if exempt is None else exempt)
         if protect_metrics:
             exempt.discard(METRICS_PATH)
-        self._exempt_paths = frozenset(p for p in exempt if p == "/" or not p.endswith("/"))
-        self._exempt_prefixes = tuple(sorted(p for p in exempt if p != "/" and p.endswith("/")))
+        self.open_paths = OpenPaths(exempt)
 
     def is_exempt(self, path: str) -> bool:
-        if path in self._exempt_paths:
-            return True
-        if not path.startswith(self._exempt_prefixes):
-            return False
-        # "/static_content/../predict" must not ride on the exemption.
-        return not any(part in (".", "..") for part in path.split("/"))
+        return path in self.open_paths
 
     def required_role(self, path: str) -> str:
         return self.rules.get(path, "admin")
@@ -436,25 +466,21 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        if self.is_exempt(path):
+        if path in self.open_paths:
+            if scope["type"] == "http" and has_body(scope):
+                await _refuse(scope, send, 413, NO_BODY)
+                return
             await self.app(scope, receive, send)
             return
         role = self.required_role(path)
-        # The path is logged only when it is one the rules name: others are caller-chosen.
-        shown = path if path in self.rules else "an unlisted path"
         presented = _presented_secret(scope)
         key = self.keystore.authenticate(presented) if presented else None
         if key is None:
-            logger.info("rejected request to %s: missing or invalid API key", shown)
-            self._count(path, 401)
-            await self._refuse(scope, send, 401, "missing or invalid API key")
+            await _refuse(scope, send, 401, "missing or invalid API key")
             return
         if role not in key.roles:
-            logger.info(
-                "rejected request to %s: API key %r lacks the %r role", shown, key.key_id, role
-            )
-            self._count(path, 403)
-            await self._refuse(scope, send, 403, f"API key '{key.key_id}' lacks the '{role}' role")
+            detail = f"API key '{key.key_id}' lacks the '{role}' role"
+            await _refuse(scope, send, 403, detail, key.key_id)
             return
         state = scope.get("state")
         if state is None:
@@ -462,18 +488,35 @@ class AuthMiddleware:
         state["clinml_key_id"] = key.key_id
         await self.app(scope, receive, send)
 
-    def _count(self, path: str, status: int) -> None:
-        if self.on_refuse is not None:
-            self.on_refuse(path if path in self.rules else "other", status)
 
-    @staticmethod
-    async def _refuse(scope: Scope, send: Send, status: int, detail: str) -> None:
-        if scope["type"] == "websocket":
-            # Closing before accepting turns the handshake into an HTTP 403.
-            await send({"type": "websocket.close", "code": 1008, "reason": detail})
-            return
-        headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
-        await send_json(send, status, {"detail": detail}, headers)
+NO_BODY = "this path takes no request body"
+
+
+def key_id_of(scope: Scope) -> str | None:
+    """The id of the key that authenticated the request, if any."""
+    state = scope.get("state")
+    return state.get("clinml_key_id") if state else None
+
+
+async def _refuse(
+    scope: Scope,
+    send: Send,
+    status: int,
+    detail: str,
+    key_id: str | None = None,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Report the refusal (:mod:`serving.refusals`) and answer it; ``detail`` is clinml's
+    own text, never anything the caller sent."""
+    from serving import refusals
+
+    refusals.record(scope.get("path", ""), status, key_id, detail)
+    if scope["type"] == "websocket":
+        # Closing before accepting turns the handshake into an HTTP 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": detail})
+        return
+    headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+    await send_json(send, status, {"detail": detail}, [*headers, *extra_headers])
 
 
 class JsonOnlyMiddleware:
@@ -499,7 +542,8 @@ class JsonOnlyMiddleware:
                 elif name == b"transfer-encoding":
                     has_body = True
             if has_body and not is_json(content_type):
-                await send_json(send, 415, {"detail": "the body must be application/json"})
+                detail = "the body must be application/json"
+                await _refuse(scope, send, 415, detail, key_id_of(scope))
                 return
         await self.app(scope, receive, send)
 
@@ -512,51 +556,64 @@ def is_json(content_type: bytes | None) -> bool:
 
 
 class BodyLimitMiddleware:
-    """Answer 413 to a request whose body is larger than ``max_bytes``.
+    """Answer 413 to a request whose body is larger than ``max_bytes``, and 408 to one
+    whose body does not arrive in full within ``timeout_s``.
 
     A ``Content-Length`` above the limit is refused before any of the body is read. Other
     bodies (chunked, or a length that lies) are read into memory up to the limit and
     handed to the app only once complete, so the app never sees a body it would have to
-    abandon halfway; the first byte past the limit ends reading and answers 413.
+    abandon halfway; the first byte past the limit ends reading and answers 413. A body
+    that trickles in is cut off at ``timeout_s`` (``CLINML_BODY_TIMEOUT_S``), so a slow
+    sender holds its slot no longer than that; the 408 closes the connection.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 10.0) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         too_large = f"request body larger than {self.max_bytes} bytes"
+        key_id = key_id_of(scope)
         for name, value in scope.get("headers") or ():
             if name.lower() == b"content-length":
                 try:
                     length = int(value)
                 except ValueError:
-                    await send_json(send, 400, {"detail": "invalid Content-Length header"})
+                    await _refuse(scope, send, 400, "invalid Content-Length header", key_id)
                     return
                 if length > self.max_bytes:
-                    await send_json(send, 413, {"detail": too_large})
+                    await _refuse(scope, send, 413, too_large, key_id)
                     return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left; there is nobody to answer
-            if message["type"] != "http.request":
-                continue
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await send_json(send, 413, {"detail": too_large})
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left; there is nobody to answer
+                    if message["type"] != "http.request":
+                        continue
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        await _refuse(scope, send, 413, too_large, key_id)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            detail = f"request body not received within {self.timeout_s:g} s"
+            await _refuse(scope, send, 408, detail, key_id, [(b"connection", b"close")])
+            return
         body = b"".join(chunks)
         replayed = False
 

@@ -8,59 +8,84 @@ fast for small requests; behind admitted large ones it waits for their work on t
 event loop. docs/benchmarks.md ("Reliability") has the measurements
 (``bench/reliability_bench.py --only overload``).
 
+Only admitted work counts: the middleware sits inside the key check, so a request
+without a valid key never takes a slot, and open paths (probes, docs, metrics) are
+neither counted nor shed. Each key may hold at most ``max_per_key`` of the slots, so one
+caller cannot starve the others (issue 19: two ``/explain`` clients raised everyone's
+p95 a hundredfold).
+
 BentoML has the same idea (``traffic.max_concurrency``), but answers in its own error
 shape and counts nothing; this one answers like every other clinml error, with
-``Retry-After``, and reports each refusal.
+``Retry-After``, and reports each refusal (:mod:`serving.refusals`).
 
-    app = ShedMiddleware(app, max_in_flight=128, on_shed=count)
+    app = ShedMiddleware(app, max_in_flight=128, max_per_key=32)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Container
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.auth import send_json
-
-# Probes and scrapes are never shed: an overloaded service is alive and must say so.
-EXEMPT = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+from serving.auth import OpenPaths, _refuse, key_id_of
 
 
 class ShedMiddleware:
     """Answer 429 with ``Retry-After: 1`` to a request that arrives while
-    ``max_in_flight`` others are being answered.
+    ``max_in_flight`` others are being answered, or while its key has ``max_per_key``
+    requests in flight.
 
     Args:
         app: the ASGI app.
-        max_in_flight: requests answered at once by this worker (one event loop, so a
-            plain counter is exact).
-        on_shed: called with the path of each refused request (the service counts them
-            on ``/metrics``); it must be quick and must not raise.
+        max_in_flight: requests answered at once by this worker (one event loop, so plain
+            counters are exact).
+        max_per_key: requests one API key may have in flight; 0 for no per-key limit.
+            Requests without a key id (authentication off) share one budget, the whole.
+        open_paths: paths never counted or shed (default: ``serving.auth``'s open paths).
     """
 
     def __init__(
-        self, app: ASGIApp, max_in_flight: int, on_shed: Callable[[str], None] | None = None
+        self,
+        app: ASGIApp,
+        max_in_flight: int,
+        max_per_key: int = 0,
+        open_paths: Container[str] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if max_per_key < 0:
+            raise ValueError("max_per_key must be >= 0")
         self.app = app
         self.max_in_flight = max_in_flight
+        self.max_per_key = max_per_key
+        self.open_paths = OpenPaths() if open_paths is None else open_paths
         self.in_flight = 0
-        self._on_shed = on_shed
-        self._detail = {"detail": f"over capacity ({max_in_flight} requests in flight); retry"}
+        self.per_key: dict[str, int] = {}
+        self._full = f"over capacity ({max_in_flight} requests in flight); retry"
+        self._key_full = f"this API key has {max_per_key} requests in flight; retry"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
+        key_id = key_id_of(scope)
+        held = self.per_key.get(key_id, 0) if key_id is not None else 0
         if self.in_flight >= self.max_in_flight:
-            if self._on_shed is not None:
-                self._on_shed(scope["path"])
-            await send_json(send, 429, self._detail, [(b"retry-after", b"1")])
+            await _refuse(scope, send, 429, self._full, key_id, [(b"retry-after", b"1")])
+            return
+        if self.max_per_key and key_id is not None and held >= self.max_per_key:
+            await _refuse(scope, send, 429, self._key_full, key_id, [(b"retry-after", b"1")])
             return
         self.in_flight += 1
+        if key_id is not None:
+            self.per_key[key_id] = held + 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            if key_id is not None:
+                left = self.per_key[key_id] - 1
+                if left:
+                    self.per_key[key_id] = left
+                else:
+                    del self.per_key[key_id]

@@ -69,7 +69,7 @@ def install_metric_paths(known: frozenset[str]) -> None:
         known_paths: frozenset[str] = known
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "http" and scope["path"] not in self.known_paths:
+            if scope["type"] in ("http", "websocket") and scope["path"] not in self.known_paths:
                 await self.app(scope, receive, send)
                 return
             await super().__call__(scope, receive, send)

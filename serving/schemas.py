@@ -99,6 +99,8 @@ class Schemas:
     predict_dicts: type[BaseModel]
     # every field name these schemas know: what an error's location may name
     names: frozenset[str] = frozenset()
+    # ``explain_request`` with TypedDict records, as ``predict_dicts``; /explain uses it.
+    explain_dicts: type[BaseModel] | None = None
 
 
 UNEXPECTED = "(unexpected field)"
@@ -159,17 +161,24 @@ def build(spec: UseCaseSpec, max_records: int) -> Schemas:
         {name: Annotated[kind, info] for name, (kind, info) in fields.items()},
     )
     record_dict.__pydantic_config__ = RECORD_CONFIG  # type: ignore[attr-defined]
-    predict_dicts = create_model(
-        "PredictRequest",
+    record_dicts = Annotated[list[record_dict], Field(min_length=1, max_length=max_records)]  # type: ignore[valid-type]
+    predict_dicts = create_model("PredictRequest", __config__=STRICT, records=(record_dicts, ...))
+    explain_dicts = create_model(
+        "ExplainRequest",
         __config__=STRICT,
-        records=(
-            Annotated[list[record_dict], Field(min_length=1, max_length=max_records)],  # type: ignore[valid-type]
-            ...,
-        ),
+        records=(record_dicts, ...),
+        top_k=(int, Field(default=5, ge=1, le=len(spec.features))),
     )
     names = frozenset(
         [*fields, "body", "records", "top_k", "patient_ids", "as_of", *spec.feature_names]
     )
     return Schemas(
-        record, records, predict_request, explain_request, patient_request, predict_dicts, names
+        record,
+        records,
+        predict_request,
+        explain_request,
+        patient_request,
+        predict_dicts,
+        names,
+        explain_dicts,
     )

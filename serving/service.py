@@ -8,9 +8,9 @@ or ``bentoml serve serving.service:ClinicalService``. The use case comes from
 The endpoints are an ASGI app mounted on the BentoML service, so clinml controls every
 status code and error body (validation errors name the field and never echo the value)
 and the OpenAPI document at ``/docs.json`` describes all of them. The two prediction
-endpoints are answered straight from ASGI messages (:class:`HotEndpoint`: the body is
-validated by pydantic's Rust JSON parser, the answer is encoded once); the others are
-FastAPI routes. docs/benchmarks.md has the measurements behind that split.
+endpoints and ``/explain`` are answered straight from ASGI messages (:class:`HotEndpoint`:
+the body is validated by pydantic's Rust JSON parser, the answer is encoded once); the
+others are FastAPI routes. docs/benchmarks.md has the measurements behind that split.
 
 ``POST /predict``          records of features -> probability, label, risk band
 ``POST /predict_patient``  patient ids (+ as-of time) -> features from the Feast online
@@ -33,6 +33,7 @@ adaptive batching that this one calls through ``bentoml.depends``
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -54,10 +55,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
-from serving import redaction, schemas, timeouts
-from serving.auth import send_json
+from serving import httpguard, redaction, refusals, schemas, timeouts
+from serving.auth import DEFAULT_EXEMPT, OpenPaths, send_json
 from serving.coalesce import Coalescer
 from serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
+from serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
@@ -65,6 +67,9 @@ log = logging.getLogger("bentoml.clinml")
 # BentoML's request timeout leaves a live timer per request for the whole timeout; this
 # one cancels it when the answer starts (serving/timeouts.py has the measurements).
 timeouts.install()
+# Header size, count and time limits and no protocol upgrades, before any middleware runs
+# (serving/httpguard.py has the findings behind each).
+httpguard.install(SETTINGS.max_header_bytes, SETTINGS.max_headers, SETTINGS.header_timeout_s)
 
 # The request schemas are generated from the spec, so they must exist when the routes are
 # defined. Reading settings and the spec (in serving.executor) touches no state.
@@ -72,6 +77,7 @@ SCHEMAS = schemas.build(SPEC, SETTINGS.max_records_per_request)
 PredictRequest = SCHEMAS.predict_request
 PredictDicts = SCHEMAS.predict_dicts  # PredictRequest, validated into dicts
 ExplainRequest = SCHEMAS.explain_request
+ExplainDicts = SCHEMAS.explain_dicts  # ExplainRequest, validated into dicts
 PatientRequest = SCHEMAS.patient_request
 ROLES = {
     "/predict": "predict",
@@ -83,27 +89,41 @@ ROLES = {
 }
 # Only these paths reach BentoML's request metrics as labels: any other path is text the
 # caller chose (redaction.install_metric_paths).
-redaction.install_metric_paths(
-    frozenset([*ROLES, "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/docs", "/"])
+METRIC_PATHS = frozenset(["/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/docs", "/"])
+redaction.install_metric_paths(frozenset([*ROLES, *METRIC_PATHS]))
+# Refusals are reported under these names; any other path is "other".
+refusals.RECORDER.known_paths = frozenset([*ROLES, *METRIC_PATHS])
+# Served without a key, and neither audited nor shed (serving/auth.py).
+OPEN_PATHS = OpenPaths(
+    [p for p in DEFAULT_EXEMPT if not (p == "/metrics" and SETTINGS.protect_metrics)]
 )
 
 ERRORS = {
     401: {"model": schemas.ErrorResponse, "description": "Missing or invalid API key."},
     403: {"model": schemas.ErrorResponse, "description": "The key lacks the endpoint's role."},
     400: {"model": schemas.ErrorResponse, "description": "The body could not be read."},
+    408: {
+        "model": schemas.ErrorResponse,
+        "description": "The body did not arrive in time (CLINML_BODY_TIMEOUT_S).",
+    },
     413: {"model": schemas.ErrorResponse, "description": "Request body too large."},
     415: {"model": schemas.ErrorResponse, "description": "The body is not application/json."},
-    429: {"model": schemas.ErrorResponse, "description": "Over capacity: retry after 1 s."},
+    429: {
+        "model": schemas.ErrorResponse,
+        "description": "Over capacity, overall or for this key: retry after 1 s.",
+    },
+    431: {"model": schemas.ErrorResponse, "description": "Request headers too large."},
     422: {"model": schemas.ErrorResponse, "description": "Invalid input (never echoed)."},
     503: {"model": schemas.ErrorResponse, "description": "Not ready, or the audit trail is down."},
 }
 
 
 class ClinicalAPI(FastAPI):
-    """The FastAPI app, except that ``POST /predict`` and ``POST /predict_patient`` go
-    straight to their :class:`HotEndpoint`, past FastAPI's app-level middleware (about
-    8% of a request's time in a profile, docs/benchmarks.md). Their routes stay in the
-    router too, so BentoML's mount matches them and other methods get a 405."""
+    """The FastAPI app, except that ``POST /predict``, ``/predict_patient`` and
+    ``/explain`` go straight to their :class:`HotEndpoint`, past FastAPI's app-level
+    middleware (about 8% of a request's time in a profile, docs/benchmarks.md). Their
+    routes stay in the router too, so BentoML's mount matches them and other methods get
+    a 405."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -188,6 +208,21 @@ class Metrics:
             ["name", "version", "alias"],
             multiprocess_mode="livemax",
         )
+        # For an external witness of the request audit trail (docs/security.md, T9): a
+        # record count and the last record's hash, as of the latest durable write. A
+        # gauge holds a float, so the hash is given as its first 52 bits, an integer a
+        # float holds exactly; a rewritten chain changes it with odds of 1 in 2**52.
+        self.audit_records = Gauge(
+            "clinml_audit_records",
+            "Records in the request audit trail after its latest durable write.",
+            multiprocess_mode="livemostrecent",
+        )
+        self.audit_head = Gauge(
+            "clinml_audit_head_hash_prefix",
+            "The first 52 bits (13 hex digits) of the last audit record's hash, as an integer.",
+            multiprocess_mode="livemostrecent",
+        )
+        self._audit_exported: Any = None
         self._series: dict[Any, Any] = {}
 
     def observe(self, endpoint: str, seconds: float, labels: Sequence[str]) -> None:
@@ -207,6 +242,15 @@ class Metrics:
                 counter = self._series[key] = self.predictions.labels(endpoint, label)
             counter.inc(count)
 
+    def export_audit_head(self, head: tuple[int, str] | None) -> None:
+        """Put the request audit trail's ``(count, last hash)`` on /metrics when it moved."""
+        if head is None or head == self._audit_exported:
+            return
+        self._audit_exported = head
+        count, last_hash = head
+        self.audit_records.set(count)
+        self.audit_head.set(int(last_hash[:13], 16))
+
     @classmethod
     def get(cls) -> Metrics:
         if cls._made is None:
@@ -219,15 +263,23 @@ class Metrics:
         self.model.labels(model.name, model.version, model.alias).set(1)
 
 
+# Records /explain works through, inline, before it lets other requests on the worker
+# run (ClinicalService.explain).
+EXPLAIN_CHUNK = 16
+
 # After the online store fails a read, /predict_patient answers 503 without trying it for
 # this long (ClinicalService.read_online).
 STORE_RETRY_S = 1.0
 
 ERROR_KINDS = {
+    400: "bad_request",
     401: "auth",
     403: "auth",
     404: "not_found",
+    408: "too_slow",
     413: "too_large",
+    415: "not_json",
+    431: "headers_too_large",
     422: "invalid_input",
     429: "overloaded",
     503: "unavailable",
@@ -270,6 +322,15 @@ def _reaching_the_executor() -> Iterator[None]:
         ) from None
 
 
+@contextmanager
+def _model_loaded() -> Iterator[None]:
+    """An inline executor without a model (the one at start was refused) is a 503."""
+    try:
+        yield
+    except NoModelLoaded as exc:
+        raise ServiceUnavailable(str(exc)) from None
+
+
 def _ref(info: dict[str, Any]) -> schemas.ModelRef:
     """The model reference in an executor's ``describe()``."""
     return schemas.ModelRef(name=SPEC.name, version=info["version"], alias=info["alias"])
@@ -309,6 +370,7 @@ class ClinicalService:
         executor = bentoml.depends(ModelExecutor, url=SETTINGS.executor_url)
 
     def __init__(self) -> None:
+        from clinml.audit import Checkpoints
         from serving.requestlog import PredictionLog, RequestAudit
 
         redaction.install(SCHEMAS.names)
@@ -316,15 +378,27 @@ class ClinicalService:
         self.metrics = Metrics.get()
         self.model: schemas.ModelRef | None = None  # the last version seen to answer
         self._bound: dict[str, Any] = {}
+        self._explaining: asyncio.Semaphore | None = None  # see explain()
         self.coalescer: Coalescer[Scored] | None = None
         if SETTINGS.execution == "inline":
             self.executor = ModelExecutor()
             info = self.executor.describe()
-            self.seen(_ref(info))
+            if info.get("loaded"):  # else not ready, and describe() says why
+                self.seen(_ref(info))
             if SETTINGS.batching:  # concurrent requests share one model call
                 self.coalescer = Coalescer(self._local("predict"), SETTINGS.max_batch_size)
         paths = SETTINGS.paths.usecase(SPEC.name)
-        self.audit = RequestAudit(SETTINGS.paths.request_audit_log)
+        checkpoints = Checkpoints.from_settings(SETTINGS)  # None without CLINML_AUDIT_KEY
+        if checkpoints is None:
+            log.warning(
+                "CLINML_AUDIT_KEY is not set: the request audit trail is not checkpointed, "
+                "so a cut-off tail or a deleted trail cannot be detected (docs/security.md, T9)"
+            )
+        self.audit = RequestAudit(
+            SETTINGS.paths.request_audit_log,
+            checkpoints=checkpoints,
+            checkpoint_interval_s=SETTINGS.audit_checkpoint_interval_s,
+        )
         self.predictions = PredictionLog(paths.predictions, on_drop=self.metrics.log_dropped.inc)
         self.pseudonymiser = SETTINGS.pseudonymiser()
         self._store_lock = threading.Lock()
@@ -333,6 +407,7 @@ class ClinicalService:
         self.lookups: Coalescer[Any] | None = None
         if SETTINGS.batching:  # /predict_patient: one store read for requests together
             self.lookups = Coalescer(self.read_online, SETTINGS.max_batch_size)
+        refusals.RECORDER.sink = self.audit_refusals
         # Everything loaded so far (the frameworks, the model) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise
         # walk it all and stall every request in flight (the p99 tail, docs/benchmarks.md).
@@ -343,14 +418,31 @@ class ClinicalService:
         """Write what the request audit trail and the prediction log still hold before
         the worker exits (SIGTERM from Kubernetes, Ctrl-C on ``clinml serve``). Only a
         SIGKILL loses the records of the last few milliseconds (docs/security.md)."""
+        refusals.RECORDER.flush()
         self.audit.close()
         self.predictions.close()
+
+    def audit_refusals(self, endpoint: str, status: int, key_id: str | None, count: int) -> None:
+        """One audit record for ``count`` refusals of one kind (serving.refusals)."""
+        self.audit.submit(
+            {
+                "request_id": uuid.uuid4().hex,
+                "key_id": key_id,
+                "endpoint": endpoint,
+                "model_version": self.current_version(),
+                "patient": None,
+                "outcome": status,
+                "latency_ms": 0.0,
+                "count": count,
+            }
+        )
 
     # -- readiness -------------------------------------------------------------------
 
     def __is_ready__(self) -> bool:
         if not self.audit.healthy:
             return False
+        self.metrics.export_audit_head(self.audit.head)
         try:
             info = self.describe()
         except ExecutionUnavailable:
@@ -409,7 +501,8 @@ class ClinicalService:
     def _execute(self, method: str, *args: Any) -> Any:
         """Call the executor; a split executor that cannot be reached is a 503."""
         if SETTINGS.execution == "inline":
-            return self._local(method)(*args)
+            with _model_loaded():
+                return self._local(method)(*args)
         with _reaching_the_executor():
             return getattr(self.executor, method)(*args)
 
@@ -425,18 +518,55 @@ class ClinicalService:
         """``_execute`` for the endpoints, which run on the event loop: inline, the model
         runs right here (no hop to a worker thread); split, the executor is awaited."""
         if SETTINGS.execution == "inline":
-            return self._local(method)(*args)
+            with _model_loaded():
+                return self._local(method)(*args)
         with _reaching_the_executor():
             return await getattr(self.executor.to_async, method)(*args)
 
     async def score(self, records: list[dict[str, Any]]) -> Scores:
         if self.coalescer is not None:
-            scored = await self.coalescer(records)
+            with _model_loaded():
+                scored = await self.coalescer(records)
         else:
             scored = await self._execute_async("predict", records)
         scores = Scores.of(scored)
         self.seen(scores.model)
         return scores
+
+    async def explain(self, records: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
+        """The executor's explanation of ``records`` (``ModelExecutor.explain``).
+
+        Inline, the records are explained ``EXPLAIN_CHUNK`` at a time, going back to the
+        event loop between chunks, so the other requests on this worker are answered in
+        between instead of after the whole call (issue 19: two clients sending large
+        /explain calls raised everyone's p95 a hundredfold). Every chunk must come from
+        the same model version; if the champion changed in between, the records are
+        explained again in one piece. One such call runs at a time (the others wait
+        without holding the loop), so each turn of the loop runs at most one chunk."""
+        if SETTINGS.execution != "inline" or len(records) <= EXPLAIN_CHUNK:
+            return await self._execute_async("explain", records, top_k)  # type: ignore[no-any-return]
+        if self._explaining is None:  # made on the event loop that serves the requests
+            self._explaining = asyncio.Semaphore(1)
+        async with self._explaining:  # one large explanation at a time, in arrival order
+            return await self._explain_in_chunks(records, top_k)
+
+    async def _explain_in_chunks(self, records: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
+        parts = []
+        for start in range(0, len(records), EXPLAIN_CHUNK):
+            if parts:
+                await asyncio.sleep(0)  # let the requests waiting on the loop run
+            chunk = records[start : start + EXPLAIN_CHUNK]
+            part = await self._execute_async("explain", chunk, top_k)
+            if part.get("error"):
+                return part  # type: ignore[no-any-return]
+            parts.append(part)
+        if len({scored[1] for part in parts for scored in part["scored"]}) > 1:
+            return await self._execute_async("explain", records, top_k)  # type: ignore[no-any-return]
+        return {
+            "scored": [scored for part in parts for scored in part["scored"]],
+            "method": parts[0]["method"],
+            "contributions": [row for part in parts for row in part["contributions"]],
+        }
 
     def describe(self) -> dict[str, Any]:
         return self._execute("describe")
@@ -522,6 +652,7 @@ class _Call:
         self.started = time.perf_counter()
         self.version: str | None = None  # set by score(); else the last version seen
         self.patients: list[str] | None = None
+        self.closed = False  # its audit record was submitted
 
     async def score(self, records: list[dict[str, Any]]) -> Scores:
         scores = await self.service.score(records)
@@ -531,8 +662,10 @@ class _Call:
     def done(self, status: int, labels: Sequence[str] = ()) -> bool:
         """Time the request and queue its audit record; False when the trail refused the
         record (its queue is full), so that a 200 is not sent unaudited (``audited``)."""
+        self.closed = True
         metrics = self.service.metrics
         metrics.observe(self.endpoint, time.perf_counter() - self.started, labels)
+        metrics.export_audit_head(self.service.audit.head)
         if status >= 400:
             metrics.errors.labels(self.endpoint, ERROR_KINDS.get(status, str(status))).inc()
         return self.service.audit.submit(
@@ -547,6 +680,49 @@ class _Call:
                 "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
             }
         )
+
+
+class AuditEveryRequest:
+    """Audit every admitted request that the hot endpoints (``HOT``) do not audit
+    themselves, whatever its outcome: ``GET /model``, ``/model/card``, ``/admin/reload``,
+    a 404 for an unknown path, a 405, a 500.
+
+    The innermost middleware: refusals by the ones outside it are audited in aggregate
+    (serving/refusals.py), and open paths (probes, docs, metrics) are not audited. Calls
+    are closed here with the status that was sent. While the trail is down, 503, as for
+    predictions."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path in OPEN_PATHS
+            or (scope["method"] == "POST" and path in HOT)  # HotEndpoint audits these
+        ):
+            await self.app(scope, receive, send)
+            return
+        service = bentoml.get_current_service()
+        try:
+            call = _Call(service, scope, path if path in ROLES else "other")
+        except ServiceUnavailable as exc:
+            await send_json(send, 503, {"detail": str(exc)})
+            return
+        status = 500  # unless a response starts
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            if not call.closed:
+                call.done(status)
 
 
 def audited(call: _Call, labels: Sequence[str]) -> None:
@@ -635,12 +811,64 @@ async def predict_patient(service: ClinicalService, call: _Call, body: bytes) ->
 UNKNOWN = "no features in the online store for this patient"
 
 
+async def explain(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
+    """Each record's top-k input features by absolute contribution. Trees: path
+    attribution (Saabas); SVM and MLP: gradient x input in the standardised space. The
+    response's ``method`` says which, and on what scale. At most
+    ``CLINML_MAX_EXPLAIN_COST`` records x top_k per call (422 ``too_costly`` above it)."""
+    request = ExplainDicts.model_validate_json(body)
+    records, top_k = request.records, request.top_k  # type: ignore[attr-defined]
+    cost = len(records) * top_k
+    if cost > SETTINGS.max_explain_cost:
+        problem = {
+            "loc": ["body", "records"],
+            "msg": f"records x top_k is {cost}, above the limit of {SETTINGS.max_explain_cost}; "
+            "send fewer records or a smaller top_k",
+            "type": "too_costly",
+        }
+        return 422, {"detail": [problem]}
+    result = await service.explain(records, top_k)
+    if result.get("error"):
+        raise ServiceUnavailable(result["error"])
+    scores = Scores.of(result["scored"])
+    service.seen(scores.model)
+    call.version = scores.model.version
+    predictions = service.answer(scores)
+    audited(call, [p["label"] for p in predictions])
+    model = scores.model
+    return 200, {
+        "request_id": call.request_id,
+        "model": {"name": model.name, "version": model.version, "alias": model.alias},
+        "method": result["method"],
+        "explanations": [
+            {
+                **p,
+                "contributions": [{"feature": f, "contribution": float(c)} for f, c in row],
+            }
+            for p, row in zip(predictions, result["contributions"], strict=True)
+        ],
+    }
+
+
+# path -> (handler, request model, summary, response model)
 HOT = {
-    "/predict": (predict, PredictRequest, "Predict for records of features"),
+    "/predict": (
+        predict,
+        PredictRequest,
+        "Predict for records of features",
+        schemas.PredictResponse,
+    ),
     "/predict_patient": (
         predict_patient,
         PatientRequest,
         "Predict for patients, with features from the online store",
+        schemas.PredictResponse,
+    ),
+    "/explain": (
+        explain,
+        ExplainRequest,
+        "Top feature contributions per record",
+        schemas.ExplainResponse,
     ),
 }
 
@@ -698,55 +926,9 @@ class HotEndpoint:
 
 # Answered by ClinicalAPI directly; also first in the router, so they are matched (and a
 # GET gets its 405) before any other route.
-for _path, (_handler, _, _) in HOT.items():
+for _path, (_handler, *_) in HOT.items():
     api.hot[_path] = HotEndpoint(_path, _handler)
     api.router.routes.insert(0, Route(_path, api.hot[_path], methods=["POST"]))
-
-
-@api.post(
-    "/explain",
-    response_model=schemas.ExplainResponse,
-    responses=ERRORS,
-    summary="Top feature contributions per record",
-)
-async def explain(
-    body: ExplainRequest,  # type: ignore[valid-type]
-    request: Request,
-    self: Any = CURRENT,
-) -> schemas.ExplainResponse:
-    """Each record's top-k input features by absolute contribution. Trees: path
-    attribution (Saabas); SVM and MLP: gradient x input in the standardised space. The
-    response's ``method`` says which, and on what scale."""
-    call = _Call(self, request.scope, "/explain")
-    records = [r.model_dump() for r in body.records]  # type: ignore[attr-defined]
-    try:
-        result = await self._execute_async("explain", records, body.top_k)  # type: ignore[attr-defined]
-    except ServiceUnavailable:
-        call.done(503)
-        raise
-    if result.get("error"):
-        call.done(503)
-        raise ServiceUnavailable(result["error"])
-    scores = Scores.of(result["scored"])
-    self.seen(scores.model)
-    call.version = scores.model.version
-    predictions = self.answer(scores)
-    contributions = result["contributions"]
-    audited(call, [p["label"] for p in predictions])
-    return schemas.ExplainResponse(
-        request_id=call.request_id,
-        model=scores.model,
-        method=result["method"],
-        explanations=[
-            schemas.Explanation(
-                **p,
-                contributions=[
-                    schemas.Contribution(feature=f, contribution=float(c)) for f, c in row
-                ],
-            )
-            for p, row in zip(predictions, contributions, strict=True)
-        ],
-    )
 
 
 @api.get("/model", responses=ERRORS, summary="The model version being served")
@@ -765,7 +947,16 @@ def model_card(self: Any = CURRENT) -> HTMLResponse:
     html = self._execute("card")
     if not html:
         raise StarletteHTTPException(404, "this model version has no model card")
-    return HTMLResponse(html)
+    return HTMLResponse(html, headers=CARD_HEADERS)
+
+
+# The card is a static page: whatever is in it (an edited store, a crafted metric name),
+# no script runs, nothing is fetched, and it cannot be framed or sniffed as another type.
+CARD_HEADERS = {
+    "content-security-policy": CARD_CONTENT_SECURITY_POLICY,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 
 
 @api.post("/admin/reload", responses=ERRORS, summary="Switch to the registry's champion")
@@ -848,7 +1039,8 @@ def _document_hot_paths(document: dict[str, Any]) -> None:
     from pydantic.json_schema import models_json_schema
 
     models = [(hot[1], "validation") for hot in HOT.values()]
-    models += [(schemas.PredictResponse, "serialization"), (schemas.ErrorResponse, "serialization")]
+    models += [(hot[3], "serialization") for hot in HOT.values()]
+    models += [(schemas.ErrorResponse, "serialization")]
     refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     document.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
 
@@ -868,7 +1060,7 @@ def _document_hot_paths(document: dict[str, Any]) -> None:
             "content": content(schemas.ErrorResponse, "serialization"),
         }
     }
-    for path, (handler, request_model, summary) in HOT.items():
+    for path, (handler, request_model, summary, response_model) in HOT.items():
         document["paths"][path] = {
             "post": {
                 "summary": summary,
@@ -881,7 +1073,7 @@ def _document_hot_paths(document: dict[str, Any]) -> None:
                 "responses": {
                     "200": {
                         "description": "Successful Response",
-                        "content": content(schemas.PredictResponse, "serialization"),
+                        "content": content(response_model, "serialization"),
                     },
                     **errors,
                     **(unknown if path == "/predict_patient" else {}),
@@ -894,42 +1086,46 @@ api.openapi = _openapi  # type: ignore[method-assign]
 
 
 def _install_middleware() -> None:
-    """The first added is the outermost: keys are checked before anything looks at a
-    body, then its media type (415), then its size (413)."""
+    """The first added is the outermost. Keys are checked first, from the headers alone,
+    so a caller without one holds nothing; then load shedding, which counts only
+    admitted work (per key too); then the body's media type (415), size (413) and
+    arrival time (408). Every refusal is reported to serving.refusals."""
     from serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware, KeyStore
+    from serving.docs_page import DocsPage
     from serving.overload import ShedMiddleware
 
-    if SETTINGS.max_in_flight:  # outermost: a shed request costs no key check
-        ClinicalService.add_asgi_middleware(
-            ShedMiddleware, max_in_flight=SETTINGS.max_in_flight, on_shed=_count_shed
-        )
+    # clinml's own API docs page and its local Swagger UI files, never BentoML's page
+    # (which loads a third-party script); open, and answered without reading a body.
+    ClinicalService.add_asgi_middleware(DocsPage)
     if SETTINGS.auth:
         api_keys = SETTINGS.api_keys.get_secret_value() if SETTINGS.api_keys else None
         keys_file = SETTINGS.api_keys_path if SETTINGS.api_keys_path.is_file() else None
         keystore = KeyStore.load(keys_file, api_keys)
         ClinicalService.add_asgi_middleware(
-            AuthMiddleware,
-            keystore=keystore,
-            rules=ROLES,
-            protect_metrics=SETTINGS.protect_metrics,
-            on_refuse=_count_refusal,
+            AuthMiddleware, keystore=keystore, rules=ROLES, protect_metrics=SETTINGS.protect_metrics
         )
     else:
         log.warning(
             "API-key authentication is OFF (CLINML_AUTH=false): never do this in production"
         )
+    if SETTINGS.max_in_flight:
+        ClinicalService.add_asgi_middleware(
+            ShedMiddleware,
+            max_in_flight=SETTINGS.max_in_flight,
+            max_per_key=SETTINGS.max_in_flight_per_key,
+            open_paths=OPEN_PATHS,
+        )
     ClinicalService.add_asgi_middleware(JsonOnlyMiddleware)
-    ClinicalService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+    ClinicalService.add_asgi_middleware(
+        BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes, timeout_s=SETTINGS.body_timeout_s
+    )
+    ClinicalService.add_asgi_middleware(AuditEveryRequest)
 
 
-def _count_shed(path: str) -> None:
-    if Metrics._made is not None:
-        Metrics._made.errors.labels(path if path in ROLES else "other", ERROR_KINDS[429]).inc()
-
-
-def _count_refusal(path: str, status: int) -> None:
+def _count_refusal(endpoint: str, status: int) -> None:
     if Metrics._made is not None:  # created with the service instance
-        Metrics._made.errors.labels(path, ERROR_KINDS[status]).inc()
+        Metrics._made.errors.labels(endpoint, ERROR_KINDS.get(status, str(status))).inc()
 
 
+refusals.RECORDER.count = _count_refusal
 _install_middleware()

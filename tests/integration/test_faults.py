@@ -35,6 +35,8 @@ from tests.integration.served import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
+EXECUTOR = "serving.executor:ModelExecutor"  # served on its own, as on a GPU node
+
 
 def _wait_for(condition, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
@@ -168,6 +170,7 @@ def test_an_unwritable_audit_trail_fails_closed_and_loses_no_record(
 ) -> None:
     """Every write of the request audit trail fails (the disk is full) until it does not."""
     from clinml.audit import AuditLog
+    from serving import refusals
 
     service = service_instance()
     trail = service.audit
@@ -177,6 +180,10 @@ def test_an_unwritable_audit_trail_fails_closed_and_loses_no_record(
     def disk_full(fd, data, size):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    # Refusals of earlier tests are audited in aggregate a few seconds later: write them
+    # now, so that no such record meets the full disk before this test's request does.
+    refusals.RECORDER.flush()
+    assert trail.flush(10)
     monkeypatch.setattr(trail._log, "_write", disk_full)
     answered = client.post("/predict", json=body)  # queued before the write fails
     assert answered.status_code == 200
@@ -258,6 +265,61 @@ def test_a_tampered_model_is_refused_and_the_old_one_keeps_serving(client, pipel
     finally:
         model_file.write_bytes(original)
         tracker.client.set_registered_model_alias("pathology", "champion", serving)
+
+
+def test_a_bento_refused_at_start_is_not_ready_and_says_why(
+    pipeline, home: Path, pathology_spec, monkeypatch
+) -> None:
+    """The red-team finding: `operating_threshold: 0.0001` edited into the stored model's
+    model.yaml made every record positive with /readyz 200. Now the model-execution
+    service starts without a model, is not ready, and names the refused artifact."""
+    import subprocess
+
+    import bentoml
+    import httpx
+    import yaml
+
+    from serving import launch
+    from serving.package import import_champion
+    from training.tracking import Tracker
+
+    settings, _, _ = pipeline
+    serve_from_the_session_store(monkeypatch)
+    tag = import_champion(pathology_spec, Tracker.from_settings(settings)).tag  # now latest
+    process = None
+    try:
+        model_yaml = Path(bentoml.models.get(tag).path) / "model.yaml"
+        info = yaml.safe_load(model_yaml.read_text())
+        info["metadata"]["operating_threshold"] = 0.0001
+        model_yaml.write_text(yaml.safe_dump(info, sort_keys=False))
+        url, log_file = f"http://127.0.0.1:{launch.free_port()}", home / "logs" / "refused.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("wb") as log:
+            process = subprocess.Popen(
+                launch.serve_command("127.0.0.1", int(url.rsplit(":", 1)[1]), EXECUTOR),
+                env=launch.service_env(settings, "pathology"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def ready() -> int | None:
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code
+            except httpx.HTTPError:
+                return None
+
+        assert _wait_for(
+            lambda: "refusing the model at start" in log_file.read_text() and ready(), 180
+        ), log_file.read_text()[-2000:]
+        assert ready() == 503
+        described = httpx.post(f"{url}/describe", json={}, timeout=10).json()
+        assert described["loaded"] is False
+        assert "serving metadata" in described["last_error"]
+        assert "0.0001" not in described["last_error"]
+    finally:
+        launch.stop_group(process)
+        bentoml.models.delete(tag)  # the champion imported by the pipeline is latest again
 
 
 # -- SIGKILL -------------------------------------------------------------------------------
