@@ -21,7 +21,7 @@ pathology use case, inline execution, batching on, the default limits), on core 
                of calm and p99 under twice calm.
 ``explain``    ``wrk`` as above at 2 connections, calm and then while two clients with an
                ``explain`` key send ``/explain`` calls as large as the limit allows
-               (``CLINML_MAX_EXPLAIN_COST`` records x top_k) back to back; and how the
+               (``CLINML_MAX_EXPLAIN_RECORDS`` records, top_k 5) back to back; and how the
                1,000-record call of the finding is answered now.
 
     .venv/bin/python bench/attack_bench.py --doc docs/benchmarks.md   # about 4 minutes
@@ -206,10 +206,10 @@ def part_explain(champion, api_keys: str, secrets: dict[str, str], tmp: Path, ar
 
     from clinml.settings import Settings
 
-    cap = Settings().max_explain_cost
+    cap = Settings().max_explain_records
     records = sample_records(champion, 500)
     top_k = 5
-    largest = {"records": (records * 2)[: cap // top_k], "top_k": top_k}
+    largest = {"records": (records * 2)[:cap], "top_k": top_k}
     finding = {"records": (records * 2)[:1000], "top_k": top_k}
     headers = {"Authorization": f"Bearer {secrets['bench']}"}
     script = write_lua(tmp / "one.lua", json.dumps({"records": records[:1]}), headers)
@@ -328,8 +328,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         calm, busy = explain["calm"], explain["with_explain"]
         lines += [
             f"**A greedy `explain` key.** Two clients sent the largest `/explain` the limit "
-            f"allows ({explain['largest_records']} records x top_k 5 = {explain['cap']}, "
-            f"`CLINML_MAX_EXPLAIN_COST`) back to back ({explain['explain_calls']} calls, "
+            f"allows ({explain['largest_records']} records, `CLINML_MAX_EXPLAIN_RECORDS`, "
+            f"top_k 5) back to back ({explain['explain_calls']} calls, "
             f"statuses {explain['explain_statuses']}, p50 "
             f"{explain['explain_p50_ms']:.0f} ms) while wrk sent one-record `/predict` at 2 "
             "connections:",

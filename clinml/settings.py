@@ -180,12 +180,14 @@ class Settings(BaseSettings):
     max_headers: int = Field(
         default=100, ge=8, description="Most header fields in one request; more is answered 431."
     )
-    max_explain_cost: int = Field(
-        default=1_000,
+    max_explain_records: int = Field(
+        default=100,
         ge=1,
-        description="Cap on records x top_k in one /explain call (422 above it): 200 records "
-        "at the default top_k of 5. An explanation costs several predictions and runs on the "
-        "worker's event loop, so this bounds how long one call can delay everyone else's.",
+        le=100_000,
+        description="Cap on records in one /explain call (422 above it; top_k is at most the "
+        "number of features, so records x top_k is bounded too). An explanation costs several "
+        "predictions and runs on the worker's event loop, so this bounds how long one call can "
+        "delay everyone else's.",
     )
     max_batch_size: int = Field(
         default=256, ge=2, le=100_000, description="Most records in one adaptive batch."

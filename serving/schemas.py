@@ -125,8 +125,12 @@ def risk_band(probability: float, threshold: float, bands: list[tuple[str, float
     return bands[-1][0]
 
 
-def build(spec: UseCaseSpec, max_records: int) -> Schemas:
-    """The request schemas for ``spec``: a record model and the endpoints' bodies."""
+def build(spec: UseCaseSpec, max_records: int, max_explain_records: int | None = None) -> Schemas:
+    """The request schemas for ``spec``: a record model and the endpoints' bodies.
+
+    ``/explain`` takes at most ``max_explain_records`` records (and ``max_records``), so
+    that every request the schema allows is one the service answers."""
+    explain_max = min(max_records, max_explain_records or max_records)
     fields = {column.name: _field(column) for column in spec.features}
     stem = "".join(part.capitalize() for part in spec.name.split("_"))
     record = create_model(f"{stem}Record", __config__=RECORD_CONFIG, **fields)
@@ -135,10 +139,11 @@ def build(spec: UseCaseSpec, max_records: int) -> Schemas:
     predict_request = create_model(
         "PredictRequest", __config__=STRICT, records=(records, Field(description="1-N records."))
     )
+    explain_records = Annotated[list[record], Field(min_length=1, max_length=explain_max)]
     explain_request = create_model(
         "ExplainRequest",
         __config__=STRICT,
-        records=(records, ...),
+        records=(explain_records, Field(description=f"1-{explain_max} records.")),
         top_k=(int, Field(default=5, ge=1, le=len(spec.features))),
     )
     ids = Annotated[
@@ -166,7 +171,10 @@ def build(spec: UseCaseSpec, max_records: int) -> Schemas:
     explain_dicts = create_model(
         "ExplainRequest",
         __config__=STRICT,
-        records=(record_dicts, ...),
+        records=(
+            Annotated[list[record_dict], Field(min_length=1, max_length=explain_max)],  # type: ignore[valid-type]
+            ...,
+        ),
         top_k=(int, Field(default=5, ge=1, le=len(spec.features))),
     )
     names = frozenset(
