@@ -404,12 +404,22 @@ class OpenPaths:
         return not any(part in (".", "..") for part in path.split("/"))
 
 
+def open_paths(protect_metrics: bool = False, exempt: Iterable[str] | None = None) -> OpenPaths:
+    """The paths served without a key: ``exempt`` (default ``DEFAULT_EXEMPT``), less
+    ``/metrics`` when it is protected. The one rule for the key check, load shedding and
+    the audit trail alike."""
+    paths = set(DEFAULT_EXEMPT if exempt is None else exempt)
+    if protect_metrics:
+        paths.discard(METRICS_PATH)
+    return OpenPaths(paths)
+
+
 def has_body(scope: Scope) -> bool:
-    """Whether the request announces a body (a non-zero length, or chunked)."""
+    """Whether the request announces a body (a ``Content-Length`` other than 0, or any
+    ``Transfer-Encoding``), judged from the headers alone."""
     for name, value in scope.get("headers") or ():
-        if name == b"content-length" and value.strip() != b"0":
-            return True
-        if name == b"transfer-encoding":
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return True
     return False
 
@@ -450,10 +460,7 @@ class AuthMiddleware:
         bad = sorted({role for role in self.rules.values() if role not in ROLES})
         if bad:
             raise AuthConfigError(f"auth rules name unknown role(s) {', '.join(bad)}")
-        exempt = set(DEFAULT_EXEMPT if exempt is None else exempt)
-        if protect_metrics:
-            exempt.discard(METRICS_PATH)
-        self.open_paths = OpenPaths(exempt)
+        self.open_paths = open_paths(protect_metrics, exempt)
 
     def is_exempt(self, path: str) -> bool:
         return path in self.open_paths
@@ -468,7 +475,7 @@ class AuthMiddleware:
         path = scope.get("path", "")
         if path in self.open_paths:
             if scope["type"] == "http" and has_body(scope):
-                await _refuse(scope, send, 413, NO_BODY)
+                await refuse(scope, send, 413, NO_BODY)
                 return
             await self.app(scope, receive, send)
             return
@@ -476,11 +483,11 @@ class AuthMiddleware:
         presented = _presented_secret(scope)
         key = self.keystore.authenticate(presented) if presented else None
         if key is None:
-            await _refuse(scope, send, 401, "missing or invalid API key")
+            await refuse(scope, send, 401, "missing or invalid API key")
             return
         if role not in key.roles:
             detail = f"API key '{key.key_id}' lacks the '{role}' role"
-            await _refuse(scope, send, 403, detail, key.key_id)
+            await refuse(scope, send, 403, detail, key.key_id)
             return
         state = scope.get("state")
         if state is None:
@@ -498,7 +505,7 @@ def key_id_of(scope: Scope) -> str | None:
     return state.get("clinml_key_id") if state else None
 
 
-async def _refuse(
+async def refuse(
     scope: Scope,
     send: Send,
     status: int,
@@ -532,20 +539,20 @@ class JsonOnlyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            content_type, has_body = None, False
-            for name, value in scope.get("headers") or ():
-                if name == b"content-type":
-                    content_type = value
-                elif name == b"content-length":
-                    has_body = has_body or value.strip() != b"0"
-                elif name == b"transfer-encoding":
-                    has_body = True
-            if has_body and not is_json(content_type):
-                detail = "the body must be application/json"
-                await _refuse(scope, send, 415, detail, key_id_of(scope))
-                return
+        if scope["type"] == "http" and has_body(scope) and not is_json(_content_type(scope)):
+            detail = "the body must be application/json"
+            await refuse(scope, send, 415, detail, key_id_of(scope))
+            return
         await self.app(scope, receive, send)
+
+
+def _content_type(scope: Scope) -> bytes | None:
+    """The request's ``Content-Type`` (the last one, when it is sent twice)."""
+    found = None
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"content-type":
+            found = value
+    return found
 
 
 def is_json(content_type: bytes | None) -> bool:
@@ -587,10 +594,10 @@ class BodyLimitMiddleware:
                 try:
                     length = int(value)
                 except ValueError:
-                    await _refuse(scope, send, 400, "invalid Content-Length header", key_id)
+                    await refuse(scope, send, 400, "invalid Content-Length header", key_id)
                     return
                 if length > self.max_bytes:
-                    await _refuse(scope, send, 413, too_large, key_id)
+                    await refuse(scope, send, 413, too_large, key_id)
                     return
         chunks: list[bytes] = []
         size = 0
@@ -605,14 +612,14 @@ class BodyLimitMiddleware:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > self.max_bytes:
-                        await _refuse(scope, send, 413, too_large, key_id)
+                        await refuse(scope, send, 413, too_large, key_id)
                         return
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             detail = f"request body not received within {self.timeout_s:g} s"
-            await _refuse(scope, send, 408, detail, key_id, [(b"connection", b"close")])
+            await refuse(scope, send, 408, detail, key_id, [(b"connection", b"close")])
             return
         body = b"".join(chunks)
         replayed = False

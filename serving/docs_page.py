@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from clinml.errors import ClinmlError
-from serving.auth import ASGIApp, Receive, Scope, Send, send_json
+from serving.auth import NO_BODY, ASGIApp, Receive, Scope, Send, has_body, refuse, send_json
 
 PAGE_PATHS = frozenset({"/", "/docs"})
 ASSET_PREFIX = "/docs/assets/"
@@ -59,7 +59,6 @@ _SECURITY_HEADERS = (
     (b"x-frame-options", b"DENY"),  # frame-ancestors, for browsers that predate it
 )
 IMMUTABLE = b"public, max-age=31536000, immutable"
-NO_BODY = "this path takes no request body"
 
 # The page's own initializer. Relative URLs, so the page also works behind a path prefix.
 # persistAuthorization=false keeps a pasted key in memory only (never localStorage);
@@ -203,11 +202,8 @@ class DocsPage:
         if scope["type"] != "http" or not self.owns(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        if _declares_body(scope):
-            from serving import refusals
-
-            refusals.record(scope["path"], 413, None, NO_BODY)
-            await send_json(send, 413, {"detail": NO_BODY})
+        if has_body(scope):
+            await refuse(scope, send, 413, NO_BODY)
             return
         path = scope["path"]
         if path.startswith(ASSET_PREFIX):
@@ -238,13 +234,3 @@ class DocsPage:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
-
-
-def _declares_body(scope: Scope) -> bool:
-    """A ``Content-Length`` other than 0, or any ``Transfer-Encoding``: judged from the
-    headers alone, without reading the body."""
-    for name, value in scope.get("headers") or ():
-        name = name.lower()
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-            return True
-    return False

@@ -27,7 +27,7 @@ from collections.abc import Container
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.auth import OpenPaths, _refuse, key_id_of
+from serving.auth import OpenPaths, key_id_of, refuse
 
 
 class ShedMiddleware:
@@ -71,10 +71,10 @@ class ShedMiddleware:
         key_id = key_id_of(scope)
         held = self.per_key.get(key_id, 0) if key_id is not None else 0
         if self.in_flight >= self.max_in_flight:
-            await _refuse(scope, send, 429, self._full, key_id, [(b"retry-after", b"1")])
+            await refuse(scope, send, 429, self._full, key_id, [(b"retry-after", b"1")])
             return
         if self.max_per_key and key_id is not None and held >= self.max_per_key:
-            await _refuse(scope, send, 429, self._key_full, key_id, [(b"retry-after", b"1")])
+            await refuse(scope, send, 429, self._key_full, key_id, [(b"retry-after", b"1")])
             return
         self.in_flight += 1
         if key_id is not None:

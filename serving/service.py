@@ -56,7 +56,7 @@ from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
 from serving import httpguard, redaction, refusals, schemas, timeouts
-from serving.auth import DEFAULT_EXEMPT, OpenPaths, send_json
+from serving.auth import open_paths, send_json
 from serving.coalesce import Coalescer
 from serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
 from serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
@@ -94,9 +94,7 @@ redaction.install_metric_paths(frozenset([*ROLES, *METRIC_PATHS]))
 # Refusals are reported under these names; any other path is "other".
 refusals.RECORDER.known_paths = frozenset([*ROLES, *METRIC_PATHS])
 # Served without a key, and neither audited nor shed (serving/auth.py).
-OPEN_PATHS = OpenPaths(
-    [p for p in DEFAULT_EXEMPT if not (p == "/metrics" and SETTINGS.protect_metrics)]
-)
+OPEN_PATHS = open_paths(SETTINGS.protect_metrics)
 
 ERRORS = {
     401: {"model": schemas.ErrorResponse, "description": "Missing or invalid API key."},
