@@ -22,10 +22,11 @@ from clinml.pseudonym import DEVELOPMENT_KEY, Pseudonymiser
 if TYPE_CHECKING:
     from clinml.environment import FeastEnvironment
 
-# The use-case specs shipped with the project sit beside the packages. In a bento or a
+# The built-in use-case specs ship with the project, beside the packages. In a bento or a
 # container the source tree is copied whole, so the same relative location holds there.
+# A user's own specs never go here: they live under CLINML_HOME (``Settings.spec_dir``).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_DIR = PROJECT_ROOT / "configs"
+BUILTIN_CONFIG_DIR = PROJECT_ROOT / "configs"
 # The production profile's floor on the pseudonym key (a 128-bit key in hex is 32).
 MIN_PRODUCTION_KEY_CHARS = 32
 
@@ -46,9 +47,10 @@ class Settings(BaseSettings):
         default=Path(".clinml"),
         description="Root of everything clinml writes: data, Feast, MLflow, BentoML, reports.",
     )
-    config_dir: Path = Field(
-        default=DEFAULT_CONFIG_DIR,
-        description="Where use-case specs are looked up by name.",
+    config_dir: Path | None = Field(
+        default=None,
+        description="Your use-case specs: `clinml init` writes here and names are looked up "
+        "here first, then among the built-in use cases; default: CLINML_HOME/configs.",
     )
     usecase: str = Field(default="pathology", description="Use case the service serves.")
     tracking_uri: str | None = Field(
@@ -127,6 +129,14 @@ class Settings(BaseSettings):
     )
     device: str = Field(
         default="auto", description="Model execution device: auto (CUDA when available), cpu, cuda."
+    )
+    train_threads: int | None = Field(
+        default=None,
+        ge=0,
+        description="CPUs training uses in all (worker processes, OpenMP, BLAS, torch "
+        "threads); default: the CPUs this process is given (affinity and cgroup quota, "
+        "clinml/cpus.py). 0: each library's own default, one thread per host core "
+        "(the behaviour before issue 20; for comparison only).",
     )
     execution: Literal["inline", "split"] = Field(
         default="inline",
@@ -261,7 +271,11 @@ class Settings(BaseSettings):
             return self
         problems = []
         key = self.pseudonym_key.get_secret_value()
-        if self.pseudonymiser().is_development_key:
+        if "pseudonym_key" not in self.model_fields_set:  # the default: the development key
+            problems.append("CLINML_PSEUDONYM_KEY is not set: set your own key")
+        elif not key.strip():
+            problems.append("CLINML_PSEUDONYM_KEY is empty: set your own key")
+        elif self.pseudonymiser().is_development_key:
             problems.append("CLINML_PSEUDONYM_KEY is the public development key: set your own")
         elif "REPLACE-ME" in key:
             problems.append("CLINML_PSEUDONYM_KEY is deploy/k8s's placeholder: set your own")
@@ -312,6 +326,11 @@ class Settings(BaseSettings):
     def audit_checkpoint_path(self) -> Path:
         """Where the audit logs' signed checkpoints go (``clinml.audit.Checkpoints``)."""
         return self.audit_checkpoint_dir or self.paths.audit_checkpoints
+
+    @property
+    def spec_dir(self) -> Path:
+        """Where the user's specs live (``CLINML_CONFIG_DIR``, default ``CLINML_HOME/configs``)."""
+        return self.config_dir or self.home / "configs"
 
     @property
     def api_keys_path(self) -> Path:

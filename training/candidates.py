@@ -206,7 +206,9 @@ class RandomForest(RandomForestClassifier):
     scikit-learn's forest sums tree probabilities from several threads in whatever order
     they finish, so the last bits of a probability vary between calls; this one is
     bitwise reproducible (and, for the small batches a service sees, faster). Fitting
-    still uses ``n_jobs``.
+    still uses ``n_jobs``: left at ``None``, it takes joblib's current default, which
+    training sets to 1 in each of its processes (``clinml.cpus.limit_threads``), so a
+    forest never starts more threads than training was given.
     """
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -220,7 +222,7 @@ class RandomForest(RandomForestClassifier):
 def _random_forest(
     params: dict[str, Any], seed: int, n_rows: int, balanced: bool
 ) -> ClassifierMixin:
-    forest = RandomForest(**{"n_estimators": 200, "n_jobs": -1, **params, "random_state": seed})
+    forest = RandomForest(**{"n_estimators": 200, **params, "random_state": seed})
     return _weighted(forest, balanced)
 
 

@@ -17,6 +17,13 @@ metric of that configuration when it ranks probabilities (``roc_auc``,
 metric depends on a threshold the search has not chosen yet. The winning
 configuration's out-of-fold probabilities are kept: the operating threshold is chosen
 on them, so the test split is never used to pick anything.
+
+CPU use: with ``threads`` above 1, the (configuration, fold) fits run in that many joblib
+worker processes (loky), each fit on one thread (OpenMP, BLAS, torch, joblib), so the
+search never starts more threads than it was given and no thread pool is nested inside
+another. Independent fits in separate processes share no barrier, so they keep their
+speed when other work takes CPUs from them; one fit spread over OpenMP threads does not
+(docs/training.md, "CPU use").
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clinml.cpus import limit_threads
 from clinml.errors import SpecError
 from clinml.spec import CandidateSpec, UseCaseSpec
 from training.candidates import SEARCH_SPACES, build_pipeline, fit
@@ -43,6 +51,7 @@ class Trial:
     params: dict[str, Any]
     score: float
     fold_scores: list[float]
+    # Fit and predict seconds of its folds, summed (the folds may run side by side).
     seconds: float
     log_loss: float = math.nan
 
@@ -131,6 +140,7 @@ def search(
     groups: np.ndarray,
     report: Callable[[str], None] = lambda _: None,
     times: np.ndarray | None = None,
+    threads: int = 1,
 ) -> SearchResult:
     """Cross-validated search over one candidate's configurations.
 
@@ -142,9 +152,11 @@ def search(
         groups: the patient of each row; no patient is split across folds.
         report: receives one line per evaluated configuration.
         times: optional event time of each row, kept with the out-of-fold predictions.
+        threads: CPUs to use: worker processes, one thread each (1: every fit in this
+            process, on one thread; 0: in this process, with each library's own thread
+            defaults, as before issue 20).
     """
     from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.utils._param_validation import InvalidParameterError
 
     budget = spec.training.search
     seed = spec.training.seed
@@ -160,33 +172,43 @@ def search(
         StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(xs, ys, gs)
     )
     configs = configurations(name, candidate.params, candidate.search, budget.n_iter, seed)
+    # Configurations fitted per round: one at a time in this process (progress per
+    # configuration); in workers, all at once, or under a time budget enough to keep
+    # every worker busy, the budget being checked between rounds.
+    if threads <= 1:
+        per_round = 1
+    elif budget.time_budget_s:
+        per_round = -(-threads // len(folds))
+    else:
+        per_round = len(configs)
     started = time.perf_counter()
     trials: list[Trial] = []
     best: tuple[float, float, dict[str, Any], np.ndarray] | None = None
-    for i, config in enumerate(configs):
+    for first in range(0, len(configs), per_round):
         if trials and budget.time_budget_s and time.perf_counter() - started > budget.time_budget_s:
             report(f"{name}: time budget reached after {len(trials)} of {len(configs)} configs")
             break
-        trial_started = time.perf_counter()
-        oof = np.empty(len(ys))
-        scores = []
-        for fit_rows, score_rows in folds:
-            pipeline = build_pipeline(name, spec, config, seed, n_rows=len(fit_rows))
-            try:
-                fit(pipeline, xs.iloc[fit_rows], ys[fit_rows], gs[fit_rows])
-            except (InvalidParameterError, TypeError) as exc:
-                raise SpecError(f"training.candidates.{name}: {config}: {exc}") from None
-            oof[score_rows] = pipeline.predict_proba(xs.iloc[score_rows])[:, 1]
-            scores.append(point_metrics(ys[score_rows], oof[score_rows], 0.5)[scoring])
-        score = float(np.mean(scores))
-        loss = log_loss(ys, oof)
-        trials.append(Trial(config, score, scores, time.perf_counter() - trial_started, loss))
-        report(
-            f"{name} [{i + 1}/{len(configs)}] cv log loss={loss:.4f} {scoring}={score:.4f} "
-            f"({time.perf_counter() - trial_started:.1f}s) {_short(config)}"
-        )
-        if best is None or loss < best[0]:
-            best = (loss, score, config, oof)
+        batch = configs[first : first + per_round]
+        fitted = _fit_folds(name, spec, batch, folds, xs, ys, gs, threads)
+        for i, (config, config_folds) in enumerate(zip(batch, fitted, strict=True), start=first):
+            oof = np.empty(len(ys))
+            scores = []
+            seconds = 0.0
+            for (_, score_rows), (probability, fold_seconds) in zip(
+                folds, config_folds, strict=True
+            ):
+                oof[score_rows] = probability
+                scores.append(point_metrics(ys[score_rows], probability, 0.5)[scoring])
+                seconds += fold_seconds
+            score = float(np.mean(scores))
+            loss = log_loss(ys, oof)
+            trials.append(Trial(config, score, scores, seconds, loss))
+            report(
+                f"{name} [{i + 1}/{len(configs)}] cv log loss={loss:.4f} {scoring}={score:.4f} "
+                f"({seconds:.1f}s) {_short(config)}"
+            )
+            if best is None or loss < best[0]:
+                best = (loss, score, config, oof)
     assert best is not None
     return SearchResult(
         candidate=name,
@@ -201,6 +223,78 @@ def search(
         oof_patients=gs,
         oof_times=None if times is None else np.asarray(times)[rows],
     )
+
+
+def _fit_folds(
+    name: str,
+    spec: UseCaseSpec,
+    configs: list[dict[str, Any]],
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    x: pd.DataFrame,
+    y: np.ndarray,
+    groups: np.ndarray,
+    threads: int,
+) -> list[list[tuple[np.ndarray, float]]]:
+    """Fit every configuration on every fold: per configuration, per fold, the held-out
+    rows' probabilities and the seconds the fit took.
+
+    With ``threads`` above 1 the fits run in ``threads`` loky worker processes (fewer when
+    there are fewer fits), one thread each; ``inner_max_num_threads`` makes loky start its
+    workers with ``OMP_NUM_THREADS=1`` and its kin, before any library reads them.
+    """
+    # torch is imported by the first fit of a worker when any candidate needs it: loky
+    # takes a worker's memory after its first task as the reference, and restarts a
+    # worker that grows by 300 MB beyond it (importing torch later would look like that).
+    torch = "mlp" in spec.training.candidates
+    tasks = [
+        (
+            f"training.candidates.{name}: {config}",
+            build_pipeline(name, spec, config, spec.training.seed, n_rows=len(fit_rows)),
+            x.iloc[fit_rows],
+            y[fit_rows],
+            groups[fit_rows],
+            x.iloc[score_rows],
+        )
+        for config in configs
+        for fit_rows, score_rows in folds
+    ]
+    if threads <= 1 or len(tasks) == 1:
+        inner = 0 if threads == 0 else 1
+        results = [_fit_fold(*task, threads=inner, torch=torch) for task in tasks]
+    else:
+        from joblib import Parallel, delayed, parallel_config
+
+        workers = min(threads, len(tasks))
+        with parallel_config(backend="loky", n_jobs=workers, inner_max_num_threads=1):
+            results = Parallel()(
+                delayed(_fit_fold)(*task, threads=1, torch=torch) for task in tasks
+            )
+    return [results[i : i + len(folds)] for i in range(0, len(results), len(folds))]
+
+
+def _fit_fold(
+    what: str,
+    pipeline: Any,
+    x_fit: pd.DataFrame,
+    y_fit: np.ndarray,
+    groups_fit: np.ndarray,
+    x_score: pd.DataFrame,
+    threads: int = 1,
+    torch: bool = False,
+) -> tuple[np.ndarray, float]:
+    """Fit one unfitted pipeline on one fold's rows: the held-out rows' probabilities and
+    the seconds it took, on ``threads`` threads. Runs in a search worker or in the
+    training process; ``what`` names the candidate and configuration in an error."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    started = time.perf_counter()
+    with limit_threads(threads, torch=torch):
+        try:
+            fit(pipeline, x_fit, y_fit, groups_fit)
+        except (InvalidParameterError, TypeError) as exc:
+            raise SpecError(f"{what}: {exc}") from None
+        probability = pipeline.predict_proba(x_score)[:, 1]
+    return probability, time.perf_counter() - started
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:

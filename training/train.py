@@ -4,7 +4,10 @@
 a patient-disjoint test split (plus an optional temporal holdout of the most recent
 months), a grouped cross-validated search per candidate, a refit of the best
 configuration on all training rows, an operating threshold chosen by the spec's rule on
-out-of-fold predictions, and a clinical evaluation on the held-out rows.
+out-of-fold predictions, and a clinical evaluation on the held-out rows. It uses the CPUs
+the process is given (``CLINML_TRAIN_THREADS`` overrides; ``clinml.cpus``): the searches'
+fits run in that many worker processes, and every process, this one included, runs its
+OpenMP, BLAS, torch and joblib pools on one thread (docs/training.md, "CPU use").
 
 ``run`` is the stage: it pulls the frame from Feast (never from the raw file), calls
 ``fit_candidates``, logs every candidate as an MLflow run (search trials, metrics with
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from clinml.cpus import limit_threads, training_threads
 from clinml.errors import ClinmlError, SpecError
 from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
 from training import model_io
@@ -300,6 +304,7 @@ def fit_candidates(
     frame: pd.DataFrame,
     report: Callable[[str], None] = lambda _: None,
     n_boot: int | None = None,
+    threads: int | None = None,
 ) -> Fitted:
     """Search, refit and evaluate every candidate in the spec on ``frame``.
 
@@ -309,6 +314,7 @@ def fit_candidates(
             and attributes.
         report: receives progress lines.
         n_boot: bootstrap resamples (default: the spec's).
+        threads: CPUs to use (default: :func:`resolve_threads`).
     """
     required = [c.name for c in spec.features if not c.nullable]
     missing = frame[required].isna().any(axis=1)
@@ -337,8 +343,14 @@ def fit_candidates(
     )
     window = budget_window(frame, split, spec)
     names = list(dict.fromkeys([*spec.training.candidates, REFERENCE_CANDIDATE]))
-    fitted = [fit_candidate(spec, frame, y, split, name, window, n_boot, report) for name in names]
-    selection = select(spec, fitted, spec.evaluation.bootstrap if n_boot is None else n_boot)
+    threads = resolve_threads(threads)
+    report(_cpu_line(threads))
+    with limit_threads(_in_process(threads), torch="mlp" in names):
+        fitted = [
+            fit_candidate(spec, frame, y, split, name, window, n_boot, report, threads)
+            for name in names
+        ]
+        selection = select(spec, fitted, spec.evaluation.bootstrap if n_boot is None else n_boot)
     report(f"selected {selection.selected}: {selection.reason}")
     return Fitted(frame, y, split, fitted, selection)
 
@@ -352,8 +364,26 @@ def fit_candidate(
     window: BudgetWindow | None = None,
     n_boot: int | None = None,
     report: Callable[[str], None] = lambda _: None,
+    threads: int | None = None,
 ) -> FittedCandidate:
-    """Search, refit, choose the threshold and evaluate one candidate on a split frame."""
+    """Search, refit, choose the threshold and evaluate one candidate on a split frame
+    (on ``threads`` CPUs; default: :func:`resolve_threads`)."""
+    threads = resolve_threads(threads)
+    with limit_threads(_in_process(threads), torch=name == "mlp"):
+        return _fit_candidate(spec, frame, y, split, name, window, n_boot, report, threads)
+
+
+def _fit_candidate(
+    spec: UseCaseSpec,
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    split: Split,
+    name: str,
+    window: BudgetWindow | None,
+    n_boot: int | None,
+    report: Callable[[str], None],
+    threads: int,
+) -> FittedCandidate:
     from sklearn.utils._param_validation import InvalidParameterError
 
     features = spec.feature_names
@@ -362,7 +392,9 @@ def fit_candidate(
     x_test, y_test = frame.iloc[split.test][features], y[split.test]
     attributes = frame[spec.sensitive_attributes]
     times = frame.iloc[split.train][spec.event_timestamp].to_numpy()
-    result = search(name, spec, x_train, y_train, patients[split.train], report=report, times=times)
+    result = search(
+        name, spec, x_train, y_train, patients[split.train], report, times=times, threads=threads
+    )
     started = time.perf_counter()
     pipeline = build_pipeline(name, spec, result.best_params, spec.training.seed, len(x_train))
     try:
@@ -421,6 +453,39 @@ def fit_candidate(
         fit_seconds,
         probability,
         train_rows=len(x_train),
+    )
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """CPUs training uses: ``threads`` when given, else ``CLINML_TRAIN_THREADS``, else the
+    CPUs this process is given (affinity and cgroup quota, :func:`clinml.cpus.usable_cpus`).
+    0 means each library's own thread defaults (the behaviour before issue 20)."""
+    if threads is None:
+        from clinml.settings import Settings
+
+        threads = Settings().train_threads
+    return training_threads(threads)
+
+
+def _in_process(threads: int) -> int:
+    """Threads of each pool in the training process: one, or (``threads=0``) no limit.
+
+    The refits and the evaluation run on one thread even when more CPUs are given: an
+    OpenMP or BLAS team on busy cores waits at every barrier for a thread the kernel has
+    descheduled, and collapses (docs/benchmarks.md, "Training under CPU contention").
+    """
+    return min(threads, 1)
+
+
+def _cpu_line(threads: int) -> str:
+    """The progress line saying how training uses the CPUs."""
+    if threads == 0:
+        return "CPUs for training: unlimited (CLINML_TRAIN_THREADS=0: each library's defaults)"
+    if threads == 1:
+        return "CPUs for training: 1 (every fit in this process, on one thread)"
+    return (
+        f"CPUs for training: {threads} (search fits in {threads} worker processes, one "
+        "thread per process)"
     )
 
 
@@ -889,7 +954,6 @@ def register(
                 "candidate": selected.name,
                 "run_id": best.run_id,
                 "created": datetime.now(UTC).isoformat(),
-                "aliases": [CHALLENGER],
             },
             fingerprint,
             provenance,
