@@ -8,7 +8,7 @@ import warnings
 
 from pydantic import ValidationError
 
-from clinml.errors import ClinmlError
+from clinml.errors import SettingsError
 from clinml.settings import Settings
 
 # Libraries whose INFO chatter drowns the progress lines. "py.warnings" carries the
@@ -23,6 +23,10 @@ QUIET_LOGGERS = [
     "evidently",
     "urllib3",
     "httpx",  # logs request URLs, and a webhook URL may carry a token
+    # psycopg warns "error ignored terminating <Pipeline>: pipeline aborted" when SQLAlchemy
+    # (MLflow's store on PostgreSQL, seen during `clinml train`) ends a pipeline after a
+    # statement error it handles itself: nothing for a user to act on.
+    "psycopg",
     "py.warnings",
 ]
 
@@ -32,11 +36,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        if not first["loc"]:  # a check across variables (the production profile's)
-            raise ClinmlError(str(first["msg"]).removeprefix("Value error, ")) from None
-        name = "CLINML_" + str(first["loc"][0]).upper()
-        raise ClinmlError(f"environment variable {name}: {first['msg']}") from None
+        raise SettingsError.from_validation(exc) from None
 
 
 def configure(settings: Settings) -> None:
@@ -44,7 +44,10 @@ def configure(settings: Settings) -> None:
     # BentoML reads BENTOML_HOME on first use of its store: derive it from the one root.
     os.environ["BENTOML_HOME"] = str(settings.paths.bentoml_home)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow sets its own loggers' level from this when it is imported, after QUIET_LOGGERS
+    # below; at WARNING it prints every retry of a database that does not answer (a dozen
+    # blocks over two minutes) before the one line that says so.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ.setdefault("FEAST_USAGE", "False")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

@@ -7,6 +7,8 @@ progress. Tests call the stage functions themselves with their own collaborators
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from clinml.errors import ClinmlError, NotReadyError
+from clinml.errors import ClinmlError, NotReadyError, StoreUnavailable, store_unavailable
 from clinml.settings import Settings
 from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
 from clinml.tables import read_table
@@ -29,6 +31,21 @@ if TYPE_CHECKING:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@contextmanager
+def _stores_answer(then: str) -> Iterator[None]:
+    """A store that does not answer, as the one line that names it, then ``then``: what
+    stands and what to run once it answers."""
+    try:
+        yield
+    except ClinmlError:
+        raise
+    except Exception as exc:
+        unavailable = store_unavailable(exc)
+        if unavailable is None:
+            raise
+        raise StoreUnavailable(f"{unavailable}; {then}") from exc
 
 
 def _offline_tables(spec: UseCaseSpec, environment: FeastEnvironment) -> PostgresTables | None:
@@ -84,7 +101,12 @@ def ingest(
         )
         where = tables.qualified("features") if tables else result.features_file.parent
         progress.detail(f"offline data: {where}")
-    with progress.step(f"register Feast definitions (feature service {spec.feature_service})"):
+    with (
+        progress.step(f"register Feast definitions (feature service {spec.feature_service})"),
+        _stores_answer(
+            "the batch is stored; the next ingest or materialize registers the definitions"
+        ),
+    ):
         store = feature_store.open_store(spec, paths, environment)
         feature_store.apply(store, spec, paths)
         progress.detail(f"Feast repo: {paths.feast_repo}")
@@ -108,7 +130,10 @@ def materialize(
             f"no ingested data for '{spec.name}': run `clinml ingest {spec.name}` first"
         )
     online = environment.online_type
-    with progress.step(f"materialize features into the online store ({online})"):
+    with (
+        progress.step(f"materialize features into the online store ({online})"),
+        _stores_answer("run the command again once it answers"),
+    ):
         store = feature_store.open_store(spec, paths, environment)
         feature_store.apply(store, spec, paths)
         with progress.bar("entities written") as bar:
@@ -156,7 +181,6 @@ def train(
             f"{metrics.get(primary + '_ci_high', float('nan')):.3f}] on {result.test_rows:,} "
             f"held-out rows of {result.test_patients:,} patients)"
         )
-        progress.detail(f"next: clinml promote {spec.name}")
     return result.version
 
 
