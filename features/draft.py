@@ -48,7 +48,8 @@ MAX_CATEGORIES = 50
 """Text columns with at most this many distinct values become categories."""
 
 FLOAT_MARGIN = 0.1
-"""Float ranges are the observed range widened by this fraction of its width each side."""
+"""Numeric ranges are the observed range widened by this fraction of its width each side
+(integer ranges too, rounded outwards to whole numbers)."""
 
 UNIQUE_SHARE = 0.95
 """A column whose distinct values are at least this share of its rows is identifier-like."""
@@ -155,9 +156,10 @@ def draft_spec(
 ) -> dict[str, Any]:
     """Propose a use-case spec for a table.
 
-    Integer columns become ``int`` features with the observed range; float columns
-    become ``float`` features with the observed range widened by 10% of its width (never
-    below 0 for non-negative data); booleans become ``int`` 0/1; text columns with at
+    Numeric columns become ``int`` or ``float`` features with the observed range widened
+    by 10% of its width each side (never below 0 for non-negative data; integer bounds
+    rounded outwards to whole numbers); integer columns holding only 0 and 1, and
+    booleans, become ``int`` 0/1; text columns with at
     most ``max_categories`` distinct values become ``category`` features. Identifier-like
     columns (nearly one distinct value per row, or named like an id, MRN, name, e-mail,
     phone, date of birth, SSN or address) go to ``identifier_columns``; other
@@ -471,8 +473,9 @@ def write_draft(
     header += [
         "#",
         "# Check the label and its positive class, the identifier columns (PHI, dropped at",
-        "# ingestion), the min/max of every numeric column (observed ranges; floats widened",
-        "# by 10%) and the category lists, and add units and descriptions.",
+        "# ingestion), the min/max of every numeric column (observed ranges widened by 10%",
+        "# of their width each side; 0/1 flags kept at 0..1) and the category lists, and",
+        "# add units and descriptions.",
     ]
     if notes:
         header += ["#", "# Notes from drafting:"]
@@ -603,8 +606,13 @@ def _numeric_column(column: str, values: pd.Series, profile: _Profile) -> dict[s
         numbers = pd.to_numeric(values.dropna()).astype(float)
         finite = numbers[np.isfinite(numbers)]
         low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 0.0)
-        if profile.kind == "int":
-            out.update(min=math.floor(low), max=math.ceil(high))
+        if profile.kind == "int" and low >= 0 and high <= 1:
+            out.update(min=0, max=1)  # a 0/1 flag: no other value is possible
+        elif profile.kind == "int":
+            # Widened as floats are: the observed extremes are only this sample's, and a
+            # patient one year older than the oldest seen must not be refused.
+            wide_low, wide_high = _widen(low, high)
+            out.update(min=math.floor(wide_low), max=math.ceil(wide_high))
         else:
             out.update(zip(("min", "max"), _widen(low, high), strict=True))
     if profile.nulls:

@@ -25,8 +25,11 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
+import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +45,8 @@ from features import atomic
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+log = logging.getLogger(__name__)
 
 
 def feature_store_config(
@@ -338,8 +343,27 @@ def materialize(
         if sqlite:
             bulk = online_sqlite.bulk_materialize(store, spec, view, start, end, progress)
             return MaterializeResult(mode, start, end, bulk.rows_read, bulk.entities_written)
-        store.materialize(start_date=start, end_date=end, feature_views=[view.name])
+        _quietly(store.materialize, start_date=start, end_date=end, feature_views=[view.name])
         return MaterializeResult(mode, start, end, rows_read=-1, entities_written=-1)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _quietly(call: Callable[..., Any], **kwargs: Any) -> Any:
+    """Run a Feast call with what it prints (colour-coded progress text) sent to the log.
+
+    Feast's ``materialize`` prints to stdout; clinml's commands print their own progress,
+    so Feast's text goes to this module's logger at DEBUG, without its colour codes.
+    """
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            return call(**kwargs)
+    finally:
+        text = _ANSI_ESCAPE.sub("", printed.getvalue()).strip()
+        if text:
+            log.debug("Feast printed: %s", " | ".join(text.splitlines()))
 
 
 def earliest_offline_timestamp(store: FeatureStore, spec: UseCaseSpec, view: Any) -> datetime:
@@ -369,6 +393,9 @@ def service_feature_refs(store: FeatureStore, spec: UseCaseSpec) -> list[str]:
 
 
 ROW_ID = "_clinml_row"
+# The entity-frame column Feast reads event times from without guessing (Feast's
+# DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL).
+FEAST_EVENT_TIMESTAMP = "event_timestamp"
 
 
 def training_frame(store: FeatureStore, spec: UseCaseSpec, events: pd.DataFrame) -> pd.DataFrame:
@@ -390,7 +417,12 @@ def training_frame(store: FeatureStore, spec: UseCaseSpec, events: pd.DataFrame)
     refs += [f"{view_name(spec)}:{a.name}" for a in spec.attributes]
     names = [ref.split(":", 1)[1] for ref in refs]
     ordered = events.reset_index(drop=True).assign(**{ROW_ID: lambda f: range(len(f))})
-    joined = store.get_historical_features(entity_df=ordered, features=refs).to_df()
+    # Feast takes the entity frame's time from a column named "event_timestamp" and
+    # otherwise guesses (printing "Using ... as the event timestamp"), so it is handed
+    # just the key, the spec's timestamp under that name, and the row id.
+    key, stamp = spec.entity.key, spec.event_timestamp
+    entity_df = ordered[[key, stamp, ROW_ID]].rename(columns={stamp: FEAST_EVENT_TIMESTAMP})
+    joined = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
     # Feast's file offline store drops an event whose entity has feature rows, all of
     # them later than the event. Joining back on a row id keeps every event, in order,
     # with nulls where no value was known yet.

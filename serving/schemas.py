@@ -125,6 +125,16 @@ def risk_band(probability: float, threshold: float, bands: list[tuple[str, float
     return bands[-1][0]
 
 
+def _ids_description(spec: UseCaseSpec) -> str:
+    """What ``patient_ids`` holds: the raw ids callers know, never the stored pseudonyms."""
+    key = spec.entity.key
+    return (
+        f"{spec.entity.name.capitalize()} ids as in the source data ({key}), not "
+        "pseudonyms: the service pseudonymises them before reading the online store. "
+        f"`clinml patients sample {spec.name}` prints some it answers for."
+    )
+
+
 def build(spec: UseCaseSpec, max_records: int, max_explain_records: int | None = None) -> Schemas:
     """The request schemas for ``spec``: a record model and the endpoints' bodies.
 
@@ -153,7 +163,7 @@ def build(spec: UseCaseSpec, max_records: int, max_explain_records: int | None =
     patient_request = create_model(
         "PatientRequest",
         __config__=STRICT,
-        patient_ids=(ids, Field(description=f"{spec.entity.description or spec.entity.key}s.")),
+        patient_ids=(ids, Field(description=_ids_description(spec))),
         as_of=(
             datetime | None,
             Field(default=None, description="Time the features are needed for (default: now)."),

@@ -82,7 +82,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 """
 _CSS = (
     PAGE_CSS
-    + """dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
+    + """.table-scroll { max-width: 100%; overflow-x: auto; margin: 0.5rem 0 1rem; }
+.table-scroll table { display: table; margin: 0; }
+td.num { white-space: nowrap; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
 dt { font-weight: 600; }
 dd { margin: 0; }
 .missing { color: #9aa5b1; font-style: italic; }
@@ -106,13 +109,28 @@ class CardError(ClinmlError):
     """A model card could not be written."""
 
 
+# Registry state that changes after a card is written and hash-checked (a promotion or a
+# rollback moves the aliases), so a card never states it: `clinml models list` and
+# `clinml models show` give the current aliases.
+VOLATILE_MODEL_KEYS = ("aliases",)
+
+
+def _without_volatile(card: Any) -> Any:
+    if not isinstance(card, dict) or not isinstance(card.get("model"), dict):
+        return card
+    model = {k: v for k, v in card["model"].items() if k not in VOLATILE_MODEL_KEYS}
+    return {**card, "model": model}
+
+
 def write_card(
     card: dict[str, Any], out_dir: Path, images: dict[str, Path] | None = None
 ) -> tuple[Path, Path]:
     """Write the card as ``model_card.json`` and ``model_card.html`` in ``out_dir``.
 
     NaN and infinite floats become ``null`` in the JSON (they are not JSON). The images are
-    embedded in the HTML only, never in the JSON. Each file is written under a temporary
+    embedded in the HTML only, never in the JSON. Registry state that moves after the card
+    is written (``VOLATILE_MODEL_KEYS``: the aliases) is left out of both, so the card of a
+    promoted or rolled-back version still reads true. Each file is written under a temporary
     name and renamed, so a reader never sees half a card.
 
     Args:
@@ -128,7 +146,7 @@ def write_card(
         CardError: the card holds a value JSON cannot represent, or the files could not
             be written.
     """
-    clean = _finite(card)
+    clean = _without_volatile(_finite(card))
     try:
         text = json.dumps(clean, indent=2, sort_keys=False, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -160,9 +178,10 @@ def render_html(card: dict[str, Any], images: dict[str, Path] | None = None) -> 
     figures = _figures(images)
     title = _title(card)
     model = _dict(card.get("model"))
+    # No aliases: they move after the card is written (VOLATILE_MODEL_KEYS).
     subtitle = (
         f"candidate {_cell(model.get('candidate'))} · run {_cell(model.get('run_id'))} · "
-        f"created {_cell(model.get('created'))} · aliases {_inline_list(model.get('aliases'))}"
+        f"created {_cell(model.get('created'))}"
     )
     sections = [
         _intended_use_section(card),
@@ -916,7 +935,9 @@ def _td(text: Any, css: str = "") -> str:
 
 
 def _th(text: Any) -> str:
-    return f"<th>{_esc(text)}</th>"
+    # Metric names are long snake_case words (gap_average_precision): a header may break
+    # after an underscore, so wide tables narrow to the page before they scroll.
+    return f"<th>{_esc(text).replace('_', '_<wbr>')}</th>"
 
 
 def _num_td(value: Any, *, signed: bool = False, flagged: bool = False) -> str:
@@ -952,13 +973,17 @@ def _inline_list(items: Any) -> str:
 
 def _table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None) -> str:
     """A table from header names (escaped here) and rows of ``_td``/``_th`` cells."""
-    lines = ["<table>", f"<thead><tr>{''.join(_th(name) for name in header)}</tr></thead>"]
-    lines.append("<tbody>")
+    lines = [
+        '<div class="table-scroll">',
+        "<table>",
+        f"<thead><tr>{''.join(_th(name) for name in header)}</tr></thead>",
+        "<tbody>",
+    ]
     for i, cells in enumerate(rows):
         css = row_classes[i] if row_classes else ""
         attribute = f' class="{css}"' if css else ""
         lines.append(f"<tr{attribute}>{''.join(cells)}</tr>")
-    lines += ["</tbody>", "</table>"]
+    lines += ["</tbody>", "</table>", "</div>"]
     return "\n".join(lines)
 
 

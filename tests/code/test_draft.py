@@ -47,6 +47,23 @@ def validate(spec: dict) -> UseCaseSpec:
 # --- types -----------------------------------------------------------------------------
 
 
+def test_integer_ranges_are_widened_so_an_older_patient_is_not_refused() -> None:
+    """Ages observed from 50 to 101 must not make a 102-year-old invalid (issue 20)."""
+    frame = make_frame()
+    frame["age"] = np.linspace(50, 101, N).round().astype("int64")
+    frame["copd"] = np.arange(N) % 2  # an integer 0/1 flag keeps its 0..1 range
+    frame["admissions"] = np.arange(N) % 6  # a count: widened, never below 0
+
+    cols = by_name(draft_spec(frame, "sepsis"))
+
+    assert cols["age"] == {"name": "age", "type": "int", "min": 44, "max": 107}
+    assert cols["copd"] == {"name": "copd", "type": "int", "min": 0, "max": 1}
+    assert cols["admissions"] == {"name": "admissions", "type": "int", "min": 0, "max": 6}
+    spec = validate(draft_spec(frame, "sepsis"))
+    age = next(c for c in spec.features if c.name == "age")
+    assert age.min <= 102 <= age.max
+
+
 def test_column_types_ranges_and_nullability_are_inferred() -> None:
     frame = make_frame()
     frame.loc[0:1, "temperature"] = [36.1, 39.8]
@@ -68,8 +85,10 @@ def test_column_types_ranges_and_nullability_are_inferred() -> None:
         "sex",
         "visits",
     ]
+    # integer ranges are widened as float ones are, to whole numbers
     age = frame["age"]
-    assert cols["age"] == {"name": "age", "type": "int", "min": age.min(), "max": age.max()}
+    assert cols["age"]["type"] == "int"
+    assert cols["age"]["min"] < age.min() and cols["age"]["max"] > age.max()
     # observed [36.1, 39.8] widened by 10% of the width, rounded outwards
     assert cols["temperature"] == {"name": "temperature", "type": "float", "min": 35.7, "max": 40.2}
     # non-negative data never gets a negative minimum; nulls make the column nullable
@@ -77,11 +96,12 @@ def test_column_types_ranges_and_nullability_are_inferred() -> None:
     assert cols["lactate"]["max"] >= 11.5
     assert cols["lactate"]["nullable"] is True
     assert "nullable" not in cols["temperature"]
+    # observed [1, 119]: widened by 11.8 each side, never below 0, rounded to tens
     assert cols["visits"] == {
         "name": "visits",
         "type": "int",
-        "min": 1,
-        "max": N - 1,
+        "min": 0,
+        "max": 140,
         "nullable": True,
     }
     assert (cols["on_ventilator"]["type"], cols["on_ventilator"]["min"]) == ("int", 0)

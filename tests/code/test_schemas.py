@@ -191,3 +191,15 @@ def test_a_record_that_is_not_an_object_is_a_dict_type_error(tiny_spec: UseCaseS
     with pytest.raises(ValidationError) as caught:
         build(tiny_spec, max_records=3).predict_dicts.model_validate_json(b'{"records": [7]}')
     assert [(e["loc"], e["type"]) for e in caught.value.errors()] == [(("records", 0), "dict_type")]
+
+
+def test_the_patient_ids_description_reads_as_a_sentence_about_raw_ids() -> None:
+    """/docs.json read "...(pseudonymised at ingestion).s." for readmission (issue 20)."""
+    from clinml.spec import load_spec
+
+    spec = load_spec("readmission")
+    schema = build(spec, max_records=3).patient_request.model_json_schema()
+    text = schema["properties"]["patient_ids"]["description"]
+    assert ").s." not in text and not text.endswith("s.s.")
+    assert text.startswith("Patient ids as in the source data (patient_id), not pseudonyms")
+    assert "`clinml patients sample readmission`" in text

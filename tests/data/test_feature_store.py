@@ -176,3 +176,34 @@ def test_incremental_materialization_loads_only_what_is_new(
     )
     np.testing.assert_allclose(online["heart_rate"].head(30), later["heart_rate"])
     np.testing.assert_allclose(online["heart_rate"].iloc[30:], first["heart_rate"].iloc[30:])
+
+
+def test_training_frame_gives_feast_the_event_time_so_it_guesses_and_prints_nothing(
+    tiny_spec: UseCaseSpec, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A spec whose timestamp is not called event_timestamp made Feast print "Using
+    sample_date as the event timestamp..." on every join (issue 20)."""
+    spec = tiny_spec.model_copy(update={"event_timestamp": "sample_date"})
+    frame = make_tiny_frame(n=40).rename(columns={"event_timestamp": "sample_date"})
+    paths = Paths(tmp_path).usecase(spec.name)
+    ingest.run(spec, paths, NOW, PSEUDONYMISER, frame=frame)
+    store = feature_store.open_store(spec, paths)
+    feature_store.apply(store, spec, paths)
+    events = pd.DataFrame(
+        {
+            "patient_id": PSEUDONYMISER.many(frame["patient_id"]),
+            "sample_date": frame["sample_date"],
+            "outcome": frame["outcome"],
+            # another time column: Feast would have refused to guess between the two
+            "known_at": frame["sample_date"] + timedelta(days=30),
+        }
+    )
+    capfd.readouterr()
+
+    joined = feature_store.training_frame(store, spec, events)
+
+    printed = capfd.readouterr()
+    assert "as the event timestamp" not in printed.out + printed.err
+    assert list(joined.columns[:4]) == ["patient_id", "sample_date", "outcome", "known_at"]
+    assert joined["heart_rate"].tolist() == pytest.approx(frame["heart_rate"].tolist())
+    assert joined["sample_date"].tolist() == events["sample_date"].tolist()

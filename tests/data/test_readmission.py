@@ -271,7 +271,7 @@ def test_point_in_time_features_never_leak_from_later_encounters(spec, tmp_path:
         assert (at_discharge[column].to_numpy() == raw[column].to_numpy()).all(), column
 
     # One second before discharge the encounter is not known yet: the previous one is
-    # (if it is within the 14-day TTL), else nothing.
+    # (if it is within the spec's TTL), else nothing.
     before = feature_store.training_frame(
         store, spec, events.assign(event_timestamp=events["event_timestamp"] - timedelta(seconds=1))
     )
@@ -279,7 +279,8 @@ def test_point_in_time_features_never_leak_from_later_encounters(spec, tmp_path:
     previous = ordered.groupby("patient_id")[["event_timestamp", "prior_admissions_365d"]].shift(1)
     previous.index = ordered["row"]
     previous = previous.sort_index()
-    within_ttl = (raw["event_timestamp"] - previous["event_timestamp"]) <= timedelta(days=14)
+    ttl = timedelta(days=spec.feature_ttl_days)
+    within_ttl = (raw["event_timestamp"] - previous["event_timestamp"]) <= ttl
     got = before["prior_admissions_365d"]
     assert (
         got[within_ttl].tolist()

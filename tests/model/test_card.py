@@ -376,7 +376,7 @@ def test_html_has_every_section_in_order_with_formatted_numbers() -> None:
 
 def test_html_subgroups_show_every_metric_dash_for_missing_and_flag_large_gaps() -> None:
     subgroups = _section(render_html(make_card()), "Subgroups")
-    header = re.search(r"<thead>(.*?)</thead>", subgroups, re.S).group(1)
+    header = re.search(r"<thead>(.*?)</thead>", subgroups, re.S).group(1).replace("<wbr>", "")
     for column in ("roc_auc", "gap_roc_auc", "sensitivity", "gap_sensitivity"):
         assert f"<th>{column}</th>" in header
     rows = re.findall(r"<tr[^>]*>.*?</tr>", subgroups.split("<tbody>")[1], re.S)
@@ -387,6 +387,35 @@ def test_html_subgroups_show_every_metric_dash_for_missing_and_flag_large_gaps()
     assert "gap-worse" not in female and '<td class="num">-0.003</td>' in female
     assert island.count('<td class="num">—</td>') == 4 and "not-evaluated" in island
     assert "north &amp; &lt;east&gt;" in north
+
+
+def test_a_wide_subgroup_table_fits_the_page_or_scrolls_within_it() -> None:
+    """Headers break after underscores, and the table scrolls inside its own box
+    instead of widening the page (issue 20)."""
+    page = render_html(make_card())
+    subgroups = _section(page, "Subgroups")
+    assert re.search(r'<div class="table-scroll">\s*<table>', subgroups)
+    assert "<th>gap_<wbr>roc_<wbr>auc</th>" in subgroups
+    css = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    assert re.search(r"\.table-scroll \{[^}]*max-width: 100%;[^}]*overflow-x: auto;", css)
+    assert page.count('<div class="table-scroll">') == page.count("<table>")
+
+
+def test_a_card_states_no_aliases_so_a_promoted_champion_reads_true(tmp_path: Path) -> None:
+    """A card is written when its version becomes the challenger and never rewritten
+    (it is hash-checked at load), so it must not say where aliases point (issue 20)."""
+    card = make_card()
+    assert card["model"]["aliases"] == ["challenger"]  # as registration hands it over
+    json_path, html_path = write_card(card, tmp_path)
+
+    written = json.loads(json_path.read_text())
+    assert "aliases" not in written["model"]
+    assert written["model"]["version"] == "7"
+    page = html_path.read_text()
+    assert "alias" not in page.lower() and "challenger" not in page.lower()
+    subtitle = re.search(r'<p class="subtitle">(.*?)</p>', page).group(1)
+    assert subtitle.startswith("candidate gbm · run 4f2a9c0d1e · created 2026-06-01")
+    assert "alias" not in render_html(card).lower()  # an old card's aliases are not shown
 
 
 def test_html_escapes_hostile_strings_and_loads_nothing_external(tmp_path: Path) -> None:
@@ -640,7 +669,7 @@ def test_model_selection_gives_the_reason_marks_the_reference_and_highlights_the
     assert "+0.0312 (95% CI +0.0187 to +0.0441) in cross-validated roc_auc" in selection
     assert "987,654 out-of-fold rows, 365,431 patients" in selection
     assert "<dt>Margin</dt><dd>0.01</dd>" in selection
-    header = re.search(r"<thead>(.*?)</thead>", selection, re.S).group(1)
+    header = re.search(r"<thead>(.*?)</thead>", selection, re.S).group(1).replace("<wbr>", "")
     assert "<th>roc_auc 95% CI</th>" in header and "roc_auc_ci_low" not in header
     assert re.search(
         r'<tr class="selected"><td>gbm</td><td>best other, selected</td>'
