@@ -46,7 +46,6 @@ RUN pip install --constraint constraints.txt . \
     && chown clinml:clinml /data
 
 ENV CLINML_HOME=/data \
-    CLINML_CONFIG_DIR=/app/configs \
     BENTOML_HOME=/data/bentoml \
     BENTOML_DO_NOT_TRACK=true \
     DO_NOT_TRACK=true \

@@ -62,7 +62,7 @@ def main() -> None:
     from serving.auth import generate_key
 
     secret, entry = generate_key("bench", ["predict"])
-    spec = load_spec("pathology", settings.config_dir)
+    spec = load_spec("pathology", settings.spec_dir)
     features = pd.read_parquet(settings.paths.usecase("pathology").features_file)
     sample = features[spec.feature_names].head(100)
     bodies = {

@@ -649,14 +649,24 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def resolve_spec_path(name_or_path: str | Path, config_dir: Path | None = None) -> Path:
-    """A spec given by name (``pathology``) is looked up in the config directory."""
+    """A spec given by name (``pathology``) is looked up in the user's spec directory
+    (``config_dir``, default ``Settings().spec_dir``), then among the built-in use cases."""
     candidate = Path(name_or_path)
     if candidate.suffix in {".yaml", ".yml"} or candidate.parent != Path("."):
         return candidate
-    from clinml.settings import Settings
+    from clinml.settings import BUILTIN_CONFIG_DIR, Settings
 
-    directory = config_dir or Settings().config_dir
-    return directory / f"{name_or_path}.yaml"
+    directory = config_dir or Settings().spec_dir
+    mine = directory / f"{name_or_path}.yaml"
+    builtin = BUILTIN_CONFIG_DIR / f"{name_or_path}.yaml"
+    return builtin if not mine.is_file() and builtin.is_file() else mine
+
+
+def builtin_usecases() -> list[str]:
+    """Names of the use cases shipped with the project (``configs/``)."""
+    from clinml.settings import BUILTIN_CONFIG_DIR
+
+    return sorted(path.stem for path in BUILTIN_CONFIG_DIR.glob("*.yaml"))
 
 
 def load_spec(name_or_path: str | Path, config_dir: Path | None = None) -> UseCaseSpec:
@@ -664,7 +674,8 @@ def load_spec(name_or_path: str | Path, config_dir: Path | None = None) -> UseCa
 
     Args:
         name_or_path: a spec name looked up in ``config_dir`` (``CLINML_CONFIG_DIR``,
-            default ``configs/``), or a path to a YAML file.
+            default ``CLINML_HOME/configs``) and then among the built-in use cases in the
+            project's ``configs/``, or a path to a YAML file.
         config_dir: overrides the settings' config directory for name lookups.
 
     Returns:

@@ -1,6 +1,7 @@
 """The ``clinml`` command line.
 
-Every command takes a use case by name (looked up in ``configs/``) or a spec path. Errors
+Every command takes a use case by name (looked up in ``CLINML_HOME/configs``, then among
+the built-in use cases in the project's ``configs/``) or a spec path. Errors
 a user can act on are printed as one line with exit status 2; ``clinml monitor`` exits 0
 without drift and 1 with drift.
 """
@@ -11,11 +12,11 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from clinml.errors import ClinmlError, NotReadyError
+from clinml.errors import ClinmlError, NotReadyError, store_unavailable
 
 if TYPE_CHECKING:
     from clinml.settings import Settings
@@ -30,7 +31,11 @@ app = typer.Typer(
 )
 
 UseCase = Annotated[
-    str, typer.Argument(help="Use-case name in configs/ (e.g. pathology) or a spec path.")
+    str,
+    typer.Argument(
+        help="Use-case name (yours under CLINML_HOME/configs, or a built-in such as "
+        "pathology) or a spec path."
+    ),
 ]
 DataFile = Annotated[
     Path | None,
@@ -44,7 +49,7 @@ def _setup(usecase: str) -> tuple[Settings, UseCaseSpec]:
 
     settings = runtime.load_settings()
     runtime.configure(settings)
-    return settings, load_spec(usecase, settings.config_dir)
+    return settings, load_spec(usecase, settings.spec_dir)
 
 
 @app.command()
@@ -58,16 +63,23 @@ def init(
         str | None, typer.Option("--positive-class", help="Label value that is positive.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Where to write the draft (default: configs/NAME.yaml).")
+        Path | None,
+        typer.Option(help="Where to write the draft (default: CLINML_HOME/configs/NAME.yaml)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Draft a use-case spec from a data file, for you to review and edit."""
+    from clinml.spec import builtin_usecases
     from features.draft import draft_from_file
     from pipelines import runtime
 
     settings = runtime.load_settings()
-    target = out or settings.config_dir / f"{name}.yaml"
+    if out is None and name in builtin_usecases():
+        raise ClinmlError(
+            f"'{name}' is a built-in use case: choose another --name (or write elsewhere "
+            "with --out)"
+        )
+    target = out or settings.spec_dir / f"{name}.yaml"
     written = draft_from_file(
         data,
         name,
@@ -153,6 +165,7 @@ def train(usecase: UseCase) -> None:
 
     settings, spec = _setup(usecase)
     stages.train(spec, settings, Progress(total=1))
+    typer.echo(f"next: clinml promote {usecase}")
 
 
 Reason = Annotated[str | None, typer.Option("--reason", help="Why; recorded in the audit log.")]
@@ -171,6 +184,8 @@ def promote(
     from pipelines.progress import Progress
     from training.governance import PromotionRefused
 
+    if force and not (reason and reason.strip()):  # before the gate's work, not after it
+        raise ClinmlError("--force needs --reason: say why the gate is being overridden")
     settings, spec = _setup(usecase)
     try:
         stages.promote(spec, settings, Progress(total=1), force=force, reason=reason)
@@ -425,13 +440,12 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
 ) -> None:
-    """Serve the packaged champion with `bentoml serve` (foreground)."""
-    import subprocess
-
+    """Serve the packaged champion with `bentoml serve` (foreground). SIGTERM, SIGINT and
+    SIGHUP stop the server and its workers."""
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from serving.launch import serve_command, service_env
+    from serving.launch import run_foreground, serve_command, service_env
 
     settings, spec = _setup(usecase)
     try:
@@ -443,7 +457,7 @@ def serve(
     url = f"http://{host}:{port}"
     typer.echo(f"serving {spec.name} on {url} (API docs: {url}/, OpenAPI: {url}/docs.json)")
     raise typer.Exit(
-        subprocess.call(serve_command(host, port), env=service_env(settings, spec.name))
+        run_foreground(serve_command(host, port), env=service_env(settings, spec.name))
     )
 
 
@@ -518,6 +532,9 @@ def monitor(
     except (ClinmlError, typer.Exit):
         raise
     except Exception as exc:
+        unavailable = store_unavailable(exc)
+        if unavailable is not None:
+            raise unavailable from exc
         # Exit 1 means an alert and nothing else: a failure is exit 2, one line. Only the
         # exception's type is shown (its text may quote a value of the input); the
         # traceback goes to the log.
@@ -538,6 +555,14 @@ def _utc(moment: datetime) -> datetime:
 
 labels_app = typer.Typer(help="Ground-truth outcomes for performance monitoring.")
 app.add_typer(labels_app, name="labels")
+
+from pipelines.keys_cli import keys_app  # noqa: E402 (the sub-apps after the main commands)
+
+app.add_typer(keys_app, name="keys")
+
+from pipelines.patients_cli import patients_app  # noqa: E402
+
+app.add_typer(patients_app, name="patients")
 
 
 @labels_app.command("ingest")
@@ -581,12 +606,25 @@ def demo(
 
 
 def main() -> None:
-    """Console entry point: ClinmlError -> one line on stderr, exit status 2."""
+    """Console entry point: ClinmlError, or a store that does not answer -> one line on
+    stderr, exit status 2. Anything else is a bug and keeps its traceback."""
     try:
         app()
     except ClinmlError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(exc)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        # The last resort for a store that fails where no stage knew to expect it.
+        unavailable = store_unavailable(exc)
+        if unavailable is None:
+            raise
+        _fail(unavailable)
+
+
+def _fail(error: ClinmlError) -> NoReturn:
+    # One line, whatever the message holds (a library's text quoted in it may have more).
+    line = " ".join(str(error).split())
+    typer.echo(f"error: {line}", err=True)
+    sys.exit(2)

@@ -26,20 +26,76 @@ labels a probability with the wrong version's threshold.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import bentoml
+from pydantic import ValidationError
 
-from clinml.errors import ClinmlError
+from clinml.errors import ClinmlError, SettingsError
 from clinml.settings import Settings
-from clinml.spec import load_spec
+from clinml.spec import UseCaseSpec, load_spec
 from serving.runtime import ServedModel, load_from_bento, starting_holder
 
 log = logging.getLogger("bentoml.clinml")
 
-SETTINGS = Settings()
-SPEC = load_spec(SETTINGS.usecase, SETTINGS.config_dir)
+
+def _configuration() -> tuple[Settings, UseCaseSpec]:
+    """The settings and the served use case's spec, read once when ``bentoml serve``
+    imports the service; a refusal to start is one line (logged, and on stderr) and exit
+    status 2, not a traceback (a validation error's traceback would quote the settings)."""
+    try:
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            raise SettingsError.from_validation(exc) from None
+        _data_directory_given()
+        return settings, load_spec(settings.usecase, settings.spec_dir)
+    except ClinmlError as exc:
+        line = "error: " + " ".join(str(exc).split())
+        log.error(line)
+        if not _logged_to_stderr(log):
+            print(line, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _data_directory_given() -> None:
+    """A built bento carries the code, the specs and the model, not the state: the API
+    keys, the online store, the audit trail and the prediction log live under
+    ``CLINML_HOME``. ``bentoml serve`` runs a bento from inside it, where the default
+    ``./.clinml`` would be an empty directory written into the bento itself, so serving
+    a bento needs ``CLINML_HOME`` named.
+
+    Raises:
+        ClinmlError: served from a bento without ``CLINML_HOME``.
+    """
+    in_bento = (Path(__file__).resolve().parents[2] / "bento.yaml").is_file()
+    if in_bento and not os.environ.get("CLINML_HOME"):
+        raise ClinmlError(
+            "this bento is served without CLINML_HOME: set it to clinml's data directory "
+            "(the API keys, the online store and the audit trail live there; "
+            "docs/serving.md, 'The immutable path')"
+        )
+
+
+def _logged_to_stderr(logger: logging.Logger) -> bool:
+    """Whether a record on ``logger`` reaches stderr (so printing the line too would show
+    it twice): through a handler writing there, or, with no handler at all, through
+    logging's last resort, which writes there."""
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        handlers.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    if not handlers:
+        return logging.lastResort is not None
+    return any(getattr(handler, "stream", None) is sys.stderr for handler in handlers)
+
+
+SETTINGS, SPEC = _configuration()
 
 # One scored record: (probability, version, alias, operating threshold).
 Scored = tuple[float, str, str, float]

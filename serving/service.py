@@ -56,13 +56,15 @@ from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
 from serving import httpguard, redaction, refusals, schemas, timeouts
-from serving.auth import open_paths, send_json
+from serving.auth import LiveKeyStore, open_paths, send_json
 from serving.coalesce import Coalescer
 from serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
 from serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
+
+NO_KEYS = "no API keys"
 
 # BentoML's request timeout leaves a live timer per request for the whole timeout; this
 # one cancels it when the answer starts (serving/timeouts.py has the measurements).
@@ -402,6 +404,7 @@ class ClinicalService:
         self._store_lock = threading.Lock()
         self._reader: Any = None
         self._store_down: tuple[float, str] | None = None  # (retry after, reason)
+        self._not_ready: str | None = "starting"  # the last reason /readyz gave (None: ready)
         self.lookups: Coalescer[Any] | None = None
         if SETTINGS.batching:  # /predict_patient: one store read for requests together
             self.lookups = Coalescer(self.read_online, SETTINGS.max_batch_size)
@@ -438,24 +441,46 @@ class ClinicalService:
     # -- readiness -------------------------------------------------------------------
 
     def __is_ready__(self) -> bool:
+        reason = self.not_ready_reason()
+        if reason != self._not_ready:  # each change is logged once, not at every probe
+            self._not_ready = reason
+            if reason is None:
+                log.info("ready")
+            elif reason != NO_KEYS:  # the key store logs its own line, with what to do
+                log.warning("not ready: %s", reason)
+        return reason is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why ``/readyz`` answers 503 (one line, no values), or None when ready."""
+        if KEYS is not None and not KEYS.ready():  # no key: every call would be a 401
+            return NO_KEYS
         if not self.audit.healthy:
-            return False
+            return (
+                f"the request audit trail cannot be written ({SETTINGS.paths.request_audit_log}"
+                " or its directory: check the disk and permissions)"
+            )
         self.metrics.export_audit_head(self.audit.head)
         try:
             info = self.describe()
-        except ExecutionUnavailable:
-            return False
+        except ExecutionUnavailable as exc:
+            return f"the model-execution service does not answer ({exc})"
         if not info.get("loaded"):
-            return False
+            error = info.get("last_error") or "not loaded yet"
+            return f"no model loaded ({error})"
         self.seen(_ref(info))
         if SETTINGS.require_online_store:
             try:
                 self._online_reader().ping()
             except Exception as exc:  # any failure to read the store means not ready
                 self._store_failed(exc)
-                return False
+                return (
+                    f"the online feature store cannot be read ({type(exc).__name__}): run "
+                    f"`clinml materialize {SPEC.name}` with the same CLINML_HOME (or "
+                    "CLINML_FEATURE_STORE_YAML), or set CLINML_REQUIRE_ONLINE_STORE=false "
+                    "to serve /predict without it"
+                )
             self._store_down = None  # back: stop answering 503 without trying
-        return True
+        return None
 
     def read_online(self, ids: list[str]) -> list[Any]:
         """The online store's rows for pseudonymised ids (``OnlineReader.read``).
@@ -968,8 +993,8 @@ def admin_reload(self: Any = CURRENT) -> dict[str, Any]:
 _INFRASTRUCTURE = {
     "/livez": "Liveness: 200 while the process serves HTTP. No key needed.",
     "/readyz": "Readiness: 200 only when the model is loaded, the request audit trail is "
-    "writable and (unless CLINML_REQUIRE_ONLINE_STORE=false) the online store is readable; "
-    "503 otherwise. No key needed.",
+    "writable, (unless CLINML_REQUIRE_ONLINE_STORE=false) the online store is readable and "
+    "(unless CLINML_AUTH=false) at least one API key exists; 503 otherwise. No key needed.",
     "/metrics": "Prometheus metrics: request latency histograms per endpoint, predictions "
     "by label, errors by kind, the served model version. A key with the admin role is "
     "needed when CLINML_PROTECT_METRICS=true.",
@@ -1074,12 +1099,14 @@ def _document_hot_paths(document: dict[str, Any]) -> None:
 api.openapi = _openapi  # type: ignore[method-assign]
 
 
-def _install_middleware() -> None:
+def _install_middleware() -> LiveKeyStore | None:
     """The first added is the outermost. Keys are checked first, from the headers alone,
     so a caller without one holds nothing; then load shedding, which counts only
     admitted work (per key too); then the body's media type (415), size (413) and
-    arrival time (408). Every refusal is reported to serving.refusals."""
-    from serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware, KeyStore
+    arrival time (408). Every refusal is reported to serving.refusals.
+
+    Returns the API keys (None with auth off), which follow changes to the keys file."""
+    from serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
     from serving.docs_page import DocsPage
     from serving.overload import ShedMiddleware
 
@@ -1088,12 +1115,12 @@ def _install_middleware() -> None:
     ClinicalService.add_asgi_middleware(DocsPage)
     if SETTINGS.auth:
         api_keys = SETTINGS.api_keys.get_secret_value() if SETTINGS.api_keys else None
-        keys_file = SETTINGS.api_keys_path if SETTINGS.api_keys_path.is_file() else None
-        keystore = KeyStore.load(keys_file, api_keys)
+        keystore = LiveKeyStore(SETTINGS.api_keys_path, api_keys)
         ClinicalService.add_asgi_middleware(
             AuthMiddleware, keystore=keystore, rules=ROLES, protect_metrics=SETTINGS.protect_metrics
         )
     else:
+        keystore = None
         log.warning(
             "API-key authentication is OFF (CLINML_AUTH=false): never do this in production"
         )
@@ -1109,6 +1136,7 @@ def _install_middleware() -> None:
         BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes, timeout_s=SETTINGS.body_timeout_s
     )
     ClinicalService.add_asgi_middleware(AuditEveryRequest)
+    return keystore
 
 
 def _count_refusal(endpoint: str, status: int) -> None:
@@ -1117,4 +1145,5 @@ def _count_refusal(endpoint: str, status: int) -> None:
 
 
 refusals.RECORDER.count = _count_refusal
-_install_middleware()
+# The API keys (None with CLINML_AUTH=false); without one the service is not ready.
+KEYS = _install_middleware()

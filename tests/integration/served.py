@@ -62,5 +62,5 @@ def clinml(
         text=True,
         cwd=PROJECT_ROOT,
         env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "e2e-cli", **(env or {})},
-        timeout=600,
+        timeout=1800,  # a deadline for a busy machine, not a speed check
     )

@@ -1,12 +1,16 @@
-"""Bring your own data: a CSV and a drafted spec run the whole pipeline, no code change."""
+"""Bring your own data: a CSV and a drafted spec run the whole pipeline, no code change,
+and `clinml serve` serves it until SIGTERM stops the whole server."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 
@@ -24,7 +28,7 @@ def clinml(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         cwd=PROJECT_ROOT,
         env={**os.environ, "CLINML_HOME": str(home), "CLINML_PSEUDONYM_KEY": "byod-test-key"},
-        timeout=600,
+        timeout=1800,  # a deadline for a busy machine, not a speed check
     )
 
 
@@ -34,24 +38,24 @@ def test_init_then_run_on_a_csv(tmp_path: Path) -> None:
     data = tmp_path / "data" / "visits.csv"
     data.parent.mkdir()
     frame.to_csv(data, index=False)
-    spec_file = tmp_path / "specs" / "visits.yaml"
     home = tmp_path / "home"
+    spec_file = home / "configs" / "visits.yaml"  # a user's specs live under CLINML_HOME
 
-    drafted = clinml(
-        "init", "--data", str(data), "--name", "visits", "--out", str(spec_file), home=home
-    )
+    drafted = clinml("init", "--data", str(data), "--name", "visits", home=home)
     assert drafted.returncode == 0, drafted.stderr
+    assert f"draft written to {spec_file}" in drafted.stdout
+    assert not (PROJECT_ROOT / "configs" / "visits.yaml").exists()  # not in the source tree
     spec = load_spec(spec_file)
     assert spec.entity.key == "patient_id" and spec.label.column == "readmitted"
     assert spec.label.positive_class == "yes"
     assert "mrn" in spec.identifier_columns and "on_ventilator" in spec.feature_names
 
-    again = clinml(
-        "init", "--data", str(data), "--name", "visits", "--out", str(spec_file), home=home
-    )
+    again = clinml("init", "--data", str(data), "--name", "visits", home=home)
     assert again.returncode == 2 and "pass --force" in again.stderr
+    builtin = clinml("init", "--data", str(data), "--name", "pathology", home=home)
+    assert builtin.returncode == 2 and "built-in use case" in builtin.stderr
 
-    ran = clinml("run", str(spec_file), home=home)
+    ran = clinml("run", "visits", home=home)  # by name, from CLINML_HOME/configs
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "registered visits version 1 as 'challenger'" in ran.stdout
     assert "promote: champion -> version 1 (first champion)" in ran.stdout
@@ -60,3 +64,56 @@ def test_init_then_run_on_a_csv(tmp_path: Path) -> None:
     assert len(stored) == 400 and stored["patient_id"].str.startswith("ps_").all()
     assert "mrn" not in stored.columns
     assert set(stored["on_ventilator"].unique()) <= {0, 1}
+
+    _serve_then_sigterm(home)
+
+
+def _serve_then_sigterm(home: Path) -> None:
+    """`clinml serve`, ready, then SIGTERM as a service manager sends it: the server and
+    every worker it started are gone afterwards and the port is free again."""
+    import psutil
+
+    from serving.launch import free_port, port_is_free
+    from tests.integration.served import api_keys
+
+    key = api_keys(home)["dev"]
+    port = free_port()
+    served = subprocess.Popen(
+        [str(Path(sys.executable).parent / "clinml"), "serve", "visits", "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "CLINML_HOME": str(home), "CLINML_PSEUDONYM_KEY": "byod-test-key"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert _wait_for(lambda: _status(f"{url}/readyz") == 200 or served.poll() is not None)
+        assert served.poll() is None, f"clinml serve exited with {served.returncode}"
+        answer = httpx.get(f"{url}/model", headers={"X-API-Key": key}, timeout=30)
+        assert answer.status_code == 200
+        server = psutil.Process(served.pid).children(recursive=True)
+        assert server, "clinml serve started no server"
+        served.send_signal(signal.SIGTERM)
+        served.wait(timeout=120)
+        _, left = psutil.wait_procs(server, timeout=60)
+        assert not left, [p.cmdline()[:4] for p in left]
+        assert port_is_free("127.0.0.1", port)
+    finally:
+        if served.poll() is None:
+            served.kill()
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def _wait_for(condition, deadline_s: float = 300.0) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False

@@ -15,6 +15,7 @@ failing call otherwise (a disk that is full). docs/security.md has the table.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 EXECUTOR = "serving.executor:ModelExecutor"  # served on its own, as on a GPU node
 
 
-def _wait_for(condition, timeout: float = 20.0) -> bool:
+def _wait_for(condition, timeout: float = 120.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -113,9 +114,15 @@ def test_an_unreachable_online_store_is_a_503_until_it_is_back(
     db = _online_db(home)
     away = db.with_name("online.db.away")
     patient = {"patient_ids": [_known_patient(pipeline, pathology_spec)]}
+    said = _Lines("bentoml.clinml")
     db.rename(away)
     try:
         assert client.get("/readyz").status_code == 503  # and drops the open reader
+        assert client.get("/readyz").status_code == 503
+        # the reason is logged once, with what to do, however often the probe asks
+        store_down = [line for line in said.lines if "online feature store" in line]
+        assert len(store_down) == 1, said.lines
+        assert store_down[0].startswith("not ready: ") and "clinml materialize" in store_down[0]
         refused = client.post("/predict_patient", json=patient)
         assert refused.status_code == 503 and "online feature store unavailable" in refused.text
         assert client.post("/predict", json=_one_record(records)).status_code == 200
@@ -123,7 +130,29 @@ def test_an_unreachable_online_store_is_a_503_until_it_is_back(
     finally:
         away.rename(db)
     assert client.get("/readyz").status_code == 200
+    said.close()
+    assert said.lines[-1] == "ready"
     assert client.post("/predict_patient", json=patient).status_code == 200
+
+
+class _Lines(logging.Handler):
+    """The messages of one logger, while attached."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(name)
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+        super().close()
 
 
 # -- the registry -------------------------------------------------------------------------
@@ -386,7 +415,7 @@ def test_sigkill_mid_load_restarts_and_the_audit_chains_verify(
     with ServiceProcess(settings, "pathology", free_port(), logs / "serve-kill-1.log") as served:
         arbiter = psutil.Process(served.pid)
         with Load(served.url, key, body) as load:
-            assert _wait_for(lambda: load.count(200) >= 50, 60)
+            assert _wait_for(lambda: load.count(200) >= 50, 300)
             [worker] = [
                 child
                 for child in arbiter.children(recursive=True)
@@ -395,18 +424,18 @@ def test_sigkill_mid_load_restarts_and_the_audit_chains_verify(
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
             before = load.count(200)
-            assert _wait_for(lambda: load.count(200) >= before + 50, 120)  # a new worker
+            assert _wait_for(lambda: load.count(200) >= before + 50, 300)  # a new worker
             assert arbiter.is_running()
             # everything, mid-load: BentoML's workers have process groups of their own
             for process in [arbiter, *arbiter.children(recursive=True)]:
                 process.send_signal(signal.SIGKILL)
-            assert _wait_for(lambda: load.count(0) > 0, 30)  # the callers see it gone
+            assert _wait_for(lambda: load.count(0) > 0, 120)  # the callers see it gone
         answered += load.answered_ids
     with (
         ServiceProcess(settings, "pathology", free_port(), logs / "serve-kill-2.log") as again,
         Load(again.url, key, body) as load,
     ):
-        assert _wait_for(lambda: load.count(200) >= 20, 60)
+        assert _wait_for(lambda: load.count(200) >= 20, 300)
     assert set(load.statuses) <= {200}  # and then stopped gracefully (SIGTERM)
 
     verify = clinml(home, "audit", "verify")

@@ -50,7 +50,7 @@ def _clinml(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
         text=True,
         cwd=PROJECT_ROOT,
         env={**os.environ, **env},
-        timeout=900,
+        timeout=2400,  # a deadline for a busy machine, not a speed check
     )
 
 
