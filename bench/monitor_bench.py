@@ -3,7 +3,7 @@
 Each size runs in its own process (so peak memory is that size's alone), in one run:
 
 1. a window of readmission encounters, scored by the stand-in model of
-   monitoring/evaluation.py, is written as prediction-log partitions (not timed);
+   bench/monitor_evaluation.py, is written as prediction-log partitions (not timed);
 2. timed: reading the window back (``read_predictions``), the drift verdict with every
    report written (features, quality, prediction drift, subgroups: ``drift.run``), and
    labelled performance with bootstrap CIs (``performance_by_window``, 500 resamples).
@@ -44,10 +44,11 @@ def one(size: int) -> dict[str, object]:
     import numpy as np
     import pandas as pd
 
+    from bench import monitor_evaluation as evaluation
+    from clinml.predictionlog import read_predictions
     from clinml.spec import load_spec
     from features.datasets import readmission
-    from monitoring import drift, evaluation, performance
-    from serving.requestlog import read_predictions
+    from monitoring import drift, performance
 
     spec = load_spec("readmission")
     reference = evaluation.fit_reference(spec)

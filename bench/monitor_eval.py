@@ -1,6 +1,6 @@
 """The monitor's false-alarm rate and detection curves on the readmission generator.
 
-Runs monitoring/evaluation.py (the code tests/model/test_monitor_power.py asserts a small
+Runs bench/monitor_evaluation.py (the code tests/model/test_monitor_power.py asserts a small
 version of) and writes the tables and the dose-response plot into docs/monitoring.md.
 
     .venv/bin/python bench/monitor_eval.py [--windows 40] [--json out.json]
@@ -22,9 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
+from bench import monitor_evaluation as evaluation  # noqa: E402
 from bench.docsection import write_section  # noqa: E402
 from clinml.spec import load_spec  # noqa: E402
-from monitoring import drift, evaluation  # noqa: E402
+from monitoring import drift  # noqa: E402
 
 START, END = "<!-- monitor-eval -->", "<!-- /monitor-eval -->"
 PLOT = ROOT / "docs" / "img" / "monitor_dose_response.png"

@@ -47,6 +47,7 @@ import pandas as pd
 from clinml.errors import ClinmlError
 from clinml.spec import UseCaseSpec
 from monitoring import statistics
+from training.reference import CLUSTER_COLUMN, WEEK_COLUMN
 
 HTML_FILE = "drift.html"
 PREDICTION_HTML_FILE = "prediction_drift.html"
@@ -411,9 +412,6 @@ def _quality(
     return issues
 
 
-CLUSTER_COLUMN = "_cluster"  # the reference's patient, as an arbitrary integer
-
-
 def patient_codes(spec: UseCaseSpec, frame: pd.DataFrame) -> np.ndarray:
     """Which rows belong to one patient: the reference's ``_cluster``, the prediction
     log's pseudonymised ``patient`` or the entity key, whichever the frame has; without
@@ -570,9 +568,6 @@ def _testable(spec: UseCaseSpec, reference: pd.DataFrame, current: pd.DataFrame)
 def _within(features: list[str], attribute: str) -> list[str]:
     """The features tested within a group: all but the (constant) attribute itself."""
     return [f for f in features if f != attribute]
-
-
-WEEK_COLUMN = "_week"  # the reference row's ISO week of the year (no year, no day)
 
 
 def _weeks_between(start: datetime, end: datetime) -> set[int]:

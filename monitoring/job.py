@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
@@ -34,11 +33,35 @@ from clinml.spec import UseCaseSpec
 from monitoring import drift, statistics
 from monitoring.alerts import Alert, AlertSink, Delivery
 
+if TYPE_CHECKING:
+    from monitoring.retraining import RetrainingData
+
 log = logging.getLogger(__name__)
 
 VERDICT_FILE = "verdict.json"
-# Columns of the prediction log that are not features.
-LOG_COLUMNS = ("time", "request_id", "model_version", "patient", "probability", "label")
+
+
+class Retrainer(Protocol):
+    """What :func:`run` calls on drift to train a challenger on the offline store plus the
+    monitored rows whose outcomes are known: the window (``since``, ``until``, the label
+    ``lookback``) or the ``batch``, and the monitor run's id. It never promotes.
+
+    The command line hands in ``pipelines.stages.retrain_on_drift``: retraining wires
+    ingest, materialize and train together, which is the pipelines' job, and monitoring
+    does not import the layer above it.
+    """
+
+    def __call__(
+        self,
+        spec: UseCaseSpec,
+        settings: Settings,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        lookback: timedelta,
+        batch: pd.DataFrame | None,
+        monitor_run: str,
+    ) -> RetrainingData: ...
 
 
 @dataclass(frozen=True)
@@ -256,17 +279,20 @@ def run(
     out_dir: Path | None = None,
     label_lookback: timedelta = timedelta(days=90),
     subgroups: bool = True,
-    retrain_on_drift: bool = False,
+    retrain_on_drift: Retrainer | None = None,
     now: datetime | None = None,
     deliver: bool = True,
-    echo: Callable[[str], None] | None = None,
 ) -> MonitorResult:
     """Judge one window (or an explicit ``batch``) and deliver the alerts it raises.
+
+    With ``retrain_on_drift`` (the command line's ``--retrain-on-drift`` passes
+    ``pipelines.stages.retrain_on_drift``), data or prediction drift trains a challenger
+    after the verdict is written.
 
     Raises:
         ClinmlError: no champion, no predictions in the window, or a bad window.
     """
-    from serving.requestlog import read_predictions
+    from clinml.predictionlog import read_predictions
     from training.tracking import Tracker
     from training.train import load_reference
 
@@ -334,8 +360,16 @@ def run(
         run_id, verdict, windows, alerts, delivery, target, performance_html=performance_html
     )
     _write(result)  # before retraining: the verdict stands if the retraining fails
-    if retrain_on_drift and (verdict.drift or verdict.prediction_drift):
-        retraining = _retrain(spec, settings, since, until, label_lookback, batch, run_id, echo)
+    if retrain_on_drift is not None and (verdict.drift or verdict.prediction_drift):
+        retraining = retrain_on_drift(
+            spec,
+            settings,
+            since=since,
+            until=until,
+            lookback=label_lookback,
+            batch=batch,
+            monitor_run=run_id,
+        )
         result = replace(result, retrained_version=retraining.version, retraining=retraining)
         _write(result)
     return result
@@ -364,7 +398,7 @@ def _reference(
     training rows, those of the same season (:func:`monitoring.drift.choose_reference`),
     or the prediction log of the ``rolling_days`` before the window; the rolling one
     falls back to the training rows, and says so, when the log holds too few patients."""
-    from serving.requestlog import read_predictions
+    from clinml.predictionlog import read_predictions
 
     monitoring = spec.monitoring
     since = window[0]
@@ -406,8 +440,8 @@ def _performance(
     lookback: timedelta,
 ) -> tuple[list[Any], pd.DataFrame | None]:
     """The performance windows with labelled predictions, and those predictions."""
+    from clinml.predictionlog import read_predictions
     from monitoring import performance
-    from serving.requestlog import read_predictions
 
     paths = settings.paths.usecase(spec.name)
     if since is None or until is None or not paths.labels.is_dir():
@@ -466,45 +500,6 @@ def _add_to_workspace(settings: Settings, spec: UseCaseSpec, verdict: drift.Drif
         drift.add_to_workspace(workspace, f"clinml {spec.name}", verdict.snapshots)
     except Exception as exc:  # the history is a convenience; the verdict stands without it
         log.warning("could not add the snapshots to the Evidently workspace: %s", exc)
-
-
-def _retrain(
-    spec: UseCaseSpec,
-    settings: Settings,
-    since: datetime | None,
-    until: datetime | None,
-    lookback: timedelta,
-    batch: pd.DataFrame | None,
-    run_id: str,
-    echo: Callable[[str], None] | None,
-) -> Any:
-    """A new challenger trained on the offline store plus the monitored rows whose outcomes
-    are known (``pipelines.stages.retrain``), its progress through ``echo`` (the command
-    line's output; the log without one). Never promotes.
-
-    Returns:
-        A ``monitoring.retraining.RetrainingData``: what it trained on, and the version.
-    """
-    from pipelines import stages
-    from pipelines.progress import Progress
-
-    say = echo or log.info
-    say(
-        "drift found: training a challenger on the offline store and the monitored rows "
-        "whose outcomes are known (it is never promoted automatically)"
-    )
-    progress = Progress(total=stages.RETRAIN_STEPS, echo=say, interactive=None if echo else False)
-    return stages.retrain(
-        spec,
-        settings,
-        progress,
-        since=since,
-        until=until,
-        lookback=lookback,
-        batch=batch,
-        reason="drift",
-        monitor_run=run_id,
-    )
 
 
 def _write(result: MonitorResult) -> None:

@@ -87,8 +87,8 @@ def window_rows(
 ) -> MonitoredRows:
     """The labelled predictions of the label lookback up to ``until`` (as performance
     monitoring judges them: ``lookback`` or the window, whichever is longer)."""
+    from clinml.predictionlog import read_predictions
     from monitoring import performance
-    from serving.requestlog import read_predictions
 
     paths = settings.paths.usecase(spec.name)
     start = until - max(lookback, until - since)

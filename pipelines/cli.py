@@ -497,8 +497,11 @@ def monitor(
     """Drift, data quality, subgroup drift and performance of a window of predictions,
     against the champion's training reference. Exit 0: no alert; 1: an alert (delivered);
     2: an error."""
+    from functools import partial
+
     from clinml.tables import read_table
     from monitoring import job
+    from pipelines import stages
 
     settings, spec = _setup(usecase)
     now = datetime.now(UTC)
@@ -525,9 +528,11 @@ def monitor(
             out_dir=out,
             label_lookback=job.parse_duration(label_lookback),
             subgroups=subgroups,
-            retrain_on_drift=retrain_on_drift,
+            # the retrain's progress on the command line's output, as `clinml run` shows it
+            retrain_on_drift=partial(stages.retrain_on_drift, echo=typer.echo)
+            if retrain_on_drift
+            else None,
             now=now,
-            echo=typer.echo,  # the retrain's progress, as `clinml run` shows it
         )
     except (ClinmlError, typer.Exit):
         raise

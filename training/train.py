@@ -1017,8 +1017,8 @@ def _monitoring_keys(spec: UseCaseSpec, rows: pd.DataFrame) -> dict[str, np.ndar
     """What the monitor needs beside the features, and no more: which rows share a
     patient (an arbitrary integer, shuffled, not the pseudonymised id) for its
     patient-clustered tests, and each row's week of the year (no year, no day) for a
-    seasonal reference (monitoring.drift.choose_reference)."""
-    from monitoring.drift import CLUSTER_COLUMN, WEEK_COLUMN
+    seasonal reference (monitoring.drift.choose_reference; the columns: training.reference)."""
+    from training.reference import CLUSTER_COLUMN, WEEK_COLUMN
 
     codes, uniques = pd.factorize(rows[spec.entity.key])
     shuffled = np.random.default_rng(spec.training.seed).permutation(len(uniques))

@@ -660,7 +660,7 @@ def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, 
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from serving.requestlog import read_predictions
+    from clinml.predictionlog import read_predictions
 
     settings, _, _ = pipeline
     answers = [

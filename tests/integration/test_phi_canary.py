@@ -581,7 +581,7 @@ def _wait_for_the_prediction_log(run: Run, rows: int, timeout: float = 120.0) ->
     """The prediction log is written in batches, off the request path."""
     import time as clock
 
-    from serving.requestlog import read_predictions
+    from clinml.predictionlog import read_predictions
 
     deadline = clock.monotonic() + timeout
     while len(read_predictions(run.home / USECASE / "predictions")) < rows:
@@ -707,7 +707,7 @@ def test_service_log_holds_no_canary(run: Run) -> None:
 
 
 def test_prediction_log_and_labels_hold_only_pseudonyms(run: Run) -> None:
-    from serving.requestlog import read_predictions
+    from clinml.predictionlog import read_predictions
 
     found, files = _under(run, f"{USECASE}/predictions/", f"{USECASE}/labels/")
     assert files

@@ -222,7 +222,7 @@ def test_predict_patient_is_answered_from_redis(served, raw_ids: list[str]) -> N
 def test_monitor_reads_what_the_production_service_logged(
     deployment: Deployment, served, raw_ids: list[str]
 ) -> None:
-    from serving.requestlog import read_predictions
+    from clinml.predictionlog import read_predictions
 
     process, keys = served
     headers = {"Authorization": f"Bearer {keys['dev']}"}

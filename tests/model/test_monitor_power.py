@@ -1,4 +1,4 @@
-"""The monitor's own error rates on the readmission generator (monitoring/evaluation.py),
+"""The monitor's own error rates on the readmission generator (bench/monitor_evaluation.py),
 a small version of bench/monitor_eval.py: weeks of 2 000 discharges.
 
 100 windows without a shift (25 of each realistic kind: consecutive weeks, winter weeks
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import monitor_evaluation as evaluation
 from clinml.spec import load_spec
-from monitoring import evaluation
 
 pytestmark = pytest.mark.slow
 WINDOWS = 25

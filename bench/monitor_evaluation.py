@@ -35,7 +35,9 @@ Shifts (:data:`SHIFTS`), each with a dose, for the dose-response curves:
   which only labelled performance can see.
 
 ``tests/model/test_monitor_power.py`` asserts a small version; ``bench/monitor_eval.py``
-writes the tables and the plot in docs/monitoring.md.
+writes the tables and the plot in docs/monitoring.md; ``bench/monitor_bench.py`` times the
+monitor on its windows. It is a harness for judging the monitor, not part of it, so it
+lives in bench/ (the product never imports it).
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def _second_year(cohort: pd.DataFrame) -> pd.DataFrame:
 
 
 def _monitoring_keys(rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    from monitoring.drift import CLUSTER_COLUMN, WEEK_COLUMN
+    from training.reference import CLUSTER_COLUMN, WEEK_COLUMN
 
     weeks = pd.to_datetime(rows["event_timestamp"], utc=True).dt.isocalendar().week
     return {
