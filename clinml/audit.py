@@ -79,12 +79,14 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clinml.atomic import sync, write_atomic
+from clinml.clock import utc_now
 from clinml.errors import ClinmlError
 
 if TYPE_CHECKING:
@@ -138,10 +140,6 @@ def record_hash(record: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of ``record`` without its ``hash`` key."""
     body = {key: value for key, value in record.items() if key != "hash"}
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -220,7 +218,7 @@ class Checkpoints:
     """
 
     def __init__(
-        self, directory: Path, key: str | bytes, *, clock: Callable[[], datetime] = _utc_now
+        self, directory: Path, key: str | bytes, *, clock: Callable[[], datetime] = utc_now
     ) -> None:
         if len(key) < MIN_AUDIT_KEY_CHARS:
             raise AuditError(
@@ -356,27 +354,15 @@ class Checkpoints:
         body["mac"] = self._mac(body)
         data = (canonical_json(body) + "\n").encode("utf-8")
         final = folder / _file_name(number)
-        tmp = folder / f".{final.name}.{os.getpid()}.tmp"  # read() skips it
         try:
             created = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             if final.exists():  # only a writer not holding the log's lock gets here
                 raise OSError(errno.EEXIST, "a checkpoint with this number exists already")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            _fsync_directory(folder)
+            write_atomic(final, data, mode=0o644)  # read() skips the temporary ".*.tmp"
             if created:
-                _fsync_directory(folder.parent)
+                sync(folder.parent)
         except OSError as exc:
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)
             raise AuditError(
                 f"could not write audit checkpoint {final}: {exc.strerror or exc}"
             ) from exc
@@ -492,7 +478,7 @@ class AuditLog:
         self,
         path: Path,
         *,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         checkpoints: Checkpoints | None = None,
     ) -> None:
         self.path = Path(path)
@@ -608,7 +594,7 @@ class AuditLog:
                 self._write(fd, data, size)
                 self._last = (seq, prev_hash)
                 if created:
-                    _fsync_directory(self.path.parent)
+                    sync(self.path.parent)
                 if checkpoint and self.checkpoints is not None:
                     # The records are durable: whatever happens here must not undo them.
                     self._try_checkpoint(fd, size + len(data), seq, prev_hash, raise_errors=False)
@@ -1120,12 +1106,3 @@ def _chain_problem(
             "inserted or reordered?)"
         )
     return None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a newly created file's directory entry durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

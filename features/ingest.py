@@ -58,12 +58,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clinml import atomic
 from clinml.errors import ClinmlError, DataValidationError, NotReadyError, SpecError
 from clinml.pseudonym import PREFIX, Pseudonymiser, pseudonymise_column
 from clinml.settings import UseCasePaths
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
-from features import atomic
 from features.offline import PostgresTables
 from features.profile import QualityProfile, learn
 from features.validate import ValidationReport, require_valid, write_report

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from feast.infra.registry.file import FileRegistryStore
 from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
 
-from features.atomic import write_file
+from clinml.atomic import write_atomic
 
 
 class AtomicFileRegistryStore(FileRegistryStore):
@@ -26,4 +26,5 @@ class AtomicFileRegistryStore(FileRegistryStore):
         # The same bookkeeping as Feast's own writer, then an atomic replace.
         registry_proto.version_id = str(uuid.uuid4())
         registry_proto.last_updated.FromDatetime(datetime.now(UTC))
-        write_file(self._filepath, registry_proto.SerializeToString())
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._filepath, registry_proto.SerializeToString())

@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
+from clinml import atomic
 from clinml.environment import REGISTRY_FILE, FeastEnvironment, FeastEnvironmentError
 from clinml.settings import UseCasePaths
 from clinml.spec import ColumnSpec, UseCaseSpec
-from features import atomic
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -232,7 +232,7 @@ def open_store(
     config_file = repo / "feature_store.yaml"
     text = yaml.safe_dump(feature_store_config(spec, environment), sort_keys=False)
     if not config_file.is_file() or config_file.read_text() != text:
-        atomic.write_file(config_file, text.encode())
+        atomic.write_atomic(config_file, text)
     from feast.repo_config import FeastConfigError
     from pydantic import ValidationError
 

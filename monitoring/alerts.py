@@ -43,7 +43,6 @@ import math
 import numbers
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +51,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
+from clinml.atomic import write_atomic
+from clinml.clock import utc_now
 
 if TYPE_CHECKING:
     from clinml.settings import Settings
@@ -69,10 +71,6 @@ ALERTS_DIR = "alerts"
 HISTORY_FILE = "alerts.jsonl"
 STATE_FILE = "alert_state.json"
 LOCK_FILE = "alert_state.lock"
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -241,7 +239,7 @@ class AlertSink:
         timeout_s: float = 5.0,
         retries: int = 3,
         cooldown_h: float = 24.0,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         backoff_s: float = 0.5,
         *,
         transport: httpx.BaseTransport | None = None,
@@ -343,7 +341,7 @@ class AlertSink:
             }
             alert_file = self.alerts_dir / f"{run_id}.json"
             # The file first: whatever happens to the webhook, the alerts are on disk.
-            _write_atomic(alert_file, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+            write_atomic(alert_file, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
             failures: list[str] = []
             if self._webhook_url is not None:
@@ -359,7 +357,7 @@ class AlertSink:
                 # Keys of a failed webhook delivery stay out, so the next run retries them.
                 state.update({alert.key: now for alert in sent})
                 stored = {key: when.isoformat() for key, when in state.items()}
-                _write_atomic(self.state_file, json.dumps(stored, indent=2, sort_keys=True) + "\n")
+                write_atomic(self.state_file, json.dumps(stored, indent=2, sort_keys=True) + "\n")
         return Delivery(
             sent=sent,
             suppressed=suppressed,
@@ -477,17 +475,3 @@ class AlertSink:
             yield
         finally:
             os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("x", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

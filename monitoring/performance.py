@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import math
-import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from clinml.atomic import replacing
+from clinml.clock import utc_now
 from clinml.errors import DataValidationError
 from clinml.pseudonym import pseudonymise_column
 from clinml.spec import UseCaseSpec
@@ -68,10 +69,6 @@ _ROWS_LISTED = 10
 # Text accepted as an outcome besides the spec's class names (compared in lower case).
 _GENERIC_OUTCOMES = {"1": 1, "0": 0, "true": 1, "false": 0}
 _UTC_NS = "datetime64[ns, UTC]"
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,12 +276,8 @@ def _write_parquet(frame: pd.DataFrame, target: Path) -> None:
     )
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp"  # read_labels skips names starting with "."
-    try:
+    with replacing(target) as tmp:  # read_labels skips names starting with "."
         pq.write_table(table, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def ingest_labels(
@@ -316,7 +309,7 @@ def ingest_labels(
             submitted value; nothing is written.
     """
     batch = _validated(spec, frame)
-    ingested_at = (now or _utc_now()).astimezone(UTC)
+    ingested_at = (now or utc_now()).astimezone(UTC)
     # The raw ids are replaced before anything is compared or written. (pseudonymise_column
     # fails on a column without any id, hence the guard.)
     raw_ids = batch.pop("patient_id")
@@ -453,7 +446,7 @@ def join_labels(
       then a request-id match before a patient match, then the labels' order.
 
     Args:
-        predictions: the prediction log (``serving.requestlog.read_predictions``).
+        predictions: the prediction log (``clinml.predictionlog.read_predictions``).
         labels: the stored labels (``read_labels``).
         horizon_days: how long after a prediction an outcome may still be attributed to
             it by patient.

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from clinml.atomic import write_atomic
 from clinml.spec import UseCaseSpec
 from monitoring.performance import WindowPerformance
 from training.card import PAGE_CSS
@@ -420,9 +421,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
     text = render_html(spec, windows, model_version=model_version, generated=generated)
-    tmp = out_dir / f".{REPORT_FILE}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text)
     return path
 
 

@@ -7,15 +7,17 @@ progress. Tests call the stage functions themselves with their own collaborators
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from clinml.clock import utc_now
 from clinml.errors import ClinmlError, NotReadyError, StoreUnavailable, store_unavailable
 from clinml.settings import Settings
 from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
@@ -28,9 +30,7 @@ if TYPE_CHECKING:
     from monitoring.retraining import RetrainingData
     from training.governance import Decision
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -80,7 +80,7 @@ def ingest(
         result = ingest_stage.run(
             spec,
             paths,
-            _now(),
+            utc_now(),
             settings.pseudonymiser(),
             frame=frame,
             append=append,
@@ -137,7 +137,7 @@ def materialize(
         store = feature_store.open_store(spec, paths, environment)
         feature_store.apply(store, spec, paths)
         with progress.bar("entities written") as bar:
-            result = feature_store.materialize(store, spec, _now(), full=full, progress=bar)
+            result = feature_store.materialize(store, spec, utc_now(), full=full, progress=bar)
         window = f"{result.start:%Y-%m-%d %H:%M} to {result.end:%Y-%m-%d %H:%M} UTC"
         if result.entities_written < 0:  # Feast's own materialize does not count
             progress.detail(f"{result.mode} load of {window} (by Feast into {online})")
@@ -168,7 +168,7 @@ def train(
         "search, refit, clinical evaluation, selection (MLflow runs)"
     ):
         environment = settings.feast_environment
-        events = read_labels(spec, paths, _now(), _offline_tables(spec, environment))
+        events = read_labels(spec, paths, utc_now(), _offline_tables(spec, environment))
         store = feature_store.open_store(spec, paths, environment)
         tracker = Tracker.from_settings(settings, create=True)  # the first run creates it
         result = train_stage.run(spec, store, tracker, events, report=progress.detail, tags=tags)
@@ -215,32 +215,69 @@ def retrain(
     tables = _offline_tables(spec, settings.feast_environment)
     with progress.step("gather the monitored rows whose outcomes are known"):
         if batch is not None:
-            rows = retraining.batch_rows(spec, settings, batch, _now())
+            rows = retraining.batch_rows(spec, settings, batch, utc_now())
         elif since is not None and until is not None:
             rows = retraining.window_rows(spec, settings, since, until, lookback, tables)
         else:
             raise ClinmlError("retraining needs the monitored window or batch")
         progress.detail(rows.line())
     with progress.step("add them to the offline store (the spec's checks; stored rows stay)"):
-        before = read_labels(spec, paths, _now(), tables)
+        before = read_labels(spec, paths, utc_now(), tables)
         added_rows = 0
         if rows.usable:
             added_rows = ingest_stage.append_monitored(
                 spec,
                 paths,
-                _now(),
+                utc_now(),
                 settings.pseudonymiser(),
                 rows.frame,
                 keys_pseudonymised=rows.keys_pseudonymised,
                 report=progress.detail,
                 tables=tables,
             ).added_rows
-        after = read_labels(spec, paths, _now(), tables)
+        after = read_labels(spec, paths, utc_now(), tables)
         data = retraining.describe(spec, rows, before, after, added_rows, reason, monitor_run)
         progress.detail(data.line())
     materialize(spec, settings, progress)
     version = train(spec, settings, progress, tags=data.tags())
     return replace(data, version=version)
+
+
+def retrain_on_drift(
+    spec: UseCaseSpec,
+    settings: Settings,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    lookback: timedelta,
+    batch: pd.DataFrame | None,
+    monitor_run: str,
+    echo: Callable[[str], None] | None = None,
+) -> RetrainingData:
+    """The monitor's retrain on drift (``monitoring.job.Retrainer``): :func:`retrain`,
+    its progress through ``echo`` (the command line's output; the log without one).
+    Never promotes.
+
+    Returns:
+        What it trained on, and the version.
+    """
+    say = echo or log.info
+    say(
+        "drift found: training a challenger on the offline store and the monitored rows "
+        "whose outcomes are known (it is never promoted automatically)"
+    )
+    progress = Progress(total=RETRAIN_STEPS, echo=say, interactive=None if echo else False)
+    return retrain(
+        spec,
+        settings,
+        progress,
+        since=since,
+        until=until,
+        lookback=lookback,
+        batch=batch,
+        reason="drift",
+        monitor_run=monitor_run,
+    )
 
 
 def promote(
@@ -264,7 +301,7 @@ def promote(
         tracker.version_by_alias(spec.name, governance.CHALLENGER)  # fail fast, before Feast
         environment = settings.feast_environment
         store = feature_store.open_store(spec, paths, environment)
-        events = read_labels(spec, paths, _now(), _offline_tables(spec, environment))
+        events = read_labels(spec, paths, utc_now(), _offline_tables(spec, environment))
         frame = feature_store.training_frame(store, spec, events)
         data = governance.CurrentData.from_frame(spec, frame)
         progress.detail(
@@ -353,6 +390,6 @@ def monitor(
     """Drift of one batch against the champion's training reference (no alerts sent)."""
     from monitoring import job
 
-    result = job.run(spec, settings, batch=batch, out_dir=out_dir, now=_now(), deliver=False)
+    result = job.run(spec, settings, batch=batch, out_dir=out_dir, now=utc_now(), deliver=False)
     verdict = result.verdict
     return MonitorOutcome(verdict.line(), result.exit_code, verdict.html_path, verdict.json_path)

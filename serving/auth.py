@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from clinml.atomic import write_atomic
 from clinml.errors import ClinmlError
 
 ROLES = ("predict", "explain", "admin")
@@ -277,30 +278,13 @@ def write_dev_key(path: Path) -> str:
         entry["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         try:
             # The secret first: a crash before the keys file has the key just makes both anew.
-            _write_private(secret_path, secret + "\n")
+            write_atomic(secret_path, secret + "\n", private=True)
         except OSError as exc:
             raise AuthConfigError(
                 f"cannot write development API key to {secret_path}: {exc.strerror}"
             ) from exc
         _write_keys_file(path, [*entries, entry])
     return secret
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by the owner only."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -- managing the keys file (`clinml keys`) ---------------------------------------------------
@@ -458,7 +442,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _write_keys_file(path: Path, entries: list[dict[str, Any]]) -> None:
     try:
-        _write_private(path, json.dumps({"keys": entries}, indent=2) + "\n")
+        write_atomic(path, json.dumps({"keys": entries}, indent=2) + "\n", private=True)
     except OSError as exc:
         raise AuthConfigError(f"cannot write API keys file {path}: {exc.strerror}") from exc
 

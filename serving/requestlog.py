@@ -36,11 +36,11 @@ Usage::
     ...
     audit.close(); predictions.close()  # on shutdown: write what is queued
 
-    frame = read_predictions(settings.home / "predictions", since=week_ago, until=now)
-
 The prediction log is a directory of parquet files, ``date=YYYY-MM-DD/part-<UTC
 time>-<uuid8>.parquet``, partitioned by each row's ``time`` (UTC); each file is written
-under a temporary name and renamed, so a reader never sees half a file.
+under a temporary name and renamed, so a reader never sees half a file. Its reader,
+``clinml.predictionlog.read_predictions``, lives in core, so that monitoring reads the log
+without importing the serving layer.
 
 Nothing here logs a record's values: errors name counts, paths and exception types.
 """
@@ -50,17 +50,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clinml.atomic import replacing
 from clinml.audit import AuditError, AuditLog, Checkpoints
+from clinml.clock import utc_now
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,13 +84,9 @@ _REQUIRED_AUDIT_FIELDS = frozenset({"request_id", "endpoint", "outcome", "latenc
 AUDIT_OPTIONAL_FIELDS = (
     "count",  # how many identical refused requests the record stands for (>= 1)
 )
-# How long the prediction log's writer waits for more rows at a time, so that a flush or
-# close is noticed promptly while rows are being gathered into a batch.
+# How long a writer waits for more records at a time, so that a flush or close is noticed
+# promptly while records are being gathered into a batch.
 _POLL_S = 0.05
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _one_line(text: str) -> str:
@@ -104,6 +101,170 @@ def _reason(exc: BaseException) -> str:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"
     return type(exc).__name__
+
+
+class _BatchWriter:
+    """The background writer behind both logs: a queue that never makes the caller wait,
+    and one daemon thread that takes what is queued in batches and hands each to ``write``.
+
+    What a failed write means is the owner's, told by what ``write(batch)`` returns: how
+    many of the batch's items it wrote, having dropped and counted the rest itself (the
+    prediction log fails open), or None to keep the whole batch and retry it, with what
+    has been queued since, after ``interval`` (the audit trail fails closed).
+
+    Args:
+        name: the thread's name.
+        write: writes one batch, as above; it must not raise.
+        max_queue: items that may wait; ``offer`` accepts no more. None: no limit.
+        batch_max: the most items in a batch; items offered together stay together, so a
+            batch may go over by one offer's items.
+        interval: how long the writer waits for a first item before it calls ``on_idle``
+            and looks whether it is closed; also the pause before a kept batch is retried.
+        linger: after the first item of a batch, how long to wait for more; None: until
+            ``interval`` since the wait began is up.
+        on_start, on_idle, on_exit: called in the writer thread before anything else, after
+            a wait that found nothing to write, and when the writer stops.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[list[Any]], int | None],
+        *,
+        max_queue: int | None,
+        batch_max: int,
+        interval: float,
+        linger: float | None = None,
+        on_start: Callable[[], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self._write = write
+        self._max_queue = max_queue
+        self._batch_max = batch_max
+        self._interval = interval
+        self._linger = linger
+        self._on_start, self._on_idle, self._on_exit = on_start, on_idle, on_exit
+        # Each offer's items travel as one list: one hand-over per offer, not per item.
+        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # also the owner's, for its own counters and flags
+        self._settled = threading.Condition(self.lock)  # notified when items are settled
+        self.waiting = 0  # items in the queue, not yet taken by the writer
+        self.outstanding = 0  # accepted and not yet written (or dropped by ``write``)
+        self.written = 0
+        self._flush_requested = threading.Event()
+        self._stop = threading.Event()
+        self._close_deadline = math.inf
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def full(self) -> bool:
+        """Whether ``offer`` accepts nothing now; reads a counter, takes no lock."""
+        return self._max_queue is not None and self.waiting >= self._max_queue
+
+    def offer(self, items: list[Any]) -> int:
+        """Queue as many of ``items`` as fit, in order; never waits.
+
+        Returns:
+            How many were queued (the first ones); the caller deals with the rest.
+        """
+        with self.lock:
+            room = len(items) if self._max_queue is None else self._max_queue - self.waiting
+            accepted = items[: max(room, 0)]
+            self.waiting += len(accepted)
+            self.outstanding += len(accepted)
+        if accepted:
+            self._queue.put(accepted)
+        return len(accepted)
+
+    def flush(self, timeout: float) -> bool:
+        """Write what is queued now, without waiting for a batch to fill.
+
+        Returns:
+            True when every item offered so far is settled; False when ``timeout``
+            (seconds) passed first.
+        """
+        self._flush_requested.set()
+        try:
+            with self._settled:
+                return self._settled.wait_for(lambda: self.outstanding == 0, timeout)
+        finally:
+            self._flush_requested.clear()
+
+    def close(self, timeout: float, join_s: float) -> None:
+        """Accept no more; write what is queued, retrying a kept batch for up to
+        ``timeout`` seconds; wait up to ``join_s`` seconds for the writer to stop."""
+        self._close_deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._thread.join(join_s)
+
+    def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
+        try:
+            self._write_batches()
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _write_batches(self) -> None:
+        batch: list[Any] = []
+        while True:
+            batch = self._collect(batch)
+            if not batch:
+                if self._stop.is_set():
+                    return
+                if self._on_idle is not None:
+                    self._on_idle()
+                continue
+            written = self._write(batch)
+            if written is None:  # kept: retried after a pause, with what queues meanwhile
+                if self._stop.is_set() and time.monotonic() >= self._close_deadline:
+                    return
+                time.sleep(self._interval)
+                continue
+            with self._settled:
+                self.outstanding -= len(batch)
+                self.written += written
+                self._settled.notify_all()
+            batch = []
+
+    def _collect(self, batch: list[Any]) -> list[Any]:
+        """``batch`` topped up from the queue to about ``batch_max`` items. An empty one
+        waits up to ``interval`` for a first item, then ``linger`` for more; a kept one
+        takes only what is queued already. A flush or close stops the waiting."""
+        wait = not batch
+        deadline = time.monotonic() + self._interval
+        while len(batch) < self._batch_max:
+            try:
+                chunk = self._queue.get_nowait()
+            except queue.Empty:
+                if not wait or self._flush_requested.is_set() or self._stop.is_set():
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    chunk = self._queue.get(timeout=min(remaining, _POLL_S))
+                except queue.Empty:
+                    continue
+            if not batch and self._linger is not None:
+                deadline = time.monotonic() + self._linger
+            with self.lock:
+                self.waiting -= len(chunk)
+            batch.extend(chunk)
+        return batch
 
 
 class RequestAudit:
@@ -136,7 +297,7 @@ class RequestAudit:
         *,
         batch_max: int = 1_000,
         linger_s: float = 0.005,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         checkpoints: Checkpoints | None = None,
         checkpoint_interval_s: float = 60.0,
     ) -> None:
@@ -146,22 +307,24 @@ class RequestAudit:
         self._checkpoint_due = -math.inf  # monotonic time; the first batch signs one
         self._uncheckpointed = 0  # records written since the last checkpoint
         self._head: tuple[int, str] | None = None
-        self._linger = linger_s
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=max_queue)
+        self._max_queue = max_queue
         self._interval = flush_interval_s
-        self._batch_max = batch_max
         self._clock = clock
-        self._lock = threading.Lock()
-        self._settled = threading.Condition(self._lock)  # notified when records are written
-        self._outstanding = 0  # submitted and not yet written
-        self._written = 0
         self._refused = 0
         self._write_error: str | None = None
         self._full_reported = False
-        self._stop = threading.Event()
-        self._close_deadline = math.inf
-        self._thread = threading.Thread(target=self._run, name="clinml-request-audit", daemon=True)
-        self._thread.start()
+        self._writer = _BatchWriter(
+            "clinml-request-audit",
+            self._write,  # None on failure: the batch is kept and retried (fails closed)
+            max_queue=max_queue if max_queue > 0 else None,  # as queue.Queue: 0 is no limit
+            batch_max=batch_max,
+            interval=flush_interval_s,
+            linger=linger_s,
+            on_start=self._read_head,
+            on_idle=self._checkpoint_when_idle,
+            on_exit=self._checkpoint_on_close,
+        )
+        self._writer.start()
 
     def __repr__(self) -> str:
         return f"RequestAudit({str(self.path)!r}, healthy={self.healthy})"
@@ -186,27 +349,22 @@ class RequestAudit:
                 type (a bug in the caller; the message names fields, not values).
         """
         entry = self._entry(record)
-        if self._stop.is_set():
+        if self._writer.stopped:
             return False
-        with self._lock:
-            self._outstanding += 1
-        try:
-            self._queue.put_nowait(entry)
-        except queue.Full:
-            with self._lock:
-                self._outstanding -= 1
-                self._refused += 1
-                report = not self._full_reported
-                self._full_reported = True
-            if report:
-                logger.error(
-                    "request audit trail %s: queue full (%d records waiting); refusing "
-                    "requests until the writer catches up",
-                    self.path,
-                    self._queue.maxsize,
-                )
-            return False
-        return True
+        if self._writer.offer([entry]):
+            return True
+        with self._writer.lock:
+            self._refused += 1
+            report = not self._full_reported
+            self._full_reported = True
+        if report:
+            logger.error(
+                "request audit trail %s: queue full (%d records waiting); refusing "
+                "requests until the writer catches up",
+                self.path,
+                self._max_queue,
+            )
+        return False
 
     @property
     def healthy(self) -> bool:
@@ -217,22 +375,22 @@ class RequestAudit:
     def error(self) -> str | None:
         """Why the trail is unhealthy, in one line; None when it is healthy.
 
-        Asked on every request, so it reads the queue's length without taking its lock.
+        Asked on every request, so it reads the writer's counters without taking a lock.
         """
-        if self._stop.is_set():
+        if self._writer.stopped:
             return "the request audit trail is closed"
-        if not self._thread.is_alive():
+        if not self._writer.alive:
             return "the request audit trail's writer has stopped"
-        if 0 < self._queue.maxsize <= len(self._queue.queue):
+        if self._writer.full:
             return (
-                f"request audit queue full ({self._queue.maxsize} records waiting); the "
+                f"request audit queue full ({self._max_queue} records waiting); the "
                 f"audit log {self.path} is not keeping up"
             )
         return self._write_error
 
     @property
     def written(self) -> int:
-        return self._written
+        return self._writer.written
 
     @property
     def refused(self) -> int:
@@ -241,7 +399,7 @@ class RequestAudit:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._writer.waiting
 
     @property
     def head(self) -> tuple[int, str] | None:
@@ -268,20 +426,17 @@ class RequestAudit:
         Returns:
             True when they are; False when ``timeout`` (seconds) passed first.
         """
-        with self._settled:
-            return self._settled.wait_for(lambda: self._outstanding == 0, timeout)
+        return self._writer.flush(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Refuse new records, write the queued ones (retrying for up to ``timeout``
         seconds) and stop the writer."""
-        self._close_deadline = time.monotonic() + timeout
-        self._stop.set()
-        self._thread.join(timeout + self._interval + 1.0)
-        if self._outstanding:
+        self._writer.close(timeout, join_s=timeout + self._interval + 1.0)
+        if self._writer.outstanding:
             logger.error(
                 "request audit trail %s closed with %d records not written",
                 self.path,
-                self._outstanding,
+                self._writer.outstanding,
             )
 
     # -- internals -------------------------------------------------------------------------
@@ -326,72 +481,49 @@ class RequestAudit:
             entry["count"] = count
         return entry
 
-    def _run(self) -> None:
+    def _read_head(self) -> None:
         try:
             self._head = self._log.head()  # what a witness sees until the first write
         except Exception as exc:  # a broken end: the first write will say so (unhealthy)
             logger.error(
                 "request audit trail %s: cannot read its end (%s)", self.path, _reason(exc)
             )
-        try:
-            self._write_batches()
-        finally:
-            if self._uncheckpointed and self._log.checkpoints is not None:
-                with contextlib.suppress(Exception):  # logged and counted by the log
-                    self._log.checkpoint()
 
-    def _write_batches(self) -> None:
-        pending: list[dict[str, Any]] = []
-        while True:
-            if not pending:
-                try:
-                    pending.append(self._queue.get(timeout=self._interval))
-                except queue.Empty:
-                    if self._stop.is_set():
-                        return
-                    self._checkpoint_when_idle()
-                    continue
-                if self._linger > 0 and not self._stop.is_set():
-                    time.sleep(self._linger)  # let the batch gather
-            while len(pending) < self._batch_max:
-                try:
-                    pending.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            due = self._log.checkpoints is not None and time.monotonic() >= self._checkpoint_due
-            try:
-                records = self._log.append_many(pending, checkpoint=due)
-            except Exception as exc:  # kept and retried: the trail stays unhealthy
-                reason = _reason(exc)
-                with self._lock:
-                    first = self._write_error is None
-                    self._write_error = f"could not write the request audit trail: {reason}"
-                if first:
-                    logger.error(
-                        "request audit trail %s: write of %d records failed (%s); the "
-                        "service refuses requests until a retry succeeds",
-                        self.path,
-                        len(pending),
-                        reason,
-                    )
-                if self._stop.is_set() and time.monotonic() >= self._close_deadline:
-                    return
-                time.sleep(self._interval)
-                continue
-            self._head = (records[-1]["seq"], records[-1]["hash"])
-            self._uncheckpointed += len(records)
-            if due and self._log.checkpoint_error is None:  # else retried with the next batch
-                self._checkpoint_due = time.monotonic() + self._checkpoint_interval
-                self._uncheckpointed = 0
-            if self._write_error is not None:  # said before waiters wake, so in order
-                logger.warning("request audit trail %s: writing again", self.path)
-            with self._settled:
-                self._write_error = None
-                self._full_reported = False
-                self._outstanding -= len(pending)
-                self._written += len(pending)
-                self._settled.notify_all()
-            pending = []
+    def _checkpoint_on_close(self) -> None:
+        if self._uncheckpointed and self._log.checkpoints is not None:
+            with contextlib.suppress(Exception):  # logged and counted by the log
+                self._log.checkpoint()
+
+    def _write(self, pending: list[dict[str, Any]]) -> int | None:
+        """Append the batch; None when that failed (kept and retried, trail unhealthy)."""
+        due = self._log.checkpoints is not None and time.monotonic() >= self._checkpoint_due
+        try:
+            records = self._log.append_many(pending, checkpoint=due)
+        except Exception as exc:  # kept and retried: the trail stays unhealthy
+            reason = _reason(exc)
+            with self._writer.lock:
+                first = self._write_error is None
+                self._write_error = f"could not write the request audit trail: {reason}"
+            if first:
+                logger.error(
+                    "request audit trail %s: write of %d records failed (%s); the "
+                    "service refuses requests until a retry succeeds",
+                    self.path,
+                    len(pending),
+                    reason,
+                )
+            return None
+        self._head = (records[-1]["seq"], records[-1]["hash"])
+        self._uncheckpointed += len(records)
+        if due and self._log.checkpoint_error is None:  # else retried with the next batch
+            self._checkpoint_due = time.monotonic() + self._checkpoint_interval
+            self._uncheckpointed = 0
+        if self._write_error is not None:  # said before waiters wake, so in order
+            logger.warning("request audit trail %s: writing again", self.path)
+        with self._writer.lock:
+            self._write_error = None
+            self._full_reported = False
+        return len(pending)
 
     def _checkpoint_when_idle(self) -> None:
         """Sign the records written since the last checkpoint once the interval is up,
@@ -433,29 +565,24 @@ class PredictionLog:
         flush_rows: int = 5_000,
         flush_interval_s: float = 1.0,
         *,
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
         on_drop: Callable[[int], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self._on_drop = on_drop
-        # Each request's rows travel as one list: one hand-over per request, not per row.
-        self._queue: queue.SimpleQueue[list[dict[str, Any]]] = queue.SimpleQueue()
-        self._max_queue = max_queue
-        self._waiting = 0  # rows in the queue, not yet taken by the writer
-        self._flush_rows = flush_rows
-        self._interval = flush_interval_s
         self._clock = clock
-        self._lock = threading.Lock()
-        self._settled = threading.Condition(self._lock)  # notified when rows are settled
-        self._outstanding = 0  # accepted and neither written nor dropped yet
-        self._written = 0
         self._dropped = 0
         self._drop_reported = False
         self.last_error: str | None = None
-        self._flush_requested = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="clinml-prediction-log", daemon=True)
-        self._thread.start()
+        # A request's rows are offered together, so a batch holds whole requests.
+        self._writer = _BatchWriter(
+            "clinml-prediction-log",
+            self._write_batch,  # drops and counts the rows it cannot write (fails open)
+            max_queue=max_queue,
+            batch_max=flush_rows,
+            interval=flush_interval_s,
+        )
+        self._writer.start()
 
     def __repr__(self) -> str:
         return (
@@ -480,27 +607,22 @@ class PredictionLog:
             if not isinstance(rows, list | tuple):
                 logger.error("prediction log: rows must be a list, not %s", type(rows).__name__)
                 return
-            if self._stop.is_set():
+            if self._writer.stopped:
                 self._drop(len(rows), "the prediction log is closed")
                 return
             # A row that is not a dict would spoil the whole batch it lands in.
             good = [row for row in rows if isinstance(row, dict)]
             if len(good) < len(rows):
                 self._drop(len(rows) - len(good), "a row is not a dict")
-            with self._lock:
-                accepted = good[: max(self._max_queue - self._waiting, 0)]
-                self._waiting += len(accepted)
-                self._outstanding += len(accepted)
-            if accepted:
-                self._queue.put(accepted)
-            if len(accepted) < len(good):
-                self._drop(len(good) - len(accepted), "the prediction log queue is full")
+            accepted = self._writer.offer(good)
+            if accepted < len(good):
+                self._drop(len(good) - accepted, "the prediction log queue is full")
         except Exception as exc:  # the prediction must go ahead whatever happens here
             logger.error("prediction log: could not queue rows (%s)", type(exc).__name__)
 
     @property
     def written(self) -> int:
-        return self._written
+        return self._writer.written
 
     @property
     def dropped(self) -> int:
@@ -508,7 +630,7 @@ class PredictionLog:
 
     @property
     def queued(self) -> int:
-        return self._waiting
+        return self._writer.waiting
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Write every row recorded so far now, without waiting for a batch to fill.
@@ -517,22 +639,16 @@ class PredictionLog:
             True when every row is settled (written or dropped); False when ``timeout``
             (seconds) passed first.
         """
-        self._flush_requested.set()
-        try:
-            with self._settled:
-                return self._settled.wait_for(lambda: self._outstanding == 0, timeout)
-        finally:
-            self._flush_requested.clear()
+        return self._writer.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write the queued rows and stop the writer; later rows are dropped."""
-        self._stop.set()
-        self._thread.join(timeout)
+        self._writer.close(timeout, join_s=timeout)
 
     # -- internals -------------------------------------------------------------------------
 
     def _drop(self, count: int, reason: str) -> None:
-        with self._lock:
+        with self._writer.lock:
             self._dropped += count
             report = not self._drop_reported
             self._drop_reported = True
@@ -547,38 +663,9 @@ class PredictionLog:
             except Exception:  # counting must never stop the writer
                 logger.exception("prediction log: on_drop failed")
 
-    def _run(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch:
-                self._write_batch(batch)
-            elif self._stop.is_set():
-                return
-
-    def _collect(self) -> list[dict[str, Any]]:
-        """About ``flush_rows`` rows (whole requests' rows), waiting at most
-        ``flush_interval_s`` for them."""
-        batch: list[dict[str, Any]] = []
-        deadline = time.monotonic() + self._interval
-        while len(batch) < self._flush_rows:
-            try:
-                chunk = self._queue.get_nowait()
-            except queue.Empty:
-                if self._flush_requested.is_set() or self._stop.is_set():
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    chunk = self._queue.get(timeout=min(remaining, _POLL_S))
-                except queue.Empty:
-                    continue
-            with self._lock:
-                self._waiting -= len(chunk)
-            batch.extend(chunk)
-        return batch
-
-    def _write_batch(self, rows: list[dict[str, Any]]) -> None:
+    def _write_batch(self, rows: list[dict[str, Any]]) -> int:
+        """Write the rows, one file per date; returns how many were written, having
+        dropped and counted the rest."""
         written = dropped = 0
         try:
             for day, part in sorted(_by_day(rows).items()):
@@ -591,14 +678,12 @@ class PredictionLog:
         except Exception as exc:  # a row without a usable time, mixed types, ...
             dropped = len(rows) - written
             self._failed(dropped, exc)
-        with self._settled:
-            self._written += written
+        with self._writer.lock:
             self._dropped += dropped
-            self._outstanding -= len(rows)
             if written and not dropped:
                 self._drop_reported = False
-            self._settled.notify_all()
         self._count_drop(dropped)
+        return written
 
     def _failed(self, count: int, exc: Exception) -> None:
         self.last_error = (
@@ -612,19 +697,16 @@ class PredictionLog:
         partition.mkdir(parents=True, exist_ok=True)
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = partition / f".{name}.tmp"  # readers skip names starting with "."
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
+        # Readers skip the temporary ".*.tmp". No fsync: this log fails open (a crash may
+        # lose the latest batch), and a flush per batch would slow the writer under load.
+        with replacing(partition / name, fsync=False) as tmp:
             if isinstance(frame, pa.Table):
                 pq.write_table(frame, tmp)
             else:
                 frame.to_parquet(tmp, engine="pyarrow", index=False)
-            os.replace(tmp, partition / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return partition / name
 
 
@@ -651,10 +733,11 @@ def _by_day(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table | pd.DataFrame:
-    """One day's rows as an Arrow table: built in C++, about 4× faster than a pandas
-    frame, so the writer holds the serving process's GIL for less time. Rows that do
-    not share one set of columns, or whose values Arrow cannot put in one column type,
-    become a pandas frame as before (object columns take anything)."""
+    """One day's rows as an Arrow table: built in C++, faster than a pandas frame
+    (docs/benchmarks.md, "What changed for issue 7"), so the writer holds the serving
+    process's GIL for less time. Rows that do not share one set of columns, or whose
+    values Arrow cannot put in one column type, become a pandas frame as before (object
+    columns take anything)."""
     import pyarrow as pa
 
     columns = rows[0].keys()
@@ -668,53 +751,3 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table | pd.DataFrame:
     frame = pd.DataFrame.from_records(rows)
     frame["time"] = pd.to_datetime(frame["time"], utc=True)
     return frame
-
-
-def read_predictions(
-    directory: Path, since: datetime | None = None, until: datetime | None = None
-) -> pd.DataFrame:
-    """The logged predictions with ``since <= time < until`` (either bound optional).
-
-    Only the ``date=`` partitions that overlap the window are read.
-
-    Args:
-        directory: the prediction log's directory.
-        since, until: aware datetimes.
-
-    Returns:
-        The rows sorted by ``time`` (UTC); an empty DataFrame when there are none.
-
-    Raises:
-        ValueError: a bound has no time zone.
-    """
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    for name, bound in (("since", since), ("until", until)):
-        if bound is not None and bound.tzinfo is None:
-            raise ValueError(f"read_predictions: {name} needs a time zone (use UTC)")
-    first = since.astimezone(UTC).date() if since is not None else None
-    last = until.astimezone(UTC).date() if until is not None else None
-    directory = Path(directory)
-    frames = []
-    if directory.is_dir():
-        for partition in sorted(directory.glob("date=*")):
-            try:
-                day = date.fromisoformat(partition.name.removeprefix("date="))
-            except ValueError:
-                continue  # not one of ours
-            if (first is not None and day < first) or (last is not None and day > last):
-                continue
-            for file in sorted(partition.glob("part-*.parquet")):
-                frames.append(pq.ParquetFile(file).read().to_pandas())
-    frames = [frame for frame in frames if not frame.empty]
-    if not frames:
-        return pd.DataFrame()
-    frame = pd.concat(frames, ignore_index=True)
-    frame["time"] = pd.to_datetime(frame["time"], utc=True)
-    keep = pd.Series(True, index=frame.index)
-    if since is not None:
-        keep &= frame["time"] >= since
-    if until is not None:
-        keep &= frame["time"] < until
-    return frame[keep].sort_values("time", kind="stable").reset_index(drop=True)

@@ -27,13 +27,12 @@ import base64
 import html
 import json
 import math
-import os
 import re
-import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+from clinml.atomic import write_atomic
 from clinml.errors import ClinmlError
 
 NOT_RECORDED = "not recorded"
@@ -156,8 +155,8 @@ def write_card(
     json_path, html_path = out_dir / CARD_JSON, out_dir / CARD_HTML
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(json_path, text + "\n")
-        _write_atomically(html_path, page)
+        write_atomic(json_path, text + "\n")
+        write_atomic(html_path, page)
     except OSError as exc:
         raise CardError(f"cannot write the model card to {out_dir}: {exc.strerror}") from exc
     return json_path, html_path
@@ -1134,17 +1133,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _fixed(value: Any, digits: int) -> str:

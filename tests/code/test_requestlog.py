@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from clinml.audit import AuditError, AuditLog, Checkpoints, canonical_json, record_hash
-from serving.requestlog import AUDIT_FIELDS, PredictionLog, RequestAudit, read_predictions
+from clinml.predictionlog import read_predictions
+from serving.requestlog import AUDIT_FIELDS, PredictionLog, RequestAudit
 
 T0 = datetime(2026, 6, 1, 23, 59, 58, tzinfo=UTC)  # two seconds before midnight
 FEATURE_VALUE = 987.654321  # a distinctive feature value that must never reach a log

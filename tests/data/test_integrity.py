@@ -55,7 +55,7 @@ def _ingest(spec, settings: Settings, batch: Path, at) -> None:
     from pipelines.progress import Progress
 
     quiet = Progress(total=1, echo=lambda _: None, interactive=False)
-    with mock.patch.object(stages, "_now", return_value=at):
+    with mock.patch.object(stages, "utc_now", return_value=at):
         stages.ingest(spec, settings, quiet, data=batch, append=True)
 
 
@@ -64,7 +64,7 @@ def _materialize(spec, settings: Settings, at) -> None:
     from pipelines.progress import Progress
 
     quiet = Progress(total=1, echo=lambda _: None, interactive=False)
-    with mock.patch.object(stages, "_now", return_value=at):
+    with mock.patch.object(stages, "utc_now", return_value=at):
         stages.materialize(spec, settings, quiet)
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from clinml import atomic
 from clinml.errors import ClinmlError
 from clinml.settings import Settings
 from clinml.spec import PerformanceFloors, UseCaseSpec
-from monitoring import performance
 from monitoring.performance import (
     JOIN_REPORT,
     LABEL_COLUMNS,
@@ -241,7 +241,7 @@ def test_a_failed_write_leaves_no_file(spec, settings, monkeypatch):
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(performance.os, "replace", refuse)
+    monkeypatch.setattr(atomic.os, "replace", refuse)
     frame = pd.DataFrame({"request_id": ["req-a"], "outcome": ["no"], "time": ["2026-05-01"]})
     with pytest.raises(OSError):
         ingest_labels(spec, settings, frame)
