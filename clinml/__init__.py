@@ -3,6 +3,20 @@
 Stage packages (``features``, ``training``, ``serving``, ``monitoring``) import from
 here; nothing here imports them, and importing it is cheap (no Feast, GX, MLflow or
 torch).
+
+Modules:
+    spec           the use-case spec: YAML -> ``${VAR}`` expansion -> ``UseCaseSpec``
+    settings       deploy-time settings from ``CLINML_*`` variables; every path from one root
+    environment    where a deployment keeps its features: embedded stores or its own
+                   ``feature_store.yaml``
+    errors         ``ClinmlError`` and the errors a user can act on
+    audit          append-only, hash-chained audit logs and their signed checkpoints
+    pseudonym      the keyed hash applied wherever a raw patient id enters clinml
+    cpus           the CPUs this process may use, and thread limits that keep training in them
+    tables         reading user-supplied CSV or Parquet with errors a user can act on
+    atomic         all-or-nothing file changes (temporary file, fsync, rename) and locks
+    clock          ``utc_now``, the clock modules take as their default
+    predictionlog  the prediction log's reader: what serving logged, read by monitoring
 """
 
 from clinml.errors import ClinmlError, DataValidationError, SpecError

@@ -1,7 +1,8 @@
 """Features stage: load raw data, validate it (Great Expectations), publish it to Feast.
 
 Modules:
-    datasets        built-in loaders (``pathology``, ``readmission``) that return a raw DataFrame
+    datasets        built-in loaders (``pathology``, ``readmission``) that return a raw
+                    DataFrame, and ``batches`` of scoring-time records for the demo and tests
     draft           ``clinml init``: a spec drafted from a data file
     profile         the quality profile learned from the first accepted batch
     ingest          load -> validate -> drop identifiers -> commit the offline parquet
@@ -11,6 +12,7 @@ Modules:
     online_sqlite   bulk materialization into, and direct reads from, the SQLite online store
     online_feast    online reads from any other Feast online store (Redis in production)
     offline         the PostgreSQL offline store's tables, replaced in one transaction
-    atomic          writes that are all or nothing: temporary file and rename, fsync, locks
     registry_store  Feast's file registry, replaced by rename instead of rewritten in place
+    patients        the raw patient ids ``/predict_patient`` answers for (fresh in the
+                    online store)
 """

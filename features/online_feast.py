@@ -69,7 +69,7 @@ class FeastOnlineReader:
             at = recorded if recorded.tzinfo else recorded.replace(tzinfo=UTC)
             # A stored null is (None, at), as the SQLite reader gives it. The spec's
             # types are scalars (double, int64, string), read straight off the message:
-            # Feast's general converter took half of a 100-entity read.
+            # Feast's general converter is slower (docs/benchmarks.md, "Online store").
             row: dict[str, tuple[Any, datetime]] = {}
             for name, value in values.items():
                 if name in self.wanted:

@@ -1,12 +1,13 @@
 """Bulk materialization into Feast's SQLite online store.
 
 Feast's own ``materialize`` into SQLite converts every value to a protobuf through
-Arrow and writes one ``INSERT`` per entity and feature, about 1 600 entity-rows per
-second on a 2-core machine. This module writes the same rows, in Feast's own table
-layout and value encoding, in bulk: it picks the newest row per entity in the window
-with pandas, encodes each column with Feast's converters, writes with ``executemany``
-in one transaction, and records the interval in the registry exactly as Feast does, so
-``get_online_features`` and ``materialize_incremental`` work on the result unchanged.
+Arrow and writes one ``INSERT`` per entity and feature (its rate beside this module's:
+docs/benchmarks.md, "Feature pipeline"). This module writes the same rows, in Feast's
+own table layout and value encoding, in bulk: it picks the newest row per entity in the
+window with pandas, encodes each column with Feast's converters, writes with
+``executemany`` in one transaction, and records the interval in the registry exactly as
+Feast does, so ``get_online_features`` and ``materialize_incremental`` work on the
+result unchanged.
 ``bulk_materialize`` says what a run that fails or is killed midway leaves behind.
 
 :class:`OnlineReader` reads the same table for online lookups without Feast's per-value

@@ -21,7 +21,6 @@ from pipelines.progress import Progress
 
 BATCH_SIZE = 150
 SHIFTED_POSITIVE_SHARE = 0.9
-DEFAULT_PORT = 3000
 
 
 def _write_batches(spec: UseCaseSpec, settings: Settings) -> dict[str, pd.DataFrame]:

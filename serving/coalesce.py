@@ -1,10 +1,10 @@
 """Adaptive batching on the event loop: concurrent requests share one model call.
 
 With inline execution the model runs in the API worker, on its event loop. Scoring one
-record with the compiled gradient-boosting model takes about 190 µs, almost all of it
-fixed per call; 8 records take about 255 µs (docs/benchmarks.md). So when several
-requests are waiting to be scored at once, scoring them together is much cheaper than
-one after another.
+record with the compiled gradient-boosting model costs little less than scoring eight:
+almost all of it is fixed per call (docs/benchmarks.md, "What changed for issue 7"). So
+when several requests are waiting to be scored at once, scoring them together is much
+cheaper than one after another.
 
 :class:`Coalescer` does that without a timer: the first request to arrive schedules a
 flush with ``loop.call_soon`` and waits; every request that reaches the scoring point

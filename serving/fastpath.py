@@ -26,12 +26,11 @@ scikit-learn runs in float32, about 1e-7). A pipeline the compiler does not know
 
 On the CPU, tree ensembles are traversed the same way level by level in numpy
 (``NUMPY_TREES``): each step is a handful of small array operations, and numpy's cost
-per operation is well below torch's. Measured on one core with the readmission gradient
-boosting champion (60 trees, depth 15): 62 µs instead of 165 µs for one row, 1.0 ms
-instead of 1.4 ms for 200 rows, 2.6 ms instead of 3.4 ms for 512. CUDA uses torch.
-Request-sized tensors gain nothing from torch's intra-op threads, and on a
-busy machine a thread pool waiting for a core adds milliseconds per call; a CPU serving
-process should run with ``torch.set_num_threads(1)`` (a process setting, left to it).
+per operation is well below torch's (the measurement: docs/benchmarks.md, "What changed
+for issue 7"; docs/serving.md). CUDA uses torch. Request-sized tensors gain nothing
+from torch's intra-op threads, and on a busy machine a thread pool waiting for a core
+adds milliseconds per call; a CPU serving process should run with
+``torch.set_num_threads(1)`` (a process setting, left to it).
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("svm_rbf", "svm_nystroem", "rf", "gbm", "mlp", "logreg")
 # Rows per device pass: bounds the memory of a kernel matrix (rows x support vectors) and
 # of the forest's per-row, per-tree state for large batches; a request is far smaller.
 CHUNK_ROWS = 8_192
@@ -425,7 +423,8 @@ class _TreeEnsemble:
         return x.to(torch.float32).to(torch.float64) if self.float32_inputs else x
 
     def _step(self, x: Any, state: Any, has_nan: bool) -> tuple[Any, Any]:
-        # take() on flat tables is about twice as fast as advanced indexing on the CPU.
+        # take() on flat tables is faster than advanced indexing on the CPU
+        # (docs/benchmarks.md, "What changed for issue 7").
         feature = self.feature.take(state)
         values = x.gather(1, feature)
         right = values > self.threshold.take(state)  # scikit-learn: x <= threshold goes left

@@ -2,11 +2,11 @@
 
 Everything below runs before any ASGI middleware, so before the API key is checked: the
 HTTP parser reads the request line and headers into memory, and uvicorn (which BentoML
-runs) puts no bound on their size or on how long they take to arrive. Measured on
-``clinml serve pathology`` before this module: a 50 MB header on ``/livez`` was answered
-200, and 8 connections each holding an unfinished 40 MB header took the worker from 651
-to 981 MB; a handshake to ``/ws/<text>`` put ``<text>`` into BentoML's request metrics
-and the Prometheus files (issue 19).
+runs) puts no bound on their size or on how long they take to arrive. Before this
+module an oversized header on ``/livez`` was answered 200, a few connections holding
+unfinished large headers grew the worker by hundreds of MB (the measurement:
+docs/benchmarks.md, "Attacks without a key"), and a handshake to ``/ws/<text>`` put
+``<text>`` into BentoML's request metrics and the Prometheus files (issue 19).
 
 :class:`GuardedHttpToolsProtocol` is uvicorn's httptools protocol with four limits:
 

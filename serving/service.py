@@ -67,7 +67,8 @@ log = logging.getLogger("bentoml.clinml")
 NO_KEYS = "no API keys"
 
 # BentoML's request timeout leaves a live timer per request for the whole timeout; this
-# one cancels it when the answer starts (serving/timeouts.py has the measurements).
+# one cancels it when the answer starts (serving/timeouts.py says why; the measurements
+# are in docs/benchmarks.md, "What changed for issue 7").
 timeouts.install()
 # Header size, count and time limits and no protocol upgrades, before any middleware runs
 # (serving/httpguard.py has the findings behind each).
@@ -121,9 +122,9 @@ ERRORS = {
 class ClinicalAPI(FastAPI):
     """The FastAPI app, except that ``POST /predict``, ``/predict_patient`` and
     ``/explain`` go straight to their :class:`HotEndpoint`, past FastAPI's app-level
-    middleware (about 8% of a request's time in a profile, docs/benchmarks.md). Their
-    routes stay in the router too, so BentoML's mount matches them and other methods get
-    a 405."""
+    middleware (its share of a request's time: docs/benchmarks.md, "What changed for
+    issue 7"). Their routes stay in the router too, so BentoML's mount matches them and
+    other methods get a 405."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

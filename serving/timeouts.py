@@ -4,10 +4,9 @@ BentoML 1.4's ``TimeoutMiddleware`` (``bentoml._internal.server.http.traffic``) 
 ``loop.call_later(timeout, ...)`` for every request and never cancels it, so every
 answered request leaves its timer, a future and a bound method on the event loop for
 ``traffic.timeout`` seconds (30 here). It also runs each request in an extra task.
-Measured with the benchmark's constant BentoML endpoint at about 6 000 requests/s,
-five 5 s runs back to back: the worker grew 24 MB per run (125 → 220 MB), and p99 rose
-with it (92 → 301 ms), because Python's full garbage collections walk the growing heap
-of timers while every request waits (docs/benchmarks.md).
+Under sustained load the worker's memory grows run after run, and p99 with it, because
+Python's full garbage collections walk the growing heap of timers while every request
+waits (the measurement: docs/benchmarks.md, "What changed for issue 7").
 
 :func:`install` makes BentoML build its middleware stack with :class:`TimeoutMiddleware`
 below. The contract is the same: a request with no response started within ``timeout``

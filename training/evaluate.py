@@ -67,17 +67,6 @@ class Evaluation:
         out.update({f"{prefix}{k}": float(v) for k, v in self.confusion.items()})
         return {k: v for k, v in out.items() if not math.isnan(v)}
 
-    def worst_gap(self, metric: str) -> tuple[str, str, float] | None:
-        """(attribute, group, gap) of the evaluated subgroup furthest below overall."""
-        column = f"gap_{metric}"
-        if self.subgroups.empty or column not in self.subgroups:
-            return None
-        evaluated = self.subgroups[self.subgroups["evaluated"] & self.subgroups[column].notna()]
-        if evaluated.empty:
-            return None
-        row = evaluated.loc[evaluated[column].idxmin()]
-        return str(row["attribute"]), str(row["group"]), float(row[column])
-
     def to_dict(self, primary_metric: str) -> dict[str, Any]:
         """The JSON form used by the model card and the evaluation artifact."""
         return {

@@ -18,9 +18,9 @@ A block of ``B`` resamples is then a ``(units x B)`` matrix of draw counts, and 
 all ``B`` resamples at once is one sparse matrix product followed by cumulative sums over the
 positives. AUROC and average precision need the negatives only through those buckets, so the
 work per resample is proportional to the number of rows once (the sparse product) plus the
-number of distinct positive probabilities: 1000 patient-level resamples of 200 000 rows take
-about a second on two cores. ``point_metrics`` runs exactly the same code with unit weights,
-so the plain metrics and the bootstrap cannot disagree.
+number of distinct positive probabilities (the timing: docs/benchmarks.md, "Training").
+``point_metrics`` runs exactly the same code with unit weights, so the plain metrics and
+the bootstrap cannot disagree.
 """
 
 from __future__ import annotations

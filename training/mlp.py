@@ -200,7 +200,8 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         import torch
 
         # fused=True: one kernel per step instead of one per parameter tensor; with
-        # networks this small the per-step overhead dominates (~20% faster epochs).
+        # networks this small the per-step overhead dominates (the measurement:
+        # docs/benchmarks.md, "Training").
         if self.optimizer == "sgd":
             return torch.optim.SGD(
                 net.parameters(),

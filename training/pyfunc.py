@@ -16,7 +16,6 @@ import pandas as pd
 
 from training import model_io
 
-ENTRY_POINT = Path(__file__).with_name("mlflow_entry.py")
 ARTIFACT_KEY = "model"
 
 
