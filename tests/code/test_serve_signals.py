@@ -81,8 +81,13 @@ def _start(tmp_path: Path, mode: str = "serve", ignore_hup: bool = False):
     server.write_text(SERVER)
     pids = tmp_path / "pids.json"
 
-    def ignore() -> None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` does
+    def dispositions() -> None:
+        # The launcher keeps a signal ignored at start, so start it with the defaults
+        # whatever this test runs under (a shell's background job ignores SIGINT).
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        if ignore_hup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` does
 
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER, sys.executable, str(server), str(pids), mode],
@@ -90,7 +95,7 @@ def _start(tmp_path: Path, mode: str = "serve", ignore_hup: bool = False):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # signals from this test reach the launcher only
-        preexec_fn=ignore if ignore_hup else None,
+        preexec_fn=dispositions,
     )
     return driver, pids
 
