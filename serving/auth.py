@@ -14,7 +14,7 @@ variable (JSON) both hold ``{"keys": [{"id": ..., "sha256": ..., "roles": [...]}
 (an entry may also say when it was ``created``)::
 
     secret, entry = generate_key("triage-app", ["predict"])  # hand `secret` to the app
-    keystore = KeyStore.load(settings.home / "api_keys.yaml", os.environ.get("CLINML_API_KEYS"))
+    keystore = KeyStore.load(settings.api_keys_path, os.environ.get("CLINML_API_KEYS"))
     app = AuthMiddleware(JsonOnlyMiddleware(BodyLimitMiddleware(app, 1 << 20)), keystore, ...)
 
 ``clinml keys create|list|revoke`` (:func:`add_key`, :func:`list_keys`, :func:`revoke_key`)
