@@ -59,4 +59,4 @@ EXPOSE 3000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status == 200 else 1)"]
 
-CMD ["bentoml", "serve", "serving.service:ClinicalService", "--host", "0.0.0.0", "--port", "3000"]
+CMD ["bentoml", "serve", "clinml.serving.service:ClinicalService", "--host", "0.0.0.0", "--port", "3000"]

@@ -1,7 +1,7 @@
 """Training under CPU contention (issue 20, item 9): quiet vs beside three busy processes.
 
 Two trainings, each the full training function ``clinml train`` calls
-(``training.train.fit_candidates``: the patient-grouped, cross-validated search of every
+(``clinml.training.train.fit_candidates``: the patient-grouped, cross-validated search of every
 candidate and the logistic-regression reference, the refits, thresholds and the clinical
 evaluation with its bootstrap), on the in-memory frame; the Feast join before it and the
 MLflow logging after it are not included:
@@ -147,9 +147,9 @@ def readmission_frame():
     """configs/readmission.yaml and ~10 000 labelled encounters of its generator."""
     import numpy as np
 
+    from clinml.features.datasets import readmission
     from clinml.spec import load_spec
-    from features.datasets import readmission
-    from training.search import grouped_sample
+    from clinml.training.search import grouped_sample
 
     spec = load_spec(ROOT / "configs" / "readmission.yaml")
     frame = readmission.load(spec.source.seed, COHORT_END, n_patients=READMISSION_ROWS // 3 + 50)
@@ -171,7 +171,7 @@ def one(dataset: str, n_iter: int, limit: float) -> dict[str, object]:
     training after ``limit`` seconds (at the next Python instruction)."""
     import signal
 
-    from training.train import fit_candidates, resolve_threads
+    from clinml.training.train import fit_candidates, resolve_threads
 
     spec, frame = flchain_like() if dataset == "flchain" else readmission_frame()
     search = spec.training.search.model_copy(update={"n_iter": n_iter})
@@ -206,8 +206,8 @@ def hgb_fits(threads: int, limit: float) -> dict[str, object]:
     import signal
 
     from clinml.cpus import limit_threads
-    from training.candidates import GroupedHistGradientBoosting, make_preprocessor
-    from training.train import outcome
+    from clinml.training.candidates import GroupedHistGradientBoosting, make_preprocessor
+    from clinml.training.train import outcome
 
     spec, frame = flchain_like()
     x = make_preprocessor(spec).fit_transform(frame[spec.feature_names])

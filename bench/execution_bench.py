@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.docsection import write_section  # noqa: E402
 from bench.loadgen import LOAD_CORE, SERVER_CORE, measure, rss_mib, write_lua  # noqa: E402
+from clinml.serving.launch import ServiceProcess, free_port  # noqa: E402
 from clinml.settings import Settings  # noqa: E402
 from clinml.spec import load_spec  # noqa: E402
-from serving.launch import ServiceProcess, free_port  # noqa: E402
 
 START, END = "<!-- execution-bench -->", "<!-- /execution-bench -->"
 CONFIGS = {
@@ -59,7 +59,7 @@ def main() -> None:
     keys_file = settings.api_keys_path
     if not keys_file.is_file():
         sys.exit(f"no packaged model under {settings.home}: run `make demo` first")
-    from serving.auth import generate_key
+    from clinml.serving.auth import generate_key
 
     secret, entry = generate_key("bench", ["predict"])
     spec = load_spec("pathology", settings.spec_dir)

@@ -7,7 +7,7 @@ Measures, in one run on this machine:
 3. materialization into the SQLite online store: clinml's bulk path and Feast's own
    ``materialize``, side by side on the same offline data;
 4. online read latency for 1, 10 and 100 entities: Feast's ``get_online_features`` and
-   clinml's direct reader (``features.online_sqlite.OnlineReader``), interleaved on the
+   clinml's direct reader (``clinml.features.online_sqlite.OnlineReader``), interleaved on the
    same random entity sets.
 
 Writes a markdown section into docs/benchmarks.md (between the features-bench markers)
@@ -64,9 +64,9 @@ def _median_round(rounds: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def run(patients: int, feast_materialize: bool, reads: int) -> str:
-    from features import ingest, online_sqlite
-    from features import store as feature_store
-    from features.datasets.readmission import generate
+    from clinml.features import ingest, online_sqlite
+    from clinml.features import store as feature_store
+    from clinml.features.datasets.readmission import generate
 
     spec = load_spec(ROOT / "configs" / "readmission.yaml")
     work = Path(tempfile.mkdtemp(prefix="clinml-bench-"))

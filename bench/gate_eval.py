@@ -10,7 +10,7 @@ For each seed of the readmission generator (the spec's cohort size and window):
   challenger truly 0.02 worse.
 
 Each is gated against the champion exactly as ``clinml promote`` does
-(:func:`training.governance.assess`, on rows neither model was trained on). Reported:
+(:func:`clinml.training.governance.assess`, on rows neither model was trained on). Reported:
 how often the same-configuration retrain is refused (false refusals), how often the worse
 one is refused, and whether each model's threshold rule holds on its temporal holdout.
 
@@ -43,17 +43,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.docsection import write_section  # noqa: E402
+from clinml.features.datasets import readmission  # noqa: E402
 from clinml.spec import UseCaseSpec, load_spec  # noqa: E402
-from features.datasets import readmission  # noqa: E402
-from training.evaluate import rule_holds, rule_metric, rule_refuted  # noqa: E402
-from training.governance import (  # noqa: E402
+from clinml.training.evaluate import rule_holds, rule_metric, rule_refuted  # noqa: E402
+from clinml.training.governance import (  # noqa: E402
     Contender,
     CurrentData,
     ValidationStatus,
     assess,
 )
-from training.metrics import point_metrics  # noqa: E402
-from training.train import Fitted, fit_candidates, training_record  # noqa: E402
+from clinml.training.metrics import point_metrics  # noqa: E402
+from clinml.training.train import Fitted, fit_candidates, training_record  # noqa: E402
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 GROWTH_DAYS = 182

@@ -45,10 +45,10 @@ def one(size: int) -> dict[str, object]:
     import pandas as pd
 
     from bench import monitor_evaluation as evaluation
+    from clinml.features.datasets import readmission
+    from clinml.monitoring import drift, performance
     from clinml.predictionlog import read_predictions
     from clinml.spec import load_spec
-    from features.datasets import readmission
-    from monitoring import drift, performance
 
     spec = load_spec("readmission")
     reference = evaluation.fit_reference(spec)

@@ -24,8 +24,8 @@ import pandas as pd  # noqa: E402
 
 from bench import monitor_evaluation as evaluation  # noqa: E402
 from bench.docsection import write_section  # noqa: E402
+from clinml.monitoring import drift  # noqa: E402
 from clinml.spec import load_spec  # noqa: E402
-from monitoring import drift  # noqa: E402
 
 START, END = "<!-- monitor-eval -->", "<!-- /monitor-eval -->"
 PLOT = ROOT / "docs" / "img" / "monitor_dose_response.png"

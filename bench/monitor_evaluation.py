@@ -1,8 +1,8 @@
 """How well the monitor itself works: false alarms and detection on the readmission generator.
 
-The monitor is judged the way it runs: :func:`monitoring.drift.run` on windows of
+The monitor is judged the way it runs: :func:`clinml.monitoring.drift.run` on windows of
 consecutive discharges, as a health system's prediction log would hold them, against a
-champion's training reference, and :func:`monitoring.performance.performance_by_window`
+champion's training reference, and :func:`clinml.monitoring.performance.performance_by_window`
 on the same windows once their labels are known.
 
 The health system discharges about 100 000 patients a year (``SYSTEM_PATIENTS``
@@ -58,7 +58,7 @@ REFERENCE_SEED = 2024
 SYSTEM_PATIENTS = 100_000
 SIZES = (500, 2_000, 10_000, 50_000)
 DOSE_SIZES = (2_000, 10_000)  # a week and five weeks
-REFERENCE_ROWS = 50_000  # training.train.REFERENCE_MAX_ROWS
+REFERENCE_ROWS = 50_000  # clinml.training.train.REFERENCE_MAX_ROWS
 DRIFT_KINDS = ("data_drift", "prediction_drift", "data_quality", "subgroup_drift")
 TARGET_SITE_SHARES = np.array([0.10, 0.15, 0.25, 0.50])
 LARGEST_SITE = "hosp_a"
@@ -123,7 +123,7 @@ def _frame(rows: pd.DataFrame, spec: UseCaseSpec) -> pd.DataFrame:
 
 def system(spec: UseCaseSpec, seed: int, **shift: Any) -> pd.DataFrame:
     """Two years of one seeded health system's discharges, in time order."""
-    from features.datasets import readmission
+    from clinml.features.datasets import readmission
 
     cohort = readmission.load(seed=seed, now=NOW, n_patients=SYSTEM_PATIENTS, months=24, **shift)
     cohort = cohort.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
@@ -136,7 +136,7 @@ def _second_year(cohort: pd.DataFrame) -> pd.DataFrame:
 
 
 def _monitoring_keys(rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    from training.reference import CLUSTER_COLUMN, WEEK_COLUMN
+    from clinml.training.reference import CLUSTER_COLUMN, WEEK_COLUMN
 
     weeks = pd.to_datetime(rows["event_timestamp"], utc=True).dt.isocalendar().week
     return {
@@ -188,7 +188,7 @@ def fit_reference(spec: UseCaseSpec) -> Reference:
 def _thinned_by_site(rows: pd.DataFrame, dose: float, seed: int) -> pd.DataFrame:
     """Patients kept with a probability by site, so the site shares move ``dose`` of the
     way from the generator's to TARGET_SITE_SHARES (every patient's own data unchanged)."""
-    from features.datasets.readmission import SITE_WEIGHTS, SITES
+    from clinml.features.datasets.readmission import SITE_WEIGHTS, SITES
 
     base = np.asarray(SITE_WEIGHTS, dtype=float)
     target = (1 - dose) * base + dose * TARGET_SITE_SHARES
@@ -267,7 +267,7 @@ def judge(
     seed: int,
     out_dir: Path,
 ) -> WindowOutcome:
-    from monitoring import drift, performance
+    from clinml.monitoring import drift, performance
 
     chosen = monitored_spec(spec, condition)
     start, end = current["time"].min().to_pydatetime(), current["time"].max().to_pydatetime()

@@ -15,10 +15,10 @@ One run sets up both profiles on the same data, measures, and removes what it ma
 ``reads``    In this process, pinned to core 0: ``OnlineReader.read`` (direct SQLite) and
              ``FeastOnlineReader.read`` (the store's ``online_read``, one Redis pipeline),
              with Feast's ``get_online_features`` on each store as the reference path
-             (``features.store._read_with_feast``); 1 and 100 entities per call, the same
+             (``clinml.features.store._read_with_feast``); 1 and 100 entities per call, the same
              random patients for all four paths in a shuffled order per call, ``--rounds``
              rounds of ``--reads`` calls; p50 and p99 (the median of the rounds).
-``serving``  Both services as ``clinml serve`` runs them (``serving.launch``: inline
+``serving``  Both services as ``clinml serve`` runs them (``clinml.serving.launch``: inline
              execution, adaptive batching on), pinned to core 0, both up for the whole
              part; ``wrk`` on core 1 sends ``POST /predict_patient`` (raw patient ids, 1
              and 20 per request) at ``--concurrency`` for ``--duration`` seconds,
@@ -342,12 +342,12 @@ def open_stores(run: Run, spec: Any) -> Stores:
     import pandas as pd
 
     from clinml.environment import FeastEnvironment
+    from clinml.features.ingest import load_raw
+    from clinml.features.online_feast import FeastOnlineReader, online_reader
+    from clinml.features.online_sqlite import OnlineReader
+    from clinml.features.store import open_store
     from clinml.pseudonym import DEVELOPMENT_KEY, Pseudonymiser
     from clinml.settings import Paths
-    from features.ingest import load_raw
-    from features.online_feast import FeastOnlineReader, online_reader
-    from features.online_sqlite import OnlineReader
-    from features.store import open_store
 
     os.environ[PG_PASSWORD_VAR] = run.password
     raw = load_raw(spec, datetime.now(UTC))
@@ -416,7 +416,7 @@ def same_values(stores: Stores, sample: int = 500) -> dict[str, int]:
 
 def read_latency(stores: Stores, sizes: list[int], rounds: int, reads: int) -> list[dict]:
     """p50/p99 (ms) per path and size, the median of ``rounds`` rounds."""
-    from features.store import _read_with_feast
+    from clinml.features.store import _read_with_feast
 
     spec = stores.spec
     paths = {("reader", p): (lambda ids, p=p: stores.readers[p].read(ids)) for p in PROFILES} | {
@@ -487,7 +487,7 @@ def fresh_patients(stores: Stores, urls: dict[str, str], secret: str, wanted: in
     """Raw ids, newest event first, that both services answer 200 for (within the TTL)."""
     import httpx
 
-    from features.ingest import load_raw
+    from clinml.features.ingest import load_raw
 
     spec = stores.spec
     raw = load_raw(spec, datetime.now(UTC))
@@ -521,8 +521,8 @@ def serving(
     run: Run, stores: Stores, args: argparse.Namespace, tmp: Path
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every wrk run on each service and endpoint, and the raw ids sent."""
+    from clinml.serving.auth import generate_key
     from clinml.settings import Settings
-    from serving.auth import generate_key
 
     secret, entry = generate_key("bench", ["predict"])
     api_keys = json.dumps({"keys": [entry]})
@@ -785,7 +785,7 @@ def analysis(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
             "is the online read."
         )
         + " The service reads the store on the worker's event loop, and with adaptive "
-        "batching concurrent requests share one read (`Coalescer` in `serving.service`): a "
+        "batching concurrent requests share one read (`Coalescer` in `clinml.serving.service`): a "
         "batch makes one Redis round trip, but each of its values is still decoded, and the "
         "event loop waits for the round trip (a network in a cluster would add to it)"
         + (

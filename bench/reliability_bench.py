@@ -462,8 +462,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> str:
+    from clinml.serving.auth import generate_key
     from clinml.settings import Settings
-    from serving.auth import generate_key
 
     ensure_wrk()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -5,7 +5,7 @@ trained on the use case once (``clinml run`` on a derived spec in the bench home
 by later runs), and five servers answer the same ``POST`` of the same records, one after
 another in the same run:
 
-``ours``             clinml's service: ``bentoml serve serving.service:ClinicalService``
+``ours``             clinml's service: ``bentoml serve clinml.serving.service:ClinicalService``
                      (inline execution, adaptive batching on), ``/predict`` and, one
                      patient at a time, ``/predict_patient`` (features from the online
                      store);
@@ -68,9 +68,9 @@ from bench.loadgen import (  # noqa: E402
     write_lua,
 )
 from clinml.errors import ClinmlError  # noqa: E402
+from clinml.serving.launch import stop_group  # noqa: E402
 from clinml.settings import Settings  # noqa: E402
 from clinml.spec import UseCaseSpec, load_spec  # noqa: E402
-from serving.launch import stop_group  # noqa: E402
 
 START, END = "<!-- serving-bench -->", "<!-- /serving-bench -->"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -165,7 +165,7 @@ def bench_spec(base: UseCaseSpec, kind: str, n_patients: int | None) -> UseCaseS
 
 def _champion_version(settings: Settings, name: str) -> str | None:
     """The champion's version when it is registered and packaged, else None."""
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
     if not settings.paths.mlflow_db.is_file():
         return None
@@ -244,7 +244,7 @@ def patient_candidates(champion: Champion, limit: int = 20) -> list[str]:
     """Raw ids of stored patients, freshest latest event first (within any feature TTL)."""
     import pandas as pd
 
-    from features.datasets import LOADERS
+    from clinml.features.datasets import LOADERS
 
     spec, settings = champion.spec, champion.settings
     if spec.source.loader is None:
@@ -377,7 +377,7 @@ def _server_env() -> dict[str, str]:
 def serve(server: str, champion: Champion, api_keys: str) -> Iterator[Running]:
     """Start ``server`` on the server core, wait until it is ready, stop its process group
     on the way out (also on failure)."""
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     port = free_port()
     settings = champion.settings
@@ -523,8 +523,8 @@ def fastpath_latency(champion: Champion, repeats: int) -> dict[str, Any]:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from serving.runtime import load_from_registry
-    from training.tracking import Tracker
+    from clinml.serving.runtime import load_from_registry
+    from clinml.training.tracking import Tracker
 
     model = load_from_registry(
         champion.spec, Tracker.from_settings(champion.settings), device="cpu"
@@ -742,7 +742,7 @@ def report(
         "",
         f"The {args.usecase} use case; for each model kind a champion of that candidate alone,",
         "served five ways one after another, each pinned to core 0 with `wrk` (1 thread) on",
-        "core 1: **ours** (`bentoml serve serving.service:ClinicalService`, inline execution,",
+        "core 1: **ours** (`bentoml serve clinml.serving.service:ClinicalService`, inline execution,",
         "adaptive batching on (the default), with an API key), **ours-unbatched** (the same",
         "with `CLINML_BATCHING=false`, single records only), **mlflow** (`mlflow models serve --env-manager local --workers 1`,",
         "`/invocations`), **bentoml-trivial** (a BentoML service configured like ours whose",
@@ -824,7 +824,7 @@ def ensure_wrk() -> None:
 
 def run(args: argparse.Namespace) -> str:
     """Prepare, measure, report; returns the markdown section."""
-    from serving.auth import generate_key
+    from clinml.serving.auth import generate_key
 
     ensure_wrk()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -51,11 +51,11 @@ def one(size: int) -> dict[str, object]:
     """Generate a cohort of about ``size`` labelled encounters and train on it."""
     import numpy as np
 
+    from clinml.features.datasets import readmission
     from clinml.spec import load_spec
-    from features.datasets import readmission
-    from training.search import grouped_sample
-    from training.tracking import Tracker
-    from training.train import fit_candidates, register
+    from clinml.training.search import grouped_sample
+    from clinml.training.tracking import Tracker
+    from clinml.training.train import fit_candidates, register
 
     spec = load_spec(ROOT / "configs" / "readmission.yaml")
     started = time.perf_counter()

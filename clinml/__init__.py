@@ -17,7 +17,15 @@ Modules:
     atomic         all-or-nothing file changes (temporary file, fsync, rename) and locks
     clock          ``utc_now``, the clock modules take as their default
     predictionlog  the prediction log's reader: what serving logged, read by monitoring
+
+Layers: ``clinml.features``, ``clinml.training``, ``clinml.serving``, ``clinml.monitoring``
+and ``clinml.pipelines`` (the ``clinml`` command). Their folders sit beside this one, the
+product's layout. An installed wheel holds them inside ``clinml/`` (pyproject.toml's
+``package-dir``); a source checkout, an editable install and a bento hold them beside it,
+so there the folder above joins this package's search path (``LAYERS_BESIDE``).
 """
+
+from pathlib import Path as _Path
 
 from clinml.errors import ClinmlError, DataValidationError, SpecError
 from clinml.settings import Paths, Settings
@@ -34,3 +42,9 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+LAYERS = ("features", "training", "serving", "monitoring", "pipelines")
+_HERE = _Path(__file__).resolve().parent
+LAYERS_BESIDE = not (_HERE / "features").is_dir() and (_HERE.parent / "features").is_dir()
+if LAYERS_BESIDE:
+    __path__.append(str(_HERE.parent))

@@ -15,7 +15,7 @@ the ``CLINML_TRAIN_THREADS`` override, and :func:`limit_threads` applies a threa
 every pool a fit can use: OpenMP and BLAS (threadpoolctl), torch, joblib's default
 ``n_jobs``, and the ``*_NUM_THREADS`` variables a subprocess started meanwhile inherits.
 
-Training (``training.train``) runs that many search worker processes, each pool of each
+Training (``clinml.training.train``) runs that many search worker processes, each pool of each
 process on one thread::
 
     workers = training_threads(settings.train_threads)

@@ -24,7 +24,7 @@ clinml copies these sections, unexpanded, into each use case's generated repo an
 ``project`` and ``provider``: Feast expands ``${VAR}`` from the environment when it
 loads the file (``os.path.expandvars``), so secrets stay in the environment and are
 never written to disk. The offline store's type selects the source class
-(``features.store.make_source``) and where ingestion writes (``features.offline``).
+(``clinml.features.store.make_source``) and where ingestion writes (``clinml.features.offline``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from clinml.errors import SpecError
 REGISTRY_FILE = "registry.db"
 
 # Offline stores ingestion can write to. Another store (Spark, BigQuery, Snowflake) needs
-# a source branch in features.store.make_source and a writer in features.offline
+# a source branch in clinml.features.store.make_source and a writer in clinml.features.offline
 # (docs/deployment.md).
 OFFLINE_TYPES = ("file", "postgres")
 _SECTIONS = ("registry", "online_store", "offline_store")
@@ -79,7 +79,7 @@ class FeastEnvironment:
             {
                 "registry": {
                     "path": REGISTRY_FILE,
-                    "registry_store_type": "features.registry_store.AtomicFileRegistryStore",
+                    "registry_store_type": "clinml.features.registry_store.AtomicFileRegistryStore",
                 },
                 "online_store": {"type": "sqlite", "path": "online.db"},
                 "offline_store": {"type": "file"},

@@ -1,8 +1,8 @@
 """The prediction log's reader: the PHI-free rows the service logged, for a time window.
 
-The service writes the log (``serving.requestlog.PredictionLog``, off the request path);
-monitoring reads it (``monitoring.job``, ``monitoring.retraining``). The reader lives in
-core, below both, so monitoring never imports the serving layer to read it.
+The service writes the log (``clinml.serving.requestlog.PredictionLog``, off the request
+path); monitoring reads it (``clinml.monitoring.job``, ``clinml.monitoring.retraining``).
+The reader lives in core, below both, so monitoring never imports the serving layer to read it.
 
 The log is a directory of parquet files, ``date=YYYY-MM-DD/part-<UTC
 time>-<uuid8>.parquet``, partitioned by each row's ``time`` (UTC); each file is written

@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     executor_url: str | None = Field(
         default=None,
         description="split only: the URL of a model-execution service run on its own "
-        "(`bentoml serve serving.executor:ModelExecutor`, e.g. a GPU Deployment) that the "
+        "(`bentoml serve clinml.serving.executor:ModelExecutor`, e.g. a GPU Deployment) that the "
         "API calls over HTTP; default: `bentoml serve` starts it beside the API.",
     )
     batching: bool = Field(

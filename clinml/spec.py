@@ -426,7 +426,7 @@ class MonitoringSpec(_Strict):
 
     A feature alerts when its change is both at least its effect-size floor and
     significant after Bonferroni, with patients (not rows) as the unit
-    (:mod:`monitoring.statistics`). ``numeric_method`` and ``categorical_method`` choose
+    (:mod:`clinml.monitoring.statistics`). ``numeric_method`` and ``categorical_method`` choose
     the tests Evidently's HTML report shows.
     """
 

@@ -5,7 +5,7 @@
 1. load the raw frame (a built-in loader or CSV/Parquet) and normalise declared types;
 2. add the entity key or timestamp if the spec says the data has none (docs/byod.md);
 3. pass the quality gate (the spec's limits and, once learned, the reference profile:
-   ``features.profile``); a failing batch raises before anything is stored, leaving
+   ``clinml.features.profile``); a failing batch raises before anything is stored, leaving
    a report under ``reports/validation/``. The first accepted batch becomes the
    reference profile (or any batch, with ``learn_profile=True``);
 4. drop the identifier (PHI) columns and pseudonymise the entity key (keyed hash);
@@ -21,7 +21,7 @@ timestamp) is already stored are not added again, and a label that has become kn
 fills in a stored unknown one. Otherwise the batch replaces what is stored.
 
 ``append_monitored`` adds rows that clinml itself saw in service, with their outcomes
-(the labelled predictions a retrain on drift learns from: ``monitoring.retraining``):
+(the labelled predictions a retrain on drift learns from: ``clinml.monitoring.retraining``):
 their patient ids are already pseudonyms and their event time is the prediction's; they
 pass the spec's own checks but not the learned profile, which describes the source's
 batches (drifted rows are what the retrain is for), teach the profile nothing, and never
@@ -38,7 +38,7 @@ move, and it deletes the directories of runs that never committed. Ingests of on
 case take turns (a lock in ``.ingest/``).
 
 With a PostgreSQL offline store (the production profile) the two frames also go to its
-tables (``features.offline``), replaced in one transaction just before the local
+tables (``clinml.features.offline``), replaced in one transaction just before the local
 commit; they are then what every reader reads. A run killed between the two commits has
 stored the batch in PostgreSQL but lost its report (the gate then reads the previous
 run's).
@@ -60,13 +60,13 @@ import pandas as pd
 
 from clinml import atomic
 from clinml.errors import ClinmlError, DataValidationError, NotReadyError, SpecError
+from clinml.features.offline import PostgresTables
+from clinml.features.profile import QualityProfile, learn
+from clinml.features.validate import ValidationReport, require_valid, write_report
 from clinml.pseudonym import PREFIX, Pseudonymiser, pseudonymise_column
 from clinml.settings import UseCasePaths
 from clinml.spec import UseCaseSpec
 from clinml.tables import read_table
-from features.offline import PostgresTables
-from features.profile import QualityProfile, learn
-from features.validate import ValidationReport, require_valid, write_report
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def load_raw(spec: UseCaseSpec, now: datetime) -> pd.DataFrame:
     Raises:
         SpecError: the loader is unknown, rejects its options, or the file is unreadable.
     """
-    from features.datasets import LOADERS
+    from clinml.features.datasets import LOADERS
 
     source = spec.source
     if source.loader is not None:
@@ -281,7 +281,7 @@ def run(
         learn_profile: make this batch the reference profile (after the spec's checks).
         report: receives a line as each phase (load, gate, write) finishes.
         tables: the PostgreSQL offline store's tables, when the environment has one
-            (``features.offline``): the batch is committed there, in one transaction,
+            (``clinml.features.offline``): the batch is committed there, in one transaction,
             before the local files (which then only record which run was last).
 
     Returns:

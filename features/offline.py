@@ -1,6 +1,6 @@
 """The offline store when it is PostgreSQL: ingestion's tables, replaced all or nothing.
 
-In the embedded profile ingestion commits parquet files (``features.ingest``). With a
+In the embedded profile ingestion commits parquet files (``clinml.features.ingest``). With a
 PostgreSQL offline store (``offline_store: {type: postgres}`` in the environment's
 ``feature_store.yaml``) the same two frames go to two tables in the store's schema,
 ``<project>_features`` (the Feast source, read by point-in-time joins and by

@@ -1,6 +1,6 @@
 """Online reads from any Feast online store (Redis in the production profile).
 
-:class:`FeastOnlineReader` has :class:`features.online_sqlite.OnlineReader`'s interface
+:class:`FeastOnlineReader` has :class:`clinml.features.online_sqlite.OnlineReader`'s interface
 (``read``, ``ping``, ``close``), so serving uses either. It calls the store's own
 ``online_read`` for the feature view: one pipelined round trip for Redis, without the
 registry lookups and response building of ``FeatureStore.get_online_features``.
@@ -28,7 +28,7 @@ class FeastOnlineReader:
     """Reads one feature view's rows through the store's provider."""
 
     def __init__(self, store: FeatureStore, spec: UseCaseSpec):
-        from features.store import view_name
+        from clinml.features.store import view_name
 
         self.store = store
         self.view = store.get_feature_view(view_name(spec))
@@ -89,7 +89,7 @@ class FeastOnlineReader:
 def online_reader(store: FeatureStore, spec: UseCaseSpec) -> Any:
     """The fastest reader for the store: direct SQLite, or the store's own ``online_read``."""
     if store.config.online_store.type == "sqlite":
-        from features.online_sqlite import OnlineReader
+        from clinml.features.online_sqlite import OnlineReader
 
         return OnlineReader.for_store(store, spec)
     return FeastOnlineReader(store, spec)

@@ -369,7 +369,7 @@ class OnlineReader:
     def for_store(cls, store: FeatureStore, spec: UseCaseSpec) -> OnlineReader:
         from feast.infra.online_stores.sqlite import _table_id
 
-        from features.store import view_name
+        from clinml.features.store import view_name
 
         view = store.get_feature_view(view_name(spec))
         return cls(db_path(store), _table_id(store.config.project, view, False), spec.entity.key)

@@ -4,7 +4,7 @@ The online store is keyed by pseudonyms (``clinml.pseudonym``), and callers send
 which the service pseudonymises. So the raw ids come from the data that was ingested (the
 spec's source, or the file given to ``clinml ingest --data``); each is pseudonymised with
 the service's key and looked up in the online store exactly as ``/predict_patient`` looks
-it up (``features.store.online_lookup``). An id qualifies when none of its features is
+it up (``clinml.features.store.online_lookup``). An id qualifies when none of its features is
 missing, stale or recorded after the time asked for.
 
 Usage::
@@ -35,7 +35,7 @@ def candidate_ids(spec: UseCaseSpec, raw: pd.DataFrame) -> list[str]:
 
     Args:
         spec: the use case (its entity key and event timestamp).
-        raw: the ingested rows with their raw ids (``features.ingest.prepare_batch``).
+        raw: the ingested rows with their raw ids (``clinml.features.ingest.prepare_batch``).
     """
     key, stamp = spec.entity.key, spec.event_timestamp
     rows = raw.loc[raw[key].notna(), [key, stamp]]
@@ -57,7 +57,7 @@ def servable_patient_ids(
     Args:
         store: the applied, materialized feature store.
         spec: the use case.
-        raw: rows with raw ids, as ingested (``features.ingest.prepare_batch``).
+        raw: rows with raw ids, as ingested (``clinml.features.ingest.prepare_batch``).
         pseudonymiser: the service's (``Settings.pseudonymiser``), so ids map to the keys
             the online store holds.
         n: how many ids are wanted.
@@ -68,8 +68,8 @@ def servable_patient_ids(
         Raw ids as a caller sends them, the most recently recorded first; fewer than ``n``
         (or none) when fewer are fresh.
     """
-    from features.online_feast import online_reader
-    from features.store import online_lookup
+    from clinml.features.online_feast import online_reader
+    from clinml.features.store import online_lookup
 
     own = reader is None
     reader = online_reader(store, spec) if own else reader

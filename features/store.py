@@ -8,9 +8,9 @@ for ``feast apply`` to import.
 
 Writers of the repo (``apply``, ``materialize``) take turns (a lock in the repo) and
 change it all or nothing: the registry is replaced in one rename
-(``features.registry_store``), ``apply`` writes nothing when the registry already holds
+(``clinml.features.registry_store``), ``apply`` writes nothing when the registry already holds
 the spec's definitions, and a materialization commits in one SQLite transaction
-(``features.online_sqlite.bulk_materialize`` says what a kill at each point leaves).
+(``clinml.features.online_sqlite.bulk_materialize`` says what a kill at each point leaves).
 Other online stores (Redis) are written by Feast's own ``materialize``, which is not all
 or nothing: a failed run leaves some entities updated, and running it again completes it.
 
@@ -118,9 +118,9 @@ def make_source(spec: UseCaseSpec, paths: UseCasePaths, config: Any = None) -> A
             PostgreSQLSource,
         )
 
-        from features.offline import PostgresTables
+        from clinml.features.offline import PostgresTables
 
-        # The table ingestion replaces (features.offline), by its schema-qualified name.
+        # The table ingestion replaces (clinml.features.offline), by its schema-qualified name.
         table = PostgresTables(config.offline_store.model_dump(), config.project)
         return PostgreSQLSource(
             name=name,
@@ -130,7 +130,7 @@ def make_source(spec: UseCaseSpec, paths: UseCasePaths, config: Any = None) -> A
             tags=registry_tags(spec),
         )
     raise FeastEnvironmentError(
-        f"offline store type {kind!r} has no source branch in features.store.make_source "
+        f"offline store type {kind!r} has no source branch in clinml.features.store.make_source "
         "(docs/deployment.md says how to add one)"
     )
 
@@ -266,7 +266,7 @@ def _registered(store: FeatureStore, defs: Definitions) -> bool:
     """Whether the registry (and the online table) already hold exactly ``defs``."""
     from feast.errors import FeastObjectNotFoundException, ProjectNotFoundException
 
-    from features import online_sqlite
+    from clinml.features import online_sqlite
 
     try:
         registered = [
@@ -320,13 +320,13 @@ def materialize(
     Incremental by default: from where the last run ended. With ``full``, and always on
     a view's first run, from its earliest offline row (Feast's own
     ``materialize_incremental`` would look back only one TTL). The SQLite online store
-    is written in bulk and in one transaction (``features.online_sqlite``), which
+    is written in bulk and in one transaction (``clinml.features.online_sqlite``), which
     leaves it as it was if the run fails or is killed before committing; a run that
     committed but was killed before recording its interval in Feast's registry has the
     record completed here, first. Other online stores go through Feast's
     ``materialize``, which gives no such guarantee.
     """
-    from features import online_sqlite
+    from clinml.features import online_sqlite
 
     with _writing(store):
         view = store.get_feature_view(view_name(spec))
@@ -368,7 +368,7 @@ def _quietly(call: Callable[..., Any], **kwargs: Any) -> Any:
 
 def earliest_offline_timestamp(store: FeatureStore, spec: UseCaseSpec, view: Any) -> datetime:
     if store.config.offline_store.type == "postgres":
-        from features.offline import PostgresTables
+        from clinml.features.offline import PostgresTables
 
         tables = PostgresTables.for_store(store)
         earliest = tables.earliest(spec.event_timestamp)
@@ -504,7 +504,7 @@ def online_lookup(
         rows: the entities' rows already read (``OnlineReader.read``'s shape, one per
             id), for a caller that batches reads; then nothing is read here.
     """
-    from features.online_feast import online_reader
+    from clinml.features.online_feast import online_reader
 
     if rows is not None:
         if len(rows) != len(entity_ids):

@@ -1,13 +1,13 @@
 """The data-quality gate: a Great Expectations suite generated from the spec and profile.
 
-Every batch (after ``features.ingest.normalise_types``) is checked before anything is
+Every batch (after ``clinml.features.ingest.normalise_types``) is checked before anything is
 written. Two kinds of expectation:
 
 - **spec** (hard limits): required columns present with the declared types; keys,
   timestamps and non-nullable columns never null; numeric values inside the declared
   ``[min, max]``; categories declared; labels one of the two classes; (entity,
   timestamp) pairs unique.
-- **learned** (from the reference profile, ``features.profile``): numeric values
+- **learned** (from the reference profile, ``clinml.features.profile``): numeric values
   inside the reference's observed range widened by a margin; null rates of nullable
   columns not far above the reference's; categories the reference actually had; the
   positive-label rate inside a band around the reference's. Tolerances come from the
@@ -37,8 +37,8 @@ from clinml.errors import DataValidationError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from clinml.features.profile import QualityProfile
     from clinml.spec import UseCaseSpec
-    from features.profile import QualityProfile
 
 NUMERIC_TYPES = ["float64", "float32", "int64", "int32", "int16", "int8", "Float64", "Int64"]
 TEXT_TYPES = ["object", "str", "string", "category"]
@@ -330,7 +330,7 @@ def validate_frame(
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    from features.profile import positive_label
+    from clinml.features.profile import positive_label
 
     batch_frame = frame.reset_index(drop=True)
     labelled_rows = 0

@@ -4,7 +4,7 @@
 reports of the same window:
 
 - **data drift** per feature: a patient-clustered test and an effect size
-  (:mod:`monitoring.statistics`) against the feature's floor (``spec.monitoring``);
+  (:mod:`clinml.monitoring.statistics`) against the feature's floor (``spec.monitoring``);
 - **prediction drift**: served probabilities against the champion's *held-out*
   probabilities (in-sample ones would be more extreme than any served ones);
 - **data quality**: missing values and values outside the spec's range or category list;
@@ -45,9 +45,9 @@ import numpy as np
 import pandas as pd
 
 from clinml.errors import ClinmlError
+from clinml.monitoring import statistics
 from clinml.spec import UseCaseSpec
-from monitoring import statistics
-from training.reference import CLUSTER_COLUMN, WEEK_COLUMN
+from clinml.training.reference import CLUSTER_COLUMN, WEEK_COLUMN
 
 HTML_FILE = "drift.html"
 PREDICTION_HTML_FILE = "prediction_drift.html"
@@ -63,7 +63,7 @@ UNDECLARED = "(undeclared value)"
 @dataclass(frozen=True)
 class FeatureDrift:
     feature: str
-    method: str  # "ks" or "chisquare", patient-clustered (monitoring.statistics)
+    method: str  # "ks" or "chisquare", patient-clustered (clinml.monitoring.statistics)
     score: float  # the p-value
     score_kind: str  # "p_value"
     threshold: float  # column_threshold
@@ -117,7 +117,7 @@ class DriftVerdict:
     subgroups: list[SubgroupDrift] = field(default_factory=list)
     skipped_subgroups: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
-    # Patients (effective, monitoring.statistics.effective_size) in the window, and the
+    # Patients (effective, clinml.monitoring.statistics.effective_size) in the window, and the
     # number the drift tests need; below it the verdict is "not enough data".
     window_patients: float = 0.0
     min_patients: int = 0
@@ -458,7 +458,7 @@ def _direct_drifts(
     alert_p: float,
 ) -> tuple[list[FeatureDrift], float]:
     """Per-column drift: the patient-clustered test and effect size of
-    :mod:`monitoring.statistics`, judged against the column's floor."""
+    :mod:`clinml.monitoring.statistics`, judged against the column's floor."""
     threshold = spec.monitoring.column_threshold
     numeric = {c.name for c in spec.features if c.is_numeric} | {"probability"}
     codes_before, codes_now = patient_codes(spec, reference), patient_codes(spec, current)
@@ -599,7 +599,7 @@ def choose_reference(
     ``season_weeks`` either side, so a winter week meets winter, not the year's average.
     Either falls back to the whole reference, and says so, when what it keeps has fewer
     patients than a window needs or the reference predates the columns it needs. (The
-    rolling reference is the prediction log's: :func:`monitoring.job.run` reads it.)
+    rolling reference is the prediction log's: :func:`clinml.monitoring.job.run` reads it.)
 
     Returns:
         The reference rows, the held-out rows for prediction drift (restricted the same
@@ -716,7 +716,7 @@ def run(
         held_out = reference
     scored = current if prediction_current is None else prediction_current
     predictions = "probability" in scored.columns and len(scored) and held_out is not None
-    # The verdict's statistics (monitoring.statistics); Evidently renders the reports.
+    # The verdict's statistics (clinml.monitoring.statistics); Evidently renders the reports.
     columns, share = _direct_drifts(spec, current, reference, features, thresholds["overall_p"])
     prediction = None
     if predictions:

@@ -2,10 +2,10 @@
 
 ``run`` reads the prediction log for ``[since, until)``, compares it with the champion's
 training reference (drift, prediction drift, data quality, subgroup drift:
-:mod:`monitoring.drift`), joins any ground-truth labels that have arrived and judges
-performance per window against the spec's floors (:mod:`monitoring.performance`), turns
+:mod:`clinml.monitoring.drift`), joins any ground-truth labels that have arrived and judges
+performance per window against the spec's floors (:mod:`clinml.monitoring.performance`), turns
 what it found into alerts and delivers them (JSON file, webhook, cooldown:
-:mod:`monitoring.alerts`), and adds the snapshots to the Evidently workspace.
+:mod:`clinml.monitoring.alerts`), and adds the snapshots to the Evidently workspace.
 
 Labels arrive late (readmission's 30 days after discharge), so performance looks back
 further than drift: it judges the predictions of the last ``label_lookback``, in windows
@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pandas as pd
 
 from clinml.errors import ClinmlError
+from clinml.monitoring import drift, statistics
+from clinml.monitoring.alerts import Alert, AlertSink, Delivery
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
-from monitoring import drift, statistics
-from monitoring.alerts import Alert, AlertSink, Delivery
 
 if TYPE_CHECKING:
-    from monitoring.retraining import RetrainingData
+    from clinml.monitoring.retraining import RetrainingData
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Retrainer(Protocol):
     monitored rows whose outcomes are known: the window (``since``, ``until``, the label
     ``lookback``) or the ``batch``, and the monitor run's id. It never promotes.
 
-    The command line hands in ``pipelines.stages.retrain_on_drift``: retraining wires
+    The command line hands in ``clinml.pipelines.stages.retrain_on_drift``: retraining wires
     ingest, materialize and train together, which is the pipelines' job, and monitoring
     does not import the layer above it.
     """
@@ -73,7 +73,7 @@ class MonitorResult:
     delivery: Delivery | None = None
     out_dir: Path | None = None
     retrained_version: str | None = None
-    retraining: Any = None  # monitoring.retraining.RetrainingData: what it trained on
+    retraining: Any = None  # clinml.monitoring.retraining.RetrainingData: what it trained on
     performance_html: Path | None = None  # performance over time, when windows had labels
 
     @property
@@ -259,7 +259,7 @@ def _performance_alerts(windows: list[Any], base: dict[str, Any]) -> list[Alert]
 
 
 def _prediction_reference(tracker: Any, name: str) -> pd.DataFrame | None:
-    from training.train import PREDICTION_REFERENCE_FILE, load_reference
+    from clinml.training.train import PREDICTION_REFERENCE_FILE, load_reference
 
     try:
         return load_reference(tracker, name, file=PREDICTION_REFERENCE_FILE)
@@ -286,15 +286,15 @@ def run(
     """Judge one window (or an explicit ``batch``) and deliver the alerts it raises.
 
     With ``retrain_on_drift`` (the command line's ``--retrain-on-drift`` passes
-    ``pipelines.stages.retrain_on_drift``), data or prediction drift trains a challenger
+    ``clinml.pipelines.stages.retrain_on_drift``), data or prediction drift trains a challenger
     after the verdict is written.
 
     Raises:
         ClinmlError: no champion, no predictions in the window, or a bad window.
     """
     from clinml.predictionlog import read_predictions
-    from training.tracking import Tracker
-    from training.train import load_reference
+    from clinml.training.tracking import Tracker
+    from clinml.training.train import load_reference
 
     now = now or datetime.now(UTC)
     tracker = Tracker.from_settings(settings)
@@ -395,7 +395,7 @@ def _reference(
     champion: str,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
     """What the window is compared with (``monitoring.reference``): the champion's
-    training rows, those of the same season (:func:`monitoring.drift.choose_reference`),
+    training rows, those of the same season (:func:`clinml.monitoring.drift.choose_reference`),
     or the prediction log of the ``rolling_days`` before the window; the rolling one
     falls back to the training rows, and says so, when the log holds too few patients."""
     from clinml.predictionlog import read_predictions
@@ -440,8 +440,8 @@ def _performance(
     lookback: timedelta,
 ) -> tuple[list[Any], pd.DataFrame | None]:
     """The performance windows with labelled predictions, and those predictions."""
+    from clinml.monitoring import performance
     from clinml.predictionlog import read_predictions
-    from monitoring import performance
 
     paths = settings.paths.usecase(spec.name)
     if since is None or until is None or not paths.labels.is_dir():
@@ -472,11 +472,11 @@ def _performance_report(
     champion: str,
 ) -> Path | None:
     """``performance.html`` in the run's directory, and the windows in the Evidently
-    workspace (:mod:`monitoring.performance_report`). The verdict and its alerts stand
+    workspace (:mod:`clinml.monitoring.performance_report`). The verdict and its alerts stand
     without either, so a failure is logged, not raised."""
     if not windows:
         return None
-    from monitoring import performance_report
+    from clinml.monitoring import performance_report
 
     path = None
     try:

@@ -13,7 +13,7 @@ so performance is monitored in three steps:
 3. ``performance_by_window`` computes, per time window of predictions, AUROC, the served
    operating point's sensitivity and alert rate, and calibration (ECE, observed/expected
    ratio, calibration slope), each with a 95% interval, and checks them against the spec's
-   ``monitoring.performance`` floors. :mod:`monitoring.performance_report` draws them.
+   ``clinml.monitoring.performance`` floors. :mod:`clinml.monitoring.performance_report` draws them.
 
 Usage::
 
@@ -44,8 +44,8 @@ from clinml.clock import utc_now
 from clinml.errors import DataValidationError
 from clinml.pseudonym import pseudonymise_column
 from clinml.spec import UseCaseSpec
-from training.calibration import calibration_summary
-from training.metrics import (
+from clinml.training.calibration import calibration_summary
+from clinml.training.metrics import (
     bootstrap_values,
     design_effect,
     percentile_interval,
@@ -582,7 +582,7 @@ class WindowPerformance:
         ece, ece_ci: expected calibration error (``evaluation.calibration_bins`` bins), as
             measured in the window (the value ``max_ece`` judges), and a 95% interval for
             the ECE that windows of this many labels from the same patients would show
-            (:func:`training.metrics.recentred_interval`). ECE is biased upwards on small
+            (:func:`clinml.training.metrics.recentred_interval`). ECE is biased upwards on small
             samples; the interval says how far chance alone moves it, and always contains
             the estimate.
         judged: there were at least ``min_labels`` labelled predictions and both classes,
@@ -592,7 +592,7 @@ class WindowPerformance:
         observed_expected, observed_expected_ci: outcomes observed over outcomes the model
             predicted (the sum of its probabilities); 1 is ideal, above 1 the model
             under-predicts risk. Patient-cluster-robust interval
-            (:func:`training.calibration.calibration_summary`).
+            (:func:`clinml.training.calibration.calibration_summary`).
         calibration_slope, calibration_slope_ci: ``b`` in ``logit P(y=1) = a + b logit(p)``;
             1 is ideal, below 1 the risks are too extreme. Cluster-robust interval.
         alert_rate, alert_rate_ci: share of the window's labelled predictions at or above
@@ -745,7 +745,7 @@ def performance_by_window(
     """Performance of the labelled predictions per consecutive window of prediction time.
 
     Args:
-        spec: the use case: positive class, calibration bins and ``monitoring.performance``
+        spec: the use case: positive class, calibration bins and ``clinml.monitoring.performance``
             floors (a floor that is None is not checked).
         labelled: ``join_labels`` output: ``time``, ``probability``, ``label`` (the class
             served), ``outcome`` (0/1) and, optionally, ``patient``.

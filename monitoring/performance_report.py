@@ -1,6 +1,6 @@
 """Performance over time, to look at: one HTML page per monitor run, and the Evidently history.
 
-:func:`monitoring.performance.performance_by_window` judges each window of labelled
+:func:`clinml.monitoring.performance.performance_by_window` judges each window of labelled
 predictions; this module shows those windows side by side so a team sees a trend before a
 floor is crossed:
 
@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from clinml.atomic import write_atomic
+from clinml.monitoring.performance import WindowPerformance
 from clinml.spec import UseCaseSpec
-from monitoring.performance import WindowPerformance
-from training.card import PAGE_CSS
+from clinml.training.card import PAGE_CSS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -6,7 +6,7 @@ arrived:
 
 - for a window of the prediction log (:func:`window_rows`): its predictions over the
   label lookback up to the window's end, joined to the stored outcomes the way
-  performance monitoring joins them (:func:`monitoring.performance.join_labels`);
+  performance monitoring joins them (:func:`clinml.monitoring.performance.join_labels`);
 - for a ``--batch`` (:func:`batch_rows`): its rows that carry the label column, read as
   an ingest batch reads them (raw patient ids, pseudonymised here).
 
@@ -21,8 +21,8 @@ a stored row needs.
 
 :class:`RetrainingData` says what the retrain trained on, for the command line, the
 monitor's verdict and the challenger's MLflow tags (:data:`TAG_PREFIX`).
-``pipelines.stages.retrain`` wires the steps: these rows into the offline store
-(``features.ingest.append_monitored``), materialize, train.
+``clinml.pipelines.stages.retrain`` wires the steps: these rows into the offline store
+(``clinml.features.ingest.append_monitored``), materialize, train.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from clinml.pseudonym import pseudonymise_column
 from clinml.spec import UseCaseSpec
 
 if TYPE_CHECKING:
+    from clinml.features.offline import PostgresTables
     from clinml.settings import Settings
-    from features.offline import PostgresTables
 
 # Model-version and run tags of a retrained challenger start with this.
 TAG_PREFIX = "clinml.retrain_"
@@ -87,8 +87,8 @@ def window_rows(
 ) -> MonitoredRows:
     """The labelled predictions of the label lookback up to ``until`` (as performance
     monitoring judges them: ``lookback`` or the window, whichever is longer)."""
+    from clinml.monitoring import performance
     from clinml.predictionlog import read_predictions
-    from monitoring import performance
 
     paths = settings.paths.usecase(spec.name)
     start = until - max(lookback, until - since)
@@ -225,7 +225,7 @@ def _from_history(
 ) -> pd.DataFrame:
     """``columns`` of each row's patient from their newest stored row at or before the
     row's time (null where the patient has none)."""
-    from features.ingest import read_features
+    from clinml.features.ingest import read_features
 
     key, ts = spec.entity.key, spec.event_timestamp
     stored = read_features(spec, settings.paths.usecase(spec.name), tables)
@@ -329,7 +329,7 @@ def describe(
     monitor_run: str | None = None,
 ) -> RetrainingData:
     """What the retrain trains on: the training events ``before`` and ``after`` the
-    monitored rows were added (``features.ingest.read_labels``), and how many of the
+    monitored rows were added (``clinml.features.ingest.read_labels``), and how many of the
     usable rows the store added (``added_rows``)."""
     stamps = pd.to_datetime(after[spec.event_timestamp], utc=True)
     return RetrainingData(

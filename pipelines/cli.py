@@ -44,8 +44,8 @@ DataFile = Annotated[
 
 
 def _setup(usecase: str) -> tuple[Settings, UseCaseSpec]:
+    from clinml.pipelines import runtime
     from clinml.spec import load_spec
-    from pipelines import runtime
 
     settings = runtime.load_settings()
     runtime.configure(settings)
@@ -69,9 +69,9 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Draft a use-case spec from a data file, for you to review and edit."""
+    from clinml.features.draft import draft_from_file
+    from clinml.pipelines import runtime
     from clinml.spec import builtin_usecases
-    from features.draft import draft_from_file
-    from pipelines import runtime
 
     settings = runtime.load_settings()
     if out is None and name in builtin_usecases():
@@ -98,9 +98,9 @@ def validate(usecase: UseCase, data: DataFile = None) -> None:
     """Run the quality gate only; writes just its report. Exit 1 if the batch fails."""
     from datetime import UTC, datetime
 
+    from clinml.features.ingest import prepare_batch, reference_profile
+    from clinml.features.validate import validate_frame, write_report
     from clinml.tables import read_table
-    from features.ingest import prepare_batch, reference_profile
-    from features.validate import validate_frame, write_report
 
     settings, spec = _setup(usecase)
     now = datetime.now(UTC)
@@ -131,8 +131,8 @@ def ingest(
     ] = False,
 ) -> None:
     """Validate a batch, write the offline store and register the Feast definitions."""
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
     stages.ingest(
@@ -149,8 +149,8 @@ def materialize(
     ] = False,
 ) -> None:
     """Load the newest feature values into the online store (incremental by default)."""
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
     stages.materialize(spec, settings, Progress(total=1), full=full)
@@ -160,8 +160,8 @@ def materialize(
 def train(usecase: UseCase) -> None:
     """Train every candidate and the logistic-regression reference; register the selected one
     (the reference unless another is clearly better) as the challenger."""
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
     stages.train(spec, settings, Progress(total=1))
@@ -180,9 +180,9 @@ def promote(
     reason: Reason = None,
 ) -> None:
     """Make the challenger the champion if it passes the gate. Exit 1 when refused."""
-    from pipelines import stages
-    from pipelines.progress import Progress
-    from training.governance import PromotionRefused
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
+    from clinml.training.governance import PromotionRefused
 
     if force and not (reason and reason.strip()):  # before the gate's work, not after it
         raise ClinmlError("--force needs --reason: say why the gate is being overridden")
@@ -198,8 +198,8 @@ def promote(
 @app.command()
 def rollback(usecase: UseCase, reason: Reason = None) -> None:
     """Point the champion back at the previous champion (recorded in the audit log)."""
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
     stages.rollback(spec, settings, Progress(total=1), reason=reason)
@@ -220,8 +220,8 @@ def models_list(usecase: UseCase) -> None:
     """Every registered version, newest first, with aliases and headline metrics."""
     from datetime import UTC, datetime
 
-    from training import governance
-    from training.tracking import Tracker
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
 
     settings, spec = _setup(usecase)
     tracker = Tracker.from_settings(settings)
@@ -243,9 +243,9 @@ def models_list(usecase: UseCase) -> None:
 @models_app.command("show")
 def models_show(usecase: UseCase, ref: VersionRef = "champion") -> None:
     """One version: aliases, provenance tags and held-out metrics."""
-    from training import governance
-    from training.metrics import METRICS
-    from training.tracking import Tracker
+    from clinml.training import governance
+    from clinml.training.metrics import METRICS
+    from clinml.training.tracking import Tracker
 
     settings, spec = _setup(usecase)
     tracker = Tracker.from_settings(settings)
@@ -270,9 +270,9 @@ def models_show(usecase: UseCase, ref: VersionRef = "champion") -> None:
 @models_app.command("card")
 def models_card(usecase: UseCase, ref: VersionRef = "champion") -> None:
     """A version's model card: a summary here, the full card as HTML and JSON on disk."""
-    from training import governance
-    from training.card import card_summary
-    from training.tracking import Tracker
+    from clinml.training import governance
+    from clinml.training.card import card_summary
+    from clinml.training.tracking import Tracker
 
     settings, spec = _setup(usecase)
     tracker = Tracker.from_settings(settings)
@@ -289,7 +289,7 @@ def models_card(usecase: UseCase, ref: VersionRef = "champion") -> None:
 def models_history(usecase: UseCase) -> None:
     """Every alias move (and refused promotion) from the audit log, oldest first."""
     from clinml.audit import AuditLog, Checkpoints
-    from training import governance
+    from clinml.training import governance
 
     settings, spec = _setup(usecase)
     log = AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings))
@@ -319,8 +319,8 @@ def package(
     build: Annotated[bool, typer.Option("--build", help="Also run `bentoml build`.")] = False,
 ) -> None:
     """Import the champion into the BentoML store (and build the bento)."""
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
     stages.package(spec, settings, Progress(total=2 if build else 1), build=build)
@@ -329,8 +329,8 @@ def package(
 @app.command()
 def build(usecase: UseCase) -> None:
     """Import the champion into the BentoML store and build the bento (immutable path)."""
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
     stages.package(spec, settings, Progress(total=2), build=True)
@@ -346,7 +346,7 @@ def audit_verify() -> None:
     CLINML_AUDIT_KEY, their signed checkpoints (a cut-off tail, a deleted or emptied log, a
     rebuilt chain, a forged or missing checkpoint). Exit 1 if either is broken."""
     from clinml.audit import AuditError, AuditLog, Checkpoints
-    from pipelines import runtime
+    from clinml.pipelines import runtime
 
     settings = runtime.load_settings()
     checkpoints = Checkpoints.from_settings(settings)
@@ -376,7 +376,7 @@ def audit_checkpoint() -> None:
     chain and any checkpoints it has verify. For logs written before the key was set:
     check them against their archived copies first. Exit 1 if a log is broken."""
     from clinml.audit import AuditError, AuditLog, Checkpoints
-    from pipelines import runtime
+    from clinml.pipelines import runtime
 
     settings = runtime.load_settings()
     checkpoints = Checkpoints.from_settings(settings)
@@ -411,9 +411,9 @@ def run(usecase: UseCase, data: DataFile = None) -> None:
 
     Exit 1 when the gate refuses the challenger (nothing is packaged), as `clinml promote`.
     """
-    from pipelines import stages
-    from pipelines.progress import Progress
-    from training.governance import PromotionRefused
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
+    from clinml.training.governance import PromotionRefused
 
     settings, spec = _setup(usecase)
     progress = Progress(total=6)
@@ -445,7 +445,7 @@ def serve(
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from serving.launch import run_foreground, serve_command, service_env
+    from clinml.serving.launch import run_foreground, serve_command, service_env
 
     settings, spec = _setup(usecase)
     try:
@@ -499,9 +499,9 @@ def monitor(
     2: an error."""
     from functools import partial
 
+    from clinml.monitoring import job
+    from clinml.pipelines import stages
     from clinml.tables import read_table
-    from monitoring import job
-    from pipelines import stages
 
     settings, spec = _setup(usecase)
     now = datetime.now(UTC)
@@ -561,11 +561,11 @@ def _utc(moment: datetime) -> datetime:
 labels_app = typer.Typer(help="Ground-truth outcomes for performance monitoring.")
 app.add_typer(labels_app, name="labels")
 
-from pipelines.keys_cli import keys_app  # noqa: E402 (the sub-apps after the main commands)
+from clinml.pipelines.keys_cli import keys_app  # noqa: E402 (the sub-apps after the main commands)
 
 app.add_typer(keys_app, name="keys")
 
-from pipelines.patients_cli import patients_app  # noqa: E402
+from clinml.pipelines.patients_cli import patients_app  # noqa: E402
 
 app.add_typer(patients_app, name="patients")
 
@@ -582,8 +582,8 @@ def labels_ingest(
 ) -> None:
     """Store outcomes as they arrive; `clinml monitor` joins them to the predictions.
     Patient ids are pseudonymised before they are stored."""
+    from clinml.monitoring import performance
     from clinml.tables import read_table
-    from monitoring import performance
 
     settings, spec = _setup(usecase)
     frame = read_table(file, text_columns=("patient_id", "request_id"))
@@ -604,7 +604,7 @@ def demo(
     port: Annotated[int, typer.Option(help="Port for the service (a free one if busy).")] = 3000,
 ) -> None:
     """Run every stage on a built-in use case, call the service, check drift."""
-    from pipelines import demo as demo_pipeline
+    from clinml.pipelines import demo as demo_pipeline
 
     settings, spec = _setup(usecase)
     demo_pipeline.run(spec, settings, port=port, keep_serving=serve)

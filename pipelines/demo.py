@@ -14,17 +14,17 @@ import httpx
 import pandas as pd
 import typer
 
+from clinml.pipelines import stages
+from clinml.pipelines.progress import Progress
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
-from pipelines import stages
-from pipelines.progress import Progress
 
 BATCH_SIZE = 150
 SHIFTED_POSITIVE_SHARE = 0.9
 
 
 def _write_batches(spec: UseCaseSpec, settings: Settings) -> dict[str, pd.DataFrame]:
-    from features.datasets.batches import sample_batch
+    from clinml.features.datasets.batches import sample_batch
 
     paths = settings.paths.usecase(spec.name)
     features = pd.read_parquet(paths.features_file)
@@ -77,7 +77,7 @@ def _call_service(
 
 def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) -> None:
     """The whole demo; prints progress and ends with where to look next."""
-    from serving.launch import ServiceProcess, free_port, port_is_free
+    from clinml.serving.launch import ServiceProcess, free_port, port_is_free
 
     progress = Progress(total=9)
     stages.ingest(spec, settings, progress)
@@ -92,7 +92,7 @@ def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) ->
         chosen = free_port()
         typer.echo(f"      port {port} is busy; using {chosen}")
         port = chosen
-    from serving.auth import write_dev_key
+    from clinml.serving.auth import write_dev_key
 
     key = write_dev_key(settings.api_keys_path)
     service = ServiceProcess(settings, spec.name, port, settings.home / "logs" / "serve.log")

@@ -5,9 +5,9 @@ which holds each key's sha256, never its secret; ``create`` prints the secret on
 running service picks up a change within about a second, without a restart. Keys given in
 the ``CLINML_API_KEYS`` environment variable are listed but cannot be edited here.
 
-``pipelines.cli`` mounts it: ``app.add_typer(keys_app, name="keys")``. The work is done by
-:func:`serving.auth.add_key`, :func:`~serving.auth.list_keys` and
-:func:`~serving.auth.revoke_key`; errors are ``ClinmlError`` (one line, exit status 2).
+``clinml.pipelines.cli`` mounts it: ``app.add_typer(keys_app, name="keys")``. The work is done by
+:func:`clinml.serving.auth.add_key`, :func:`~clinml.serving.auth.list_keys` and
+:func:`~clinml.serving.auth.revoke_key`; errors are ``ClinmlError`` (one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from serving.auth import CREATE_HINT, ROLES
+from clinml.serving.auth import CREATE_HINT, ROLES
 
 if TYPE_CHECKING:
     from clinml.settings import Settings
@@ -49,8 +49,8 @@ def create(
     ] = None,
 ) -> None:
     """Create a key; its secret is printed once, on stdout, and never stored."""
-    from pipelines import runtime
-    from serving.auth import add_key
+    from clinml.pipelines import runtime
+    from clinml.serving.auth import add_key
 
     settings = runtime.load_settings()
     path = settings.api_keys_path
@@ -66,8 +66,8 @@ def create(
 @keys_app.command("list")
 def list_() -> None:
     """Show each key's id, roles, creation time and source; never a secret or a hash."""
-    from pipelines import runtime
-    from serving.auth import list_keys
+    from clinml.pipelines import runtime
+    from clinml.serving.auth import list_keys
 
     settings = runtime.load_settings()
     path = settings.api_keys_path
@@ -94,8 +94,8 @@ def revoke(
     key_id: Annotated[str, typer.Argument(help="The id of the key to remove.")],
 ) -> None:
     """Remove a key from the keys file; a running service refuses it within seconds."""
-    from pipelines import runtime
-    from serving.auth import revoke_key
+    from clinml.pipelines import runtime
+    from clinml.serving.auth import revoke_key
 
     settings = runtime.load_settings()
     path = settings.api_keys_path

@@ -3,7 +3,7 @@
 ``clinml patients sample USECASE [-n N]`` prints N raw patient ids (default 5), one per
 line, that the service answers for now: ids from the ingested data whose features in the
 online store are all present and within the spec's ``feature_ttl_days``
-(``features.patients``). It prints the ids and nothing else about the patients. The
+(``clinml.features.patients``). It prints the ids and nothing else about the patients. The
 ``clinml`` app adds this group as ``app.add_typer(patients_app, name="patients")``.
 """
 
@@ -55,13 +55,13 @@ def sample(
     Raw ids, as a caller sends them, whose online features are all present and fresh;
     the most recently recorded first.
     """
+    from clinml.features import store as feature_store
+    from clinml.features.ingest import has_data, prepare_batch
+    from clinml.features.offline import PostgresTables
+    from clinml.features.patients import servable_patient_ids
+    from clinml.pipelines import runtime
     from clinml.spec import load_spec
     from clinml.tables import read_table
-    from features import store as feature_store
-    from features.ingest import has_data, prepare_batch
-    from features.offline import PostgresTables
-    from features.patients import servable_patient_ids
-    from pipelines import runtime
 
     settings = runtime.load_settings()
     runtime.configure(settings)
@@ -102,7 +102,7 @@ def _materialized(store: FeatureStore, spec: UseCaseSpec) -> bool:
     """Whether the use case's feature view has had any interval materialized."""
     from feast.errors import FeastObjectNotFoundException, ProjectNotFoundException
 
-    from features.store import view_name
+    from clinml.features.store import view_name
 
     try:
         view = store.get_feature_view(view_name(spec))

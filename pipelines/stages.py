@@ -19,16 +19,16 @@ import pandas as pd
 
 from clinml.clock import utc_now
 from clinml.errors import ClinmlError, NotReadyError, StoreUnavailable, store_unavailable
+from clinml.pipelines.progress import Progress
 from clinml.settings import Settings
 from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
 from clinml.tables import read_table
-from pipelines.progress import Progress
 
 if TYPE_CHECKING:
     from clinml.environment import FeastEnvironment
-    from features.offline import PostgresTables
-    from monitoring.retraining import RetrainingData
-    from training.governance import Decision
+    from clinml.features.offline import PostgresTables
+    from clinml.monitoring.retraining import RetrainingData
+    from clinml.training.governance import Decision
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _stores_answer(then: str) -> Iterator[None]:
 
 def _offline_tables(spec: UseCaseSpec, environment: FeastEnvironment) -> PostgresTables | None:
     """The PostgreSQL offline store's tables of the use case (None: parquet files)."""
-    from features.offline import PostgresTables
+    from clinml.features.offline import PostgresTables
 
     return PostgresTables.for_environment(environment, spec.name)
 
@@ -69,8 +69,8 @@ def ingest(
     stored the batch, and the next ingest or materialize registers the definitions
     (which changes nothing unless the spec changed).
     """
-    from features import ingest as ingest_stage
-    from features import store as feature_store
+    from clinml.features import ingest as ingest_stage
+    from clinml.features import store as feature_store
 
     paths = settings.paths.usecase(spec.name)
     environment = settings.feast_environment
@@ -118,10 +118,10 @@ def materialize(
     """Load the newest offline values into the online store (incremental by default).
 
     All or nothing: a run that fails or is killed leaves the online store as it was
-    (``features.online_sqlite.bulk_materialize``).
+    (``clinml.features.online_sqlite.bulk_materialize``).
     """
-    from features import store as feature_store
-    from features.ingest import has_data
+    from clinml.features import store as feature_store
+    from clinml.features.ingest import has_data
 
     paths = settings.paths.usecase(spec.name)
     environment = settings.feast_environment
@@ -156,10 +156,10 @@ def train(
 ) -> str:
     """Search, train and evaluate every candidate; register the best as the challenger
     (``tags``: more MLflow tags for it, e.g. why it was trained)."""
-    from features import store as feature_store
-    from features.ingest import read_labels
-    from training import train as train_stage
-    from training.tracking import Tracker
+    from clinml.features import store as feature_store
+    from clinml.features.ingest import read_labels
+    from clinml.training import train as train_stage
+    from clinml.training.tracking import Tracker
 
     paths = settings.paths.usecase(spec.name)
     others = [name for name in spec.training.candidates if name != REFERENCE_CANDIDATE]
@@ -202,14 +202,14 @@ def retrain(
 ) -> RetrainingData:
     """Train a challenger on the offline store plus the monitored rows whose outcomes are
     known: a window's labelled predictions (``since``, ``until``, ``lookback``) or a
-    ``batch``'s labelled rows (``monitoring.retraining``). Never promotes.
+    ``batch``'s labelled rows (``clinml.monitoring.retraining``). Never promotes.
 
     The spec's source is not read again: a built-in loader would only regenerate the data
     it seeded, and new source data arrives by ``clinml ingest --append`` (docs/monitoring.md).
     """
-    from features import ingest as ingest_stage
-    from features.ingest import read_labels
-    from monitoring import retraining
+    from clinml.features import ingest as ingest_stage
+    from clinml.features.ingest import read_labels
+    from clinml.monitoring import retraining
 
     paths = settings.paths.usecase(spec.name)
     tables = _offline_tables(spec, settings.feast_environment)
@@ -254,7 +254,7 @@ def retrain_on_drift(
     monitor_run: str,
     echo: Callable[[str], None] | None = None,
 ) -> RetrainingData:
-    """The monitor's retrain on drift (``monitoring.job.Retrainer``): :func:`retrain`,
+    """The monitor's retrain on drift (``clinml.monitoring.job.Retrainer``): :func:`retrain`,
     its progress through ``echo`` (the command line's output; the log without one).
     Never promotes.
 
@@ -290,10 +290,10 @@ def promote(
     """Gate the challenger against the champion (or the reference) on rows neither was trained
     on; move the alias on a pass."""
     from clinml.audit import AuditLog, Checkpoints
-    from features import store as feature_store
-    from features.ingest import read_labels
-    from training import governance
-    from training.tracking import Tracker
+    from clinml.features import store as feature_store
+    from clinml.features.ingest import read_labels
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
 
     paths = settings.paths.usecase(spec.name)
     tracker = Tracker.from_settings(settings)
@@ -344,8 +344,8 @@ def rollback(
 ) -> tuple[str, str]:
     """Point ``champion`` back at the previous champion."""
     from clinml.audit import AuditLog, Checkpoints
-    from training import governance
-    from training.tracking import Tracker
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
 
     with progress.step(f"roll back the {spec.name} champion"):
         moved = governance.rollback(
@@ -361,8 +361,8 @@ def rollback(
 
 def package(spec: UseCaseSpec, settings: Settings, progress: Progress, build: bool = False) -> None:
     """Import the champion into the BentoML store (and optionally build the bento)."""
-    from serving.package import build_bento, import_champion
-    from training.tracking import Tracker
+    from clinml.serving.package import build_bento, import_champion
+    from clinml.training.tracking import Tracker
 
     with progress.step("package the champion for BentoML"):
         packaged = import_champion(spec, Tracker.from_settings(settings))
@@ -388,7 +388,7 @@ def monitor(
     spec: UseCaseSpec, settings: Settings, batch: pd.DataFrame, out_dir: Path | None = None
 ) -> MonitorOutcome:
     """Drift of one batch against the champion's training reference (no alerts sent)."""
-    from monitoring import job
+    from clinml.monitoring import job
 
     result = job.run(spec, settings, batch=batch, out_dir=out_dir, now=utc_now(), deliver=False)
     verdict = result.verdict

@@ -1,8 +1,8 @@
 """Serving stage: the BentoML prediction service and the packaging of its model.
 
 Modules:
-    service     the ``@bentoml.service`` class (``bentoml serve serving.service:ClinicalService``)
-                and its endpoints
+    service     the ``@bentoml.service`` class and its endpoints
+                (``bentoml serve clinml.serving.service:ClinicalService``)
     schemas     request/response models generated from the spec
     executor    ``ModelExecutor``: the model in the API worker (inline) or its own service
     runtime     the served model: loaded with its hashes checked, swapped without downtime

@@ -26,7 +26,7 @@ turned away from the headers alone, before the service looks at, waits for or bu
 any of its body; open paths (probes, docs, metrics) take no body at all.
 
 Nothing here logs or returns a secret, and a rejected request is answered without echoing
-anything it sent. Refusals are reported to :mod:`serving.refusals` (counted, and logged
+anything it sent. Refusals are reported to :mod:`clinml.serving.refusals` (counted, and logged
 and audited in aggregate).
 """
 
@@ -735,7 +735,7 @@ class AuthMiddleware:
 
     Every refusal is answered from the headers alone, so a caller without a key holds
     no body buffer, no slot and no worker, and is reported to
-    :mod:`serving.refusals` (counted, logged and audited in aggregate).
+    :mod:`clinml.serving.refusals` (counted, logged and audited in aggregate).
 
     On success the key's id is put in ``scope["state"]["clinml_key_id"]`` (``request.state
     .clinml_key_id`` in Starlette) for the audit trail and the per-key limit.
@@ -808,9 +808,9 @@ async def refuse(
     key_id: str | None = None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Report the refusal (:mod:`serving.refusals`) and answer it; ``detail`` is clinml's
+    """Report the refusal (:mod:`clinml.serving.refusals`) and answer it; ``detail`` is clinml's
     own text, never anything the caller sent."""
-    from serving import refusals
+    from clinml.serving import refusals
 
     refusals.record(scope.get("path", ""), status, key_id, detail)
     if scope["type"] == "websocket":

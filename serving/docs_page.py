@@ -19,7 +19,7 @@ and ``Referrer-Policy: no-referrer``. Asset URLs carry a fingerprint of their co
 
 Nothing on these paths reads a request body: one that declares a body (``Content-Length``
 above 0, or any ``Transfer-Encoding``) is answered 413 from its headers alone, and reported
-to :mod:`serving.refusals` like every other refusal. Install it outermost, outside
+to :mod:`clinml.serving.refusals` like every other refusal. Install it outermost, outside
 ``AuthMiddleware``, since the page and its assets carry no data and need no key::
 
     ClinicalService.add_asgi_middleware(DocsPage)
@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from clinml.errors import ClinmlError
-from serving.auth import NO_BODY, ASGIApp, Receive, Scope, Send, has_body, refuse, send_json
+from clinml.serving.auth import NO_BODY, ASGIApp, Receive, Scope, Send, has_body, refuse, send_json
 
 PAGE_PATHS = frozenset({"/", "/docs"})
 ASSET_PREFIX = "/docs/assets/"
@@ -124,8 +124,8 @@ def swagger_ui_dist() -> Path:
         if not (folder / name).is_file():
             raise DocsPageError(
                 f"the API docs page cannot find {name} in {folder}: this BentoML release "
-                "keeps its Swagger UI files elsewhere; point serving.docs_page.swagger_ui_dist "
-                "at them"
+                "keeps its Swagger UI files elsewhere; point "
+                "clinml.serving.docs_page.swagger_ui_dist at them"
             )
     return folder
 

@@ -4,7 +4,7 @@
 compiles its fast path on the chosen device (CUDA when available, otherwise the CPU, said
 in the log), follows the registry's ``champion`` alias when asked, and scores records.
 
-The API service (:mod:`serving.service`) reaches it in one of two ways, chosen by
+The API service (:mod:`clinml.serving.service`) reaches it in one of two ways, chosen by
 ``CLINML_EXECUTION``:
 
 ``inline``  the API worker creates a ModelExecutor in its own process and calls it
@@ -14,7 +14,7 @@ The API service (:mod:`serving.service`) reaches it in one of two ways, chosen b
             over a Unix socket. ``predict`` then batches adaptively across concurrent
             requests (``CLINML_BATCHING``, ``CLINML_MAX_BATCH_SIZE``,
             ``CLINML_MAX_BATCH_LATENCY_MS``). With ``CLINML_EXECUTOR_URL`` the executor
-            runs on its own (``bentoml serve serving.executor:ModelExecutor``, e.g. on a
+            runs on its own (``bentoml serve clinml.serving.executor:ModelExecutor``, e.g. on a
             GPU node) and the API calls it over HTTP; its endpoints have no
             authentication, so only the API may reach them (docs/deployment.md).
 
@@ -36,9 +36,9 @@ import bentoml
 from pydantic import ValidationError
 
 from clinml.errors import ClinmlError, SettingsError
+from clinml.serving.runtime import ServedModel, load_from_bento, starting_holder
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec, load_spec
-from serving.runtime import ServedModel, load_from_bento, starting_holder
 
 log = logging.getLogger("bentoml.clinml")
 
@@ -134,7 +134,7 @@ class ModelExecutor:
             # Small per-request work: one thread is as fast and does not fight the API
             # workers for the cores (measured in tests/model/test_fastpath.py).
             torch.set_num_threads(1)
-        from training.tracking import Tracker
+        from clinml.training.tracking import Tracker
 
         # The bento's model, checked against the hashes recorded at registration (and
         # those against the registry's when it answers). A refused model leaves the
@@ -225,8 +225,8 @@ class ModelExecutor:
         return {"previous_version": old, "version": new.version, "error": None}
 
     def _load_champion(self) -> ServedModel:
-        from serving.runtime import load_from_registry
-        from training.tracking import Tracker
+        from clinml.serving.runtime import load_from_registry
+        from clinml.training.tracking import Tracker
 
         return load_from_registry(SPEC, Tracker.from_settings(SETTINGS), device=SETTINGS.device)
 

@@ -751,7 +751,7 @@ def _compile_classifier(model: Any, device: str) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
-    from training.mlp import TorchMLPClassifier
+    from clinml.training.mlp import TorchMLPClassifier
 
     if isinstance(model, CalibratedClassifierCV):
         return _CalibratedSVM(model, device)
@@ -958,7 +958,7 @@ def compile_model(pipeline: Any, device: str = "auto") -> CompiledModel:
     import torch
     from sklearn.pipeline import Pipeline
 
-    from training.candidates import PriorCorrected
+    from clinml.training.candidates import PriorCorrected
 
     if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 2:
         raise UnsupportedModel(

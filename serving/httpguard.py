@@ -24,7 +24,7 @@ docs/benchmarks.md, "Attacks without a key"), and a handshake to ``/ws/<text>`` 
   log sees its path. clinml serves no WebSocket.
 
 Refusals are counted and logged without anything the caller sent
-(:mod:`serving.refusals`). :func:`install` makes uvicorn use the class; it must run in
+(:mod:`clinml.serving.refusals`). :func:`install` makes uvicorn use the class; it must run in
 the worker process before the server starts (the service module calls it at import).
 The same limits belong at the ingress too (docs/deployment.md).
 """
@@ -36,7 +36,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serving import refusals
+from clinml.serving import refusals
 
 _REASONS = {
     400: b"Bad Request",

@@ -27,7 +27,7 @@ import psutil
 from clinml.errors import ClinmlError
 from clinml.settings import Settings
 
-SERVICE_IMPORT = "serving.service:ClinicalService"
+SERVICE_IMPORT = "clinml.serving.service:ClinicalService"
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class ServiceProcess:
         target: str = SERVICE_IMPORT,
     ):
         """``target``: the BentoML service to serve; by default the API, which starts
-        the model-execution service it needs (``serving.executor:ModelExecutor`` serves
+        the model-execution service it needs (``clinml.serving.executor:ModelExecutor`` serves
         that one on its own)."""
         self.settings, self.usecase, self.port, self.host = settings, usecase, port, host
         self.target = target

@@ -16,7 +16,7 @@ p95 a hundredfold).
 
 BentoML has the same idea (``traffic.max_concurrency``), but answers in its own error
 shape and counts nothing; this one answers like every other clinml error, with
-``Retry-After``, and reports each refusal (:mod:`serving.refusals`).
+``Retry-After``, and reports each refusal (:mod:`clinml.serving.refusals`).
 
     app = ShedMiddleware(app, max_in_flight=128, max_per_key=32)
 """
@@ -27,7 +27,7 @@ from collections.abc import Container
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.auth import OpenPaths, key_id_of, refuse
+from clinml.serving.auth import OpenPaths, key_id_of, refuse
 
 
 class ShedMiddleware:
@@ -41,7 +41,7 @@ class ShedMiddleware:
             counters are exact).
         max_per_key: requests one API key may have in flight; 0 for no per-key limit.
             Requests without a key id (authentication off) share one budget, the whole.
-        open_paths: paths never counted or shed (default: ``serving.auth``'s open paths).
+        open_paths: paths never counted or shed (default: ``clinml.serving.auth``'s open paths).
     """
 
     def __init__(

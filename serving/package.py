@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinml.spec import UseCaseSpec
-from training.tracking import CHAMPION, Tracker
+from clinml.training.tracking import CHAMPION, Tracker
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def import_champion(spec: UseCaseSpec, tracker: Tracker) -> PackagedModel:
     the model file, the card's JSON and HTML, the serving metadata, the spec's serving
     contract), so the bento serves, describes and checks the model without the registry.
     The card goes into the stored model as the registry holds it; nothing here is
-    trusted until ``serving.runtime.load_from_bento`` has checked it against those
+    trusted until ``clinml.serving.runtime.load_from_bento`` has checked it against those
     hashes, and them against the registry's when it answers.
     """
     import shutil
@@ -42,8 +42,8 @@ def import_champion(spec: UseCaseSpec, tracker: Tracker) -> PackagedModel:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from serving.runtime import CARD_SUBDIR, registry_metadata
-    from training.train import CARD_ARTIFACT
+    from clinml.serving.runtime import CARD_SUBDIR, registry_metadata
+    from clinml.training.train import CARD_ARTIFACT
 
     tracker.activate()  # bentoml.mlflow resolves models:/ URIs through MLflow's global URI
     version = tracker.version_by_alias(spec.name, CHAMPION)

@@ -25,7 +25,7 @@ class RedactValidationErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from pydantic import ValidationError
 
-        from serving.schemas import error_location
+        from clinml.serving.schemas import error_location
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, ValidationError):

@@ -1,8 +1,8 @@
 """The model a service is serving, how it is loaded, and how it is swapped without downtime.
 
 A :class:`ServedModel` is one registered model version ready to predict: the fitted
-pipeline (loaded through :mod:`training.model_io`, so the manifest's SHA-256 and the type
-allow-list are checked), its compiled fast path (:mod:`serving.fastpath`; the pipeline is
+pipeline (loaded through :mod:`clinml.training.model_io`, so the manifest's SHA-256 and the type
+allow-list are checked), its compiled fast path (:mod:`clinml.serving.fastpath`; the pipeline is
 the fallback for a model the compiler does not know), and what ``GET /model`` reports.
 
 It comes from one of two places:
@@ -12,7 +12,7 @@ It comes from one of two places:
 - the MLflow registry (``load_from_registry``): used to follow the ``champion`` alias.
 
 Either way :func:`build` checks every artifact the service trusts against the SHA-256
-recorded at registration (``training.model_io.INTEGRITY_TAGS``): the model file, the
+recorded at registration (``clinml.training.model_io.INTEGRITY_TAGS``): the model file, the
 model card's JSON and HTML, the serving metadata (threshold, candidate, features...) and
 the serving contract of the spec the service runs with. A mismatch refuses the version
 (``ModelLoadError`` naming the artifact and where, never a value). Hashing happens at
@@ -45,13 +45,13 @@ import numpy as np
 import pandas as pd
 
 from clinml.errors import ClinmlError
-from training import model_io
-from training.card import CARD_HTML, CARD_JSON
-from training.tracking import redacted
+from clinml.training import model_io
+from clinml.training.card import CARD_HTML, CARD_JSON
+from clinml.training.tracking import redacted
 
 if TYPE_CHECKING:
     from clinml.spec import UseCaseSpec
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
 log = logging.getLogger("bentoml.clinml")
 
@@ -143,7 +143,7 @@ class ServedModel:
 
 
 def _compile(pipeline: Any, device: str) -> Any:
-    from serving.fastpath import UnsupportedModel, compile_model
+    from clinml.serving.fastpath import UnsupportedModel, compile_model
 
     try:
         compiled = compile_model(pipeline, device=device)
@@ -423,7 +423,7 @@ def load_from_registry(
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from training.train import CARD_ARTIFACT
+    from clinml.training.train import CARD_ARTIFACT
 
     # `models:/` URIs resolve through MLflow's global registry URI: point it at ours (a
     # serving process has not done so otherwise).

@@ -1,7 +1,7 @@
 """The clinml prediction service (BentoML 1.4).
 
 Run it with ``clinml serve USECASE`` (which sets ``BENTOML_HOME`` and ``CLINML_USECASE``)
-or ``bentoml serve serving.service:ClinicalService``. The use case comes from
+or ``bentoml serve clinml.serving.service:ClinicalService``. The use case comes from
 ``CLINML_USECASE``; its spec generates the request schemas, and the model is the
 ``champion`` imported into the BentoML store by ``clinml package`` (or ``clinml build``).
 
@@ -21,11 +21,11 @@ others are FastAPI routes. docs/benchmarks.md has the measurements behind that s
 ``POST /admin/reload``     switch to the registry's current champion without downtime
 ``/livez`` ``/readyz`` ``/metrics`` come from BentoML; ``/readyz`` asks ``__is_ready__``.
 
-Every call needs an API key with the endpoint's role (``serving.auth``); every answer
+Every call needs an API key with the endpoint's role (``clinml.serving.auth``); every answer
 carries a request id, and every request is written to the hash-chained request audit
 trail. Predictions go to the PHI-free prediction log that ``clinml monitor`` reads.
 
-The model itself runs in :class:`serving.executor.ModelExecutor`: in this process
+The model itself runs in :class:`clinml.serving.executor.ModelExecutor`: in this process
 (``CLINML_EXECUTION=inline``, the default) or as a separate GPU-capable service with
 adaptive batching that this one calls through ``bentoml.depends``
 (``CLINML_EXECUTION=split``). docs/serving.md has the measurement behind the default.
@@ -55,11 +55,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
-from serving import httpguard, redaction, refusals, schemas, timeouts
-from serving.auth import LiveKeyStore, open_paths, send_json
-from serving.coalesce import Coalescer
-from serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
-from serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
+from clinml.serving import httpguard, redaction, refusals, schemas, timeouts
+from clinml.serving.auth import LiveKeyStore, open_paths, send_json
+from clinml.serving.coalesce import Coalescer
+from clinml.serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
+from clinml.serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
@@ -75,7 +75,7 @@ timeouts.install()
 httpguard.install(SETTINGS.max_header_bytes, SETTINGS.max_headers, SETTINGS.header_timeout_s)
 
 # The request schemas are generated from the spec, so they must exist when the routes are
-# defined. Reading settings and the spec (in serving.executor) touches no state.
+# defined. Reading settings and the spec (in clinml.serving.executor) touches no state.
 SCHEMAS = schemas.build(SPEC, SETTINGS.max_records_per_request, SETTINGS.max_explain_records)
 PredictRequest = SCHEMAS.predict_request
 PredictDicts = SCHEMAS.predict_dicts  # PredictRequest, validated into dicts
@@ -372,7 +372,7 @@ class ClinicalService:
 
     def __init__(self) -> None:
         from clinml.audit import Checkpoints
-        from serving.requestlog import PredictionLog, RequestAudit
+        from clinml.serving.requestlog import PredictionLog, RequestAudit
 
         redaction.install(SCHEMAS.names)
         self.settings = SETTINGS
@@ -425,7 +425,7 @@ class ClinicalService:
         self.predictions.close()
 
     def audit_refusals(self, endpoint: str, status: int, key_id: str | None, count: int) -> None:
-        """One audit record for ``count`` refusals of one kind (serving.refusals)."""
+        """One audit record for ``count`` refusals of one kind (clinml.serving.refusals)."""
         self.audit.submit(
             {
                 "request_id": uuid.uuid4().hex,
@@ -512,8 +512,8 @@ class ClinicalService:
         """The online store's reader (direct SQLite, or Feast's Redis), opened on first use."""
         with self._store_lock:
             if self._reader is None:
-                from features.online_feast import online_reader
-                from features.store import open_store
+                from clinml.features.online_feast import online_reader
+                from clinml.features.store import open_store
 
                 paths = SETTINGS.paths.usecase(SPEC.name)
                 store = open_store(SPEC, paths, SETTINGS.feast_environment)
@@ -797,7 +797,7 @@ async def predict_patient(service: ClinicalService, call: _Call, body: bytes) ->
     each patient (ids are pseudonymised first). Nothing is ever imputed: a missing or
     stale feature answers 422 naming the patient's position and the feature, and patients
     the store does not know at all answer 404 naming their positions."""
-    from features.store import online_lookup
+    from clinml.features.store import online_lookup
 
     request = PatientRequest.model_validate_json(body)
     ids = service.pseudonymiser.many(request.patient_ids)  # type: ignore[attr-defined]
@@ -1107,9 +1107,9 @@ def _install_middleware() -> LiveKeyStore | None:
     arrival time (408). Every refusal is reported to serving.refusals.
 
     Returns the API keys (None with auth off), which follow changes to the keys file."""
-    from serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
-    from serving.docs_page import DocsPage
-    from serving.overload import ShedMiddleware
+    from clinml.serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
+    from clinml.serving.docs_page import DocsPage
+    from clinml.serving.overload import ShedMiddleware
 
     # clinml's own API docs page and its local Swagger UI files, never BentoML's page
     # (which loads a third-party script); open, and answered without reading a body.

@@ -41,7 +41,7 @@ needed. A fit whose maximum-likelihood estimate does not exist (all rows one cla
 a note saying why, never a huge meaningless number.
 
 Plots (:func:`plot_smoothed_calibration`, :func:`plot_decision_curve`) are drawn on matplotlib's
-Agg canvas, as in :func:`training.metrics.plot_curves`.
+Agg canvas, as in :func:`clinml.training.metrics.plot_curves`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from scipy import special, stats
 
-from training.metrics import _check_inputs, _unit_codes
+from clinml.training.metrics import _check_inputs, _unit_codes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

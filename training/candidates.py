@@ -38,7 +38,7 @@ from sklearn.svm import SVC
 
 from clinml.errors import SpecError
 from clinml.spec import UseCaseSpec
-from training.mlp import TorchMLPClassifier, patient_holdout
+from clinml.training.mlp import TorchMLPClassifier, patient_holdout
 
 # A kernel SVM's cost grows with the square of the rows: above this many training rows
 # the RBF kernel is approximated (Nystroem features + a linear SVM). Override per spec

@@ -6,7 +6,7 @@ CIs, the confusion matrix at the operating threshold, calibration as TRIPOD+AI a
 it (intercept, slope and observed/expected ratio with intervals, a smoothed calibration
 curve, the binned table), the decision curve around the operating threshold, and the
 subgroup table for the spec's sensitive attributes (and their pairwise intersections).
-The arithmetic lives in :mod:`training.metrics` and :mod:`training.calibration`.
+The arithmetic lives in :mod:`clinml.training.metrics` and :mod:`clinml.training.calibration`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from clinml.spec import UseCaseSpec
-from training import metrics as m
+from clinml.training import metrics as m
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def choose_threshold(
 ) -> float:
     """The operating threshold by the spec's rule, from out-of-fold predictions.
 
-    The rule holds at a one-sided 95% bound (:func:`training.metrics.choose_threshold`);
+    The rule holds at a one-sided 95% bound (:func:`clinml.training.metrics.choose_threshold`);
     an alert budget also allows for the chance variation of one
     ``evaluation.budget_window_days`` period of new rows (``window``) and, with the rows'
     event ``times``, for the variation between such periods seen in the data (seasons).
@@ -141,7 +141,7 @@ def choose_threshold(
 
 def periods(times: np.ndarray, days: float) -> np.ndarray:
     """Each time's consecutive ``days``-long period, counted from the earliest."""
-    from training.assignment import utc_instants
+    from clinml.training.assignment import utc_instants
 
     instants = utc_instants(times)
     return ((instants - instants.min()) / np.timedelta64(1, "D") // days).astype(np.int64)
@@ -213,7 +213,7 @@ def evaluate(
         n_boot: bootstrap resamples (default: the spec's).
         subgroups: also fill the subgroup table.
     """
-    from training import calibration as c
+    from clinml.training import calibration as c
 
     y = np.asarray(y).astype(int)
     probability = np.asarray(probability, dtype=float)

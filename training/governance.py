@@ -6,7 +6,7 @@ fitted beside the challenger) on today's labelled data and gates the challenger 
 evidence, never on point estimates (docs/training.md, "Promotion gate"):
 
 - **Comparison rows.** Every version records what it was trained on
-  (:class:`~training.assignment.TrainingRecord`: its hash assignment of test patients
+  (:class:`~clinml.training.assignment.TrainingRecord`: its hash assignment of test patients
   and its training window). The two models are compared only on rows *neither* was
   trained on: both models' test patients and everything after the later training
   window. The gate says how many rows that is.
@@ -53,12 +53,12 @@ import pandas as pd
 from clinml.audit import AuditLog
 from clinml.errors import ClinmlError, NotReadyError
 from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
-from training import metrics as m
-from training.assignment import TAG as RECORD_TAG
-from training.assignment import TrainingRecord, utc_instant, utc_instants
-from training.evaluate import Evaluation, evaluate, rule_holds, rule_refuted
-from training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, Tracker
-from training.train import REFERENCE_RUN_TAG, REFERENCE_SHA_TAG, outcome
+from clinml.training import metrics as m
+from clinml.training.assignment import TAG as RECORD_TAG
+from clinml.training.assignment import TrainingRecord, utc_instant, utc_instants
+from clinml.training.evaluate import Evaluation, evaluate, rule_holds, rule_refuted
+from clinml.training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, Tracker
+from clinml.training.train import REFERENCE_RUN_TAG, REFERENCE_SHA_TAG, outcome
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -680,8 +680,8 @@ def _predict(
 
     from mlflow.artifacts import download_artifacts
 
-    from training import model_io
-    from training.pyfunc import ARTIFACT_KEY
+    from clinml.training import model_io
+    from clinml.training.pyfunc import ARTIFACT_KEY
 
     if not expected_sha256:
         raise model_io.ModelLoadError(
@@ -959,7 +959,7 @@ def download_card(tracker: Tracker, version: ModelVersion, destination: Path) ->
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from training.train import CARD_ARTIFACT
+    from clinml.training.train import CARD_ARTIFACT
 
     destination.mkdir(parents=True, exist_ok=True)
     try:

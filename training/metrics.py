@@ -2,7 +2,7 @@
 
 Every function takes ``y`` (1 for the positive class, 0 otherwise) and ``p`` (the predicted
 probability of the positive class); threshold metrics alert when ``p >= threshold``.
-:mod:`training.evaluate` calls these functions; so do the tests, which check them against
+:mod:`clinml.training.evaluate` calls these functions; so do the tests, which check them against
 scikit-learn.
 
 How the arithmetic is organised: every metric here is a function of non-negative per-row

@@ -3,6 +3,6 @@ and runs it at load time instead of unpickling an object."""
 
 from mlflow.models import set_model
 
-from training.pyfunc import ClinicalPyfunc
+from clinml.training.pyfunc import ClinicalPyfunc
 
 set_model(ClinicalPyfunc())

@@ -32,7 +32,11 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.skops"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "clinml-skops/1"
-TRUSTED_PREFIXES = ("sklearn.", "numpy.", "training.")
+TRUSTED_PREFIXES = ("sklearn.", "numpy.", "clinml.training.")
+# Models saved before the layers became one package (issue 21) name clinml's own classes
+# ``training.<module>.<Class>``; they load with those names pointed at ``clinml.training``
+# (:func:`_alias_legacy_modules`), so a registry's existing versions keep serving.
+LEGACY_PREFIX = "training."
 
 
 # Model-version tags holding the SHA-256 recorded at registration of each artifact the
@@ -186,8 +190,26 @@ def load(directory: Path, expected_sha256: str | None = None) -> ClinicalModel:
     if actual != manifest["sha256"]:
         raise ModelLoadError(f"{model_file}: SHA-256 differs from the manifest; refusing to load")
     found = skops.io.get_untrusted_types(file=model_file)
-    untrusted = [name for name in found if not name.startswith(TRUSTED_PREFIXES)]
+    untrusted = [name for name in found if not name.startswith((*TRUSTED_PREFIXES, LEGACY_PREFIX))]
     if untrusted:
         raise ModelLoadError(f"{model_file}: refusing to load untrusted types {untrusted}")
+    _alias_legacy_modules(found)
     pipeline = skops.io.load(model_file, trusted=found)
     return ClinicalModel(pipeline=pipeline, manifest=manifest)
+
+
+def _alias_legacy_modules(types: list[str]) -> None:
+    """Point each ``training.<module>`` a legacy model names at ``clinml.training.<module>``
+    (in ``sys.modules``, where skops' loader imports it from), so the class it finds is
+    the one clinml uses. Only modules of clinml's own training layer are aliased."""
+    import importlib
+    import sys
+
+    modules = {name.rsplit(".", 1)[0] for name in types if name.startswith(LEGACY_PREFIX)}
+    if not modules:
+        return
+    sys.modules.setdefault("training", importlib.import_module("clinml.training"))
+    for legacy in sorted(modules):
+        module = importlib.import_module(f"clinml.{legacy}")
+        if sys.modules.setdefault(legacy, module) is not module:
+            raise ModelLoadError(f"{legacy} is another module than clinml.{legacy}; refusing")

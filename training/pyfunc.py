@@ -3,7 +3,7 @@
 Every candidate is logged as this one pyfunc ("models from code", so MLflow pickles
 nothing): ``predict`` takes a DataFrame with the spec's feature columns and returns a
 DataFrame with one column, ``probability`` (of the positive class). The weights live in
-the ``model`` artifact directory, read by :mod:`training.model_io`.
+the ``model`` artifact directory, read by :mod:`clinml.training.model_io`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-from training import model_io
+from clinml.training import model_io
 
 ARTIFACT_KEY = "model"
 

@@ -40,8 +40,8 @@ import pandas as pd
 from clinml.cpus import limit_threads
 from clinml.errors import SpecError
 from clinml.spec import CandidateSpec, UseCaseSpec
-from training.candidates import SEARCH_SPACES, build_pipeline, fit
-from training.metrics import point_metrics
+from clinml.training.candidates import SEARCH_SPACES, build_pipeline, fit
+from clinml.training.metrics import point_metrics
 
 RANKING_METRICS = ("roc_auc", "average_precision")
 

@@ -14,7 +14,7 @@ OpenMP, BLAS, torch and joblib pools on one thread (docs/training.md, "CPU use")
 CIs, confusion, calibration, subgroups, plots, the model, a PHI-free drift reference),
 registers the candidate with the best cross-validated score as a new model version
 tagged with its provenance, points the ``challenger`` alias at it and logs its model
-card. Promotion to ``champion`` is a separate, gated step (``training.governance``).
+card. Promotion to ``champion`` is a separate, gated step (``clinml.training.governance``).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import pandas as pd
 from clinml.cpus import limit_threads, training_threads
 from clinml.errors import ClinmlError, SpecError
 from clinml.spec import REFERENCE_CANDIDATE, UseCaseSpec
-from training import model_io
-from training.assignment import TAG as RECORD_TAG
-from training.assignment import PatientAssignment, TrainingRecord, utc_instant, utc_instants
-from training.candidates import build_pipeline, fit, svm_variant
-from training.evaluate import (
+from clinml.training import model_io
+from clinml.training.assignment import TAG as RECORD_TAG
+from clinml.training.assignment import PatientAssignment, TrainingRecord, utc_instant, utc_instants
+from clinml.training.candidates import build_pipeline, fit, svm_variant
+from clinml.training.evaluate import (
     Evaluation,
     choose_threshold,
     evaluate,
@@ -51,9 +51,9 @@ from training.evaluate import (
     rule_holds,
     rule_metric,
 )
-from training.metrics import BudgetWindow
-from training.search import SearchResult, search
-from training.tracking import CHALLENGER, Tracker
+from clinml.training.metrics import BudgetWindow
+from clinml.training.search import SearchResult, search
+from clinml.training.tracking import CHALLENGER, Tracker
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -191,7 +191,7 @@ def select(spec: UseCaseSpec, candidates: list[FittedCandidate], n_boot: int) ->
     Every candidate's search scores the same out-of-fold rows (one patient sample, one
     set of folds), so the gain is a paired comparison on the same patients.
     """
-    from training.metrics import paired_bootstrap
+    from clinml.training.metrics import paired_bootstrap
 
     reference = next((c for c in candidates if c.name == REFERENCE_CANDIDATE), None)
     others = [c for c in candidates if c.name != REFERENCE_CANDIDATE]
@@ -260,7 +260,7 @@ def outcome(frame: pd.DataFrame, spec: UseCaseSpec) -> np.ndarray:
 
 def split_frame(frame: pd.DataFrame, spec: UseCaseSpec) -> Split:
     """Temporal holdout (if configured) after a gap of the label horizon, then test patients
-    by the hash assignment (:mod:`training.assignment`) among the earlier events."""
+    by the hash assignment (:mod:`clinml.training.assignment`) among the earlier events."""
     assignment = PatientAssignment.from_spec(spec)
     times = utc_instants(frame[spec.event_timestamp])
     pool = np.ones(len(frame), dtype=bool)
@@ -586,7 +586,7 @@ def _log_candidate(
 ) -> CandidateResult:
     import mlflow
 
-    from training.metrics import plot_curves
+    from clinml.training.metrics import plot_curves
 
     frame, split = fitted.frame, fitted.split
     result = candidate.search
@@ -862,7 +862,7 @@ def run(
     Returns:
         Every candidate's run and metrics, and the registered version.
     """
-    from features.store import training_frame
+    from clinml.features.store import training_frame
 
     frame = training_frame(store, spec, events)
     return register(spec, fit_candidates(spec, frame, report=report), tracker, report, tags)
@@ -880,8 +880,8 @@ def register(
     ``tags`` are added to the registered version's tags and to its run's."""
     import mlflow
 
-    from training.card import write_card
-    from training.metrics import plot_curves
+    from clinml.training.card import write_card
+    from clinml.training.metrics import plot_curves
 
     frame = fitted.frame
     fingerprint = data_fingerprint(frame, spec)
@@ -997,7 +997,7 @@ def _clinical_plots(
     spec: UseCaseSpec, fitted: Fitted, shown: list[FittedCandidate], out_dir: Path
 ) -> dict[str, Path]:
     """Smoothed calibration curves and decision curves of ``shown`` on the test rows."""
-    from training.calibration import plot_decision_curve, plot_smoothed_calibration
+    from clinml.training.calibration import plot_decision_curve, plot_smoothed_calibration
 
     out_dir.mkdir(parents=True, exist_ok=True)
     test = fitted.split.test
@@ -1017,8 +1017,9 @@ def _monitoring_keys(spec: UseCaseSpec, rows: pd.DataFrame) -> dict[str, np.ndar
     """What the monitor needs beside the features, and no more: which rows share a
     patient (an arbitrary integer, shuffled, not the pseudonymised id) for its
     patient-clustered tests, and each row's week of the year (no year, no day) for a
-    seasonal reference (monitoring.drift.choose_reference; the columns: training.reference)."""
-    from training.reference import CLUSTER_COLUMN, WEEK_COLUMN
+    seasonal reference (clinml.monitoring.drift.choose_reference; the columns:
+    clinml.training.reference)."""
+    from clinml.training.reference import CLUSTER_COLUMN, WEEK_COLUMN
 
     codes, uniques = pd.factorize(rows[spec.entity.key])
     shuffled = np.random.default_rng(spec.training.seed).permutation(len(uniques))

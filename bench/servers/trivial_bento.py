@@ -1,6 +1,6 @@
 """BentoML's own overhead: the Starlette echo app mounted on a BentoML service.
 
-Configured exactly as clinml's ``serving.service:ClinicalService`` (one CPU, a 30 s
+Configured exactly as clinml's ``clinml.serving.service:ClinicalService`` (one CPU, a 30 s
 traffic timeout with the same timeout middleware, the ASGI app mounted at ``/``), but the endpoint does no work: ``POST
 /predict`` reads the body and answers a constant. clinml's ``/predict`` throughput over
 this one's is the share of BentoML's ceiling that clinml keeps. ``/readyz`` is
@@ -16,7 +16,7 @@ import gc
 import bentoml
 
 from bench.servers.starlette_echo import app
-from serving import timeouts
+from clinml.serving import timeouts
 
 # clinml's service replaces BentoML's request timeout with one that does not leave a
 # timer per request behind (serving/timeouts.py), and freezes what start-up loaded out
@@ -29,7 +29,7 @@ gc.freeze()
     name="trivial",
     resources={"cpu": "1"},
     traffic={"timeout": 30},
-    # As clinml's service by default (serving.service._framework_config): no BentoML
+    # As clinml's service by default (clinml.serving.service._framework_config): no BentoML
     # access-log line, request metrics or OpenTelemetry span for the endpoint.
     logging={"access": {"enabled": False, "skip_paths": ["/predict"]}},
     tracing={"excluded_urls": ["/predict$"]},

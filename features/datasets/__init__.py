@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from features.datasets import pathology, readmission
+from clinml.features.datasets import pathology, readmission
 
 Loader = Callable[..., pd.DataFrame]  # (seed: int, now: datetime, **options)
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from clinml.monitoring.alerts import Alert, AlertSink
 from clinml.settings import Settings
-from monitoring.alerts import Alert, AlertSink
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 HANG = "hang"  # a scripted answer: read the request, never answer
@@ -121,7 +121,7 @@ def _sink(tmp_path: Path, **options: Any) -> AlertSink:
 
 
 def _module_log(caplog: pytest.LogCaptureFixture) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == "monitoring.alerts")
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "clinml.monitoring.alerts")
 
 
 # -- the alert and its payload -------------------------------------------------------
@@ -275,7 +275,7 @@ def test_webhook_retries_server_errors_and_429_then_succeeds(
 def test_webhook_gives_up_after_its_retries_without_raising_or_leaking_the_url(
     tmp_path: Path, webhook: Webhook, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="monitoring.alerts")
+    caplog.set_level(logging.INFO, logger="clinml.monitoring.alerts")
     webhook.answers = [500] * 10
 
     delivery = _sink(tmp_path, webhook_url=webhook.url, retries=2).deliver(
@@ -354,7 +354,7 @@ def test_unreachable_webhook_is_retried_and_reported(tmp_path: Path) -> None:
 def test_same_key_is_suppressed_within_the_cooldown_and_sent_again_after(
     tmp_path: Path, webhook: Webhook, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="monitoring.alerts")
+    caplog.set_level(logging.INFO, logger="clinml.monitoring.alerts")
     clock = Clock()
     sink = _sink(tmp_path, webhook_url=webhook.url, cooldown_h=24, clock=clock)
     assert sink.deliver([_alert()], run_id="run1").sent == [_alert()]
@@ -458,7 +458,7 @@ def test_a_corrupt_state_file_is_tolerated(
     sink.state_dir.mkdir(parents=True)
     sink.state_file.write_bytes(content)
 
-    with caplog.at_level(logging.WARNING, logger="monitoring.alerts"):
+    with caplog.at_level(logging.WARNING, logger="clinml.monitoring.alerts"):
         delivery = sink.deliver([_alert()], run_id="run1")
 
     assert delivery.sent == [_alert()]
@@ -542,8 +542,8 @@ def test_the_delivery_line_says_where_alerts_went_not_just_sent(
 def test_a_subgroup_drift_alert_key_names_the_features_that_drifted() -> None:
     """A later shift in other features of the same groups must not be muted by the
     cooldown of the first one (the key used to name the groups only)."""
-    from monitoring import drift
-    from monitoring.job import _drift_alerts
+    from clinml.monitoring import drift
+    from clinml.monitoring.job import _drift_alerts
 
     def verdict(features: list[str]) -> drift.DriftVerdict:
         drifted = [

@@ -27,8 +27,8 @@ from clinml.audit import (
     record_hash,
 )
 from clinml.errors import ClinmlError
+from clinml.pipelines import cli
 from clinml.settings import Settings
-from pipelines import cli
 
 KEY = "a3f1" * 16  # 64 hex characters, as `openssl rand -hex 32` gives
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

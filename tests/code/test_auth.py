@@ -20,8 +20,8 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from clinml.errors import ClinmlError
-from serving import refusals
-from serving.auth import (
+from clinml.serving import refusals
+from clinml.serving.auth import (
     DEFAULT_RULES,
     ROLES,
     ApiKey,
@@ -546,8 +546,8 @@ def test_refusals_are_reported_without_caller_chosen_paths(monkeypatch) -> None:
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from serving import refusals
-    from serving.auth import AuthMiddleware, KeyStore, generate_key
+    from clinml.serving import refusals
+    from clinml.serving.auth import AuthMiddleware, KeyStore, generate_key
 
     recorder = refusals.Recorder(known_paths={"/predict"})
     monkeypatch.setattr(refusals, "RECORDER", recorder)

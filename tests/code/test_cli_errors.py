@@ -3,7 +3,7 @@
 An error a user can act on (a store that does not answer, a bad setting, a bad argument,
 a file that is not CSV) is exactly one line on stderr and exit status 2; a refusal is exit
 status 1 from every command that can refuse; arguments are checked before any work. The
-commands run through ``pipelines.cli.main`` (what the ``clinml`` script calls), or as the
+commands run through ``clinml.pipelines.cli.main`` (what the ``clinml`` script calls), or as the
 script itself where the real store must fail underneath them.
 """
 
@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines import cli, stages
+from clinml.pipelines import cli, stages
+from clinml.training.governance import Check, Decision, PromotionRefused
 from tests.conftest import FIXTURES, PROJECT_ROOT, make_tiny_frame
-from training.governance import Check, Decision, PromotionRefused
 
 TINY = str(FIXTURES / "tiny.yaml")
 CLINML = Path(sys.executable).parent / "clinml"
@@ -109,10 +109,10 @@ def test_promote_force_without_a_reason_is_refused_before_the_gate_runs(
 
 def _train_without_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real ``stages.train`` with its collaborators replaced by plain functions."""
-    import features.ingest
-    import features.store
-    import training.tracking
-    import training.train
+    import clinml.features.ingest
+    import clinml.features.store
+    import clinml.training.tracking
+    import clinml.training.train
 
     metrics = {"roc_auc": 0.9, "roc_auc_ci_low": 0.8, "roc_auc_ci_high": 0.95}
     result = SimpleNamespace(
@@ -122,10 +122,10 @@ def _train_without_training(monkeypatch: pytest.MonkeyPatch) -> None:
         test_rows=90,
         test_patients=90,
     )
-    monkeypatch.setattr(features.store, "open_store", lambda *a, **k: None)
-    monkeypatch.setattr(features.ingest, "read_labels", lambda *a, **k: None)
-    monkeypatch.setattr(training.tracking.Tracker, "from_settings", lambda *a, **k: None)
-    monkeypatch.setattr(training.train, "run", lambda *a, **k: result)
+    monkeypatch.setattr(clinml.features.store, "open_store", lambda *a, **k: None)
+    monkeypatch.setattr(clinml.features.ingest, "read_labels", lambda *a, **k: None)
+    monkeypatch.setattr(clinml.training.tracking.Tracker, "from_settings", lambda *a, **k: None)
+    monkeypatch.setattr(clinml.training.train, "run", lambda *a, **k: result)
 
 
 def test_run_does_not_tell_the_user_to_promote_what_it_promotes(
@@ -167,9 +167,9 @@ def test_production_without_a_pseudonym_key_says_it_is_not_set(
     "command",
     [
         # The Dockerfile's CMD: `bentoml serve` imports the service, which reads the settings.
-        ["-m", "bentoml", "serve", "serving.service:ClinicalService", "--port", "0"],
+        ["-m", "bentoml", "serve", "clinml.serving.service:ClinicalService", "--port", "0"],
         # The module imported with no logging set up: the line is shown once, not twice.
-        ["-c", "import serving.service"],
+        ["-c", "import clinml.serving.service"],
     ],
     ids=["bentoml-serve", "import"],
 )

@@ -11,8 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipelines import cli, stages
-from training.governance import Check, Decision, PromotionRefused
+from clinml.pipelines import cli, stages
+from clinml.training.governance import Check, Decision, PromotionRefused
 
 
 def test_a_refused_promotion_ends_run_with_exit_1_and_nothing_packaged(
@@ -49,10 +49,10 @@ def test_a_refused_promotion_ends_run_with_exit_1_and_nothing_packaged(
 def test_monitor_hands_the_retrain_on_drift_down_from_the_pipelines(
     monkeypatch: pytest.MonkeyPatch, tmp_path, flag: bool
 ) -> None:
-    """monitoring.job never imports the wiring (tests/code/test_layering.py): with
+    """clinml.monitoring.job never imports the wiring (tests/code/test_layering.py): with
     ``--retrain-on-drift`` the command line passes it ``stages.retrain_on_drift``, bound
     to the command line's output; without it, nothing."""
-    from monitoring import job
+    from clinml.monitoring import job
 
     monkeypatch.setenv("CLINML_HOME", str(tmp_path))
     handed: dict[str, object] = {}

@@ -1,4 +1,4 @@
-"""serving.coalesce.Coalescer: concurrent requests share one model call, and each gets
+"""clinml.serving.coalesce.Coalescer: concurrent requests share one model call, and each gets
 back exactly its own results, in order; a failure stays with the request that caused it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serving.coalesce import Coalescer
+from clinml.serving.coalesce import Coalescer
 
 
 class Model:

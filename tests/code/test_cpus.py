@@ -94,7 +94,7 @@ def test_override_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     from pydantic import ValidationError
 
     from clinml.settings import Settings
-    from training.train import resolve_threads
+    from clinml.training.train import resolve_threads
 
     monkeypatch.setenv("CLINML_TRAIN_THREADS", "3")
     assert Settings().train_threads == 3
@@ -155,8 +155,8 @@ class Probe(ClassifierMixin, BaseEstimator):
 
 
 def _search_with_probe(spec, frame, tmp_path: Path, monkeypatch, threads: int) -> list[dict]:
-    import training.search as search_module
-    from training.train import outcome
+    import clinml.training.search as search_module
+    from clinml.training.train import outcome
 
     records = tmp_path / f"records-{threads}"
     records.mkdir()
@@ -201,8 +201,8 @@ def test_refit_in_the_training_process_runs_on_one_thread(
     tiny_spec, tiny_frame, monkeypatch
 ) -> None:
     """fit_candidate limits the refit (and evaluation) in this process to one thread."""
-    import training.candidates as candidates
-    import training.train as train_module
+    import clinml.training.candidates as candidates
+    import clinml.training.train as train_module
 
     seen: list[list[int]] = []
     real_fit = candidates.fit

@@ -22,8 +22,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.testclient import TestClient
 
-from serving import docs_page
-from serving.docs_page import CSP, DocsPage, DocsPageError, load_assets, swagger_ui_dist
+from clinml.serving import docs_page
+from clinml.serving.docs_page import CSP, DocsPage, DocsPageError, load_assets, swagger_ui_dist
 
 TRACKERS = ("googletagmanager", "google-analytics", "gtag(", "GTM-")
 
@@ -349,7 +349,7 @@ def test_websocket_and_lifespan_scopes_pass_to_the_app() -> None:
 def test_a_declared_body_is_refused_without_reading_it(
     middleware: DocsPage, path: str, header: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serving import refusals
+    from clinml.serving import refusals
 
     reported: list[tuple[str, int, str | None, str]] = []
     monkeypatch.setattr(refusals, "record", lambda *args: reported.append(args))

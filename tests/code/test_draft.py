@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from clinml.errors import ClinmlError
+from clinml.features.draft import DraftError, draft_from_file, draft_spec, write_draft
 from clinml.spec import UseCaseSpec, load_spec
-from features.draft import DraftError, draft_from_file, draft_spec, write_draft
 
 N = 120
 START = datetime(2025, 1, 1, tzinfo=UTC)
@@ -471,7 +471,7 @@ def test_existing_file_is_not_overwritten_without_force(tmp_path: Path) -> None:
 def test_an_invalid_draft_is_reported_with_its_field_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import features.draft as draft
+    import clinml.features.draft as draft
 
     original = draft.draft_spec
 

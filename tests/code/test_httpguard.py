@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 import uvicorn
 
-from serving import refusals
-from serving.httpguard import GuardedHttpToolsProtocol
+from clinml.serving import refusals
+from clinml.serving.httpguard import GuardedHttpToolsProtocol
 
 MAX_HEADER_BYTES = 4_096
 HEADER_TIMEOUT_S = 0.5

@@ -46,9 +46,9 @@ SECRET_VARIABLES = {
 }
 FEATURE_STORE_CONFIGMAP = "clinml-feature-store"
 FEATURE_STORE_FILE = "feature_store.yaml"
-# The GPU model service: `bentoml serve serving.executor:ModelExecutor` on its own.
+# The GPU model service: `bentoml serve clinml.serving.executor:ModelExecutor` on its own.
 MODEL_SERVICE = "clinml-model"
-EXECUTOR = "serving.executor:ModelExecutor"
+EXECUTOR = "clinml.serving.executor:ModelExecutor"
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -104,10 +104,11 @@ def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _runs_clinml(container: dict[str, Any]) -> bool:
-    """The image's CMD (the API), a ``clinml`` command, or ``bentoml serve serving.…``."""
+    """The image's CMD (the API), a ``clinml`` command, or ``bentoml serve
+    clinml.serving.…``."""
     argv = container.get("command", ["clinml"])
     return argv[0] == "clinml" or (
-        argv[:2] == ["bentoml", "serve"] and argv[2].startswith("serving.")
+        argv[:2] == ["bentoml", "serve"] and argv[2].startswith("clinml.serving.")
     )
 
 
@@ -487,7 +488,7 @@ def test_the_model_service_serves_the_executor_alone_with_probes() -> None:
     argv = container["command"] + container.get("args", [])
     assert argv[:3] == ["bentoml", "serve", EXECUTOR], argv
     module, _, name = EXECUTOR.partition(":")
-    source = PROJECT_ROOT / (module.replace(".", "/") + ".py")
+    source = PROJECT_ROOT / (module.removeprefix("clinml.").replace(".", "/") + ".py")
     assert _is_bentoml_service_class(source, name), f"{EXECUTOR} is not a BentoML service"
     options = _bentoml_serve_options()
     for word in argv[3:]:
@@ -638,7 +639,7 @@ def test_the_model_service_asks_for_a_gpu_on_a_gpu_node_and_executes_there() -> 
 def _clinml_command_line() -> Any:
     import typer
 
-    from pipelines.cli import app
+    from clinml.pipelines.cli import app
 
     return typer.main.get_command(app)
 

@@ -20,8 +20,8 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from clinml.errors import ClinmlError
-from pipelines.keys_cli import keys_app
-from serving.auth import (
+from clinml.pipelines.keys_cli import keys_app
+from clinml.serving.auth import (
     KEYS_RECHECK_S,
     AuthConfigError,
     AuthMiddleware,

@@ -12,9 +12,13 @@ each import wherever it is: at module level, inside a function, and under ``if
 TYPE_CHECKING:`` (a type-only import still couples the layers: the annotation names the
 layer above, and the next change turns it into a runtime import). Relative imports are
 resolved against the file's package; ``importlib.import_module("...")`` and
-``__import__("...")`` with a literal name count too. ``clinml.<layer>`` (the spelling the
-design plans for an installed clinml) counts as that layer. No dependency: import-linter
-is not installed, and this is all the contracts need.
+``__import__("...")`` with a literal name count too. ``clinml.<layer>`` counts as that
+layer. No dependency: import-linter is not installed, and this is all the contracts need.
+
+The layers are one package (issue 21): every import spells them ``clinml.<layer>``. A bare
+``features`` or ``serving`` is not installed (the wheel's only top-level package is
+``clinml``) and, where it resolves (a source checkout), loads a second copy of the module
+beside ``clinml.<layer>``'s; :func:`bare_imports` finds them in the layers, tests and bench.
 """
 
 from __future__ import annotations
@@ -152,19 +156,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import training.train
+import clinml.training.train
 from clinml.spec import UseCaseSpec
-from features import store
+from clinml.features import store
 
 if TYPE_CHECKING:
-    from pipelines.progress import Progress
+    from clinml.pipelines.progress import Progress
 
 
 def read() -> None:
     import importlib
 
-    from serving.requestlog import PredictionLog
-    importlib.import_module("monitoring.job")
+    from clinml.serving.requestlog import PredictionLog
+    importlib.import_module("clinml.monitoring.job")
     from clinml.pipelines import cli
 """
 
@@ -175,11 +179,11 @@ def test_the_check_finds_upward_imports_wherever_they_are() -> None:
         (11, "pipelines"),  # under TYPE_CHECKING
         (17, "serving"),  # inside a function
         (18, "monitoring"),  # a literal import_module
-        (19, "pipelines"),  # the installed spelling, clinml.<layer>
+        (19, "pipelines"),  # from clinml import <layer>
     ]
     message = violations[0].message()
     assert message.startswith(
-        "training/synthetic.py:11: `from pipelines.progress import Progress` imports "
+        "training/synthetic.py:11: `from clinml.pipelines.progress import Progress` imports "
         "pipelines, but training may import only clinml, features;"
     )
     assert "the layers import downwards only" in message
@@ -193,7 +197,7 @@ def test_the_check_finds_upward_imports_wherever_they_are() -> None:
         ("features/x.py", "from clinml import Settings, monitoring\n", ["monitoring"]),
         ("monitoring/x.py", "from serving import requestlog\n", ["serving"]),
         ("serving/x.py", "import monitoring.drift\n", ["monitoring"]),
-        ("serving/x.py", "from training.tracking import Tracker\n", []),
+        ("serving/x.py", "from clinml.training.tracking import Tracker\n", []),
         ("pipelines/x.py", "from monitoring import job\nimport serving.service\n", []),
         ("pipelines/x.py", "from bench import monitor_evaluation\n", ["bench"]),
         ("monitoring/x.py", "from tests.conftest import PROJECT_ROOT\n", ["tests"]),
@@ -203,3 +207,44 @@ def test_the_check_finds_upward_imports_wherever_they_are() -> None:
 )
 def test_the_rules_of_each_layer(path: str, source: str, expected: list[str]) -> None:
     assert [v.imported for v in check_source(path, source)] == expected
+
+
+def bare_imports(path: str, source: str) -> list[str]:
+    """Each absolute import in ``source`` that names a layer without ``clinml.``."""
+    return [
+        f"{path}:{line}: `{statement}`: spell it clinml.{module}"
+        for line, statement, module in _targets(path, ast.parse(source, filename=path))
+        if module.split(".")[0] in LAYERS[1:] and not statement.startswith("from .")
+    ]
+
+
+def test_every_import_spells_the_layers_as_one_package() -> None:
+    files = sorted(
+        p
+        for top in (*LAYERS, *OUTSIDE)
+        for p in (PROJECT_ROOT / top).rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
+    assert len(files) > 100  # the walk sees the tree (it cannot pass by finding nothing)
+    found = [
+        line
+        for p in files
+        for line in bare_imports(p.relative_to(PROJECT_ROOT).as_posix(), p.read_text())
+        if p.name != "test_layering.py"  # its examples spell both on purpose
+    ]
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from features import store\n", 1),
+        ("import serving.service\n", 1),
+        ("def f():\n    import importlib\n    importlib.import_module('monitoring.job')\n", 1),
+        ("from clinml.features import store\nimport clinml.serving.service\n", 0),
+        ("from clinml import training\nfrom . import x\n", 0),
+        ("import featuretools\nfrom pipelinesx import y\n", 0),
+    ],
+)
+def test_bare_imports_are_found(source: str, expected: int) -> None:
+    assert len(bare_imports("tests/x.py", source)) == expected

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from serving import refusals
-from serving.overload import ShedMiddleware
+from clinml.serving import refusals
+from clinml.serving.overload import ShedMiddleware
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from clinml.errors import ClinmlError, NotReadyError
+from clinml.features import ingest
+from clinml.features import store as feature_store
+from clinml.pipelines.patients_cli import patients_app
 from clinml.settings import Settings
-from features import ingest
-from features import store as feature_store
-from pipelines.patients_cli import patients_app
 from tests.conftest import FIXTURES, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Feast

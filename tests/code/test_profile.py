@@ -80,7 +80,7 @@ def test_the_embedded_profile_keeps_its_development_defaults(tmp_path: Path) -> 
 
 def test_the_cli_reports_the_refusal_in_one_line(monkeypatch, tmp_path: Path) -> None:
     from clinml.errors import ClinmlError
-    from pipelines.runtime import load_settings
+    from clinml.pipelines.runtime import load_settings
 
     monkeypatch.setenv("CLINML_PROFILE", "production")
     monkeypatch.setenv("CLINML_HOME", str(tmp_path))
@@ -160,7 +160,7 @@ def test_an_invalid_feast_setting_is_named_without_its_value(
     tmp_path: Path, monkeypatch, pathology_spec
 ) -> None:
     """Feast's own error would print the expanded value, which may be a secret."""
-    from features.store import open_store
+    from clinml.features.store import open_store
 
     monkeypatch.setenv("FEAST_PW", "s3cr3t-value")
     monkeypatch.setenv("REDIS_PW", "r3dis-value")
@@ -176,7 +176,7 @@ def test_an_invalid_feast_setting_is_named_without_its_value(
 
 
 def test_artifact_locations_accept_a_directory_or_a_uri(tmp_path: Path) -> None:
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
     local = Tracker("sqlite:///x.db", tmp_path / "artifacts")
     assert local.artifact_location("pathology") == (tmp_path / "artifacts/pathology").as_uri()

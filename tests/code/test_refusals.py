@@ -9,8 +9,8 @@ import logging
 import pytest
 from starlette.testclient import TestClient
 
-from serving import refusals
-from serving.auth import AuthMiddleware, BodyLimitMiddleware, KeyStore, generate_key
+from clinml.serving import refusals
+from clinml.serving.auth import AuthMiddleware, BodyLimitMiddleware, KeyStore, generate_key
 
 
 @pytest.fixture

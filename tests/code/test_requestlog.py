@@ -17,7 +17,7 @@ import pytest
 
 from clinml.audit import AuditError, AuditLog, Checkpoints, canonical_json, record_hash
 from clinml.predictionlog import read_predictions
-from serving.requestlog import AUDIT_FIELDS, PredictionLog, RequestAudit
+from clinml.serving.requestlog import AUDIT_FIELDS, PredictionLog, RequestAudit
 
 T0 = datetime(2026, 6, 1, 23, 59, 58, tzinfo=UTC)  # two seconds before midnight
 FEATURE_VALUE = 987.654321  # a distinctive feature value that must never reach a log
@@ -141,7 +141,7 @@ def test_the_audit_trail_fails_closed_on_a_failed_write_then_recovers(
     def disk_full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with caplog.at_level(logging.INFO, logger="serving.requestlog"):
+    with caplog.at_level(logging.INFO, logger="clinml.serving.requestlog"):
         monkeypatch.setattr(os, "write", disk_full)
         assert audit.submit(_request(1))  # accepted: it is kept until it can be written
         assert _eventually(lambda: not audit.healthy)
@@ -503,7 +503,7 @@ def test_a_failed_write_counts_the_rows_as_dropped_and_never_reaches_the_caller(
     def read_only(day, frame):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(predictions.directory))
 
-    with caplog.at_level(logging.INFO, logger="serving.requestlog"):
+    with caplog.at_level(logging.INFO, logger="clinml.serving.requestlog"):
         monkeypatch.setattr(predictions, "_write_partition", read_only)
         predictions.record([_row(i, T0) for i in range(3)])  # does not raise
         assert predictions.flush(10)

@@ -17,12 +17,12 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from clinml.serving import runtime
 from clinml.spec import CandidateSpec, UseCaseSpec
-from serving import runtime
+from clinml.training import model_io
+from clinml.training.card import CARD_HTML, CARD_JSON
+from clinml.training.tracking import CHAMPION, Tracker
 from tests.conftest import make_tiny_frame
-from training import model_io
-from training.card import CARD_HTML, CARD_JSON
-from training.tracking import CHAMPION, Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def spec(tiny_spec: UseCaseSpec) -> UseCaseSpec:
 @pytest.fixture(scope="module")
 def tracker(spec: UseCaseSpec, tmp_path_factory: pytest.TempPathFactory) -> Tracker:
     """A registry holding one trained version of ``spec``, as its champion."""
-    from training.train import fit_candidates, register
+    from clinml.training.train import fit_candidates, register
 
     root = tmp_path_factory.mktemp("integrity")
     tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", create=True)
@@ -54,7 +54,7 @@ def bento(spec: UseCaseSpec, tracker: Tracker) -> tuple[str, Path]:
     """A fresh import of the champion into the BentoML store: (tag, stored directory)."""
     import bentoml
 
-    from serving.package import import_champion
+    from clinml.serving.package import import_champion
 
     tag = import_champion(spec, tracker).tag
     return tag, Path(bentoml.models.get(tag).path)

@@ -7,8 +7,8 @@ import math
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from clinml.serving.schemas import build
 from clinml.spec import UseCaseSpec
-from serving.schemas import build
 
 GOOD = {"heart_rate": 88.0, "creatinine": 1.1, "ward": "icu"}
 
@@ -77,7 +77,7 @@ def test_logged_validation_errors_are_redacted(caplog: pytest.LogCaptureFixture)
     """BentoML logs rejected requests with their traceback; the filter strips the input."""
     import logging
 
-    from serving import redaction
+    from clinml.serving import redaction
 
     redaction.install()
     redaction.install()  # idempotent
@@ -97,8 +97,8 @@ def test_an_unexpected_field_name_never_comes_back(tiny_spec: UseCaseSpec, caplo
     """The name of an extra field is text the caller chose: it may be a patient's name."""
     import logging
 
-    from serving import redaction
-    from serving.schemas import UNEXPECTED, error_location
+    from clinml.serving import redaction
+    from clinml.serving.schemas import UNEXPECTED, error_location
 
     schemas = build(tiny_spec, max_records=3)
     body = {"records": [{**GOOD, "Zebulon Canaryfield": 1}], "MRN-0042": 2}

@@ -3,7 +3,7 @@ BentoML's control-port race at start (issue 20, items 3 and 11).
 
 A stand-in server plays `bentoml serve`: it starts a worker in a process group of its own
 (as BentoML's workers are), writes both pids, and waits. The launcher under test is the
-real one (`serving.launch.run_foreground`), run in a process of its own so that signals
+real one (`clinml.serving.launch.run_foreground`), run in a process of its own so that signals
 can be sent to it as an operator or a service manager would.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import launch
+from clinml.serving import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ time.sleep(3600)
 
 DRIVER = """
 import sys
-from serving.launch import run_foreground
+from clinml.serving.launch import run_foreground
 sys.exit(run_foreground(sys.argv[1:], None))
 """
 

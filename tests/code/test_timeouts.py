@@ -10,8 +10,8 @@ import pytest
 from bentoml._internal.server.http import traffic
 from starlette.types import Receive, Scope, Send
 
-from serving import timeouts
-from serving.timeouts import TimeoutMiddleware
+from clinml.serving import timeouts
+from clinml.serving.timeouts import TimeoutMiddleware
 
 UPSTREAM = traffic.TimeoutMiddleware  # as imported, before any install()
 
@@ -68,7 +68,7 @@ def test_answered_requests_leave_no_timer_behind() -> None:
     ours, upstream = asyncio.run(main())
     assert ours == 0
     # BentoML's own leaves one per request: if this fails, upstream fixed it and
-    # serving.timeouts can go.
+    # clinml.serving.timeouts can go.
     assert upstream == 200
 
 

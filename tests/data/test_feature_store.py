@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from clinml.features import ingest
+from clinml.features import store as feature_store
 from clinml.settings import Paths
 from clinml.spec import UseCaseSpec
-from features import ingest
-from features import store as feature_store
 from tests.conftest import NOW, PSEUDONYMISER, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Feast and Great Expectations

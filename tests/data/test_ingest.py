@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from clinml.features import ingest
 from clinml.settings import Paths
 from clinml.spec import UseCaseSpec
-from features import ingest
 from tests.conftest import NOW, PSEUDONYMISER, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Great Expectations

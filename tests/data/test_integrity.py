@@ -2,7 +2,7 @@
 they were before it (docs/feature-store.md, "All or nothing").
 
 Every test starts from a non-empty state (a first batch ingested and materialized) and
-runs the real stages (``pipelines.stages``: GX gate, parquet, Feast repo, SQLite online
+runs the real stages (``clinml.pipelines.stages``: GX gate, parquet, Feast repo, SQLite online
 store). A killed run happens in a child process that SIGKILLs itself at a chosen write
 step: the child wraps one function (``os.replace``, ``DataFrame.to_parquet``, SQLite's
 ``executemany``...) so that its Nth call kills the process, before or after the call.
@@ -51,8 +51,8 @@ T1, T2 = NOW, NOW + timedelta(days=1)  # the first batch's runs, the second batc
 
 
 def _ingest(spec, settings: Settings, batch: Path, at) -> None:
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     quiet = Progress(total=1, echo=lambda _: None, interactive=False)
     with mock.patch.object(stages, "utc_now", return_value=at):
@@ -60,8 +60,8 @@ def _ingest(spec, settings: Settings, batch: Path, at) -> None:
 
 
 def _materialize(spec, settings: Settings, at) -> None:
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     quiet = Progress(total=1, echo=lambda _: None, interactive=False)
     with mock.patch.object(stages, "utc_now", return_value=at):
@@ -381,7 +381,9 @@ BEFORE, COMMITTED = "unchanged", "committed"
         pytest.param("os.replace", 1, "after", COMMITTED, id="committed-report-unpublished"),
         pytest.param("os.replace", 2, "after", COMMITTED, id="report-half-published"),
         pytest.param("shutil.rmtree", 2, "before", COMMITTED, id="previous-run-not-deleted"),
-        pytest.param("features.store.apply", 1, "before", COMMITTED, id="before-feast-apply"),
+        pytest.param(
+            "clinml.features.store.apply", 1, "before", COMMITTED, id="before-feast-apply"
+        ),
     ],
 )
 def test_a_killed_ingest_leaves_the_stores_as_before_or_committed(
@@ -485,7 +487,7 @@ SMALL_CHUNKS = 50
 def test_a_killed_materialization_leaves_the_stores_as_before_or_committed(
     world: World, point: str, cache_kib: int | None, expected: str
 ) -> None:
-    from features import online_sqlite
+    from clinml.features import online_sqlite
 
     world.restore("second")
     spec, settings, root = world.spec, world.settings, world.root
@@ -521,7 +523,7 @@ def test_a_killed_materialization_leaves_the_stores_as_before_or_committed(
 
 
 def test_a_materialization_that_fails_writing_changes_nothing(world: World) -> None:
-    from features import online_sqlite
+    from clinml.features import online_sqlite
 
     world.restore("second")
 
@@ -541,8 +543,8 @@ def test_a_materialization_that_fails_writing_changes_nothing(world: World) -> N
 
 def _served(world: World) -> list:
     """What the serving reader returns for every stored patient."""
-    from features import online_sqlite
-    from features import store as feature_store
+    from clinml.features import online_sqlite
+    from clinml.features import store as feature_store
 
     paths = world.settings.paths.usecase(world.spec.name)
     store = feature_store.open_store(world.spec, paths)

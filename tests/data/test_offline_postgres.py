@@ -22,7 +22,7 @@ def database():
 
 @pytest.fixture
 def tables(database: str):
-    from features.offline import PostgresTables
+    from clinml.features.offline import PostgresTables
 
     config = {
         "host": PG_HOST,
@@ -66,7 +66,7 @@ def test_frames_come_back_as_they_were_written(tables) -> None:
 
 
 def test_a_failed_replace_leaves_both_tables_as_they_were(tables, monkeypatch) -> None:
-    from features import offline
+    from clinml.features import offline
 
     first = _frame()
     tables.replace({"features": first, "labels": first[["patient_id", "event_timestamp"]]})
@@ -95,7 +95,7 @@ def test_a_failed_replace_leaves_both_tables_as_they_were(tables, monkeypatch) -
 
 
 def test_an_unreachable_store_is_a_clear_error_without_the_password(tables) -> None:
-    from features.offline import OfflineStoreUnavailable, PostgresTables
+    from clinml.features.offline import OfflineStoreUnavailable, PostgresTables
 
     config = {**tables.config, "port": 1, "password": "s3cr3t"}
     with pytest.raises(OfflineStoreUnavailable, match="does not answer") as info:
@@ -105,9 +105,9 @@ def test_an_unreachable_store_is_a_clear_error_without_the_password(tables) -> N
 
 def test_ingest_appends_into_the_tables(tables, tmp_path, tiny_spec, tiny_frame) -> None:
     """`ingest --append` merges with what the tables hold, as with parquet files."""
+    from clinml.features import ingest
     from clinml.pseudonym import Pseudonymiser
     from clinml.settings import Paths
-    from features import ingest
 
     paths = Paths(tmp_path).usecase("tiny")
     pseudonymiser = Pseudonymiser("test-key")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from clinml.features import ingest, online_sqlite
+from clinml.features import store as feature_store
 from clinml.settings import Paths
 from clinml.spec import UseCaseSpec
-from features import ingest, online_sqlite
-from features import store as feature_store
 from tests.conftest import NOW, PSEUDONYMISER, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Feast and Great Expectations

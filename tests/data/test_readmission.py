@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from clinml.features import ingest
+from clinml.features import store as feature_store
+from clinml.features.datasets.readmission import CREATININE_MG_DL_TO_UMOL_L, SITES, Shift, generate
 from clinml.settings import Paths
 from clinml.spec import load_spec
-from features import ingest
-from features import store as feature_store
-from features.datasets.readmission import CREATININE_MG_DL_TO_UMOL_L, SITES, Shift, generate
 from tests.conftest import PROJECT_ROOT, PSEUDONYMISER
 
 END = datetime(2026, 3, 1, tzinfo=UTC)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from clinml.features import ingest
+from clinml.features import store as feature_store
+from clinml.features.datasets.readmission import generate
+from clinml.features.patients import servable_patient_ids
 from clinml.settings import Paths
 from clinml.spec import load_spec
-from features import ingest
-from features import store as feature_store
-from features.datasets.readmission import generate
-from features.patients import servable_patient_ids
 from tests.conftest import PROJECT_ROOT, PSEUDONYMISER
 
 END = datetime(2026, 3, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""The monitored rows a retrain on drift adds to the offline store (monitoring.retraining).
+"""The monitored rows a retrain on drift adds to the offline store (clinml.monitoring.retraining).
 
 Labelled predictions become offline rows keyed by the patient's pseudonym at the time of
 the prediction, with attributes from the patient's history; rows without an outcome, a
@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 
 from clinml.errors import ClinmlError
+from clinml.features import ingest
+from clinml.monitoring import performance, retraining
 from clinml.settings import Settings
-from features import ingest
-from monitoring import performance, retraining
 from tests.conftest import NOW, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Great Expectations
@@ -33,7 +33,7 @@ def stored(tiny_spec, tmp_path: Path) -> tuple[Settings, pd.DataFrame]:
 
 
 def _log(settings: Settings, spec, rows: pd.DataFrame) -> None:
-    from serving.requestlog import PredictionLog
+    from clinml.serving.requestlog import PredictionLog
 
     log = PredictionLog(settings.paths.usecase(spec.name).predictions)
     log.record(rows.to_dict("records"))

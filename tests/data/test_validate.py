@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 from clinml.errors import DataValidationError
+from clinml.features import ingest
+from clinml.features import store as feature_store
+from clinml.features.profile import QualityProfile, learn
+from clinml.features.validate import validate_frame, write_report
 from clinml.settings import Paths
 from clinml.spec import UseCaseSpec
-from features import ingest
-from features import store as feature_store
-from features.profile import QualityProfile, learn
-from features.validate import validate_frame, write_report
 from tests.conftest import NOW, PSEUDONYMISER, make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Great Expectations

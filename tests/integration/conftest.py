@@ -26,8 +26,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pipeline(home: Path, pathology_spec: UseCaseSpec):
     """Run ingest, materialize, train, promote and package as `clinml run` does."""
-    from pipelines import stages
-    from pipelines.progress import Progress
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
 
     settings = Settings(home=home, actor="e2e-test")
     lines: list[str] = []
@@ -48,7 +48,7 @@ def client(pipeline, home: Path):
     os.environ["CLINML_HOME"] = str(home)
     os.environ["CLINML_USECASE"] = "pathology"
     key = api_keys(home)["dev"]  # the key file is read when the service module is imported
-    from serving.service import ClinicalService
+    from clinml.serving.service import ClinicalService
 
     headers = {"Authorization": f"Bearer {key}"}
     with TestClient(ClinicalService.to_asgi(), headers=headers) as test_client:

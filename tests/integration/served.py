@@ -15,7 +15,7 @@ from tests.conftest import PROJECT_ROOT
 
 def api_keys(home: Path) -> dict[str, str]:
     """Secrets of three keys in the service's key file: all roles, predict, explain."""
-    from serving.auth import generate_key, write_dev_key
+    from clinml.serving.auth import generate_key, write_dev_key
 
     path = Settings(home=home).api_keys_path
     secrets = {"dev": write_dev_key(path)}
@@ -42,7 +42,7 @@ def service_instance():
 def serve_from_the_session_store(monkeypatch) -> None:
     """`bentoml serve` children use the tests' BentoML store (conftest), not
     $CLINML_HOME/bentoml."""
-    from serving import launch
+    from clinml.serving import launch
 
     environment = launch.service_env
     monkeypatch.setattr(

@@ -34,7 +34,7 @@ EXAMPLES = int(os.environ.get("CLINML_FUZZ_EXAMPLES", "40"))
 
 @pytest.fixture(scope="module")
 def served(pipeline, home: Path):
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     settings, _, _ = pipeline
     api_keys(home)  # the service reads the key file when it starts

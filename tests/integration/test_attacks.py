@@ -59,7 +59,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     home = tmp_path_factory.mktemp("attacked-home")
     checkpoints = tmp_path_factory.mktemp("attacked-checkpoints")  # apart from the home

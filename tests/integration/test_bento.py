@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 def test_a_built_bento_needs_clinml_home_and_serves_with_it(
     pipeline, home: Path, records, tmp_path: Path
 ) -> None:
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     settings, _, _ = pipeline
     # as a user builds it: `clinml build` (the CLI imports the service to build the bento,

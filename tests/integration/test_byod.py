@@ -73,7 +73,7 @@ def _serve_then_sigterm(home: Path) -> None:
     every worker it started are gone afterwards and the port is free again."""
     import psutil
 
-    from serving.launch import free_port, port_is_free
+    from clinml.serving.launch import free_port, port_is_free
     from tests.integration.served import api_keys
 
     key = api_keys(home)["dev"]

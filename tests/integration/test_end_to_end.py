@@ -55,7 +55,7 @@ def test_pipeline_reports_every_stage(pipeline) -> None:
 def test_every_candidate_is_a_run_and_the_selected_one_is_champion(
     pipeline, pathology_spec: UseCaseSpec
 ) -> None:
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
     settings, version, _ = pipeline
     tracker = Tracker.from_settings(settings)
@@ -64,7 +64,7 @@ def test_every_candidate_is_a_run_and_the_selected_one_is_champion(
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(r.data.params["candidate"] for r in runs)
     assert names == ["gbm", "logreg", "mlp", "rf", "svm"]  # the reference is always fitted
-    from training.metrics import METRICS
+    from clinml.training.metrics import METRICS
 
     for run in runs:
         metrics = run.data.metrics
@@ -98,7 +98,7 @@ def test_every_candidate_is_a_run_and_the_selected_one_is_champion(
     assert champion.run_id in {best.info.run_id, by_candidate["logreg"].info.run_id}
     tags = champion.tags
     assert tags["reference_run_id"] == by_candidate["logreg"].info.run_id
-    from training.assignment import TrainingRecord
+    from clinml.training.assignment import TrainingRecord
 
     record = TrainingRecord.from_json(tags["training_record"])
     assert record.fraction == pathology_spec.training.test_size and record.salt == "pathology"
@@ -116,7 +116,7 @@ def test_every_candidate_is_a_run_and_the_selected_one_is_champion(
     assert [c.name for c in info.signature.inputs.inputs] == pathology_spec.feature_names
     assert info.saved_input_example_info is not None
     # The drift reference is stored with the run and holds no patient ids or dates.
-    from training.train import load_reference
+    from clinml.training.train import load_reference
 
     reference = load_reference(tracker, "pathology")
     assert "patient_id" not in reference.columns and "event_timestamp" not in reference.columns
@@ -130,7 +130,7 @@ def champion_run_param(client, run_id: str, name: str) -> str:
 def test_predict_matches_the_registered_model(client, pipeline, records: pd.DataFrame) -> None:
     import mlflow.pyfunc
 
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
     settings, version, _ = pipeline
     response = client.post("/predict", json={"records": records.to_dict("records")})
@@ -185,7 +185,7 @@ def test_health_and_openapi(client) -> None:
 
 
 def test_monitor_cli_exit_codes(pipeline, home: Path, pathology_spec: UseCaseSpec) -> None:
-    from features.datasets.batches import sample_batch
+    from clinml.features.datasets.batches import sample_batch
 
     settings, _, _ = pipeline
     paths = settings.paths.usecase("pathology")
@@ -223,7 +223,7 @@ def test_bentoml_build_succeeds_offline(pipeline) -> None:
     import bentoml
     import yaml
 
-    from serving.package import build_bento
+    from clinml.serving.package import build_bento
 
     tag = build_bento(PROJECT_ROOT)
     bento = bentoml.get(tag)
@@ -240,11 +240,17 @@ def test_governance_refuse_force_rollback_and_history(
 ) -> None:
     """A second training, a refused then forced promotion, a rollback, all audited."""
     from clinml.audit import AuditLog
-    from pipelines import stages
-    from pipelines.progress import Progress
-    from training.governance import FORCED_PROMOTE, PROMOTE, REFUSED, ROLLBACK, PromotionRefused
-    from training.model_io import ModelLoadError
-    from training.tracking import Tracker
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
+    from clinml.training.governance import (
+        FORCED_PROMOTE,
+        PROMOTE,
+        REFUSED,
+        ROLLBACK,
+        PromotionRefused,
+    )
+    from clinml.training.model_io import ModelLoadError
+    from clinml.training.tracking import Tracker
 
     settings, _, _ = pipeline
     tracker = Tracker.from_settings(settings)
@@ -268,7 +274,7 @@ def test_governance_refuse_force_rollback_and_history(
 
     # A batch that fails data validation arrives: the gate now refuses, names why, and
     # nothing moves.
-    from features.datasets import pathology
+    from clinml.features.datasets import pathology
 
     bad = pathology.load(pathology_spec.source.seed, datetime.now(UTC)).head(100)
     bad["mean_radius"] = 900.0  # far outside the spec's range
@@ -421,7 +427,7 @@ def test_explain_names_input_features(client, records: pd.DataFrame, pathology_s
 
 
 def test_predict_patient_reads_the_online_store(client, pipeline, pathology_spec) -> None:
-    from features.datasets import pathology
+    from clinml.features.datasets import pathology
 
     settings, _, _ = pipeline
     raw = pathology.load(pathology_spec.source.seed, datetime.now(UTC))
@@ -433,7 +439,7 @@ def test_predict_patient_reads_the_online_store(client, pipeline, pathology_spec
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == 3
 
-    from serving.service import UNKNOWN
+    from clinml.serving.service import UNKNOWN
 
     unknown = client.post("/predict_patient", json={"patient_ids": [patients[0], "NOBODY-42"]})
     assert unknown.status_code == 404
@@ -516,7 +522,7 @@ def test_champion_switch_under_concurrent_requests_fails_none(
     """Runs after the governance test, which registered version 2."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
     settings, _, _ = pipeline
     tracker = Tracker.from_settings(settings)
@@ -547,7 +553,7 @@ def test_the_bento_model_serves_under_bentoml_serve_without_the_registry(
     """A real `bentoml serve` process, its registry URI pointing nowhere."""
     import httpx
 
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     settings, _, _ = pipeline
     monkeypatch.setenv("CLINML_TRACKING_URI", "sqlite:////nonexistent/registry/mlflow.db")
@@ -581,8 +587,8 @@ def test_split_execution_batches_in_order_and_switches_champion_under_load(
 
     import httpx
 
-    from serving.launch import ServiceProcess, free_port
-    from training.tracking import Tracker
+    from clinml.serving.launch import ServiceProcess, free_port
+    from clinml.training.tracking import Tracker
 
     settings, _, _ = pipeline
     tracker = Tracker.from_settings(settings)
@@ -730,8 +736,8 @@ def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, 
 def test_retrain_on_drift_registers_a_challenger_and_never_promotes(
     pipeline, home: Path, pathology_spec: UseCaseSpec
 ) -> None:
-    from features.datasets.batches import sample_batch
-    from training.tracking import Tracker
+    from clinml.features.datasets.batches import sample_batch
+    from clinml.training.tracking import Tracker
 
     settings, _, _ = pipeline
     paths = settings.paths.usecase("pathology")

@@ -36,7 +36,7 @@ from tests.integration.served import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-EXECUTOR = "serving.executor:ModelExecutor"  # served on its own, as on a GPU node
+EXECUTOR = "clinml.serving.executor:ModelExecutor"  # served on its own, as on a GPU node
 
 
 def _wait_for(condition, timeout: float = 120.0) -> bool:
@@ -64,7 +64,7 @@ def _known_patient(pipeline, spec) -> str:
 
     import pandas as pd
 
-    from features.datasets import pathology
+    from clinml.features.datasets import pathology
 
     settings, _, _ = pipeline
     stored = set(pd.read_parquet(settings.paths.usecase("pathology").features_file)["patient_id"])
@@ -78,8 +78,8 @@ def test_a_locked_online_store_is_a_fast_503_for_predict_patient_only(
 ) -> None:
     """Another process holds an exclusive lock on the SQLite online store (as a writer
     that hangs would)."""
-    from features.online_sqlite import READ_TIMEOUT_S
-    from serving.service import STORE_RETRY_S
+    from clinml.features.online_sqlite import READ_TIMEOUT_S
+    from clinml.serving.service import STORE_RETRY_S
 
     patient = {"patient_ids": [_known_patient(pipeline, pathology_spec)]}
     assert client.post("/predict_patient", json=patient).status_code == 200
@@ -165,7 +165,7 @@ def test_an_unreachable_registry_stops_promote_and_monitor_but_not_serving(
 ) -> None:
     import pandas as pd
 
-    from features.datasets.batches import sample_batch
+    from clinml.features.datasets.batches import sample_batch
 
     settings, _, _ = pipeline
     mlflow_dir = home / "mlflow"
@@ -199,7 +199,7 @@ def test_an_unwritable_audit_trail_fails_closed_and_loses_no_record(
 ) -> None:
     """Every write of the request audit trail fails (the disk is full) until it does not."""
     from clinml.audit import AuditLog
-    from serving import refusals
+    from clinml.serving import refusals
 
     service = service_instance()
     trail = service.audit
@@ -266,7 +266,7 @@ def test_a_full_prediction_log_disk_drops_rows_counts_them_and_predicts_on(
 def test_a_tampered_model_is_refused_and_the_old_one_keeps_serving(client, pipeline) -> None:
     from urllib.parse import urlparse
 
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
     settings, _, _ = pipeline
     tracker = Tracker.from_settings(settings)
@@ -308,9 +308,9 @@ def test_a_bento_refused_at_start_is_not_ready_and_says_why(
     import httpx
     import yaml
 
-    from serving import launch
-    from serving.package import import_champion
-    from training.tracking import Tracker
+    from clinml.serving import launch
+    from clinml.serving.package import import_champion
+    from clinml.training.tracking import Tracker
 
     settings, _, _ = pipeline
     serve_from_the_session_store(monkeypatch)
@@ -404,7 +404,7 @@ def test_sigkill_mid_load_restarts_and_the_audit_chains_verify(
     import psutil
 
     from clinml.audit import AuditLog
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     settings, _, _ = pipeline
     serve_from_the_session_store(monkeypatch)

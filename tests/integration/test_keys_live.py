@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.keys_cli import keys_app
+from clinml.pipelines.keys_cli import keys_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -69,7 +69,7 @@ def status(url: str, path: str, **options) -> int | None:
 @pytest.fixture(scope="module")
 def served(pipeline, home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``bentoml serve`` with auth on and an empty keys file (none at all, in fact)."""
-    from serving import launch
+    from clinml.serving import launch
 
     settings, _, _ = pipeline
     directory = tmp_path_factory.mktemp("live-keys")

@@ -80,7 +80,7 @@ class Deployment:
             return Settings()
 
     def tracker(self):
-        from training.tracking import Tracker
+        from clinml.training.tracking import Tracker
 
         return Tracker.from_settings(self.settings())
 
@@ -104,7 +104,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def served(deployment: Deployment):
     """`bentoml serve` in the production profile, polling the registry every second."""
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     keys = api_keys(deployment.home)
     with pytest.MonkeyPatch.context() as patch:
@@ -120,7 +120,7 @@ def served(deployment: Deployment):
 
 @pytest.fixture(scope="module")
 def raw_ids(pathology_spec: UseCaseSpec) -> list[str]:
-    from features.ingest import load_raw
+    from clinml.features.ingest import load_raw
 
     frame = load_raw(pathology_spec, datetime.now(UTC))
     return frame[pathology_spec.entity.key].astype(str).head(40).tolist()
@@ -131,7 +131,7 @@ def test_every_stage_writes_to_the_shared_stores_and_none_to_local_files(
 ) -> None:
     import psycopg
 
-    from features.offline import PostgresTables
+    from clinml.features.offline import PostgresTables
 
     settings = deployment.settings()
     tables = PostgresTables.for_environment(settings.feast_environment, "pathology")
@@ -176,9 +176,9 @@ def test_every_stage_writes_to_the_shared_stores_and_none_to_local_files(
 def test_the_redis_reader_agrees_with_feast_online_api(
     deployment: Deployment, pathology_spec: UseCaseSpec
 ) -> None:
-    from features import store as feature_store
-    from features.offline import PostgresTables
-    from features.online_feast import FeastOnlineReader, online_reader
+    from clinml.features import store as feature_store
+    from clinml.features.offline import PostgresTables
+    from clinml.features.online_feast import FeastOnlineReader, online_reader
 
     settings = deployment.settings()
     paths = settings.paths.usecase("pathology")
@@ -361,7 +361,7 @@ def test_the_production_profile_refuses_the_development_key_and_auth_off(
         assert message in refused.stderr
         # `bentoml serve` of the service module directly refuses as well.
         direct = subprocess.run(
-            [sys.executable, "-c", "import serving.service"],
+            [sys.executable, "-c", "import clinml.serving.service"],
             capture_output=True,
             text=True,
             cwd=PROJECT_ROOT,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from clinml.features import ingest
+from clinml.features import store as feature_store
+from clinml.features.offline import PostgresTables
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec
-from features import ingest
-from features import store as feature_store
-from features.offline import PostgresTables
 from tests.conftest import NOW, make_tiny_frame
 from tests.services import (
     delete_redis_keys,
@@ -56,7 +56,7 @@ def test_materialize_through_feast_prints_nothing_of_feasts(
             feature_store.apply(store, tiny_spec, paths)
             capfd.readouterr()
 
-            with caplog.at_level(logging.DEBUG, logger="features.store"):
+            with caplog.at_level(logging.DEBUG, logger="clinml.features.store"):
                 result = feature_store.materialize(store, tiny_spec, NOW + timedelta(seconds=1))
 
             printed = capfd.readouterr()
@@ -68,7 +68,7 @@ def test_materialize_through_feast_prints_nothing_of_feasts(
     assert ANSI_ESCAPE not in printed.out + printed.err
     assert "Materializing" not in printed.out + printed.err
     # ...it is in the log instead, without the colour codes
-    logged = [r.getMessage() for r in caplog.records if r.name == "features.store"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "clinml.features.store"]
     assert any("Materializing 1 feature views" in m for m in logged), logged
     assert not any(ANSI_ESCAPE in m for m in logged)
 
@@ -79,7 +79,7 @@ def test_psycopg_warnings_do_not_reach_the_console(
     """The CLI's logging set-up keeps psycopg below ERROR off the console."""
     import os
 
-    from pipelines import runtime
+    from clinml.pipelines import runtime
 
     root = logging.getLogger()
     quiet = [logging.getLogger(name) for name in runtime.QUIET_LOGGERS]

@@ -1,7 +1,7 @@
 """The model-execution service run on its own, reached by the API over HTTP.
 
 This is the GPU model service of docs/deployment.md: ``bentoml serve
-serving.executor:ModelExecutor`` in one process (a GPU Deployment in a cluster) and the
+clinml.serving.executor:ModelExecutor`` in one process (a GPU Deployment in a cluster) and the
 API with ``CLINML_EXECUTION=split`` and ``CLINML_EXECUTOR_URL`` pointing at it. Here both
 run on this machine's CPU; what is tested is the path between them.
 """
@@ -19,12 +19,12 @@ from tests.integration.served import api_keys, serve_from_the_session_store
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-EXECUTOR = "serving.executor:ModelExecutor"
+EXECUTOR = "clinml.serving.executor:ModelExecutor"
 
 
 @pytest.fixture(scope="module")
 def remote(pipeline, home: Path):
-    from serving.launch import ServiceProcess, free_port
+    from clinml.serving.launch import ServiceProcess, free_port
 
     settings, _, _ = pipeline
     keys = api_keys(home)
@@ -41,7 +41,7 @@ def remote(pipeline, home: Path):
 
 
 def test_the_api_scores_through_the_remote_executor_as_inline_does(remote, client, records) -> None:
-    from training.tracking import Tracker
+    from clinml.training.tracking import Tracker
 
     api, keys, _, settings = remote
     headers = {"Authorization": f"Bearer {keys['dev']}"}

@@ -45,7 +45,7 @@ def _spec_file(directory: Path) -> Path:
 def _log_window(spec, settings: Settings, start: datetime, end: datetime) -> pd.DataFrame:
     """One prediction per stored row, textures shifted, between ``start`` and ``end``; and
     20 predictions by features alone (no patient). Returns what was logged."""
-    from serving.requestlog import PredictionLog
+    from clinml.serving.requestlog import PredictionLog
 
     paths = settings.paths.usecase(spec.name)
     stored = pd.read_parquet(paths.features_file)
@@ -78,14 +78,14 @@ def _pairs(patients: pd.Series, times: pd.Series) -> set[tuple[str, pd.Timestamp
 
 
 def test_retrain_on_drift_trains_on_the_labelled_rows_of_the_window(tmp_path: Path) -> None:
-    from features.ingest import read_labels
-    from monitoring import performance
-    from monitoring.retraining import TAG_PREFIX
-    from pipelines import stages
-    from pipelines.progress import Progress
-    from training.assignment import TAG as RECORD_TAG
-    from training.assignment import TrainingRecord
-    from training.tracking import Tracker
+    from clinml.features.ingest import read_labels
+    from clinml.monitoring import performance
+    from clinml.monitoring.retraining import TAG_PREFIX
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
+    from clinml.training.assignment import TAG as RECORD_TAG
+    from clinml.training.assignment import TrainingRecord
+    from clinml.training.tracking import Tracker
 
     spec_file = _spec_file(tmp_path)
     spec = load_spec(spec_file)

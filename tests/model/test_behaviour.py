@@ -1,6 +1,6 @@
 """Model behaviour: what the trained models must do on data whose truth is known.
 
-These run ``training.train.fit_candidates`` (search, refit, evaluation) directly on the
+These run ``clinml.training.train.fit_candidates`` (search, refit, evaluation) directly on the
 loaders' frames; the Feast and MLflow path around it is covered by the integration tests.
 """
 
@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 
 from clinml.spec import UseCaseSpec, load_spec
+from clinml.training.metrics import point_metrics
+from clinml.training.train import fit_candidates
 from tests.conftest import NOW, PROJECT_ROOT, make_tiny_frame
-from training.metrics import point_metrics
-from training.train import fit_candidates
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def pathology_fit(pathology_spec: UseCaseSpec):
-    from features.datasets import pathology
+    from clinml.features.datasets import pathology
 
     frame = pathology.load(pathology_spec.source.seed, NOW)
     return fit_candidates(pathology_spec, frame, n_boot=200)
@@ -44,7 +44,7 @@ def test_pathology_test_split_is_patient_disjoint(pathology_fit, pathology_spec)
 @pytest.fixture(scope="module")
 def readmission():
     """A 6 000-patient cohort with the generator's true risk, and the fitted candidates."""
-    from features.datasets import readmission as generator
+    from clinml.features.datasets import readmission as generator
 
     spec = load_spec(PROJECT_ROOT / "configs" / "readmission.yaml")
     training = spec.training.model_copy(

@@ -10,8 +10,8 @@ import pytest
 from scipy import optimize, special
 from sklearn.linear_model import LogisticRegression
 
-from training import calibration
-from training.calibration import (
+from clinml.training import calibration
+from clinml.training.calibration import (
     CalibrationSummary,
     calibration_summary,
     decision_curve,

@@ -10,10 +10,10 @@ import pytest
 
 from clinml.errors import SpecError
 from clinml.spec import REFERENCE_CANDIDATE, CandidateSpec, UseCaseSpec
+from clinml.training import model_io
+from clinml.training.candidates import CANDIDATES, build_pipeline
+from clinml.training.metrics import METRICS, point_metrics
 from tests.conftest import make_tiny_frame
-from training import model_io
-from training.candidates import CANDIDATES, build_pipeline
-from training.metrics import METRICS, point_metrics
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,46 @@ def test_a_file_rewritten_with_its_manifest_is_refused_unopened(
     assert model_io.load(directory).manifest["sha256"] != registered  # consistent on its own
 
 
+def test_a_model_saved_before_the_one_package_layout_still_loads(
+    tiny_spec: UseCaseSpec, split, tmp_path: Path
+) -> None:
+    """Versions registered before issue 21 name clinml's classes ``training.<module>``:
+    they load (as clinml.training's classes) with the same probabilities."""
+    import zipfile
+
+    import skops.io
+
+    x_train, y_train, x_test, _ = split
+    model = build_pipeline("gbm", tiny_spec, {"max_iter": 5}, seed=0).fit(x_train, y_train)
+    saved = model_io.save(model, tmp_path / "new", {"features": tiny_spec.feature_names})
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    with (
+        zipfile.ZipFile(saved / model_io.MODEL_FILE) as source,
+        zipfile.ZipFile(legacy / model_io.MODEL_FILE, "w") as target,
+    ):
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "schema.json":
+                data = data.replace(b'"clinml.training.', b'"training.')
+            target.writestr(item, data)
+    names = skops.io.get_untrusted_types(file=legacy / model_io.MODEL_FILE)
+    assert any(name.startswith("training.") for name in names), names  # a legacy file
+    manifest = json.loads((saved / model_io.MANIFEST_FILE).read_text())
+    manifest["sha256"] = model_io.sha256_of(legacy / model_io.MODEL_FILE)
+    (legacy / model_io.MANIFEST_FILE).write_text(json.dumps(manifest))
+    loaded = model_io.load(legacy)
+    parts = [loaded.pipeline, *loaded.pipeline.get_params(deep=True).values()]
+    modules = {type(part).__module__ for part in parts}
+    assert any(m.startswith("clinml.training.") for m in modules), modules
+    assert not any(m.startswith("training.") for m in modules), modules  # no second copy
+    np.testing.assert_allclose(
+        loaded.predict_proba(x_test), model.predict_proba(x_test)[:, 1], rtol=0, atol=1e-12
+    )
+
+
 class Intruder:
-    """A type outside the allow-list (sklearn, numpy, training)."""
+    """A type outside the allow-list (sklearn, numpy, clinml.training)."""
 
     def __init__(self) -> None:
         self.payload = "anything"
@@ -144,7 +182,7 @@ def test_loading_refuses_untrusted_types(tmp_path: Path) -> None:
 def test_svm_switches_to_a_kernel_approximation_above_the_row_limit(
     tiny_spec: UseCaseSpec, split
 ) -> None:
-    from training.candidates import svm_variant
+    from clinml.training.candidates import svm_variant
 
     x_train, y_train, x_test, y_test = split
     assert svm_variant({}, 5_000) == "rbf_kernel"
@@ -183,7 +221,7 @@ def test_class_weighting_keeps_probabilities_at_the_true_prevalence() -> None:
     """Balanced weights shift the odds by n0/n1; PriorCorrected divides that back out."""
     from sklearn.linear_model import LogisticRegression
 
-    from training.candidates import PriorCorrected
+    from clinml.training.candidates import PriorCorrected
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(20_000, 3))
@@ -209,7 +247,7 @@ def test_class_weighting_keeps_probabilities_at_the_true_prevalence() -> None:
 def test_forest_probabilities_match_scikit_learn_and_repeat_exactly(tiny_spec, split) -> None:
     from sklearn.ensemble import RandomForestClassifier
 
-    from training.candidates import RandomForest
+    from clinml.training.candidates import RandomForest
 
     x_train, y_train, x_test, _ = split
     encoded = build_pipeline("rf", tiny_spec, {}, seed=0)[:-1].fit(x_train).transform(x_test)
@@ -227,7 +265,7 @@ def test_forest_probabilities_match_scikit_learn_and_repeat_exactly(tiny_spec, s
 def test_the_service_refuses_a_version_without_a_recorded_hash(
     tiny_spec: UseCaseSpec, split, tmp_path: Path
 ) -> None:
-    from serving import runtime
+    from clinml.serving import runtime
 
     x_train, y_train, _, _ = split
     model = build_pipeline("gbm", tiny_spec, {"max_iter": 5}, seed=0).fit(x_train, y_train)
@@ -255,7 +293,7 @@ def _repeated_patients(n_patients: int = 400, seed: int = 0):
 
 
 def test_patient_holdout_holds_out_whole_patients_with_both_classes() -> None:
-    from training.mlp import patient_holdout
+    from clinml.training.mlp import patient_holdout
 
     rows, patients = _repeated_patients()
     labels = (rows["outcome"] == "yes").to_numpy(dtype=int)
@@ -269,7 +307,7 @@ def test_patient_holdout_holds_out_whole_patients_with_both_classes() -> None:
 
 
 def test_calibration_folds_never_split_a_patient() -> None:
-    from training.candidates import patient_folds
+    from clinml.training.candidates import patient_folds
 
     rows, patients = _repeated_patients()
     labels = (rows["outcome"] == "yes").to_numpy(dtype=int)
@@ -283,7 +321,7 @@ def test_calibration_folds_never_split_a_patient() -> None:
 def test_fit_hands_patient_ids_to_classifiers_that_hold_rows_out(
     name: str, tiny_spec: UseCaseSpec, monkeypatch
 ) -> None:
-    from training import candidates
+    from clinml.training import candidates
 
     rows, patients = _repeated_patients()
     y = (rows["outcome"] == "yes").to_numpy(dtype=int)
@@ -306,8 +344,8 @@ def test_boosting_stops_early_on_whole_patients(tiny_spec: UseCaseSpec) -> None:
     scikit-learn's fit given exactly those patients as its validation set."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from training.candidates import GroupedHistGradientBoosting
-    from training.mlp import patient_holdout
+    from clinml.training.candidates import GroupedHistGradientBoosting
+    from clinml.training.mlp import patient_holdout
 
     rows, patients = _repeated_patients(n_patients=300, seed=2)
     x = rows[["heart_rate", "creatinine"]].to_numpy()
@@ -326,7 +364,7 @@ def test_boosting_stops_early_on_whole_patients(tiny_spec: UseCaseSpec) -> None:
 def test_the_search_chooses_by_log_loss_not_by_a_sliver_of_auroc(tiny_spec: UseCaseSpec) -> None:
     """Heavy shrinkage barely moves a logistic regression's AUROC but squashes its risks
     towards the mean: the proper scoring rule refuses it."""
-    from training.search import log_loss, search
+    from clinml.training.search import log_loss, search
 
     frame = make_tiny_frame(n=800, seed=5)
     y = (frame["outcome"] == "yes").to_numpy(dtype=int)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from training.card import CardError, card_summary, render_html, write_card
+from clinml.training.card import CardError, card_summary, render_html, write_card
 
 SECTIONS = [
     "Intended use",

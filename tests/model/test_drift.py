@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from clinml.errors import ClinmlError
+from clinml.monitoring import drift
 from clinml.spec import UseCaseSpec
-from monitoring import drift
 from tests.conftest import make_tiny_frame
 
 pytestmark = pytest.mark.slow  # imports Evidently
@@ -271,8 +271,8 @@ def test_a_population_restricts_the_reference_to_the_hospital_served(tiny_spec, 
 def test_a_rolling_reference_is_the_prediction_log_before_the_window(tiny_spec, tmp_path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from monitoring.job import _reference
-    from serving.requestlog import PredictionLog
+    from clinml.monitoring.job import _reference
+    from clinml.serving.requestlog import PredictionLog
 
     rolling = _monitoring(tiny_spec, reference="rolling", rolling_days=28)
     training = make_tiny_frame(n=2000, seed=100)
@@ -310,7 +310,7 @@ def test_a_rolling_reference_is_the_prediction_log_before_the_window(tiny_spec, 
 def test_a_batch_is_placed_in_time_by_its_own_timestamps(tiny_spec) -> None:
     """A --batch file has no --since/--until: a seasonal reference takes its weeks from the
     records' own times (it fell back to the whole year)."""
-    from monitoring.job import _batch_span
+    from clinml.monitoring.job import _batch_span
 
     batch = make_tiny_frame(n=50, seed=112)
     start, end = _batch_span(tiny_spec, batch)

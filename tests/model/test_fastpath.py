@@ -23,12 +23,12 @@ import pytest
 import torch
 
 from clinml.errors import ClinmlError
+from clinml.serving import fastpath
+from clinml.serving.fastpath import CompiledModel, UnsupportedModel, compile_model
 from clinml.spec import UseCaseSpec
-from serving import fastpath
-from serving.fastpath import CompiledModel, UnsupportedModel, compile_model
+from clinml.training import model_io
+from clinml.training.candidates import PriorCorrected, build_pipeline, make_preprocessor
 from tests.conftest import make_tiny_frame
-from training import model_io
-from training.candidates import PriorCorrected, build_pipeline, make_preprocessor
 
 TOLERANCE = 1e-5
 # The logistic regression is one dot product and a sigmoid: float64 rounding only.
@@ -526,7 +526,7 @@ def test_input_of_the_wrong_width_is_refused(fitted) -> None:
 
 def test_auto_device_falls_back_to_the_cpu_and_says_so(fitted, monkeypatch, caplog) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.INFO, logger="serving.fastpath"):
+    with caplog.at_level(logging.INFO, logger="clinml.serving.fastpath"):
         compiled = compile_model(fitted("mlp"), device="auto")
     compiled.warm_up()
 
@@ -594,8 +594,8 @@ def latency_benchmark(
 
     from threadpoolctl import threadpool_limits
 
+    from clinml.features.datasets import readmission
     from clinml.spec import load_spec
-    from features.datasets import readmission
     from tests.conftest import PROJECT_ROOT
 
     spec = load_spec(PROJECT_ROOT / "configs" / "readmission.yaml")

@@ -19,9 +19,8 @@ import pytest
 
 from clinml.audit import AuditLog
 from clinml.spec import UseCaseSpec, load_spec
-from tests.conftest import NOW, PROJECT_ROOT, make_tiny_frame
-from training.assignment import PatientAssignment, TrainingRecord
-from training.governance import (
+from clinml.training.assignment import PatientAssignment, TrainingRecord
+from clinml.training.governance import (
     FORCED_PROMOTE,
     INFERIOR,
     NON_INFERIOR,
@@ -36,7 +35,8 @@ from training.governance import (
     history,
     non_inferiority,
 )
-from training.train import fit_candidate, outcome, split_frame, training_record
+from clinml.training.train import fit_candidate, outcome, split_frame, training_record
+from tests.conftest import NOW, PROJECT_ROOT, make_tiny_frame
 
 PASSED = ValidationStatus(True, Path("/reports/validation/run"))
 
@@ -133,7 +133,7 @@ def test_a_version_without_a_record_counts_as_trained_until_registered() -> None
 
 def test_the_temporal_holdout_starts_a_label_horizon_after_training() -> None:
     spec = load_spec(PROJECT_ROOT / "configs" / "readmission.yaml")
-    from features.datasets import readmission
+    from clinml.features.datasets import readmission
 
     frame = readmission.load(spec.source.seed, NOW, n_patients=3000)
     frame = frame[frame[spec.label.column].notna()].reset_index(drop=True)
@@ -195,7 +195,7 @@ TODAY = datetime(2026, 11, 1, tzinfo=UTC)
 def grown(gate_spec: UseCaseSpec):
     """A champion trained six months ago, its same-configuration retrain on today's (grown)
     data, and today's data."""
-    from features.datasets import readmission
+    from clinml.features.datasets import readmission
 
     cohort = readmission.load(gate_spec.source.seed, TODAY, n_patients=10_000)
     today = pd.Timestamp(TODAY)
@@ -318,8 +318,8 @@ def test_a_missed_operating_point_is_refused(gate_spec, grown) -> None:
 def test_the_calibration_limit_widens_to_the_chance_level_of_a_small_set(
     tiny_spec: UseCaseSpec,
 ) -> None:
-    from training.evaluate import evaluate
-    from training.governance import _calibration_check
+    from clinml.training.evaluate import evaluate
+    from clinml.training.governance import _calibration_check
 
     rng = np.random.default_rng(5)
     p = rng.uniform(0.05, 0.6, 120)

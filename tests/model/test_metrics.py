@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from training import metrics
-from training.metrics import (
+from clinml.training import metrics
+from clinml.training.metrics import (
     HIGHER_IS_BETTER,
     METRICS,
     bootstrap_ci,
@@ -419,7 +419,7 @@ def test_plot_curves_writes_three_pngs(tmp_path: Path) -> None:
 
 
 def test_ece_by_chance_is_large_on_small_sets_and_small_on_large_ones() -> None:
-    from training.metrics import ece_by_chance
+    from clinml.training.metrics import ece_by_chance
 
     rng = np.random.default_rng(5)
     small, large = rng.uniform(0.02, 0.6, 100), rng.uniform(0.02, 0.6, 100_000)
@@ -438,7 +438,7 @@ def test_ece_by_chance_is_large_on_small_sets_and_small_on_large_ones() -> None:
 
 
 def test_design_effect_counts_patients_whose_rows_agree() -> None:
-    from training.metrics import design_effect
+    from clinml.training.metrics import design_effect
 
     rng = np.random.default_rng(0)
     alerted = rng.random(2_000) < 0.2
@@ -471,7 +471,7 @@ def test_an_alert_budget_chosen_with_a_prediction_bound_holds_in_new_periods() -
     """Out-of-fold rows and later months from the same population: a threshold chosen
     where the budget is just met on the first overshoots about half the months; one
     chosen at the 95% prediction bound keeps about 95% of months within budget."""
-    from training.metrics import BudgetWindow
+    from clinml.training.metrics import BudgetWindow
 
     rng = np.random.default_rng(12)
 
@@ -500,7 +500,7 @@ def test_an_alert_budget_chosen_with_a_prediction_bound_holds_in_new_periods() -
 
 
 def test_between_period_variance_is_zero_by_chance_and_positive_for_seasons() -> None:
-    from training.metrics import between_period_variance
+    from clinml.training.metrics import between_period_variance
 
     rng = np.random.default_rng(3)
     periods = np.repeat(np.arange(24), 800)
@@ -515,7 +515,7 @@ def test_between_period_variance_is_zero_by_chance_and_positive_for_seasons() ->
 
 
 def test_paired_bootstrap_is_narrower_than_two_separate_intervals() -> None:
-    from training.metrics import paired_bootstrap
+    from clinml.training.metrics import paired_bootstrap
 
     rng = np.random.default_rng(9)
     n = 3_000

@@ -9,8 +9,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 
-from training import mlp
-from training.mlp import TorchMLPClassifier, balanced_class_weights, stratified_holdout
+from clinml.training import mlp
+from clinml.training.mlp import TorchMLPClassifier, balanced_class_weights, stratified_holdout
 
 SMALL = {"hidden_units": (16,), "epochs": 30, "batch_size": 64, "device": "cpu"}
 
@@ -215,7 +215,7 @@ def test_predict_returns_the_original_labels(data) -> None:
 def test_skops_round_trip_gives_identical_probabilities(data, fitted) -> None:
     import skops.io
 
-    from training.model_io import TRUSTED_PREFIXES
+    from clinml.training.model_io import TRUSTED_PREFIXES
 
     _, _, x_test, _ = data
     payload = skops.io.dumps(fitted)

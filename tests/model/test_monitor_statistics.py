@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from monitoring import statistics
+from clinml.monitoring import statistics
 
 
 def test_effective_size_counts_patients_not_rows() -> None:

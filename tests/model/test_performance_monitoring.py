@@ -16,9 +16,7 @@ import pytest
 
 from clinml import atomic
 from clinml.errors import ClinmlError
-from clinml.settings import Settings
-from clinml.spec import PerformanceFloors, UseCaseSpec
-from monitoring.performance import (
+from clinml.monitoring.performance import (
     JOIN_REPORT,
     LABEL_COLUMNS,
     JoinReport,
@@ -29,6 +27,8 @@ from monitoring.performance import (
     read_labels,
     summary_line,
 )
+from clinml.settings import Settings
+from clinml.spec import PerformanceFloors, UseCaseSpec
 
 CANARY = "MRN-123456"
 START = datetime(2026, 5, 4, tzinfo=UTC)

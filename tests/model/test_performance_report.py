@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from clinml.monitoring import job, performance_report
+from clinml.monitoring.performance import WindowPerformance, performance_by_window
 from clinml.settings import Settings
 from clinml.spec import PerformanceFloors, UseCaseSpec
-from monitoring import job, performance_report
-from monitoring.performance import WindowPerformance, performance_by_window
 
 START = datetime(2026, 5, 4, tzinfo=UTC)
 WEEK = timedelta(days=7)
