@@ -11,6 +11,9 @@ Modules:
     store           the Feast repo generated from the spec: apply, materialize, retrieval
     online_sqlite   bulk materialization into, and direct reads from, the SQLite online store
     online_feast    online reads from any other Feast online store (Redis in production)
+    feast_internals every private part of Feast clinml uses (the SQLite online store's
+                    layout, the registry's materialization record), in one adapter
+    gx_internals    the one private part of Great Expectations clinml uses (progress bars)
     offline         the PostgreSQL offline store's tables, replaced in one transaction
     registry_store  Feast's file registry, replaced by rename instead of rewritten in place
     patients        the raw patient ids ``/predict_patient`` answers for (fresh in the

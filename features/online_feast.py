@@ -35,7 +35,9 @@ class FeastOnlineReader:
         self.join_key = spec.entity.key
         self.features = list(spec.feature_names)
         self.wanted = frozenset(self.features)
-        self.provider = store._get_provider()  # Feast's public API has no lower-level read
+        # The store's provider (``FeatureStore.provider``, public); its ``online_read``
+        # is the read under ``get_online_features``, without the response building.
+        self.provider = store.provider
         self._lock = threading.Lock()
 
     def read(self, entity_ids: list[str]) -> list[dict[str, tuple[Any, datetime]] | None]:

@@ -7,7 +7,9 @@ own table layout and value encoding, in bulk: it picks the newest row per entity
 window with pandas, encodes each column with Feast's converters, writes with
 ``executemany`` in one transaction, and records the interval in the registry exactly as
 Feast does, so ``get_online_features`` and ``materialize_incremental`` work on the
-result unchanged.
+result unchanged. What it needs of Feast's storage layout (table names, entity keys,
+columns, timestamps, the registry record) comes from ``clinml.features.feast_internals``, the
+one module that uses Feast's private parts.
 ``bulk_materialize`` says what a run that fails or is killed midway leaves behind.
 
 :class:`OnlineReader` reads the same table for online lookups without Feast's per-value
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from clinml.features import feast_internals
 from clinml.spec import UseCaseSpec
 
 if TYPE_CHECKING:
@@ -101,32 +104,6 @@ def encode_column(values: pd.Series, kind: str) -> tuple[list[bytes], list[str |
     return blobs, texts
 
 
-def _entity_keys(join_key: str, ids: list[str]) -> list[bytes]:
-    """Feast's v3 entity-key serialization (one string join key)."""
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    return [
-        serialize_entity_key(
-            EntityKey(join_keys=[join_key], entity_values=[Value(string_val=v)]),
-            entity_key_serialization_version=3,
-        )
-        for v in ids
-    ]
-
-
-def _feast_epoch(stamps: pd.Series) -> list[int]:
-    """Event times as Feast's SQLite adapter stores them: ``int(naive_utc.timestamp())``.
-
-    Feast passes naive UTC datetimes through ``datetime.timestamp``, which reads them in
-    the machine's local zone, and reads them back the same way; doing exactly the same
-    keeps the round trip identical on any machine.
-    """
-    naive = stamps.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
-    return [int(t.timestamp()) for t in naive.astype(object)]
-
-
 def db_path(store: FeatureStore) -> Path:
     path = Path(store.config.online_store.path)
     return path if path.is_absolute() else Path(store.repo_path) / path
@@ -140,14 +117,12 @@ INTERVALS_TABLE = "clinml_materializations"
 
 def has_table(store: FeatureStore, view: FeatureView) -> bool:
     """Whether the online store has the view's table (``apply`` creates it)."""
-    from feast.infra.online_stores.sqlite import _table_id
-
     if not db_path(store).is_file():
         return False
     with closing(_connect(db_path(store))) as connection:
         found = connection.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-            (_table_id(store.config.project, view, False),),
+            (feast_internals.sqlite_table(store, view),),
         ).fetchall()
     return bool(found)
 
@@ -205,7 +180,7 @@ def complete_registry_record(store: FeatureStore, view: FeatureView) -> bool:
     recorded = view.most_recent_end_time
     if committed is None or (recorded is not None and _as_utc(recorded) >= committed[1]):
         return False
-    store.registry.apply_materialization(view, store.config.project, *committed, commit=True)
+    feast_internals.record_materialization(store, view, *committed)
     return True
 
 
@@ -249,25 +224,20 @@ def bulk_materialize(
     Returns:
         How many offline rows were read and how many entities and values written.
     """
-    from feast.infra.online_stores.sqlite import _table_id
-
+    feast_internals.check_plain_sqlite(store)
     columns = spec.columns
     key, ts = spec.entity.key, spec.event_timestamp
     offline = pd.read_parquet(view.batch_source.path, columns=[key, ts, *(c.name for c in columns)])
     newest = newest_rows(offline, spec, start, end)
-    table = _table_id(store.config.project, view, False)
-    sql = (
-        f'INSERT INTO "{table}" '
-        "(entity_key, feature_name, value, value_text, event_ts, created_ts) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-        "value = excluded.value, value_text = excluded.value_text, "
-        "event_ts = excluded.event_ts, created_ts = excluded.created_ts"
-    )
+    sql = feast_internals.sqlite_upsert(feast_internals.sqlite_table(store, view))
     # Rows are written in primary-key order (entity key, then feature name), so the
     # table's B-tree grows by appends instead of random inserts.
-    newest = newest.assign(_key=_entity_keys(key, newest[key].tolist())).sort_values("_key")
+    keys = feast_internals.entity_keys(
+        key, newest[key].tolist(), feast_internals.entity_key_version(store)
+    )
+    newest = newest.assign(_key=keys).sort_values("_key")
     ordered_columns = sorted(columns, key=lambda c: c.name)
-    created = int(datetime.now(UTC).replace(tzinfo=None).timestamp())
+    created = feast_internals.to_sqlite_epoch(pd.Series([pd.Timestamp.now(UTC)]))[0]
     # isolation_level=None: the transaction is begun and committed explicitly below.
     connection = sqlite3.connect(db_path(store), isolation_level=None)
     values_written = 0
@@ -277,7 +247,7 @@ def bulk_materialize(
         for first in range(0, len(newest), CHUNK_ROWS):
             chunk = newest.iloc[first : first + CHUNK_ROWS]
             keys = chunk["_key"].tolist()
-            stamps = _feast_epoch(chunk[ts])
+            stamps = feast_internals.to_sqlite_epoch(chunk[ts])
             encoded = [encode_column(chunk[c.name], c.type) for c in ordered_columns]
             names = [c.name for c in ordered_columns]
             rows = [
@@ -301,7 +271,7 @@ def bulk_materialize(
         connection.execute("COMMIT")  # the commit point: all of it, or none of it
     finally:
         connection.close()  # without a COMMIT, this rolls the transaction back
-    store.registry.apply_materialization(view, store.config.project, start, end, commit=True)
+    feast_internals.record_materialization(store, view, start, end)
     return BulkResult(len(offline), len(newest), values_written)
 
 
@@ -351,12 +321,14 @@ class OnlineReader:
 
     Args:
         db: the SQLite file of the online store.
-        table: the feature view's table (``<project>_<view>``).
+        table: the feature view's table (``feast_internals.sqlite_table``).
         join_key: the entity's join key (for key serialization).
+        key_version: the store's entity-key serialization version.
     """
 
-    def __init__(self, db: Path, table: str, join_key: str):
+    def __init__(self, db: Path, table: str, join_key: str, key_version: int):
         self.table, self.join_key, self.db = table, join_key, Path(db)
+        self.key_version = key_version
         if not self.db.is_file():
             raise FileNotFoundError(f"online store {db} does not exist: run `clinml materialize`")
         # A reader never creates or changes the store (``_connect``).
@@ -367,19 +339,19 @@ class OnlineReader:
 
     @classmethod
     def for_store(cls, store: FeatureStore, spec: UseCaseSpec) -> OnlineReader:
-        from feast.infra.online_stores.sqlite import _table_id
-
         from clinml.features.store import view_name
 
         view = store.get_feature_view(view_name(spec))
-        return cls(db_path(store), _table_id(store.config.project, view, False), spec.entity.key)
+        return cls(
+            db_path(store),
+            feast_internals.sqlite_table(store, view),
+            spec.entity.key,
+            feast_internals.entity_key_version(store),
+        )
 
     def read(self, entity_ids: list[str]) -> list[dict[str, tuple[Any, datetime]] | None]:
-        keys = _entity_keys(self.join_key, entity_ids)
-        query = (
-            f'SELECT entity_key, feature_name, value, event_ts FROM "{self.table}" '
-            f"WHERE entity_key IN ({','.join('?' * len(keys))})"
-        )
+        keys = feast_internals.entity_keys(self.join_key, entity_ids, self.key_version)
+        query = feast_internals.sqlite_select(self.table, len(keys))
         with self._lock:
             rows = self._connection.execute(query, keys).fetchall()
         found: dict[bytes, dict[str, tuple[Any, datetime]]] = {}
@@ -387,9 +359,7 @@ class OnlineReader:
         for key, name, blob, stamp in rows:
             recorded = times.get(stamp)
             if recorded is None:
-                # Feast stores int(naive_utc.timestamp()) and reads it back with
-                # datetime.fromtimestamp: mirror that, then mark it UTC.
-                recorded = times[stamp] = datetime.fromtimestamp(int(stamp)).replace(tzinfo=UTC)
+                recorded = times[stamp] = feast_internals.from_sqlite_epoch(stamp)
             found.setdefault(key, {})[name] = (decode_value(blob), recorded)
         return [found.get(key) for key in keys]
 

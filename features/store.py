@@ -240,7 +240,10 @@ def open_store(
         return FeatureStore(repo_path=str(repo))
     except FeastConfigError as exc:
         # Say which setting is wrong, never its value (it may be an expanded secret).
-        error = exc._error_message
+        # Feast wraps pydantic's error: it is the exception's argument (and its context).
+        error = next(
+            (e for e in (*exc.args, exc.__context__) if isinstance(e, ValidationError)), exc
+        )
         where = "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
             for e in (error.errors() if isinstance(error, ValidationError) else [])

@@ -328,8 +328,8 @@ def validate_frame(
         A report whose failures name columns, rules, counts and row indices, never values.
     """
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    from clinml.features.gx_internals import quiet_progress_bars
     from clinml.features.profile import positive_label
 
     batch_frame = frame.reset_index(drop=True)
@@ -338,7 +338,7 @@ def validate_frame(
         batch_frame = batch_frame.assign(**{POSITIVE_LABEL: positive_label(batch_frame, spec)})
         labelled_rows = int(batch_frame[POSITIVE_LABEL].notna().sum())
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    quiet_progress_bars(context)
     batch = (
         context.data_sources.add_pandas("clinml")
         .add_dataframe_asset(spec.name)

@@ -285,13 +285,11 @@ def _fit_fold(
     """Fit one unfitted pipeline on one fold's rows: the held-out rows' probabilities and
     the seconds it took, on ``threads`` threads. Runs in a search worker or in the
     training process; ``what`` names the candidate and configuration in an error."""
-    from sklearn.utils._param_validation import InvalidParameterError
-
     started = time.perf_counter()
     with limit_threads(threads, torch=torch):
         try:
             fit(pipeline, x_fit, y_fit, groups_fit)
-        except (InvalidParameterError, TypeError) as exc:
+        except TypeError as exc:  # scikit-learn's InvalidParameterError is a TypeError
             raise SpecError(f"{what}: {exc}") from None
         probability = pipeline.predict_proba(x_score)[:, 1]
     return probability, time.perf_counter() - started

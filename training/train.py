@@ -384,8 +384,6 @@ def _fit_candidate(
     report: Callable[[str], None],
     threads: int,
 ) -> FittedCandidate:
-    from sklearn.utils._param_validation import InvalidParameterError
-
     features = spec.feature_names
     patients = frame[spec.entity.key].to_numpy()
     x_train, y_train = frame.iloc[split.train][features], y[split.train]
@@ -399,7 +397,7 @@ def _fit_candidate(
     pipeline = build_pipeline(name, spec, result.best_params, spec.training.seed, len(x_train))
     try:
         fit(pipeline, x_train, y_train, patients[split.train])
-    except (InvalidParameterError, TypeError) as exc:
+    except TypeError as exc:  # scikit-learn's InvalidParameterError is a TypeError
         raise SpecError(f"training.candidates.{name}: {exc}") from None
     fit_seconds = time.perf_counter() - started
     threshold = choose_threshold(
