@@ -15,7 +15,7 @@
 # requests the GPU, batches adaptively and runs on CUDA; without a GPU it logs that it
 # falls back to the CPU. For a self-contained image with the
 # champion baked in, build the bento instead: `clinml package pathology --build`, then
-# `bentoml containerize clinml:latest`.
+# `bentoml containerize clinml-service:latest`.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

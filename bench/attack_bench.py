@@ -376,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> str:
-    from clinml.serving.auth import generate_key
+    from clinml.serving.keys import generate_key
 
     ensure_wrk()
     champion = prepare(args.home.resolve(), "pathology", "gbm", None)

@@ -59,7 +59,7 @@ def main() -> None:
     keys_file = settings.api_keys_path
     if not keys_file.is_file():
         sys.exit(f"no packaged model under {settings.home}: run `make demo` first")
-    from clinml.serving.auth import generate_key
+    from clinml.serving.keys import generate_key
 
     secret, entry = generate_key("bench", ["predict"])
     spec = load_spec("pathology", settings.spec_dir)

@@ -521,7 +521,7 @@ def serving(
     run: Run, stores: Stores, args: argparse.Namespace, tmp: Path
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every wrk run on each service and endpoint, and the raw ids sent."""
-    from clinml.serving.auth import generate_key
+    from clinml.serving.keys import generate_key
     from clinml.settings import Settings
 
     secret, entry = generate_key("bench", ["predict"])

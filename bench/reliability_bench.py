@@ -462,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> str:
-    from clinml.serving.auth import generate_key
+    from clinml.serving.keys import generate_key
     from clinml.settings import Settings
 
     ensure_wrk()

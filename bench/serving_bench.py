@@ -824,7 +824,7 @@ def ensure_wrk() -> None:
 
 def run(args: argparse.Namespace) -> str:
     """Prepare, measure, report; returns the markdown section."""
-    from clinml.serving.auth import generate_key
+    from clinml.serving.keys import generate_key
 
     ensure_wrk()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

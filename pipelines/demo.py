@@ -92,7 +92,7 @@ def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) ->
         chosen = free_port()
         typer.echo(f"      port {port} is busy; using {chosen}")
         port = chosen
-    from clinml.serving.auth import write_dev_key
+    from clinml.serving.keys import write_dev_key
 
     key = write_dev_key(settings.api_keys_path)
     service = ServiceProcess(settings, spec.name, port, settings.home / "logs" / "serve.log")

@@ -6,8 +6,8 @@ running service picks up a change within about a second, without a restart. Keys
 the ``CLINML_API_KEYS`` environment variable are listed but cannot be edited here.
 
 ``clinml.pipelines.cli`` mounts it: ``app.add_typer(keys_app, name="keys")``. The work is done by
-:func:`clinml.serving.auth.add_key`, :func:`~clinml.serving.auth.list_keys` and
-:func:`~clinml.serving.auth.revoke_key`; errors are ``ClinmlError`` (one line, exit status 2).
+:func:`clinml.serving.keys.add_key`, :func:`~clinml.serving.keys.list_keys` and
+:func:`~clinml.serving.keys.revoke_key`; errors are ``ClinmlError`` (one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clinml.serving.auth import CREATE_HINT, ROLES
+from clinml.serving.keys import CREATE_HINT, ROLES
 
 if TYPE_CHECKING:
     from clinml.settings import Settings
@@ -50,7 +50,7 @@ def create(
 ) -> None:
     """Create a key; its secret is printed once, on stdout, and never stored."""
     from clinml.pipelines import runtime
-    from clinml.serving.auth import add_key
+    from clinml.serving.keys import add_key
 
     settings = runtime.load_settings()
     path = settings.api_keys_path
@@ -67,7 +67,7 @@ def create(
 def list_() -> None:
     """Show each key's id, roles, creation time and source; never a secret or a hash."""
     from clinml.pipelines import runtime
-    from clinml.serving.auth import list_keys
+    from clinml.serving.keys import list_keys
 
     settings = runtime.load_settings()
     path = settings.api_keys_path
@@ -95,7 +95,7 @@ def revoke(
 ) -> None:
     """Remove a key from the keys file; a running service refuses it within seconds."""
     from clinml.pipelines import runtime
-    from clinml.serving.auth import revoke_key
+    from clinml.serving.keys import revoke_key
 
     settings = runtime.load_settings()
     path = settings.api_keys_path

@@ -24,26 +24,27 @@ to :mod:`clinml.serving.refusals` like every other refusal. Install it outermost
 
     ClinicalService.add_asgi_middleware(DocsPage)
 
-The Swagger UI files live in a private BentoML folder (``bentoml._internal.server``);
-``swagger_ui_dist`` is the one place that knows where, and raises ``DocsPageError`` naming
-the missing file when a BentoML release moves them.
+The Swagger UI files live in a private BentoML folder, found by
+``clinml.serving.framework.swagger_ui_folder``; ``swagger_ui_dist`` raises ``DocsPageError``
+naming the missing file when a BentoML release moves them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs
 
 from clinml.errors import ClinmlError
-from clinml.serving.auth import NO_BODY, ASGIApp, Receive, Scope, Send, has_body, refuse, send_json
+from clinml.serving import framework
+from clinml.serving.asgi import ASGIApp, Receive, Scope, Send, send_json
+from clinml.serving.auth import NO_BODY, has_body, refuse
 
 PAGE_PATHS = frozenset({"/", "/docs"})
 ASSET_PREFIX = "/docs/assets/"
-# BentoML's own docs assets, mounted by BentoML at /static_content (bentoml/_internal/server).
+# BentoML's own docs assets, mounted by BentoML at /static_content.
 BENTOML_STATIC = "/static_content"
 
 # Swagger UI needs nothing more: its stylesheet's images are data: URLs, its bundle sets
@@ -116,16 +117,18 @@ def swagger_ui_dist() -> Path:
             ``SWAGGER_UI_FILES`` (a BentoML release moved them: find the new folder, or take
             the files from another package).
     """
-    spec = importlib.util.find_spec("bentoml")
-    if spec is None or not spec.submodule_search_locations:
-        raise DocsPageError("the API docs page needs BentoML's Swagger UI files: install bentoml")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "_internal/server/static_content"
+    try:
+        folder = framework.swagger_ui_folder()
+    except ImportError:
+        raise DocsPageError(
+            "the API docs page needs BentoML's Swagger UI files: install bentoml"
+        ) from None
     for name in SWAGGER_UI_FILES:
         if not (folder / name).is_file():
             raise DocsPageError(
                 f"the API docs page cannot find {name} in {folder}: this BentoML release "
                 "keeps its Swagger UI files elsewhere; point "
-                "clinml.serving.docs_page.swagger_ui_dist at them"
+                "clinml.serving.framework.swagger_ui_folder at them"
             )
     return folder
 

@@ -27,7 +27,8 @@ from collections.abc import Container
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clinml.serving.auth import OpenPaths, key_id_of, refuse
+from clinml.serving import routes
+from clinml.serving.auth import key_id_of, refuse
 
 
 class ShedMiddleware:
@@ -41,7 +42,7 @@ class ShedMiddleware:
             counters are exact).
         max_per_key: requests one API key may have in flight; 0 for no per-key limit.
             Requests without a key id (authentication off) share one budget, the whole.
-        open_paths: paths never counted or shed (default: ``clinml.serving.auth``'s open paths).
+        open_paths: paths never counted or shed (default: ``clinml.serving.routes.unshed()``).
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class ShedMiddleware:
         self.app = app
         self.max_in_flight = max_in_flight
         self.max_per_key = max_per_key
-        self.open_paths = OpenPaths() if open_paths is None else open_paths
+        self.open_paths = routes.unshed() if open_paths is None else open_paths
         self.in_flight = 0
         self.per_key: dict[str, int] = {}
         self._full = f"over capacity ({max_in_flight} requests in flight); retry"

@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from clinml.serving.routes import metric_paths
+
 log = logging.getLogger("bentoml.clinml.refusals")
 
 # (endpoint, status, key id or None, reason)
@@ -106,7 +108,8 @@ class Recorder:
                     log.exception("could not audit refused requests")
 
 
-RECORDER = Recorder()
+# Reports the paths the route table names (clinml.serving.routes) by name.
+RECORDER = Recorder(known_paths=metric_paths())
 
 
 def record(path: str, status: int, key_id: str | None, reason: str) -> None:

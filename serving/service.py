@@ -21,14 +21,37 @@ others are FastAPI routes. docs/benchmarks.md has the measurements behind that s
 ``POST /admin/reload``     switch to the registry's current champion without downtime
 ``/livez`` ``/readyz`` ``/metrics`` come from BentoML; ``/readyz`` asks ``__is_ready__``.
 
-Every call needs an API key with the endpoint's role (``clinml.serving.auth``); every answer
-carries a request id, and every request is written to the hash-chained request audit
-trail. Predictions go to the PHI-free prediction log that ``clinml monitor`` reads.
+Every call needs an API key with the endpoint's role (``clinml.serving.routes``, checked by
+``clinml.serving.auth``); every answer carries a request id, and every request is written to the
+hash-chained request audit trail. Predictions go to the PHI-free prediction log that
+``clinml monitor`` reads.
 
 The model itself runs in :class:`clinml.serving.executor.ModelExecutor`: in this process
 (``CLINML_EXECUTION=inline``, the default) or as a separate GPU-capable service with
 adaptive batching that this one calls through ``bentoml.depends``
 (``CLINML_EXECUTION=split``). docs/serving.md has the measurement behind the default.
+
+Which path needs which role, is audited, shed or reported by name is one table,
+``clinml.serving.routes``; the OpenAPI document is built by ``clinml.serving.openapi``.
+
+What happens when this module is imported, and why BentoML forces it. ``bentoml serve``
+imports this module in each worker and then at once builds its app from the class: the
+``@bentoml.service`` options, the mounted app with its routes and the middleware list,
+then uvicorn with its HTTP protocol. No hook of ours runs in between, so:
+
+- settings and the spec are read once (``clinml.serving.executor._configuration``: the
+  environment and the use case's spec YAML): the decorators' options need the settings,
+  and the routes need the request schemas generated from the spec;
+- ``framework.configure(SETTINGS, ...)`` (one call) checks the BentoML version and
+  installs the patches of BentoML's internals and uvicorn's protocol table
+  (``serving/framework.py`` lists them): BentoML picks the patched classes up when it
+  builds the app, which is before any start-up hook runs;
+- the ASGI middleware is registered (``add_asgi_middleware``), which reads nothing.
+
+Nothing else: the API keys file is read when the service instance is created
+(``ClinicalService.__init__``) or by the first request, whichever comes first, and the
+docs page's files, the model, the audit trail and the online store when the worker
+starts the service.
 """
 
 from __future__ import annotations
@@ -55,24 +78,16 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
-from clinml.serving import httpguard, redaction, refusals, schemas, timeouts
-from clinml.serving.auth import LiveKeyStore, open_paths, send_json
+from clinml.serving import framework, openapi, refusals, routes, schemas
+from clinml.serving.asgi import send_json
 from clinml.serving.coalesce import Coalescer
 from clinml.serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
+from clinml.serving.keys import KeysOnFirstUse
+from clinml.serving.readiness import ReadinessLog
 from clinml.serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
-
-NO_KEYS = "no API keys"
-
-# BentoML's request timeout leaves a live timer per request for the whole timeout; this
-# one cancels it when the answer starts (serving/timeouts.py says why; the measurements
-# are in docs/benchmarks.md, "What changed for issue 7").
-timeouts.install()
-# Header size, count and time limits and no protocol upgrades, before any middleware runs
-# (serving/httpguard.py has the findings behind each).
-httpguard.install(SETTINGS.max_header_bytes, SETTINGS.max_headers, SETTINGS.header_timeout_s)
 
 # The request schemas are generated from the spec, so they must exist when the routes are
 # defined. Reading settings and the spec (in clinml.serving.executor) touches no state.
@@ -82,41 +97,11 @@ PredictDicts = SCHEMAS.predict_dicts  # PredictRequest, validated into dicts
 ExplainRequest = SCHEMAS.explain_request
 ExplainDicts = SCHEMAS.explain_dicts  # ExplainRequest, validated into dicts
 PatientRequest = SCHEMAS.patient_request
-ROLES = {
-    "/predict": "predict",
-    "/predict_patient": "predict",
-    "/explain": "explain",
-    "/model": "predict",
-    "/model/card": "predict",
-    "/admin/reload": "admin",
-}
-# Only these paths reach BentoML's request metrics as labels: any other path is text the
-# caller chose (redaction.install_metric_paths).
-METRIC_PATHS = frozenset(["/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/docs", "/"])
-redaction.install_metric_paths(frozenset([*ROLES, *METRIC_PATHS]))
-# Refusals are reported under these names; any other path is "other".
-refusals.RECORDER.known_paths = frozenset([*ROLES, *METRIC_PATHS])
-# Served without a key, and neither audited nor shed (serving/auth.py).
-OPEN_PATHS = open_paths(SETTINGS.protect_metrics)
-
-ERRORS = {
-    401: {"model": schemas.ErrorResponse, "description": "Missing or invalid API key."},
-    403: {"model": schemas.ErrorResponse, "description": "The key lacks the endpoint's role."},
-    400: {"model": schemas.ErrorResponse, "description": "The body could not be read."},
-    408: {
-        "model": schemas.ErrorResponse,
-        "description": "The body did not arrive in time (CLINML_BODY_TIMEOUT_S).",
-    },
-    413: {"model": schemas.ErrorResponse, "description": "Request body too large."},
-    415: {"model": schemas.ErrorResponse, "description": "The body is not application/json."},
-    429: {
-        "model": schemas.ErrorResponse,
-        "description": "Over capacity, overall or for this key: retry after 1 s.",
-    },
-    431: {"model": schemas.ErrorResponse, "description": "Request headers too large."},
-    422: {"model": schemas.ErrorResponse, "description": "Invalid input (never echoed)."},
-    503: {"model": schemas.ErrorResponse, "description": "Not ready, or the audit trail is down."},
-}
+# The start-up configuration of BentoML, before it builds its app (see the module
+# docstring): the version check and every patch of its internals.
+framework.configure(SETTINGS, SCHEMAS.names)
+# Paths whose requests are not audited (serving/routes.py).
+UNAUDITED = routes.unaudited(SETTINGS.protect_metrics)
 
 
 class ClinicalAPI(FastAPI):
@@ -337,27 +322,11 @@ def _ref(info: dict[str, Any]) -> schemas.ModelRef:
     return schemas.ModelRef(name=SPEC.name, version=info["version"], alias=info["alias"])
 
 
-def _framework_config(settings: Any) -> dict[str, Any]:
-    """BentoML's per-request extras for clinml's own endpoints: its access log line, its
-    request metrics and OpenTelemetry spans. clinml audits and times every request
-    itself, so by default BentoML skips those paths (measured in docs/benchmarks.md)."""
-    own = list(ROLES)
-    return {
-        "logging": {
-            "access": {
-                "enabled": settings.access_log,
-                "skip_paths": [] if settings.access_log else own,
-            }
-        },
-        "tracing": {"excluded_urls": [] if settings.tracing else [f"{p}$" for p in own]},
-    }
-
-
 @bentoml.service(
     name="clinml",
     resources={"cpu": "1"},
     traffic={"timeout": 30},
-    **_framework_config(SETTINGS),
+    **framework.service_config(SETTINGS),
 )
 @bentoml.asgi_app(api, path="/")
 class ClinicalService:
@@ -374,8 +343,14 @@ class ClinicalService:
         from clinml.audit import Checkpoints
         from clinml.serving.requestlog import PredictionLog, RequestAudit
 
-        redaction.install(SCHEMAS.names)
         self.settings = SETTINGS
+        if KEYS is not None:
+            KEYS.get()  # read the keys file now: a broken one stops the worker at start
+        else:
+            log.warning(
+                "API-key authentication is OFF (CLINML_AUTH=false): never do this in production"
+            )
+        self.readiness = ReadinessLog()
         self.metrics = Metrics.get()
         self.model: schemas.ModelRef | None = None  # the last version seen to answer
         self._bound: dict[str, Any] = {}
@@ -405,11 +380,11 @@ class ClinicalService:
         self._store_lock = threading.Lock()
         self._reader: Any = None
         self._store_down: tuple[float, str] | None = None  # (retry after, reason)
-        self._not_ready: str | None = "starting"  # the last reason /readyz gave (None: ready)
         self.lookups: Coalescer[Any] | None = None
         if SETTINGS.batching:  # /predict_patient: one store read for requests together
             self.lookups = Coalescer(self.read_online, SETTINGS.max_batch_size)
         refusals.RECORDER.sink = self.audit_refusals
+        refusals.RECORDER.count = _count_refusal
         # Everything loaded so far (the frameworks, the model) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise
         # walk it all and stall every request in flight (the p99 tail, docs/benchmarks.md).
@@ -442,19 +417,15 @@ class ClinicalService:
     # -- readiness -------------------------------------------------------------------
 
     def __is_ready__(self) -> bool:
-        reason = self.not_ready_reason()
-        if reason != self._not_ready:  # each change is logged once, not at every probe
-            self._not_ready = reason
-            if reason is None:
-                log.info("ready")
-            elif reason != NO_KEYS:  # the key store logs its own line, with what to do
-                log.warning("not ready: %s", reason)
-        return reason is None
+        # each change is logged once, not at every probe (serving/readiness.py)
+        return self.readiness.report(self.not_ready_reason())
 
     def not_ready_reason(self) -> str | None:
         """Why ``/readyz`` answers 503 (one line, no values), or None when ready."""
-        if KEYS is not None and not KEYS.ready():  # no key: every call would be a 401
-            return NO_KEYS
+        if KEYS is not None:  # no key: every call would be a 401
+            no_keys = KEYS.not_ready_reason()
+            if no_keys is not None:
+                return no_keys
         if not self.audit.healthy:
             return (
                 f"the request audit trail cannot be written ({SETTINGS.paths.request_audit_log}"
@@ -723,14 +694,14 @@ class AuditEveryRequest:
         path = scope.get("path", "")
         if (
             scope["type"] != "http"
-            or path in OPEN_PATHS
+            or path in UNAUDITED
             or (scope["method"] == "POST" and path in HOT)  # HotEndpoint audits these
         ):
             await self.app(scope, receive, send)
             return
         service = bentoml.get_current_service()
         try:
-            call = _Call(service, scope, path if path in ROLES else "other")
+            call = _Call(service, scope, routes.endpoint(path))
         except ServiceUnavailable as exc:
             await send_json(send, 503, {"detail": str(exc)})
             return
@@ -782,7 +753,7 @@ async def _respond(
 # injection, response-model validation and encoding) cost more per request than the
 # model itself (docs/benchmarks.md, "What changed for issue 7"). These two endpoints
 # take the body as bytes, validate it in one pass of pydantic's Rust JSON parser, and
-# encode the answer once. Their contract is the same schemas, documented by _openapi().
+# encode the answer once. Their contract is the same schemas, documented by serving.openapi.
 
 
 async def predict(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
@@ -946,7 +917,7 @@ for _path, (_handler, *_) in HOT.items():
     api.router.routes.insert(0, Route(_path, api.hot[_path], methods=["POST"]))
 
 
-@api.get("/model", responses=ERRORS, summary="The model version being served")
+@api.get("/model", responses=openapi.ERRORS, summary="The model version being served")
 def model_info(self: Any = CURRENT) -> dict[str, Any]:
     """Name, version, alias, training time, held-out metrics with 95% CIs, operating
     threshold, feature service, execution path and a link to the model card."""
@@ -956,7 +927,7 @@ def model_info(self: Any = CURRENT) -> dict[str, Any]:
     return {**info, "execution_service": SETTINGS.execution}
 
 
-@api.get("/model/card", response_class=HTMLResponse, responses=ERRORS, summary="Model card")
+@api.get("/model/card", response_class=HTMLResponse, responses=openapi.ERRORS, summary="Model card")
 def model_card(self: Any = CURRENT) -> HTMLResponse:
     """The served version's model card as a self-contained HTML page."""
     html = self._execute("card")
@@ -974,7 +945,7 @@ CARD_HEADERS = {
 }
 
 
-@api.post("/admin/reload", responses=ERRORS, summary="Switch to the registry's champion")
+@api.post("/admin/reload", responses=openapi.ERRORS, summary="Switch to the registry's champion")
 def admin_reload(self: Any = CURRENT) -> dict[str, Any]:
     """Load the current ``champion`` from the registry and serve it from the next request
     on; requests in flight finish on the old version. A model that fails to load (for
@@ -989,124 +960,17 @@ def admin_reload(self: Any = CURRENT) -> dict[str, Any]:
     return {"previous_version": old, "version": new, "changed": old != new}
 
 
-# BentoML serves these itself (ahead of the mounted app); they are listed here so the
-# OpenAPI document describes every endpoint of the service.
-_INFRASTRUCTURE = {
-    "/livez": "Liveness: 200 while the process serves HTTP. No key needed.",
-    "/readyz": "Readiness: 200 only when the model is loaded, the request audit trail is "
-    "writable, (unless CLINML_REQUIRE_ONLINE_STORE=false) the online store is readable and "
-    "(unless CLINML_AUTH=false) at least one API key exists; 503 otherwise. No key needed.",
-    "/metrics": "Prometheus metrics: request latency histograms per endpoint, predictions "
-    "by label, errors by kind, the served model version. A key with the admin role is "
-    "needed when CLINML_PROTECT_METRICS=true.",
-}
+openapi.install(api, HOT, SETTINGS.protect_metrics)
 
 
-def _openapi() -> dict[str, Any]:
-    if api.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        document = get_openapi(
-            title=api.title, version=api.version, description=api.description, routes=api.routes
-        )
-        _document_hot_paths(document)
-        _errors_are_json(document)
-        for path, text in _INFRASTRUCTURE.items():
-            document["paths"][path] = {
-                "get": {
-                    "summary": path.strip("/"),
-                    "description": text,
-                    "responses": {
-                        "200": {"description": "OK", "content": {"text/plain": {}}},
-                        **({"503": {"description": "Not ready"}} if path == "/readyz" else {}),
-                    },
-                    # no key needed (for /metrics, unless CLINML_PROTECT_METRICS=true)
-                    **({} if _needs_key(path) else {"security": []}),
-                }
-            }
-        document["components"]["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer"},
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-        }
-        document["security"] = [{"bearer": []}, {"apiKey": []}]
-        api.openapi_schema = document
-    return api.openapi_schema
-
-
-def _errors_are_json(document: dict[str, Any]) -> None:
-    """FastAPI documents a route's error answers in the route's own media type; the
-    card's are JSON like every other error, not HTML."""
-    for item in document["paths"].values():
-        for operation in item.values():
-            for status, response in operation.get("responses", {}).items():
-                content = response.get("content", {})
-                if status[0] in "45" and "text/html" in content:
-                    content["application/json"] = content.pop("text/html")
-
-
-def _needs_key(path: str) -> bool:
-    return path == "/metrics" and SETTINGS.protect_metrics
-
-
-def _document_hot_paths(document: dict[str, Any]) -> None:
-    """Describe the endpoints HotEndpoint answers from the same pydantic schemas that
-    validate them, as FastAPI would have."""
-    from pydantic.json_schema import models_json_schema
-
-    models = [(hot[1], "validation") for hot in HOT.values()]
-    models += [(hot[3], "serialization") for hot in HOT.values()]
-    models += [(schemas.ErrorResponse, "serialization")]
-    refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
-    document.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-
-    def content(model: Any, mode: str) -> dict[str, Any]:
-        return {"application/json": {"schema": refs[(model, mode)]}}
-
-    errors = {
-        str(status): {
-            "description": error["description"],
-            "content": content(error["model"], "serialization"),
-        }
-        for status, error in ERRORS.items()
-    }
-    unknown = {
-        "404": {
-            "description": "None of the patients with a problem is known to the online store.",
-            "content": content(schemas.ErrorResponse, "serialization"),
-        }
-    }
-    for path, (handler, request_model, summary, response_model) in HOT.items():
-        document["paths"][path] = {
-            "post": {
-                "summary": summary,
-                "description": handler.__doc__,
-                "operationId": handler.__name__,
-                "requestBody": {
-                    "required": True,
-                    "content": content(request_model, "validation"),
-                },
-                "responses": {
-                    "200": {
-                        "description": "Successful Response",
-                        "content": content(response_model, "serialization"),
-                    },
-                    **errors,
-                    **(unknown if path == "/predict_patient" else {}),
-                },
-            }
-        }
-
-
-api.openapi = _openapi  # type: ignore[method-assign]
-
-
-def _install_middleware() -> LiveKeyStore | None:
+def _install_middleware() -> KeysOnFirstUse | None:
     """The first added is the outermost. Keys are checked first, from the headers alone,
     so a caller without one holds nothing; then load shedding, which counts only
     admitted work (per key too); then the body's media type (415), size (413) and
     arrival time (408). Every refusal is reported to serving.refusals.
 
-    Returns the API keys (None with auth off), which follow changes to the keys file."""
+    Returns the API keys (None with auth off), read when first needed, which follow
+    changes to the keys file."""
     from clinml.serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
     from clinml.serving.docs_page import DocsPage
     from clinml.serving.overload import ShedMiddleware
@@ -1116,21 +980,21 @@ def _install_middleware() -> LiveKeyStore | None:
     ClinicalService.add_asgi_middleware(DocsPage)
     if SETTINGS.auth:
         api_keys = SETTINGS.api_keys.get_secret_value() if SETTINGS.api_keys else None
-        keystore = LiveKeyStore(SETTINGS.api_keys_path, api_keys)
+        keystore = KeysOnFirstUse(SETTINGS.api_keys_path, api_keys)
         ClinicalService.add_asgi_middleware(
-            AuthMiddleware, keystore=keystore, rules=ROLES, protect_metrics=SETTINGS.protect_metrics
+            AuthMiddleware,
+            keystore=keystore,
+            rules=routes.rules(SETTINGS.protect_metrics),
+            protect_metrics=SETTINGS.protect_metrics,
         )
     else:
-        keystore = None
-        log.warning(
-            "API-key authentication is OFF (CLINML_AUTH=false): never do this in production"
-        )
+        keystore = None  # ClinicalService.__init__ warns
     if SETTINGS.max_in_flight:
         ClinicalService.add_asgi_middleware(
             ShedMiddleware,
             max_in_flight=SETTINGS.max_in_flight,
             max_per_key=SETTINGS.max_in_flight_per_key,
-            open_paths=OPEN_PATHS,
+            open_paths=routes.unshed(SETTINGS.protect_metrics),
         )
     ClinicalService.add_asgi_middleware(JsonOnlyMiddleware)
     ClinicalService.add_asgi_middleware(
@@ -1145,6 +1009,5 @@ def _count_refusal(endpoint: str, status: int) -> None:
         Metrics._made.errors.labels(endpoint, ERROR_KINDS.get(status, str(status))).inc()
 
 
-refusals.RECORDER.count = _count_refusal
 # The API keys (None with CLINML_AUTH=false); without one the service is not ready.
 KEYS = _install_middleware()

@@ -8,11 +8,11 @@ Under sustained load the worker's memory grows run after run, and p99 with it, b
 Python's full garbage collections walk the growing heap of timers while every request
 waits (the measurement: docs/benchmarks.md, "What changed for issue 7").
 
-:func:`install` makes BentoML build its middleware stack with :class:`TimeoutMiddleware`
-below. The contract is the same: a request with no response started within ``timeout``
-seconds is cancelled and answered 504 with BentoML's body; once the response has
-started, it may take as long as it takes. The difference is that the timer is cancelled
-when the response starts, and the request runs in its own task.
+:func:`clinml.serving.framework.configure` makes BentoML build its middleware stack with
+:class:`TimeoutMiddleware` below. The contract is the same: a request with no response
+started within ``timeout`` seconds is cancelled and answered 504 with BentoML's body;
+once the response has started, it may take as long as it takes. The difference is that
+the timer is cancelled when the response starts, and the request runs in its own task.
 """
 
 from __future__ import annotations
@@ -51,15 +51,3 @@ class TimeoutMiddleware:
                 raise  # the app's own TimeoutError, or one after the answer began
             body = {"error": f"Not able to process the request in {self.timeout} seconds"}
             await JSONResponse(body, status_code=504)(scope, receive, send)
-
-
-def install() -> None:
-    """Use :class:`TimeoutMiddleware` for every BentoML app built in this process.
-
-    BentoML imports the class from its module when it builds an app's middleware (at
-    ``bentoml serve`` start-up, after the service module is imported), so replacing the
-    module attribute is enough.
-    """
-    from bentoml._internal.server.http import traffic
-
-    traffic.TimeoutMiddleware = TimeoutMiddleware  # type: ignore[misc]

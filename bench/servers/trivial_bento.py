@@ -16,12 +16,12 @@ import gc
 import bentoml
 
 from bench.servers.starlette_echo import app
-from clinml.serving import timeouts
+from clinml.serving import framework
 
 # clinml's service replaces BentoML's request timeout with one that does not leave a
 # timer per request behind (serving/timeouts.py), and freezes what start-up loaded out
 # of the garbage collector's way (serving/service.py); the ceiling gets the same.
-timeouts.install()
+framework.install_timeout_middleware()
 gc.freeze()
 
 
@@ -29,7 +29,7 @@ gc.freeze()
     name="trivial",
     resources={"cpu": "1"},
     traffic={"timeout": 30},
-    # As clinml's service by default (clinml.serving.service._framework_config): no BentoML
+    # As clinml's service by default (clinml.serving.framework.service_config): no BentoML
     # access-log line, request metrics or OpenTelemetry span for the endpoint.
     logging={"access": {"enabled": False, "skip_paths": ["/predict"]}},
     tracing={"excluded_urls": ["/predict$"]},

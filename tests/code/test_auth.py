@@ -21,19 +21,19 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from clinml.errors import ClinmlError
 from clinml.serving import refusals
-from clinml.serving.auth import (
-    DEFAULT_RULES,
+from clinml.serving.auth import AuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
+from clinml.serving.keys import (
     ROLES,
     ApiKey,
     AuthConfigError,
-    AuthMiddleware,
-    BodyLimitMiddleware,
-    JsonOnlyMiddleware,
     KeyStore,
     generate_key,
     hash_secret,
     write_dev_key,
 )
+from clinml.serving.routes import rules
+
+DEFAULT_RULES = rules()  # the route table's roles, what AuthMiddleware uses by default
 
 PROTECTED = {**DEFAULT_RULES, "/unlisted": "admin"}  # a path no rule names needs admin
 EXEMPT = ["/livez", "/readyz", "/healthz", "/", "/docs.json", "/docs", "/openapi.json"]
@@ -547,7 +547,8 @@ def test_refusals_are_reported_without_caller_chosen_paths(monkeypatch) -> None:
     from starlette.testclient import TestClient
 
     from clinml.serving import refusals
-    from clinml.serving.auth import AuthMiddleware, KeyStore, generate_key
+    from clinml.serving.auth import AuthMiddleware
+    from clinml.serving.keys import KeyStore, generate_key
 
     recorder = refusals.Recorder(known_paths={"/predict"})
     monkeypatch.setattr(refusals, "RECORDER", recorder)

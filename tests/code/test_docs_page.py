@@ -11,7 +11,6 @@ import asyncio
 import re
 from html.parser import HTMLParser
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -386,7 +385,7 @@ def test_missing_swagger_ui_files_stop_start_up_with_a_clear_error(
     with pytest.raises(DocsPageError, match=r"cannot read .*swagger-ui-bundle\.js"):
         load_assets(tmp_path)
 
-    bentoml_elsewhere = SimpleNamespace(submodule_search_locations=[str(tmp_path)])
-    monkeypatch.setattr(docs_page.importlib.util, "find_spec", lambda _name: bentoml_elsewhere)
+    # A BentoML release whose static folder no longer holds the files.
+    monkeypatch.setattr(docs_page.framework, "swagger_ui_folder", lambda: tmp_path)
     with pytest.raises(DocsPageError, match=r"cannot find swagger-ui-bundle\.js"):
         DocsPage(JSONResponse({}))

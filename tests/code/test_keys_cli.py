@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from clinml.errors import ClinmlError
 from clinml.pipelines.keys_cli import keys_app
-from clinml.serving.auth import (
+from clinml.serving.auth import AuthMiddleware
+from clinml.serving.keys import (
     KEYS_RECHECK_S,
     AuthConfigError,
-    AuthMiddleware,
     KeyStore,
     LiveKeyStore,
     add_key,
@@ -33,6 +33,7 @@ from clinml.serving.auth import (
     revoke_key,
     write_dev_key,
 )
+from clinml.serving.readiness import ReadinessLog
 
 
 @pytest.fixture
@@ -311,17 +312,20 @@ def test_no_keys_is_not_ready_said_once_until_a_key_exists(
 ) -> None:
     clock = Clock()
     live = LiveKeyStore(keys_file, clock=clock)
-    with caplog.at_level(logging.WARNING, logger="bentoml.clinml.auth"):
+    readiness = ReadinessLog()  # the service's readiness log, which says every reason
+    with caplog.at_level(logging.WARNING, logger="bentoml.clinml"):
         for _ in range(5):  # readiness probes
             assert live.ready() is False
+            assert readiness.report(live.not_ready_reason()) is False
             clock.tick()
     [line] = caplog.records
-    assert "no API keys" in line.getMessage()
+    assert "not ready: no API keys" in line.getMessage()
     assert "clinml keys create --id" in line.getMessage()
     assert str(keys_file) in line.getMessage()
     add_key(keys_file, "app", ["predict"])
     clock.tick()
     assert live.ready() is True
+    assert readiness.report(live.not_ready_reason()) is True
 
 
 def test_keys_from_the_environment_alone_are_ready(keys_file: Path) -> None:

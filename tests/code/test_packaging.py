@@ -51,6 +51,9 @@ def test_dockerfile_copies_every_package_it_installs() -> None:
 def test_bentofile_points_at_the_service_and_builds_offline() -> None:
     bentofile = yaml.safe_load((PROJECT_ROOT / "bentofile.yaml").read_text())
     assert bentofile["service"] == "clinml.serving.service:ClinicalService"
+    # `bentoml serve NAME:TAG` imports NAME as a module first: named `clinml`, a bento
+    # served where clinml is installed ran the installed code, not its own.
+    assert not bentofile["name"].isidentifier(), bentofile["name"]
     assert bentofile["python"]["lock_packages"] is False
     assert "configs/*.yaml" in bentofile["include"]
     pins = {p.split("==")[0]: p for p in bentofile["python"]["packages"] if "==" in p}

@@ -10,7 +10,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from clinml.serving import refusals
-from clinml.serving.auth import AuthMiddleware, BodyLimitMiddleware, KeyStore, generate_key
+from clinml.serving.auth import AuthMiddleware, BodyLimitMiddleware
+from clinml.serving.keys import KeyStore, generate_key
 
 
 @pytest.fixture

@@ -77,16 +77,16 @@ def test_logged_validation_errors_are_redacted(caplog: pytest.LogCaptureFixture)
     """BentoML logs rejected requests with their traceback; the filter strips the input."""
     import logging
 
-    from clinml.serving import redaction
+    from clinml.serving import framework, redaction
 
-    redaction.install()
-    redaction.install()  # idempotent
-    logger = logging.getLogger(redaction.BENTOML_HTTP_LOGGER)
+    framework.install_log_redaction()
+    framework.install_log_redaction()  # idempotent
+    logger = logging.getLogger(framework.HTTP_APP_LOGGER)
     assert sum(isinstance(f, redaction.RedactValidationErrors) for f in logger.filters) == 1
     try:
         TypeAdapter(list[int]).validate_json(b'{"SECRET-MRN-123"')
     except ValidationError:
-        with caplog.at_level(logging.ERROR, logger=redaction.BENTOML_HTTP_LOGGER):
+        with caplog.at_level(logging.ERROR, logger=framework.HTTP_APP_LOGGER):
             logger.error("Exception on /predict [POST]", exc_info=True)
     [record] = caplog.records
     assert "SECRET" not in caplog.text

@@ -1,4 +1,4 @@
-"""serving.timeouts: BentoML's request timeout, with its timer cancelled once the answer
+"""clinml.serving.timeouts: BentoML's request timeout, with its timer cancelled once the answer
 starts (BentoML 1.4's leaves one per request on the event loop for the whole timeout)."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import asyncio
 from typing import Any
 
 import pytest
-from bentoml._internal.server.http import traffic
 from starlette.types import Receive, Scope, Send
 
-from clinml.serving import timeouts
+from clinml.serving import framework
 from clinml.serving.timeouts import TimeoutMiddleware
 
+traffic = framework.traffic_module()
 UPSTREAM = traffic.TimeoutMiddleware  # as imported, before any install()
 
 
@@ -90,10 +90,10 @@ def test_the_apps_own_timeout_error_is_not_a_504() -> None:
 
 def test_install_makes_bentoml_build_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(traffic, "TimeoutMiddleware", UPSTREAM)
-    timeouts.install()
-    from bentoml._internal.server.base_app import BaseAppFactory
+    framework.install_timeout_middleware()
+    base = framework.base_app_factory()
 
-    class Factory(BaseAppFactory):
+    class Factory(base):  # type: ignore[misc, valid-type]
         name = "test"
 
     built = [m.cls for m in Factory(timeout=30).middlewares]

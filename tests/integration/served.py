@@ -15,7 +15,7 @@ from tests.conftest import PROJECT_ROOT
 
 def api_keys(home: Path) -> dict[str, str]:
     """Secrets of three keys in the service's key file: all roles, predict, explain."""
-    from clinml.serving.auth import generate_key, write_dev_key
+    from clinml.serving.keys import generate_key, write_dev_key
 
     path = Settings(home=home).api_keys_path
     secrets = {"dev": write_dev_key(path)}

@@ -452,7 +452,7 @@ def _serve(run: Run, raw: pd.DataFrame, identifiers: pd.DataFrame) -> tuple[list
     carry canaries. Returns the single-record request ids and the patients predicted."""
     import httpx
 
-    from clinml.serving.auth import write_dev_key
+    from clinml.serving.keys import write_dev_key
     from clinml.serving.launch import ServiceProcess, free_port
     from clinml.settings import Settings
     from clinml.spec import load_spec
@@ -769,7 +769,7 @@ def test_metrics_hold_no_canary(run: Run) -> None:
     assert files, "no Prometheus multiprocess files were written"
     # This found that BentoML's HTTP metrics middleware labelled its series with the raw
     # path of any path it does not skip, so GET /patients/<patient id> put the id into
-    # /metrics and the Prometheus files: clinml.serving.service._framework_config now skips all.
+    # /metrics and the Prometheus files: clinml.serving.framework.service_config now skips all.
     assert not found, _report(found)
 
 
