@@ -392,6 +392,16 @@ class Paths:
     def bentoml_home(self) -> Path:
         return self.home / "bentoml"
 
+    @property
+    def logs(self) -> Path:
+        """Logs of the services clinml starts in the background (demo, tests, benchmarks)."""
+        return self.home / "logs"
+
+    @property
+    def serve_log(self) -> Path:
+        """The log of the service ``clinml demo`` starts."""
+        return self.logs / "serve.log"
+
     def usecase(self, name: str) -> UseCasePaths:
         return UseCasePaths(self.home / name)
 
@@ -406,6 +416,12 @@ class UseCasePaths:
     def offline(self) -> Path:
         """Validated, identifier-free parquet: the Feast offline store's files."""
         return self.root / "offline"
+
+    @property
+    def ingest_runs(self) -> Path:
+        """Where each ingest run stages its files; ``offline`` links to the committed
+        run's, and the lock that makes ingests take turns is here (``clinml.features.ingest``)."""
+        return self.root / ".ingest"
 
     @property
     def features_file(self) -> Path:
@@ -433,6 +449,15 @@ class UseCasePaths:
         return self.validation_reports / f"{when.astimezone(UTC):%Y%m%dT%H%M%S%fZ}"
 
     @property
+    def model_cards(self) -> Path:
+        """Model cards downloaded by ``clinml models card``, one directory per version."""
+        return self.reports / "model_cards"
+
+    def model_card(self, version: int | str) -> Path:
+        """The directory ``clinml models card`` downloads version ``version``'s card to."""
+        return self.model_cards / f"v{version}"
+
+    @property
     def quality_profile(self) -> Path:
         """The reference profile the gate's learned expectations come from."""
         return self.root / "quality" / "profile.json"
@@ -455,6 +480,15 @@ class UseCasePaths:
     def monitoring(self) -> Path:
         """Monitor runs: verdicts, reports, alerts and the alert cooldown state."""
         return self.root / "monitoring"
+
+    @property
+    def monitor_runs(self) -> Path:
+        """One directory per monitor run: verdict.json and its reports."""
+        return self.monitoring / "runs"
+
+    def monitor_run(self, run_id: str) -> Path:
+        """The directory of the monitor run ``run_id``."""
+        return self.monitor_runs / run_id
 
     @property
     def evidently_workspace(self) -> Path:

@@ -169,16 +169,9 @@ def reference_profile(paths: UseCasePaths) -> QualityProfile | None:
     return QualityProfile.load(path) if path.is_file() else None
 
 
-# Where each run stages its files; the committed run's ``offline/`` is what the
-# ``offline`` link points at. Its ``publish/`` holds the report and profile until they
-# are moved into place.
-RUNS = ".ingest"
-
-
-def _runs(paths: UseCasePaths) -> Path:
-    return paths.root / RUNS
-
-
+# Each run stages its files in a directory of its own under ``paths.ingest_runs``; the
+# committed run's ``offline/`` is what the ``offline`` link points at. Its ``publish/``
+# holds the report and profile until they are moved into place.
 def _committed_run(paths: UseCasePaths) -> Path | None:
     """The run directory ``offline`` points at (None before the first commit)."""
     if not paths.offline.is_symlink():
@@ -233,7 +226,7 @@ def _recover(paths: UseCasePaths) -> None:
     into a committed run; if that is killed between its two renames, ``offline`` is
     missing and the next call completes it.
     """
-    legacy = _runs(paths) / "legacy"
+    legacy = paths.ingest_runs / "legacy"
     if paths.offline.is_dir() and not paths.offline.is_symlink():
         legacy.mkdir(parents=True, exist_ok=True)
         os.rename(paths.offline, legacy / "offline")
@@ -242,7 +235,7 @@ def _recover(paths: UseCasePaths) -> None:
     committed = _committed_run(paths)
     if committed is not None:
         _publish(paths, committed)
-    for run in _runs(paths).iterdir():
+    for run in paths.ingest_runs.iterdir():
         if run.is_dir() and run != committed:
             shutil.rmtree(run)
 
@@ -386,9 +379,9 @@ def _store(
     tables: PostgresTables | None,
 ) -> IngestResult:
     """Gate ``raw`` and commit it (see the module doc), under the use case's lock."""
-    with atomic.locked(_runs(paths) / "lock"):
+    with atomic.locked(paths.ingest_runs / "lock"):
         _recover(paths)
-        run_dir = _runs(paths) / f"run-{uuid.uuid4().hex[:12]}"
+        run_dir = paths.ingest_runs / f"run-{uuid.uuid4().hex[:12]}"
         run_dir.mkdir()  # the umask's permissions, as offline/ always had
         try:
             result = _stage(spec, paths, now, pseudonymiser, raw, run_dir, mode, phase, tables)

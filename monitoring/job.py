@@ -314,7 +314,7 @@ def run(
     else:
         current = batch
     run_id = f"{(until or now):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    target = out_dir or paths.monitoring / "runs" / run_id
+    target = out_dir or paths.monitor_run(run_id)
     reference, held_out, reference_note = _reference(
         spec,
         load_reference(tracker, spec.name),

@@ -277,7 +277,7 @@ def models_card(usecase: UseCase, ref: VersionRef = "champion") -> None:
     settings, spec = _setup(usecase)
     tracker = Tracker.from_settings(settings)
     version = governance.resolve(tracker, spec.name, ref)
-    target = settings.paths.usecase(spec.name).reports / "model_cards" / f"v{version.version}"
+    target = settings.paths.usecase(spec.name).model_card(version.version)
     card = governance.download_card(tracker, version, target)
     for line in card_summary(card):
         typer.echo(line)

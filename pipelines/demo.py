@@ -95,7 +95,7 @@ def run(spec: UseCaseSpec, settings: Settings, port: int, keep_serving: bool) ->
     from clinml.serving.keys import write_dev_key
 
     key = write_dev_key(settings.api_keys_path)
-    service = ServiceProcess(settings, spec.name, port, settings.home / "logs" / "serve.log")
+    service = ServiceProcess(settings, spec.name, port, settings.paths.serve_log)
     with progress.step(f"start the service (bentoml serve) on {service.url}"):
         service.start()
         progress.detail(f"log: {service.log_file}")

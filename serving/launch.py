@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -173,10 +174,14 @@ def run_once(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
     return (128 - status if status < 0 else status), raced
 
 
+@dataclass
 class _Watch:
-    race = False
-    signalled = False
-    workers: list[psutil.Process] = []  # noqa: RUF012 (replaced, never mutated)
+    """What one run of ``bentoml serve`` has shown: written by the stderr relay thread
+    and the signal handler, read once the child has exited."""
+
+    race: bool = False  # its stderr named the control-port race
+    signalled: bool = False  # a stop signal was forwarded to it
+    workers: list[psutil.Process] = field(default_factory=list)  # its last-known workers
 
 
 def _relay(stream: IO[bytes], seen: _Watch) -> None:

@@ -1,10 +1,29 @@
 """The candidate models, as an explicit registry.
 
-Every candidate is a scikit-learn ``Pipeline``: the shared preprocessing (standardised
-numeric features, one-hot categories) followed by the candidate's classifier. Adding a
-candidate means adding one entry to ``CANDIDATES`` and one to ``SEARCH_SPACES``.
-``logreg``, an L2-regularised logistic regression, is the reference model: training always
-fits it beside the candidates the spec names (docs/training.md, "Reference model").
+Every candidate is a scikit-learn ``Pipeline``: the shared preprocessing
+(:func:`make_preprocessor`: standardised numeric features, one-hot categories) followed by
+the candidate's classifier (:func:`build_pipeline`). A candidate's name is declared in
+three places that must agree: ``clinml.spec.CandidateName``, the names a spec may list
+under ``training.candidates`` (the spec refuses any other); ``CANDIDATES`` here, name ->
+factory ``(params, seed, n_rows, balanced) -> unfitted classifier``; and
+``SEARCH_SPACES``, its hyperparameter grid. The name is the fitted model's MLflow run name
+and its manifest's ``candidate``, and ``GET /model`` reports it. An estimator class of
+clinml's own goes in ``training/`` (as ``training/mlp.py``): loading refuses types outside
+scikit-learn, numpy and ``training`` (``clinml.training.model_io.TRUSTED_PREFIXES``). ``logreg``,
+an L2-regularised logistic regression, is the reference model: training always fits it
+beside the candidates the spec names (docs/training.md, "Reference model").
+
+Serving compiles the fitted pipeline into a fast path (``clinml.serving.fastpath.compile_model``)
+chosen by the classifier's type, not by the candidate's name: ``RandomForestClassifier``,
+``HistGradientBoostingClassifier``, ``LogisticRegression``, ``TorchMLPClassifier`` and a
+``CalibratedClassifierCV`` around an RBF ``SVC`` or an RBF Nystroem + ``LinearSVC``
+pipeline, each bare or inside :class:`PriorCorrected`, behind :func:`make_preprocessor`'s
+preprocessing. A new candidate built from these gets the fast path with no change. Any
+other classifier raises ``clinml.serving.fastpath.UnsupportedModel`` when the service loads the
+model; the service logs a warning and serves the scikit-learn pipeline itself (the same
+probabilities, slower), and ``/explain`` answers 503 for it. To give it a fast path, add
+its case to ``clinml.serving.fastpath._compile_classifier`` and ``EXPLAIN_METHODS``, and one to
+``CASES`` in tests/model/test_fastpath.py.
 
 Patient-grouped inner splits: a classifier that holds rows out while fitting (boosting's
 and the MLP's early stopping, the SVM's Platt calibration folds) takes the rows' patient

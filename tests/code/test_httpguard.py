@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +16,7 @@ import uvicorn
 
 from clinml.serving import refusals
 from clinml.serving.httpguard import GuardedHttpToolsProtocol
+from tests.waiting import wait_for
 
 MAX_HEADER_BYTES = 4_096
 HEADER_TIMEOUT_S = 0.5
@@ -68,10 +68,7 @@ def server() -> Iterator[tuple[int, App]]:
     served = uvicorn.Server(config)
     thread = threading.Thread(target=served.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not served.started:
-        assert time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.05)
+    wait_for(lambda: served.started, "the test server to start", WAIT_S)
     yield port, app
     served.should_exit = True
     thread.join(WAIT_S)

@@ -78,6 +78,17 @@ def test_the_embedded_profile_keeps_its_development_defaults(tmp_path: Path) -> 
     assert settings.feast_environment.online_type == "sqlite"
 
 
+def test_state_locations_derive_from_the_home(tmp_path: Path) -> None:
+    """Where the demo's log, ingest runs, monitor runs and model cards live
+    (docs/architecture.md, "Where state lives"): named once, in ``Paths``."""
+    paths = Settings(home=tmp_path).paths
+    usecase = paths.usecase("pathology")
+    assert paths.serve_log == tmp_path / "logs" / "serve.log"
+    assert usecase.ingest_runs == tmp_path / "pathology" / ".ingest"
+    assert usecase.monitor_run("r1") == tmp_path / "pathology" / "monitoring" / "runs" / "r1"
+    assert usecase.model_card(3) == tmp_path / "pathology" / "reports" / "model_cards" / "v3"
+
+
 def test_the_cli_reports_the_refusal_in_one_line(monkeypatch, tmp_path: Path) -> None:
     from clinml.errors import ClinmlError
     from clinml.pipelines.runtime import load_settings

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,20 +17,11 @@ import pytest
 from clinml.audit import AuditError, AuditLog, Checkpoints, canonical_json, record_hash
 from clinml.predictionlog import read_predictions
 from clinml.serving.requestlog import AUDIT_FIELDS, PredictionLog, RequestAudit
+from tests.waiting import wait_for
 
 T0 = datetime(2026, 6, 1, 23, 59, 58, tzinfo=UTC)  # two seconds before midnight
 FEATURE_VALUE = 987.654321  # a distinctive feature value that must never reach a log
 AUDIT_KEY = "5e" * 32  # the audit checkpoints' HMAC key in these tests
-
-
-def _eventually(predicate, timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it holds; a guard against hanging, not a timing check."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def _request(i: int, **overrides) -> dict:
@@ -144,7 +134,7 @@ def test_the_audit_trail_fails_closed_on_a_failed_write_then_recovers(
     with caplog.at_level(logging.INFO, logger="clinml.serving.requestlog"):
         monkeypatch.setattr(os, "write", disk_full)
         assert audit.submit(_request(1))  # accepted: it is kept until it can be written
-        assert _eventually(lambda: not audit.healthy)
+        wait_for(lambda: not audit.healthy, "the audit trail to report the failed write")
         assert "No space left on device" in audit.error
         assert "\n" not in audit.error
         assert not audit.flush(0.1)  # not written while the disk is full
@@ -209,7 +199,7 @@ def test_head_follows_each_durable_write_and_starts_from_the_log(tmp_path: Path)
     path = tmp_path / "requests.jsonl"
     first = RequestAudit(path, flush_interval_s=0.02)
     try:
-        assert _eventually(lambda: first.head is not None)
+        wait_for(lambda: first.head is not None, "the first trail's first record")
         assert first.head == (0, "0" * 64)  # no log yet
         for i in range(5):
             assert first.submit(_request(i))
@@ -220,7 +210,7 @@ def test_head_follows_each_durable_write_and_starts_from_the_log(tmp_path: Path)
         first.close(timeout=5)
     second = RequestAudit(path, flush_interval_s=0.02)  # a restart: the witness's count holds
     try:
-        assert _eventually(lambda: second.head is not None)
+        wait_for(lambda: second.head is not None, "the second trail's first record")
         assert second.head == (5, last["hash"])
     finally:
         second.close(timeout=5)
@@ -269,7 +259,10 @@ def test_records_before_a_quiet_spell_are_signed_once_the_interval_is_up(
             assert trail.submit(_request(i))
         assert trail.flush(10)
         # no more records arrive: the idle writer signs the five once the interval is up
-        assert _eventually(lambda: [c.records for c in store.read(trail.path)][-1] == 6)
+        wait_for(
+            lambda: [c.records for c in store.read(trail.path)][-1] == 6,
+            "a checkpoint covering all 6 records",
+        )
         assert trail.checkpoint_failures == 0
     finally:
         trail.close(timeout=5)

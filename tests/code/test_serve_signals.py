@@ -15,12 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from clinml.serving import launch
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,16 +52,6 @@ import sys
 from clinml.serving.launch import run_foreground
 sys.exit(run_foreground(sys.argv[1:], None))
 """
-
-
-def _wait_for(condition: Callable[[], object], deadline_s: float = 120.0) -> bool:
-    """Poll generously: a busy machine starts Python slowly."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +91,7 @@ def _start(tmp_path: Path, mode: str = "serve", ignore_hup: bool = False):
 
 
 def _serving(driver: subprocess.Popen[str], pids: Path) -> dict[str, int]:
-    assert _wait_for(lambda: pids.exists() or driver.poll() is not None), "server never started"
+    wait_for(lambda: pids.exists() or driver.poll() is not None, "the stand-in server to start")
     assert driver.poll() is None, driver.stderr.read() if driver.stderr else ""
     return json.loads(pids.read_text())
 
@@ -113,8 +103,8 @@ def test_a_stop_signal_stops_the_server_and_its_workers(tmp_path: Path, signum: 
         started = _serving(driver, pids)
         driver.send_signal(signum)
         driver.wait(timeout=120)
-        assert _wait_for(lambda: not _alive(started["server"]), 60), "server left running"
-        assert _wait_for(lambda: not _alive(started["worker"]), 60), "worker left running"
+        wait_for(lambda: not _alive(started["server"]), "the server to stop", 60)
+        wait_for(lambda: not _alive(started["worker"]), "the server's worker to stop", 60)
         # the server died of the SIGTERM/SIGINT it was sent: 128 + signal number
         sent = signal.SIGTERM if signum == signal.SIGHUP else signum
         assert driver.returncode == 128 + sent
@@ -133,7 +123,7 @@ def test_a_hangup_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
         assert _alive(started["server"]) and _alive(started["worker"])
         driver.send_signal(signal.SIGTERM)
         driver.wait(timeout=120)
-        assert _wait_for(lambda: not _alive(started["worker"]), 60)
+        wait_for(lambda: not _alive(started["worker"]), "the server's worker to stop", 60)
     finally:
         _kill_all(driver, pids)
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pytest
 
 from clinml.settings import Settings
 from tests.integration.served import api_keys, clinml, serve_from_the_session_store
+from tests.waiting import wait_for
 
 MAX_IN_FLIGHT, PER_KEY, SLOW_S = 16, 4, 3
 WAIT_S = 120.0  # the most any poll waits for the server; it answers far sooner
@@ -90,15 +90,6 @@ def record(records) -> dict:
     return records.head(1).to_dict("records")[0]
 
 
-def _wait_for(condition: Callable[[], object], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _connect(served: Served) -> socket.socket:
     return socket.create_connection(("127.0.0.1", served.port), timeout=WAIT_S)
 
@@ -153,7 +144,11 @@ def test_a_key_cannot_hold_every_slot_with_slow_bodies(served: Served, record: d
         _slow_request(served, "/explain", served.headers("analyst")) for _ in range(PER_KEY + 3)
     ]
     try:
-        assert _wait_for(lambda: sum(_readable(conn) for conn in greedy) >= 3)
+        wait_for(
+            lambda: sum(_readable(conn) for conn in greedy) >= 3,
+            "answers to the 3 slow requests over the key's share",
+            WAIT_S,
+        )
         assert _predicts(served, record, 5) == [200] * 5  # another key, while they wait
         statuses = sorted(_status_of(conn) for conn in greedy)
         assert statuses.count(429) == 3 and statuses.count(408) == PER_KEY, statuses
@@ -278,7 +273,11 @@ def test_refused_requests_are_logged_and_audited_in_aggregate(served: Served) ->
     with httpx.Client(base_url=served.url, timeout=WAIT_S) as client:
         for i in range(300):
             assert client.post("/predict", headers={"X-API-Key": f"wrong-{i}"}).status_code == 401
-    assert _wait_for(lambda: _audited(served, "/predict", 401) >= before + 300)
+    wait_for(
+        lambda: _audited(served, "/predict", 401) >= before + 300,
+        "300 refusals in the audit trail",
+        WAIT_S,
+    )
     assert _audited(served, "/predict", 401) == before + 300
     lines = re.findall(r"refused (\d+) request\(s\) to /predict with 401", served.log())
     assert lines and sum(map(int, lines)) >= 300
@@ -304,7 +303,11 @@ def test_every_endpoint_is_audited(served: Served, record: dict) -> None:
         for (_, outcome), call in wanted.items():
             assert call(client).status_code == outcome
     for kind in wanted:
-        assert _wait_for(lambda kind=kind: _audited(served, *kind) == before[kind] + 1), kind
+        wait_for(
+            lambda kind=kind: _audited(served, *kind) == before[kind] + 1,
+            f"one audit record of {kind}",
+            WAIT_S,
+        )
 
 
 # -- 7. the API docs page -------------------------------------------------------------------------
@@ -376,7 +379,11 @@ def test_a_tail_cut_from_the_running_trail_is_detected(served: Served, record: d
     assert _predicts(served, record, 30) == [200] * 30
     trail = Settings(home=served.home).paths.request_audit_log
     # a checkpoint that covers those records (written at most a second after them)
-    assert _wait_for(lambda: _checkpointed(served) >= len(served.audit_records()) - 5)
+    wait_for(
+        lambda: _checkpointed(served) >= len(served.audit_records()) - 5,
+        "a checkpoint covering the records",
+        WAIT_S,
+    )
     intact = clinml(served.home, "audit", "verify", env=env)
     assert intact.returncode == 0, intact.stdout + intact.stderr
 

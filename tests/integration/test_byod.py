@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 from clinml.settings import Settings
 from clinml.spec import load_spec
 from tests.conftest import PROJECT_ROOT, make_tiny_frame
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -87,7 +87,12 @@ def _serve_then_sigterm(home: Path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        assert _wait_for(lambda: _status(f"{url}/readyz") == 200 or served.poll() is not None)
+        wait_for(
+            lambda: _status(f"{url}/readyz") == 200 or served.poll() is not None,
+            "clinml serve to become ready",
+            300,
+            every_s=0.5,
+        )
         assert served.poll() is None, f"clinml serve exited with {served.returncode}"
         answer = httpx.get(f"{url}/model", headers={"X-API-Key": key}, timeout=30)
         assert answer.status_code == 200
@@ -108,12 +113,3 @@ def _status(url: str) -> int | None:
         return httpx.get(url, timeout=5).status_code
     except httpx.HTTPError:
         return None
-
-
-def _wait_for(condition, deadline_s: float = 300.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False

@@ -10,7 +10,6 @@ build`` -> a second training, a refused and a forced promotion, rollback, and th
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tests.integration.served import (
     serve_from_the_session_store,
     service_instance,
 )
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -483,14 +483,14 @@ def test_every_request_is_in_the_audit_trail(client, home: Path) -> None:
 
     response = client.post("/predict_patient", json={"patient_ids": ["NOBODY-43"]})
     request_log = Settings(home=home).paths.request_audit_log
-    for _ in range(50):
-        if request_log.is_file() and "NOBODY" not in request_log.read_text():
-            records = AuditLog(request_log).records()
-            if any(r["outcome"] == 404 for r in records):
-                break
-        import time
-
-        time.sleep(0.1)
+    wait_for(
+        lambda: (
+            request_log.is_file()
+            and "NOBODY" not in request_log.read_text()
+            and any(r["outcome"] == 404 for r in AuditLog(request_log).records())
+        ),
+        "the 404 in the audit trail",
+    )
     assert service_instance().audit.flush(10)  # nothing still on its way to the file
     records = AuditLog(request_log).records()
     assert AuditLog(request_log).verify() == len(records) > 0
@@ -674,13 +674,15 @@ def test_monitor_window_labels_and_webhook_alerts(client, pipeline, home: Path, 
         for row in records.to_dict("records")
     ]
     paths = settings.paths.usecase("pathology")
-    deadline = datetime.now(UTC).timestamp() + 30
-    while datetime.now(UTC).timestamp() < deadline:  # the log is written in batches
-        logged = read_predictions(paths.predictions)
+    wait_for(  # the log is written in batches
         # Nothing written yet reads as a frame without columns.
-        if set(a["request_id"] for a in answers) <= set(logged.get("request_id", ())):
-            break
-        time.sleep(0.2)
+        lambda: (
+            set(a["request_id"] for a in answers)
+            <= set(read_predictions(paths.predictions).get("request_id", ()))
+        ),
+        "every answer in the prediction log",
+        every_s=0.2,
+    )
     outcomes = pd.DataFrame(
         {
             "request_id": [a["request_id"] for a in answers],

@@ -33,19 +33,11 @@ from tests.integration.served import (
     serve_from_the_session_store,
     service_instance,
 )
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 EXECUTOR = "clinml.serving.executor:ModelExecutor"  # served on its own, as on a GPU node
-
-
-def _wait_for(condition, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _one_record(records) -> dict:
@@ -216,13 +208,13 @@ def test_an_unwritable_audit_trail_fails_closed_and_loses_no_record(
     monkeypatch.setattr(trail._log, "_write", disk_full)
     answered = client.post("/predict", json=body)  # queued before the write fails
     assert answered.status_code == 200
-    assert _wait_for(lambda: not trail.healthy)
+    wait_for(lambda: not trail.healthy, "the audit trail to report the full disk")
     refused = client.post("/predict", json=body)
     assert refused.status_code == 503 and "audit trail unavailable" in refused.text
     assert "No space left on device" in refused.text
     assert client.get("/readyz").status_code == 503
     monkeypatch.undo()  # space again: the kept batch is written on the next try
-    assert _wait_for(lambda: trail.healthy)
+    wait_for(lambda: trail.healthy, "the audit trail to recover once there is space")
     assert client.post("/predict", json=body).status_code == 200
     assert client.get("/readyz").status_code == 200
     assert trail.flush(10)
@@ -338,9 +330,12 @@ def test_a_bento_refused_at_start_is_not_ready_and_says_why(
             except httpx.HTTPError:
                 return None
 
-        assert _wait_for(
-            lambda: "refusing the model at start" in log_file.read_text() and ready(), 180
-        ), log_file.read_text()[-2000:]
+        wait_for(
+            lambda: "refusing the model at start" in log_file.read_text() and ready(),
+            "the service to start and refuse the tampered model",
+            180,
+            seen=lambda: log_file.read_text()[-2000:],
+        )
         assert ready() == 503
         described = httpx.post(f"{url}/describe", json={}, timeout=10).json()
         assert described["loaded"] is False
@@ -415,7 +410,7 @@ def test_sigkill_mid_load_restarts_and_the_audit_chains_verify(
     with ServiceProcess(settings, "pathology", free_port(), logs / "serve-kill-1.log") as served:
         arbiter = psutil.Process(served.pid)
         with Load(served.url, key, body) as load:
-            assert _wait_for(lambda: load.count(200) >= 50, 300)
+            wait_for(lambda: load.count(200) >= 50, "50 answers under load", 300)
             [worker] = [
                 child
                 for child in arbiter.children(recursive=True)
@@ -424,18 +419,18 @@ def test_sigkill_mid_load_restarts_and_the_audit_chains_verify(
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
             before = load.count(200)
-            assert _wait_for(lambda: load.count(200) >= before + 50, 300)  # a new worker
+            wait_for(lambda: load.count(200) >= before + 50, "a new worker's answers", 300)
             assert arbiter.is_running()
             # everything, mid-load: BentoML's workers have process groups of their own
             for process in [arbiter, *arbiter.children(recursive=True)]:
                 process.send_signal(signal.SIGKILL)
-            assert _wait_for(lambda: load.count(0) > 0, 120)  # the callers see it gone
+            wait_for(lambda: load.count(0) > 0, "the callers to see the service gone", 120)
         answered += load.answered_ids
     with (
         ServiceProcess(settings, "pathology", free_port(), logs / "serve-kill-2.log") as again,
         Load(again.url, key, body) as load,
     ):
-        assert _wait_for(lambda: load.count(200) >= 20, 300)
+        wait_for(lambda: load.count(200) >= 20, "20 answers from the restarted service", 300)
     assert set(load.statuses) <= {200}  # and then stopped gracefully (SIGTERM)
 
     verify = clinml(home, "audit", "verify")

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clinml.pipelines.keys_cli import keys_app
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -46,15 +46,6 @@ class Served:
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
-
-
-def wait_for(condition: Callable[[], bool], what: str, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not seen within {deadline_s:.0f} s")
 
 
 def status(url: str, path: str, **options) -> int | None:

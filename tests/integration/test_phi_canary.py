@@ -42,6 +42,7 @@ import pytest
 import yaml
 
 from tests.conftest import FIXTURES, PROJECT_ROOT, make_tiny_frame
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -579,14 +580,14 @@ def _bad_requests(
 
 def _wait_for_the_prediction_log(run: Run, rows: int, timeout: float = 120.0) -> None:
     """The prediction log is written in batches, off the request path."""
-    import time as clock
-
     from clinml.predictionlog import read_predictions
 
-    deadline = clock.monotonic() + timeout
-    while len(read_predictions(run.home / USECASE / "predictions")) < rows:
-        assert clock.monotonic() < deadline, "the prediction log was not written"
-        clock.sleep(0.5)
+    wait_for(
+        lambda: len(read_predictions(run.home / USECASE / "predictions")) >= rows,
+        f"{rows} rows in the prediction log",
+        timeout,
+        every_s=0.5,
+    )
 
 
 def _labels_and_monitor(

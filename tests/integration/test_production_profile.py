@@ -39,6 +39,7 @@ from tests.services import (
     require_services,
     scratch_database,
 )
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -235,11 +236,11 @@ def test_monitor_reads_what_the_production_service_logged(
         )
         assert answer.status_code == 200, answer.text
     predictions = deployment.settings().paths.usecase("pathology").predictions
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # the log is written in batches
-        if predictions.is_dir() and len(read_predictions(predictions)) >= 40:
-            break
-        time.sleep(0.5)
+    wait_for(  # the log is written in batches
+        lambda: predictions.is_dir() and len(read_predictions(predictions)) >= 40,
+        "40 rows in the prediction log",
+        every_s=0.5,
+    )
     result = _clinml(deployment.env, "monitor", "pathology", "--window", "1d", "--no-subgroups")
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: an alert
     verdict = json.loads(
@@ -307,9 +308,12 @@ def test_a_promotion_under_load_drops_no_request_and_is_audited(
             deployment.env, "promote", "pathology", "--force", "--reason", "CAB-9 load test"
         )
         _ok(promoted)
-        deadline = time.monotonic() + 60  # the service polls the registry every second
-        while time.monotonic() < deadline and not any(v == challenger for _, v in answers):
-            time.sleep(0.5)
+        wait_for(  # the service polls the registry every second
+            lambda: any(v == challenger for _, v in answers),
+            f"an answer from the promoted version {challenger}",
+            60,
+            every_s=0.5,
+        )
         time.sleep(1)
     finally:
         stop.set()

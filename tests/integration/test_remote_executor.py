@@ -8,13 +8,13 @@ run on this machine's CPU; what is tested is the path between them.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.integration.served import api_keys, serve_from_the_session_store
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -82,10 +82,16 @@ def test_a_stopped_remote_executor_is_a_503_and_its_return_is_served(remote, rec
     # The API's own `bentoml serve` started no executor: with the remote one stopped,
     # nothing answers.
     executor.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        back = httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=60)
-        if back.status_code == 200:
-            break
-        time.sleep(1)
-    assert back.status_code == 200, back.text
+    answers: list[httpx.Response] = []
+
+    def answered() -> bool:
+        answers.append(httpx.post(f"{api.url}/predict", json=body, headers=headers, timeout=60))
+        return answers[-1].status_code == 200
+
+    wait_for(
+        answered,
+        "/predict answering once the executor is back",
+        60,
+        every_s=1,
+        seen=lambda: answers[-1].text,
+    )
