@@ -199,7 +199,20 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
                 f"| {n} | {c} | {b_rps:.0f} | {a_rps:.0f} | {a_rps / b_rps:.2f} "
                 f"| {b_p99:.1f} | {a_p99:.1f} | {a_p99 / b_p99:.2f} |"
             )
+
+    def spread(tree: str) -> float:
+        """The largest max ÷ min of one point's req/s over the rounds: the run's noise."""
+        points: dict[tuple[str, int], list[float]] = {}
+        for r in rows:
+            if r["tree"] == tree:
+                points.setdefault((r["payload"], r["concurrency"]), []).append(r["rps"])
+        return max(max(v) / min(v) for v in points.values())
+
     lines += [
+        "",
+        f"Noise in this run: one tree's req/s at one point varied over the rounds by up to "
+        f"{spread('before'):.2f}× (before) and {spread('after'):.2f}× (after); a ratio "
+        "inside that is no change.",
         "",
         "Reproduce: `git worktree add /tmp/before "
         f"{rev} && .venv/bin/python bench/refactor_bench.py --before /tmp/before "
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payloads", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--doc", type=Path, default=None)
     args = parser.parse_args(argv)
-    from clinml.serving.auth import generate_key
+    from clinml.serving.keys import generate_key
 
     if not (args.before / "serving" / "service.py").is_file():
         sys.exit(f"refactor bench: {args.before} is not a clinml checkout")
