@@ -22,11 +22,15 @@ from clinml.pseudonym import DEVELOPMENT_KEY, Pseudonymiser
 if TYPE_CHECKING:
     from clinml.environment import FeastEnvironment
 
-# The built-in use-case specs ship with the project, beside the packages. In a bento or a
-# container the source tree is copied whole, so the same relative location holds there.
-# A user's own specs never go here: they live under CLINML_HOME (``Settings.spec_dir``).
+# The built-in use-case specs ship with the project: beside the packages in a source tree,
+# a bento or a container (copied whole), inside ``clinml/`` in an installed wheel
+# (pyproject.toml's package-dir). A user's own specs never go here: they live under
+# CLINML_HOME (``Settings.spec_dir``).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_CONFIG_DIR = PROJECT_ROOT / "configs"
+_INSTALLED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+BUILTIN_CONFIG_DIR = (
+    _INSTALLED_CONFIG_DIR if _INSTALLED_CONFIG_DIR.is_dir() else PROJECT_ROOT / "configs"
+)
 # The production profile's floor on the pseudonym key (a 128-bit key in hex is 32).
 MIN_PRODUCTION_KEY_CHARS = 32
 

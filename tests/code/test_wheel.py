@@ -7,6 +7,7 @@ or ``training`` package must not shadow clinml's, or be shadowed by it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(PROJECT_ROOT / name, source / name)
-    for name in ("clinml", *LAYERS):
+    for name in ("clinml", *LAYERS, "configs"):
         shutil.copytree(PROJECT_ROOT / name, source / name, ignore=IGNORED)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     # setuptools is in the virtual environment: no build isolation, nothing downloaded.
@@ -52,6 +53,8 @@ def test_the_wheel_installs_only_clinml_at_the_top_level(installed: Path) -> Non
     for layer in LAYERS:
         assert (installed / "clinml" / layer / "__init__.py").is_file(), layer
     assert (installed / "clinml" / "features" / "datasets" / "__init__.py").is_file()
+    # the built-in specs travel inside the package
+    assert (installed / "clinml" / "configs" / "pathology.yaml").is_file()
     script = (installed / "bin" / "clinml").read_text()
     assert "from clinml.pipelines.cli import main" in script
 
@@ -61,21 +64,29 @@ def test_the_installed_layers_import_from_inside_the_package(
     installed: Path, tmp_path: Path
 ) -> None:
     """From a folder with a ``features`` package of its own, the installed clinml imports
-    its layers from inside itself, and the user's ``features`` stays the user's."""
+    its layers from inside itself, the user's ``features`` stays the user's, and the
+    built-in specs are found inside the package."""
     (tmp_path / "features").mkdir()
     (tmp_path / "features" / "__init__.py").write_text("OWNER = 'user'\n")
     probe = (
         "import sys; sys.path[:0] = [sys.argv[1], '']\n"
         "import clinml, clinml.features.store, clinml.serving.launch, features\n"
-        "print(clinml.__file__, clinml.features.__file__, clinml.LAYERS_BESIDE, features.OWNER)"
+        "from clinml.spec import load_spec\n"
+        "from clinml.settings import BUILTIN_CONFIG_DIR as BUILTIN\n"
+        "print(clinml.__file__, clinml.features.__file__, clinml.LAYERS_BESIDE, features.OWNER,\n"
+        "      BUILTIN, load_spec('pathology').name)"
     )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLINML_")}
+    env["CLINML_HOME"] = str(tmp_path / "home")  # no specs of the user's: the built-in one
     out = subprocess.run(
         [sys.executable, "-c", probe, str(installed)],
         cwd=tmp_path,
+        env=env,
         check=True,
         capture_output=True,
         text=True,
     ).stdout.split()
     assert out[0] == str(installed / "clinml" / "__init__.py")
     assert out[1] == str(installed / "clinml" / "features" / "__init__.py")
-    assert out[2:] == ["False", "user"]
+    assert out[2:4] == ["False", "user"]
+    assert out[4:] == [str(installed / "clinml" / "configs"), "pathology"]
