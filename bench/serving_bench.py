@@ -18,6 +18,19 @@ another in the same run:
 ``starlette``        the same constant endpoint as a plain Starlette app under one uvicorn
                      worker (``bench/servers/starlette_echo.py``): the HTTP floor.
 
+Two peers, only when ``--servers`` names them (each runs from its own venv, made on first
+use under ``<home>/peers`` at the versions pinned in ``bench.peers.PINS``, which takes
+minutes), serve the same fitted pipeline, exported with joblib (``bench/peers.py``):
+
+``kserve``           KServe's ``ModelServer`` with a custom ``kserve.Model``
+                     (``bench/servers/kserve_sklearn.py``), V1
+                     ``/v1/models/<name>:predict``, ``{"instances": [{...}, ...]}``;
+``mlserver``         ``mlserver start`` with the scikit-learn runtime, one process
+                     (``parallel_workers: 0``), V2 ``/v2/models/<name>/infer``, one input
+                     per feature column decoded as a DataFrame, ``predict_proba`` asked for.
+
+Before its runs each peer must score the run's records (the largest payload) as the champion does.
+
 Every server runs on core 0 and ``wrk`` on core 1 (``bench/loadgen.py``); each point is a
 warm-up of half the duration and then ``--runs`` measured runs, whose medians are
 reported. Any non-2xx answer or socket error fails the benchmark. It also times the
@@ -30,6 +43,8 @@ docs/benchmarks.md between the serving-bench markers::
     .venv/bin/python bench/serving_bench.py --duration 2 --runs 1 --concurrency 8 \\
         --payloads 1 --models gbm --servers ours bentoml-trivial  # a quick look
     .venv/bin/python bench/serving_bench.py --smoke --home /tmp/b   # CI: about 2 minutes
+    .venv/bin/python bench/serving_bench.py --duration 3 --runs 1 --concurrency 1 32 \\
+        --payloads 1 100 1000 --models gbm --servers ours kserve mlserver  # the peers
 
 Server logs are kept in ``<home>/logs``. Nothing here asserts on timing.
 """
@@ -67,6 +82,16 @@ from bench.loadgen import (  # noqa: E402
     rss_mib,
     write_lua,
 )
+from bench.peers import (  # noqa: E402
+    PEERS,
+    PINS,
+    PeerError,
+    ensure_venv,
+    export_model,
+    peer_body,
+    peer_command,
+    plain_pipeline,
+)
 from clinml.errors import ClinmlError  # noqa: E402
 from clinml.serving.launch import stop_group  # noqa: E402
 from clinml.settings import Settings  # noqa: E402
@@ -75,11 +100,23 @@ from clinml.spec import UseCaseSpec, load_spec  # noqa: E402
 START, END = "<!-- serving-bench -->", "<!-- /serving-bench -->"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT_NAME = "serving_latency_throughput.png"
+# A run that measures the peers writes its own section and plot, so it leaves the full
+# run's section (all five servers, the targets of issue 7) as it is.
+PEER_SECTION = (
+    "<!-- serving-bench-peers -->",
+    "<!-- /serving-bench-peers -->",
+    "serving_peers_latency_throughput.png",
+)
 SERVERS = ("ours", "ours-unbatched", "mlflow", "bentoml-trivial", "starlette")
+# KServe and MLServer (bench/peers.py): measured only when --servers names them, since
+# their venvs take minutes to make on first use.
+ALL_SERVERS = (*SERVERS, *PEERS)
 # ours with CLINML_BATCHING=false: measured for single records only, for target (f)
 UNBATCHED = "ours-unbatched"
 PATIENT = "ours /predict_patient"  # the row label of ours' /predict_patient points
 STARTUP_TIMEOUT_S = 240.0
+# A point with fewer completed requests per run is marked: its percentiles rest on few.
+FEW_COMPLETIONS = 100
 
 # Issue 7's targets. (d) and (e) name no number in the issue as briefed; the values here
 # are this harness's and are labelled so in the report.
@@ -228,15 +265,17 @@ def prepare(home: Path, usecase: str, kind: str, n_patients: int | None) -> Cham
 
 
 def sample_records(champion: Champion, n: int) -> list[dict[str, Any]]:
-    """``n`` records of the use case's stored features (nulls as None), as JSON objects."""
+    """``n`` records of the use case's stored features (nulls as None), as JSON objects;
+    a use case with fewer stored records (pathology: 569) repeats them in order."""
     import pandas as pd
 
     spec = champion.spec
     frame = pd.read_parquet(champion.settings.paths.usecase(spec.name).features_file)
     frame = frame[spec.feature_names].head(n).astype(object)
     records = frame.where(frame.notna(), None).to_dict("records")
-    if len(records) < n:
-        raise BenchError(f"{spec.name} has {len(records)} stored records, fewer than {n}")
+    if not records:
+        raise BenchError(f"{spec.name} has no stored records")
+    records = [records[i % len(records)] for i in range(n)]
     return json.loads(json.dumps(records, default=lambda v: v.item()))  # numpy -> plain
 
 
@@ -374,9 +413,17 @@ def _server_env() -> dict[str, str]:
 
 
 @contextmanager
-def serve(server: str, champion: Champion, api_keys: str) -> Iterator[Running]:
+def serve(
+    server: str,
+    champion: Champion,
+    api_keys: str,
+    max_records: int = 1000,
+    peer_model: Path | None = None,
+) -> Iterator[Running]:
     """Start ``server`` on the server core, wait until it is ready, stop its process group
-    on the way out (also on failure)."""
+    on the way out (also on failure). ``max_records``: the most records a request of the
+    run carries (ours' cap is raised to it); ``peer_model``: the exported model a peer
+    serves (:func:`peer_model_dir`)."""
     from clinml.serving.launch import ServiceProcess, free_port
 
     port = free_port()
@@ -389,6 +436,7 @@ def serve(server: str, champion: Champion, api_keys: str) -> Iterator[Running]:
             "CLINML_API_KEYS": api_keys,
             "CLINML_EXECUTION": "inline",
             "CLINML_BATCHING": "false" if server == UNBATCHED else "true",
+            "CLINML_MAX_RECORDS_PER_REQUEST": str(max(1000, max_records)),
         }
         with environ({**env, **extra}), pinned({SERVER_CORE}):
             served = ServiceProcess(settings, champion.spec.name, port, log)
@@ -427,6 +475,15 @@ def serve(server: str, champion: Champion, api_keys: str) -> Iterator[Running]:
             "--log-level", "warning",
         ]  # fmt: skip
         ready = f"{url}/readyz"
+    elif server in PEERS:
+        if peer_model is None:
+            raise BenchError(f"{server} needs the exported model (peer_model)")
+        python = ensure_venv(settings.home, server, settings.home / "logs")
+        ports = (port, free_port(), free_port())
+        command, path = peer_command(server, python, peer_model, champion.spec.name, ports)
+        env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env["PATH"] = f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        ready = url + path
     else:
         raise BenchError(f"unknown server {server!r}")
     background = Background(command, env, ready, log)
@@ -448,6 +505,10 @@ def process_role(args: str) -> str:
         return "BentoML arbiter"
     if "mlflow models serve" in args:
         return "mlflow CLI"
+    if "kserve_sklearn.py" in args:
+        return "KServe model server"
+    if "mlserver start" in args:
+        return "MLServer"
     if "uvicorn" in args:
         return "uvicorn worker"
     return args.split()[0] if args else "?"
@@ -460,7 +521,20 @@ def payload_label(n: int) -> str:
     return "1 record" if n == 1 else f"{n} records"
 
 
-def bodies_for(server: str, records: list[dict[str, Any]]) -> str:
+def endpoint_for(server: str, name: str) -> str:
+    """The path ``server`` scores records on (``name``: the model's name on a peer)."""
+    if server == "mlflow":
+        return "/invocations"
+    if server == "kserve":
+        return f"/v1/models/{name}:predict"
+    if server == "mlserver":
+        return f"/v2/models/{name}/infer"
+    return "/predict"
+
+
+def bodies_for(server: str, records: list[dict[str, Any]], features: list[str]) -> str:
+    if server in PEERS:
+        return peer_body(server, records, features)
     if server == "mlflow":
         return json.dumps({"dataframe_records": records})
     return json.dumps({"records": records})
@@ -491,15 +565,23 @@ def bench_champion(
             rows.append(row)
             print(json.dumps(row), flush=True)
 
+    features = champion.spec.feature_names
+    peers = [server for server in args.servers if server in PEERS]
+    peer_model, expected = peer_model_dir(champion, records) if peers else (None, [])
     for server in args.servers:
-        endpoint = "/invocations" if server == "mlflow" else "/predict"
+        endpoint = endpoint_for(server, champion.spec.name)
         headers = auth if server in ("ours", UNBATCHED) else {}
-        with serve(server, champion, api_keys) as running, pinned({LOAD_CORE}):
+        with (
+            serve(server, champion, api_keys, max(args.payloads), peer_model) as running,
+            pinned({LOAD_CORE}),
+        ):
             print(f"{champion.spec.name}: {server} ready at {running.url}", flush=True)
+            if server in PEERS:
+                check_peer(server, running.url + endpoint, records, features, expected)
             for n in [1] if server == UNBATCHED else args.payloads:
                 script = write_lua(
                     tmp / f"{champion.kind}-{server}-{n}.lua",
-                    bodies_for(server, records[:n]),
+                    bodies_for(server, records[:n], features),
                     headers,
                 )
                 point(server, endpoint, payload_label(n), running.url + endpoint, script)
@@ -513,6 +595,67 @@ def bench_champion(
                 point(PATIENT, "/predict_patient", "1 patient", running.url + "/predict_patient", script)  # fmt: skip
             memory[server] = rss_mib(running.pid, label=process_role)
     return rows, memory
+
+
+def peer_model_dir(champion: Champion, records: list[dict[str, Any]]) -> tuple[Path, list[float]]:
+    """The champion's pipeline, exported for the peers (scikit-learn types only, see
+    ``bench.peers.plain_pipeline``), and its probabilities for ``records``; the export must
+    predict them exactly as the registered model does."""
+    import numpy as np
+    import pandas as pd
+
+    from clinml.serving.runtime import load_from_registry
+    from clinml.training.tracking import Tracker
+
+    model = load_from_registry(
+        champion.spec, Tracker.from_settings(champion.settings), device="cpu"
+    )
+    frame = pd.DataFrame.from_records(records, columns=model.features)
+    try:
+        plain = plain_pipeline(model.pipeline)
+    except PeerError as exc:
+        raise BenchError(str(exc)) from exc
+    served = model.pipeline.predict_proba(frame)[:, 1]
+    if not np.array_equal(plain.predict_proba(frame)[:, 1], served):
+        raise BenchError("the pipeline exported for the peers predicts otherwise than the champion")
+    home = champion.settings.home / "peers" / "models"
+    model_dir = export_model(
+        plain, list(model.features), home / f"{champion.spec.name}-v{champion.version}"
+    )
+    print(f"{champion.spec.name}: exported for the peers to {model_dir}", flush=True)
+    return model_dir, served.tolist()
+
+
+def check_peer(
+    server: str,
+    url: str,
+    records: list[dict[str, Any]],
+    features: list[str],
+    expected: list[float],
+) -> None:
+    """``server`` scores the run's records (the largest payload) as the champion does
+    (within float tolerance through JSON), else the benchmark stops: a peer must serve
+    the same model, nulls and categories included."""
+    import httpx
+    import numpy as np
+
+    sample = records[: len(expected)]
+    response = httpx.post(
+        url,
+        content=bodies_for(server, sample, features),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    if response.status_code != 200:
+        raise BenchError(f"{server} answered {response.status_code}: {response.text[:500]}")
+    answer = response.json()
+    if server == "kserve":
+        got = answer["predictions"]
+    else:  # MLServer: predict_proba, [n, 2] flattened
+        got = np.asarray(answer["outputs"][0]["data"], dtype=float).reshape(-1, 2)[:, 1]
+    if not np.allclose(got, expected, rtol=0, atol=1e-9):
+        raise BenchError(f"{server} scores {list(got)}, the champion {expected}")
+    print(f"{server}: scores the run's {len(expected)} records as the champion", flush=True)
 
 
 def fastpath_latency(champion: Champion, repeats: int) -> dict[str, Any]:
@@ -587,6 +730,7 @@ def reproduce(args: argparse.Namespace) -> str:
         f" --concurrency {' '.join(map(str, args.concurrency))}"
         f" --payloads {' '.join(map(str, args.payloads))}"
         + (f" --patients {args.patients}" if args.patients else "")
+        + (f" --servers {' '.join(args.servers)}" if list(args.servers) != list(SERVERS) else "")
     )
 
 
@@ -687,7 +831,7 @@ def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
         1, len(models), figsize=(6 * len(models), 4.5), squeeze=False, sharey=False
     )
     for ax, kind in zip(axes[0], models, strict=True):
-        for server in (*SERVERS, PATIENT):
+        for server in (*ALL_SERVERS, PATIENT):
             points = sorted(
                 (r for r in rows if r["model"] == kind and r["server"] == server
                  and r["payload"] in (payload_label(1), "1 patient")),
@@ -723,6 +867,13 @@ def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> None:
     plt.close(figure)
 
 
+def section_names(args: argparse.Namespace) -> tuple[str, str, str]:
+    """The start and end markers of the run's section, and its plot's file name."""
+    if any(server in PEERS for server in args.servers):
+        return PEER_SECTION
+    return START, END, PLOT_NAME
+
+
 def report(
     rows: list[dict[str, Any]],
     fast: list[dict[str, Any]],
@@ -731,30 +882,70 @@ def report(
     plot_link: str | None,
 ) -> str:
     """The markdown section, between the serving-bench markers."""
+    start, end, _ = section_names(args)
+    peers = [server for server in args.servers if server in PEERS]
+    timing = [
+        f"Medians of {args.runs} run(s) of {args.duration} s after a warm-up of",
+        f"{max(1, args.duration // 2)} s; every answer was 2xx.",
+    ]
     lines = [
-        START,
-        "## Serving: clinml vs. MLflow's server, BentoML and Starlette floors",
+        start,
+        "## Serving: clinml vs. KServe and MLServer, the same model"
+        if peers
+        else "## Serving: clinml vs. MLflow's server, BentoML and Starlette floors",
         "",
         f"Machine: {machine()}.",
         "",
         f"Reproduce: `{reproduce(args)}` (needs Debian's `wrk`; trains each champion into",
         "`.clinml-bench` on first use).",
         "",
-        f"The {args.usecase} use case; for each model kind a champion of that candidate alone,",
-        "served five ways one after another, each pinned to core 0 with `wrk` (1 thread) on",
-        "core 1: **ours** (`bentoml serve clinml.serving.service:ClinicalService`, inline execution,",
-        "adaptive batching on (the default), with an API key), **ours-unbatched** (the same",
-        "with `CLINML_BATCHING=false`, single records only), **mlflow** (`mlflow models serve --env-manager local --workers 1`,",
-        "`/invocations`), **bentoml-trivial** (a BentoML service configured like ours whose",
-        "`/predict` answers a constant) and **starlette** (the same constant endpoint on one",
-        f"uvicorn worker). Medians of {args.runs} run(s) of {args.duration} s after a warm-up",
-        f"of {max(1, args.duration // 2)} s; every answer was 2xx. `/predict_patient` asks for one",
-        "patient, whose features come from the online store.",
-        "",
     ]
+    if peers:
+        pins = "; ".join(f"{peer}: `{' '.join(PINS[peer])}`" for peer in peers)
+        lines += [
+            f"The {args.usecase} use case; for each model kind a champion of that candidate alone,",
+            f"served by {', '.join(args.servers)} one after another, each pinned to core 0 with",
+            "`wrk` (1 thread) on core 1. **ours** is `bentoml serve clinml.serving.service:ClinicalService`",
+            "(inline execution, adaptive batching on, an API key; it answers probability, label and",
+            "risk band per record, scored by the champion's compiled fast path; see the fast-path",
+            "line below). The peers serve the same fitted pipeline, exported with joblib",
+            "(clinml's `GroupedHistGradientBoosting` as the scikit-learn class it extends, which",
+            "changes only fitting; each peer scored the run's records as the champion",
+            "before its runs), each from its own venv, one process: **kserve** (a custom",
+            "`kserve.Model`, V1 `:predict`, records as JSON objects made a DataFrame, answering",
+            "the positive class's probability) and **mlserver** (the scikit-learn runtime,",
+            "`parallel_workers: 0`, V2 `/infer`, one input per feature column decoded as a",
+            "DataFrame, `predict_proba` asked for). A payload larger than the use case's stored",
+            f"records repeats them. Pins: {pins}.",
+            *timing,
+            "",
+        ]
+        for f in fast:
+            fast_ms = "none" if f["fast_ms"] is None else f"{f['fast_ms']:.3f} ms"
+            lines += [
+                f"One record through the {f['model']} champion on the server core, median: the",
+                f"scikit-learn pipeline (what the peers call) {f['sklearn_ms']:.3f} ms, ours' fast",
+                f"path {fast_ms}.",
+                "",
+            ]
+    else:
+        lines += [
+            f"The {args.usecase} use case; for each model kind a champion of that candidate alone,",
+            "served five ways one after another, each pinned to core 0 with `wrk` (1 thread) on",
+            "core 1: **ours** (`bentoml serve clinml.serving.service:ClinicalService`, inline execution,",
+            "adaptive batching on (the default), with an API key), **ours-unbatched** (the same",
+            "with `CLINML_BATCHING=false`, single records only), **mlflow** (`mlflow models serve --env-manager local --workers 1`,",
+            "`/invocations`), **bentoml-trivial** (a BentoML service configured like ours whose",
+            "`/predict` answers a constant) and **starlette** (the same constant endpoint on one",
+            "uvicorn worker).",
+            *timing,
+            "`/predict_patient` asks for one patient, whose features come from the online store.",
+            "",
+        ]
     if plot_link:
         lines += [f"![p99 latency vs throughput]({plot_link})", ""]
-    lines += ["### Targets", "", *target_checks(rows, fast, memory, args), ""]
+    if not peers:
+        lines += ["### Targets", "", *target_checks(rows, fast, memory, args), ""]
     for kind in args.models:
         lines += [
             f"### {kind} champion",
@@ -762,19 +953,34 @@ def report(
             "| server | endpoint | payload | concurrency | req/s | p50 ms | p99 ms |",
             "|---|---|---|---|---|---|---|",
         ]
+        few = False
         for r in rows:
             if r["model"] == kind:
+                mark = " †" if r["rps"] * args.duration < FEW_COMPLETIONS else ""
+                few = few or bool(mark)
+                # wrk reports 0 ms percentiles when no request completed within the run
+                latency = (
+                    f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f}"
+                    if r["rps"] > 0
+                    else f"none completed in {args.duration} s | —"
+                )
                 lines.append(
                     f"| {r['server']} | `{r['endpoint']}` | {r['payload']} | {r['concurrency']} "
-                    f"| {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+                    f"| {r['rps']:.0f}{mark} | {latency} |"
                 )
+        if few:
+            lines += [
+                "",
+                f"† fewer than {FEW_COMPLETIONS} requests completed in a {args.duration} s run: its",
+                "percentiles rest on few samples, and requests slower than the run are not counted.",
+            ]
         lines += ["", "Resident memory after the runs (MiB):", ""]
         lines += ["| server | process | RSS MiB |", "|---|---|---|"]
         for server, processes in memory.get(kind, {}).items():
             for process, mib in sorted(processes.items()):
                 lines.append(f"| {server} | {process} | {mib:.0f} |")
         lines.append("")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -791,8 +997,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS,
-                        help="servers to measure (all four for the report's targets)")  # fmt: skip
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=ALL_SERVERS,
+                        help="servers to measure (default: all but the peers kserve and "
+                        "mlserver, whose venvs take minutes to make)")  # fmt: skip
     parser.add_argument("--payloads", type=int, nargs="+", default=[1, 100],
                         help="records per /predict request")  # fmt: skip
     parser.add_argument("--patients", type=int, default=5000,
@@ -843,17 +1050,18 @@ def run(args: argparse.Namespace) -> str:
             rows += points
             fast.append(fastpath_latency(champion, args.repeats))
             print(json.dumps(fast[-1]), flush=True)
+    start, end, plot_name = section_names(args)
     if args.doc is not None:
-        plot_path = args.doc.resolve().parent / "img" / PLOT_NAME
+        plot_path = args.doc.resolve().parent / "img" / plot_name
         link = os.path.relpath(plot_path, args.doc.resolve().parent)
     else:
-        plot_path, link = home / "reports" / PLOT_NAME, None
+        plot_path, link = home / "reports" / plot_name, None
     plot(rows, args.models, plot_path)
     section = report(rows, fast, memory, args, link)
     print(section)
     print(f"plot: {plot_path}")
     if args.doc is not None:
-        write_section(args.doc, START, END, section)
+        write_section(args.doc, start, end, section)
         print(f"wrote {args.doc}")
     return section
 
@@ -862,7 +1070,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (BenchError, LoadError, ClinmlError) as exc:
+    except (BenchError, LoadError, ClinmlError, PeerError) as exc:
         sys.exit(f"serving bench failed: {exc}")
 
 
