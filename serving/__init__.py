@@ -4,6 +4,8 @@ Modules:
     service     the ``@bentoml.service`` class and its endpoints
                 (``bentoml serve clinml.serving.service:ClinicalService``)
     schemas     request/response models generated from the spec
+    columns     column-wise checks of feature values against the spec, worded as /predict's
+    protocol    the Open Inference Protocol (KServe V2): tensors -> records -> tensors
     routes      the route table: every path's methods, role, audit, shedding and metric
                 label; auth, shedding, metrics, refusals and OpenAPI derive from it
     framework   the BentoML adapter: version check and every patch of its internals, in one

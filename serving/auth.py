@@ -64,13 +64,16 @@ class AuthMiddleware:
     Args:
         app: the ASGI application to protect.
         keystore: the known keys (a ``LiveKeyStore`` follows changes to the keys file).
-        rules: path -> the role it needs (default: ``clinml.serving.routes.rules()``). A path
-            that is neither in ``rules`` nor exempt needs ``admin``, so a new endpoint is
-            closed until someone opens it.
+        rules: path -> the role it needs (default: ``clinml.serving.routes.rules()``); an
+            entry ending in "/" holds everything under it. A path that is neither in
+            ``rules`` nor exempt needs ``admin``, so a new endpoint is closed until someone
+            opens it.
         exempt: paths served without a key (default: the table's, ``clinml.serving.routes``); an
             entry ending in "/" (other than "/") exempts everything under it.
         protect_metrics: require a key for ``/metrics`` too (role from ``rules``, else
             ``admin``).
+        usecase: the served use case: the route table's rows for its Open Inference
+            Protocol paths count too (``clinml.serving.routes.protocol_routes``).
 
     Every refusal is answered from the headers alone, so a caller without a key holds
     no body buffer, no slot and no worker, and is reported to
@@ -87,20 +90,21 @@ class AuthMiddleware:
         rules: Mapping[str, str] | None = None,
         exempt: Iterable[str] | None = None,
         protect_metrics: bool = False,
+        usecase: str | None = None,
     ) -> None:
         self.app = app
         self.keystore = keystore
-        self.rules = dict(routes.rules() if rules is None else rules)
+        self.rules = dict(routes.rules(protect_metrics, usecase) if rules is None else rules)
         bad = sorted({role for role in self.rules.values() if role not in ROLES})
         if bad:
             raise AuthConfigError(f"auth rules name unknown role(s) {', '.join(bad)}")
-        self.open_paths = routes.open_paths(protect_metrics, exempt)
+        self.open_paths = routes.open_paths(protect_metrics, exempt, usecase)
 
     def is_exempt(self, path: str) -> bool:
         return path in self.open_paths
 
     def required_role(self, path: str) -> str:
-        return self.rules.get(path, "admin")
+        return routes.role_of(path, self.rules)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):

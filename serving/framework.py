@@ -173,14 +173,14 @@ def install_log_redaction(names: frozenset[str] = frozenset()) -> None:
 # -- start-up ------------------------------------------------------------------------------
 
 
-def service_config(settings: Any) -> dict[str, Any]:
+def service_config(settings: Any, usecase: str | None = None) -> dict[str, Any]:
     """BentoML's per-request extras for clinml's own endpoints (``@bentoml.service``
     options): its access log line and OpenTelemetry spans. clinml audits and times every
     request itself, so by default BentoML skips those paths (measured in
     docs/benchmarks.md)."""
     from clinml.serving.routes import own_paths
 
-    own = own_paths()
+    own = own_paths(usecase)
     return {
         "logging": {
             "access": {
@@ -192,7 +192,9 @@ def service_config(settings: Any) -> dict[str, Any]:
     }
 
 
-def configure(settings: Any, schema_names: frozenset[str] = frozenset()) -> None:
+def configure(
+    settings: Any, schema_names: frozenset[str] = frozenset(), usecase: str | None = None
+) -> None:
     """Check the BentoML version and install every patch, once per process (a second call
     with the same arguments does nothing; with others, it updates them).
 
@@ -200,6 +202,8 @@ def configure(settings: Any, schema_names: frozenset[str] = frozenset()) -> None
         settings: ``clinml.settings.Settings`` (the header limits for httpguard).
         schema_names: the field names the request schemas know, which the log filter
             keeps (any other name in a logged error is the caller's text).
+        usecase: the served use case, whose Open Inference Protocol paths BentoML's
+            request metrics may label too (``clinml.serving.routes.metric_paths``).
 
     Raises:
         FrameworkVersionError: the installed BentoML is another minor release.
@@ -213,6 +217,7 @@ def configure(settings: Any, schema_names: frozenset[str] = frozenset()) -> None
         settings.max_headers,
         settings.header_timeout_s,
         schema_names,
+        usecase,
     )
     if _configured == arguments:
         return
@@ -221,6 +226,6 @@ def configure(settings: Any, schema_names: frozenset[str] = frozenset()) -> None
     # Header size, count and time limits and no protocol upgrades, before any middleware
     # runs (serving/httpguard.py has the findings behind each).
     httpguard.install(settings.max_header_bytes, settings.max_headers, settings.header_timeout_s)
-    install_metric_paths(metric_paths())
+    install_metric_paths(metric_paths(usecase))
     install_log_redaction(schema_names)
     _configured = arguments

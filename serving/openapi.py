@@ -47,35 +47,68 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": schemas.ErrorResponse, "description": "Not ready, or the audit trail is down."},
 }
 
+
+def _protocol_errors() -> dict[int | str, dict[str, Any]]:
+    """``ERRORS`` for the Open Inference Protocol's paths: what clinml itself answers
+    there (400, 404, 503) is ``{"error": "..."}``; the middleware's refusals are as on
+    every other path."""
+    from clinml.serving.protocol import ProtocolErrorResponse
+
+    shaped = {
+        400: "A bad tensor: shape, datatype, name, a missing feature or a value (never echoed).",
+        404: "Another model than the one served.",
+        503: "Not ready, or the audit trail is down.",
+    }
+    errors = {status: error for status, error in ERRORS.items() if status != 422}
+    for status, description in shaped.items():
+        errors[status] = {"model": ProtocolErrorResponse, "description": description}
+    return errors
+
+
+PROTOCOL_ERRORS = _protocol_errors()
+
 # The one hot endpoint that answers 404: patients the online store does not know.
 UNKNOWN_PATIENTS_PATH = "/predict_patient"
 
 
-def install(api: FastAPI, hot: Mapping[str, HotRoute], protect_metrics: bool) -> None:
+def install(
+    api: FastAPI,
+    hot: Mapping[str, HotRoute],
+    protect_metrics: bool,
+    error_models: Mapping[str, type] | None = None,
+) -> None:
     """Make ``api`` serve :func:`build`'s document, built on first use."""
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
-            api.openapi_schema = build(api, hot, protect_metrics)
+            api.openapi_schema = build(api, hot, protect_metrics, error_models)
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]
 
 
-def build(api: FastAPI, hot: Mapping[str, HotRoute], protect_metrics: bool) -> dict[str, Any]:
+def build(
+    api: FastAPI,
+    hot: Mapping[str, HotRoute],
+    protect_metrics: bool,
+    error_models: Mapping[str, type] | None = None,
+) -> dict[str, Any]:
     """The whole document (see the module docstring).
 
     Args:
         api: the FastAPI app (its title, description and routes).
         hot: path -> how to document the endpoint answered from ASGI.
         protect_metrics: ``CLINML_PROTECT_METRICS``: whether ``/metrics`` needs a key.
+        error_models: hot path -> the model of its own 400, 404 and 503 answers, where
+            not ``ErrorResponse`` (the Open Inference Protocol's ``{"error": ...}``); such
+            a path answers no 422.
     """
     from fastapi.openapi.utils import get_openapi
 
     document = get_openapi(
         title=api.title, version=api.version, description=api.description, routes=api.routes
     )
-    _document_hot_paths(document, hot)
+    _document_hot_paths(document, hot, error_models or {})
     _errors_are_json(document)
     needs_key = routes.rules(protect_metrics)
     for route in routes.documented():
@@ -114,7 +147,9 @@ def _errors_are_json(document: dict[str, Any]) -> None:
                     content["application/json"] = content.pop("text/html")
 
 
-def _document_hot_paths(document: dict[str, Any], hot: Mapping[str, HotRoute]) -> None:
+def _document_hot_paths(
+    document: dict[str, Any], hot: Mapping[str, HotRoute], error_models: Mapping[str, type]
+) -> None:
     """Describe the endpoints HotEndpoint answers from the same pydantic schemas that
     validate them, as FastAPI would have."""
     from pydantic.json_schema import models_json_schema
@@ -122,6 +157,7 @@ def _document_hot_paths(document: dict[str, Any], hot: Mapping[str, HotRoute]) -
     models: list[tuple[Any, Any]] = [(entry[1], "validation") for entry in hot.values()]
     models += [(entry[3], "serialization") for entry in hot.values()]
     models += [(schemas.ErrorResponse, "serialization")]
+    models += [(model, "serialization") for model in set(error_models.values())]
     refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     document.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
 
@@ -142,6 +178,19 @@ def _document_hot_paths(document: dict[str, Any], hot: Mapping[str, HotRoute]) -
         }
     }
     for path, (handler, request_model, summary, response_model) in hot.items():
+        own = error_models.get(path)
+        path_errors = errors
+        if own is not None:
+            path_errors = {
+                str(status): {
+                    "description": error["description"],
+                    "content": content(
+                        own if error["model"] is not schemas.ErrorResponse else error["model"],
+                        "serialization",
+                    ),
+                }
+                for status, error in PROTOCOL_ERRORS.items()
+            }
         document["paths"][path] = {
             "post": {
                 "summary": summary,
@@ -156,7 +205,7 @@ def _document_hot_paths(document: dict[str, Any], hot: Mapping[str, HotRoute]) -
                         "description": "Successful Response",
                         "content": content(response_model, "serialization"),
                     },
-                    **errors,
+                    **path_errors,
                     **(unknown if path == UNKNOWN_PATIENTS_PATH else {}),
                 },
             }

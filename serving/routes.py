@@ -18,6 +18,14 @@ document says about it. Everything else is derived here, so no second list can d
 - the OpenAPI entries of the paths BentoML serves (:func:`documented`, in
   ``clinml.serving.openapi``).
 
+The Open Inference Protocol's paths name the use case (``/v2/models/pathology/infer``), so
+their rows are made at start-up from the served use case (:func:`protocol_routes`): every
+function below takes ``usecase`` and, given it, derives from ``ROUTES`` plus those rows. The
+rows hold the concrete paths, so every check stays an exact match and a metric label is
+never more than the served use case's few paths. Under ``/v2/models/`` any other path (another
+model's name, a version path) needs ``predict``, is audited and shed, and is answered 404
+in the protocol's error shape; it is reported as ``"other"``.
+
 A new endpoint is a new row here (docs/architecture.md, "where does my change go"). A path
 in no row needs ``admin``, is audited as ``"other"`` and is never a metric label: so is
 BentoML's ``/schema.json``, which clinml does not use. A path ending in ``/`` (other than
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Literal
 
 from clinml.serving.keys import ROLES
@@ -152,16 +161,48 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def table(protect_metrics: bool = False) -> tuple[Route, ...]:
+# The Open Inference Protocol (KServe V2): server-wide paths, and the prefix of a model's.
+V2 = "/v2"
+V2_MODELS = "/v2/models/"
+
+
+def v2_model(usecase: str) -> str:
+    """``/v2/models/<use case>``: the served model's protocol path (its metadata)."""
+    return f"{V2_MODELS}{usecase}"
+
+
+def protocol_routes(usecase: str) -> tuple[Route, ...]:
+    """The Open Inference Protocol's rows for the served use case (serving/protocol.py)."""
+    model = v2_model(usecase)
+    return (
+        _endpoint(f"{model}/infer", ("POST",), "predict"),
+        _endpoint(f"{model}/ready", GET, "predict"),
+        _endpoint(model, GET, "predict"),
+        # Any other model, or a version path: after the key, clinml's 404 in the protocol's
+        # shape (a catch-all route; BentoML's own 404 is plain text).
+        Route(V2_MODELS, ("GET", "POST"), "predict", True, True, None, "clinml"),
+        # Server metadata and health, open as /livez and /readyz are.
+        _open(V2, GET, "clinml"),
+        _open(f"{V2}/health/live", GET, "clinml"),
+        _open(f"{V2}/health/ready", GET, "clinml"),
+    )
+
+
+def rows(usecase: str | None = None) -> tuple[Route, ...]:
+    """``ROUTES``, plus the protocol's rows when ``usecase`` (the served one) is given."""
+    return ROUTES if usecase is None else (*ROUTES, *protocol_routes(usecase))
+
+
+def table(protect_metrics: bool = False, usecase: str | None = None) -> tuple[Route, ...]:
     """The routes, with ``/metrics`` needing ``admin`` (and audited and shed like any
     other protected path) when ``protect_metrics`` (``CLINML_PROTECT_METRICS``)."""
     if not protect_metrics:
-        return ROUTES
+        return rows(usecase)
     return tuple(
         replace(route, role=METRICS_ROLE, audited=True, shed=True)
         if route.path == METRICS
         else route
-        for route in ROUTES
+        for route in rows(usecase)
     )
 
 
@@ -192,54 +233,69 @@ class PathSet:
         return f"PathSet({sorted([*self._paths, *self._prefixes])})"
 
 
-def rules(protect_metrics: bool = False) -> dict[str, str]:
-    """Path -> the role a key needs for it; a path in no row needs ``admin``."""
-    return {r.path: r.role for r in table(protect_metrics) if r.role is not None}
+def rules(protect_metrics: bool = False, usecase: str | None = None) -> dict[str, str]:
+    """Path -> the role a key needs for it; a path in no row needs ``admin``. An entry
+    ending in "/" holds everything under it (:func:`role_of`)."""
+    return {r.path: r.role for r in table(protect_metrics, usecase) if r.role is not None}
 
 
-def open_paths(protect_metrics: bool = False, exempt: Iterable[str] | None = None) -> PathSet:
+def role_of(path: str, rules: dict[str, str]) -> str:
+    """The role ``rules`` give ``path``: its own entry, else the longest prefix entry
+    that holds it (never across dot segments), else ``admin``."""
+    role = rules.get(path)
+    if role is not None:
+        return role
+    holders = [p for p in rules if p != "/" and p.endswith("/") and path.startswith(p)]
+    if holders and not any(part in (".", "..") for part in path.split("/")):
+        return rules[max(holders, key=len)]
+    return "admin"
+
+
+def open_paths(
+    protect_metrics: bool = False,
+    exempt: Iterable[str] | None = None,
+    usecase: str | None = None,
+) -> PathSet:
     """The paths served without a key: the table's (or ``exempt``, when given), less
     ``/metrics`` when it is protected."""
     if exempt is None:
-        return PathSet(r.path for r in table(protect_metrics) if r.role is None)
+        return PathSet(r.path for r in table(protect_metrics, usecase) if r.role is None)
     return PathSet(p for p in exempt if not (protect_metrics and p == METRICS))
 
 
-def unshed(protect_metrics: bool = False) -> PathSet:
+def unshed(protect_metrics: bool = False, usecase: str | None = None) -> PathSet:
     """The paths load shedding neither counts nor refuses."""
-    return PathSet(r.path for r in table(protect_metrics) if not r.shed)
+    return PathSet(r.path for r in table(protect_metrics, usecase) if not r.shed)
 
 
-def unaudited(protect_metrics: bool = False) -> PathSet:
+def unaudited(protect_metrics: bool = False, usecase: str | None = None) -> PathSet:
     """The paths whose requests are not written to the request audit trail."""
-    return PathSet(r.path for r in table(protect_metrics) if not r.audited)
+    return PathSet(r.path for r in table(protect_metrics, usecase) if not r.audited)
 
 
-def metric_paths() -> frozenset[str]:
+@lru_cache(maxsize=8)
+def metric_paths(usecase: str | None = None) -> frozenset[str]:
     """The paths reported by name (on /metrics, in refusals and audit records); BentoML's
     request metrics instrument no other path."""
-    return frozenset(r.metric for r in ROUTES if r.metric is not None)
+    return frozenset(r.metric for r in rows(usecase) if r.metric is not None)
 
 
-def endpoint(path: str) -> str:
+def endpoint(path: str, usecase: str | None = None) -> str:
     """The name a request to ``path`` is reported under: its label, else ``"other"``."""
-    return path if path in _NAMED else "other"
+    return path if path in metric_paths(usecase) else "other"
 
 
-def own_paths() -> list[str]:
+def own_paths(usecase: str | None = None) -> list[str]:
     """clinml's own endpoints: it audits and times each request to them itself, so
     BentoML's access log and tracing skip them by default."""
-    return [r.path for r in ROUTES if r.server == "clinml" and r.audited]
+    return [r.path for r in rows(usecase) if r.server == "clinml" and r.audited]
 
 
-def served_by(server: Server) -> tuple[Route, ...]:
+def served_by(server: Server, usecase: str | None = None) -> tuple[Route, ...]:
     """The rows ``server`` answers."""
-    return tuple(r for r in ROUTES if r.server == server)
+    return tuple(r for r in rows(usecase) if r.server == server)
 
 
 def documented() -> tuple[Route, ...]:
     """The rows BentoML serves that the OpenAPI document describes."""
     return tuple(r for r in ROUTES if r.server == "bentoml" and r.description is not None)
-
-
-_NAMED = metric_paths()

@@ -19,6 +19,10 @@ others are FastAPI routes. docs/benchmarks.md has the measurements behind that s
 ``GET /model``             the version served, its metrics, threshold and model card link
 ``GET /model/card``        the model card (HTML)
 ``POST /admin/reload``     switch to the registry's current champion without downtime
+``POST /v2/models/<use case>/infer``  the Open Inference Protocol (KServe V2): tensors in,
+                           the same predictions as ``/predict`` out (serving/protocol.py);
+                           with ``GET /v2/models/<use case>`` (metadata), ``.../ready``,
+                           ``/v2``, ``/v2/health/live`` and ``/v2/health/ready``
 ``/livez`` ``/readyz`` ``/metrics`` come from BentoML; ``/readyz`` asks ``__is_ready__``.
 
 Every call needs an API key with the endpoint's role (``clinml.serving.routes``, checked by
@@ -78,7 +82,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
-from clinml.serving import framework, openapi, refusals, routes, schemas
+from clinml.serving import framework, openapi, protocol, refusals, routes, schemas
 from clinml.serving.asgi import send_json
 from clinml.serving.coalesce import Coalescer
 from clinml.serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
@@ -99,9 +103,15 @@ ExplainDicts = SCHEMAS.explain_dicts  # ExplainRequest, validated into dicts
 PatientRequest = SCHEMAS.patient_request
 # The start-up configuration of BentoML, before it builds its app (see the module
 # docstring): the version check and every patch of its internals.
-framework.configure(SETTINGS, SCHEMAS.names)
+framework.configure(SETTINGS, SCHEMAS.names, SPEC.name)
+# The route table's rows for the served use case: ROUTES plus the Open Inference
+# Protocol's paths, which name it (serving/routes.py).
+USECASE = SPEC.name
+V2_MODEL = routes.v2_model(USECASE)
+V2_INFER = f"{V2_MODEL}/infer"
+refusals.RECORDER.known_paths = routes.metric_paths(USECASE)
 # Paths whose requests are not audited (serving/routes.py).
-UNAUDITED = routes.unaudited(SETTINGS.protect_metrics)
+UNAUDITED = routes.unaudited(SETTINGS.protect_metrics, USECASE)
 
 
 class ClinicalAPI(FastAPI):
@@ -138,6 +148,14 @@ class ServiceUnavailable(Exception):
     """Answered 503 with a reason (no submitted values in it)."""
 
 
+def _error_body(path: str, message: Any) -> dict[str, Any]:
+    """An error answer: ``{"detail": ...}``, or the Open Inference Protocol's
+    ``{"error": "..."}`` under ``/v2``."""
+    if path == routes.V2 or path.startswith(routes.V2 + "/"):
+        return {"error": str(message)}
+    return {"detail": message}
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     if Metrics._made is not None:
@@ -154,14 +172,23 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 @api.exception_handler(ServiceUnavailable)
-async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=503)
+async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+    return JSONResponse(_error_body(request.url.path, str(exc)), status_code=503)
+
+
+# A 404 under /v2/models/: another model's name, a version path. Only the served model is
+# named (the caller's path is text it chose).
+NO_SUCH_MODEL = f"unknown model: this service serves {USECASE!r} only (GET {V2_MODEL})"
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    path = request.url.path
+    detail = exc.detail
+    if exc.status_code == 404 and path.startswith(routes.V2_MODELS):
+        detail = NO_SUCH_MODEL
     # exc.headers carries a 405's Allow header (RFC 9110 requires it)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(_error_body(path, detail), status_code=exc.status_code, headers=exc.headers)
 
 
 class Metrics:
@@ -326,7 +353,7 @@ def _ref(info: dict[str, Any]) -> schemas.ModelRef:
     name="clinml",
     resources={"cpu": "1"},
     traffic={"timeout": 30},
-    **framework.service_config(SETTINGS),
+    **framework.service_config(SETTINGS, USECASE),
 )
 @bentoml.asgi_app(api, path="/")
 class ClinicalService:
@@ -701,7 +728,7 @@ class AuditEveryRequest:
             return
         service = bentoml.get_current_service()
         try:
-            call = _Call(service, scope, routes.endpoint(path))
+            call = _Call(service, scope, routes.endpoint(path, USECASE))
         except ServiceUnavailable as exc:
             await send_json(send, 503, {"detail": str(exc)})
             return
@@ -726,6 +753,21 @@ def audited(call: _Call, labels: Sequence[str]) -> None:
         raise ServiceUnavailable("request audit trail unavailable: its queue is full")
 
 
+async def _predicted(
+    service: ClinicalService,
+    call: _Call,
+    records: list[dict[str, Any]],
+    patients: list[str] | None = None,
+) -> tuple[Scores, list[dict[str, Any]]]:
+    """Predict, close the call's audit record, log the predictions: what every
+    prediction endpoint does with validated records, whatever shape its answer takes."""
+    scores = await call.score(records)
+    predictions = service.answer(scores)
+    audited(call, [p["label"] for p in predictions])
+    service.log_predictions(call.request_id, scores.model, records, predictions, patients)
+    return scores, predictions
+
+
 async def _respond(
     service: ClinicalService,
     call: _Call,
@@ -734,10 +776,7 @@ async def _respond(
 ) -> tuple[int, dict[str, Any]]:
     """Predict, log the predictions, close the call's audit record; the answer is a
     ``schemas.PredictResponse``."""
-    scores = await call.score(records)
-    predictions = service.answer(scores)
-    audited(call, [p["label"] for p in predictions])
-    service.log_predictions(call.request_id, scores.model, records, predictions, patients)
+    scores, predictions = await _predicted(service, call, records, patients)
     model = scores.model
     return 200, {
         "request_id": call.request_id,
@@ -836,6 +875,27 @@ async def explain(service: ClinicalService, call: _Call, body: bytes) -> tuple[i
     }
 
 
+async def infer(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
+    """The Open Inference Protocol (KServe V2): one tensor per feature (shape [n] or
+    [n, 1]; FP64, FP32, INT64 or INT32 for a number, also BOOL for an int feature,
+    BYTES for a category) or, when every feature is numeric, one FP64 tensor of shape
+    [n, k] in the order `GET /v2/models/{model}` lists the inputs. The same checks and
+    predictions as /predict: outputs `probability` (FP64), `label` and `risk_band`
+    (BYTES), one per row. A bad tensor is a 400 `{"error": ...}` that names the feature
+    and row, never the value."""
+    try:
+        request = protocol.parse(body)
+        records = protocol.records(SPEC, request, SETTINGS.max_records_per_request)
+        outputs = protocol.requested(request)
+    except protocol.ProtocolError as exc:
+        return 400, {"error": str(exc)}
+    scores, predictions = await _predicted(service, call, records)
+    # The request's own id is echoed in the answer, as the protocol requires; it is
+    # neither logged nor audited (the audit record has the service's request id).
+    answer_id = request.id or call.request_id
+    return 200, protocol.response(SPEC, scores.model.version, answer_id, predictions, outputs)
+
+
 # path -> (handler, request model, summary, response model)
 HOT = {
     "/predict": (
@@ -856,7 +916,15 @@ HOT = {
         "Top feature contributions per record",
         schemas.ExplainResponse,
     ),
+    V2_INFER: (
+        infer,
+        protocol.InferRequest,
+        "Open Inference Protocol (KServe V2): predict for tensors",
+        protocol.InferResponse,
+    ),
 }
+# Hot endpoints whose errors take another shape than {"detail": ...}: path -> its model.
+ERROR_MODELS = {V2_INFER: protocol.ProtocolErrorResponse}
 
 
 def invalid_body(exc: ValidationError) -> list[dict[str, Any]]:
@@ -879,13 +947,14 @@ class HotEndpoint:
 
     def __init__(self, endpoint: str, handler: Any):
         self.endpoint, self.handler = endpoint, handler
+        self.error_path = endpoint  # its errors' shape (_error_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = bentoml.get_current_service()
         try:
             call = _Call(service, scope, self.endpoint)
         except ServiceUnavailable as exc:
-            await send_json(send, 503, {"detail": str(exc)})
+            await send_json(send, 503, _error_body(self.error_path, str(exc)))
             return
         chunks = []
         while True:
@@ -901,7 +970,7 @@ class HotEndpoint:
         except ValidationError as exc:
             status, payload = 422, {"detail": invalid_body(exc)}
         except ServiceUnavailable as exc:
-            status, payload = 503, {"detail": str(exc)}
+            status, payload = 503, _error_body(self.error_path, str(exc))
         except BaseException:
             call.done(500)
             raise
@@ -960,7 +1029,70 @@ def admin_reload(self: Any = CURRENT) -> dict[str, Any]:
     return {"previous_version": old, "version": new, "changed": old != new}
 
 
-openapi.install(api, HOT, SETTINGS.protect_metrics)
+# -- the Open Inference Protocol's other paths (POST .../infer is in HOT) ---------------
+
+
+@api.get(
+    V2_MODEL, responses=openapi.PROTOCOL_ERRORS, summary="Open Inference Protocol: model metadata"
+)
+def v2_model_metadata(self: Any = CURRENT) -> dict[str, Any]:
+    """The model's name, versions (the one served), platform, its inputs (one per
+    feature, in the order a single [n, k] tensor takes them) and outputs."""
+    return protocol.metadata(SPEC, self.current_version())
+
+
+@api.get(
+    f"{V2_MODEL}/ready",
+    responses=openapi.PROTOCOL_ERRORS,
+    summary="Open Inference Protocol: model ready",
+)
+def v2_model_ready(self: Any = CURRENT) -> dict[str, Any]:
+    """200 when the model is loaded; 503 otherwise."""
+    if not self.describe().get("loaded"):
+        raise ServiceUnavailable("model not ready: no model loaded")
+    return {"name": USECASE, "ready": True}
+
+
+@api.api_route(routes.V2_MODELS + "{other:path}", methods=["GET", "POST"], include_in_schema=False)
+def v2_no_such_model(other: str) -> None:
+    """Any other path under /v2/models/ (another model, a version path): a 404 in the
+    protocol's shape that names the served model only. Registered after the served
+    model's routes, so it never shadows them; the served model's paths with another
+    method are still a 405."""
+    allowed = _V2_METHODS.get(routes.V2_MODELS + other)
+    if allowed is not None:
+        raise StarletteHTTPException(405, headers={"Allow": ", ".join(allowed)})
+    raise StarletteHTTPException(404)
+
+
+_V2_METHODS = {
+    r.path: r.methods for r in routes.protocol_routes(USECASE) if r.path.startswith(V2_MODEL)
+}
+
+
+# Open, as /livez and /readyz are, and out of the OpenAPI document as they are (the route
+# table documents only BentoML's open paths): docs/serving.md describes them.
+@api.get(routes.V2, include_in_schema=False)
+def v2_server_metadata() -> dict[str, Any]:
+    from clinml import __version__
+
+    return protocol.server_metadata(__version__)
+
+
+@api.get(f"{routes.V2}/health/live", include_in_schema=False)
+def v2_live() -> dict[str, Any]:
+    return {"live": True}
+
+
+@api.get(f"{routes.V2}/health/ready", include_in_schema=False)
+def v2_ready(self: Any = CURRENT) -> dict[str, Any]:
+    """What /readyz says, in the protocol's words (no reason: the path is open)."""
+    if not self.__is_ready__():
+        raise ServiceUnavailable("not ready")
+    return {"ready": True}
+
+
+openapi.install(api, HOT, SETTINGS.protect_metrics, ERROR_MODELS)
 
 
 def _install_middleware() -> KeysOnFirstUse | None:
@@ -984,8 +1116,9 @@ def _install_middleware() -> KeysOnFirstUse | None:
         ClinicalService.add_asgi_middleware(
             AuthMiddleware,
             keystore=keystore,
-            rules=routes.rules(SETTINGS.protect_metrics),
+            rules=routes.rules(SETTINGS.protect_metrics, USECASE),
             protect_metrics=SETTINGS.protect_metrics,
+            usecase=USECASE,
         )
     else:
         keystore = None  # ClinicalService.__init__ warns
@@ -994,7 +1127,7 @@ def _install_middleware() -> KeysOnFirstUse | None:
             ShedMiddleware,
             max_in_flight=SETTINGS.max_in_flight,
             max_per_key=SETTINGS.max_in_flight_per_key,
-            open_paths=routes.unshed(SETTINGS.protect_metrics),
+            open_paths=routes.unshed(SETTINGS.protect_metrics, USECASE),
         )
     ClinicalService.add_asgi_middleware(JsonOnlyMiddleware)
     ClinicalService.add_asgi_middleware(

@@ -24,8 +24,11 @@ from starlette.testclient import TestClient
 from clinml.serving import routes
 from clinml.serving.auth import AuthMiddleware
 from clinml.serving.keys import KeyStore, generate_key
-from clinml.serving.routes import ROUTES
 from tests.conftest import PROJECT_ROOT
+
+# The use case the wired service serves: the table holds its Open Inference Protocol rows.
+USECASE = "pathology"
+SERVED = routes.rows(USECASE)
 
 # Paths outside the table: caller-chosen text, BentoML's unused /schema.json, look-alikes.
 UNKNOWN = [
@@ -35,7 +38,15 @@ UNKNOWN = [
     "/modelx",
     "/static_content/../predict",
 ]
-PROBES = [*(r.path for r in ROUTES), "/static_content/app.js", "/docs/assets/x.css", *UNKNOWN]
+# Under /v2/models/ but not the served model's: a key with predict, then a 404.
+OTHER_MODELS = ["/v2/models/other/infer", "/v2/models/pathology/versions/1/infer"]
+PROBES = [
+    *(r.path for r in SERVED),
+    "/static_content/app.js",
+    "/docs/assets/x.css",
+    *UNKNOWN,
+    *OTHER_MODELS,
+]
 
 _WIRING = r"""
 import json, sys
@@ -101,21 +112,36 @@ def wiring(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def test_the_fastapi_app_serves_exactly_the_clinml_rows(wiring) -> None:
     _, wired = wiring
-    served = {path: set(methods) for path, methods in wired["app"]}
-    table = {r.path: set(r.methods) for r in routes.served_by("clinml")}
+    # a catch-all route ("/v2/models/{other:path}") serves its row's prefix
+    served = {
+        path.split("{")[0] if path.endswith(":path}") else path: set(methods)
+        for path, methods in wired["app"]
+    }
+    table = {r.path: set(r.methods) for r in routes.served_by("clinml", USECASE)}
     assert served == table, "serving/routes.py and the FastAPI app disagree: add or fix a row"
     assert set(wired["hot"]) <= set(table)
 
 
 def test_the_key_check_asks_for_the_tables_role(wiring) -> None:
     protect, wired = wiring
-    expected = {r.path: r.role for r in routes.table(protect)}
+    expected = {r.path: r.role for r in routes.table(protect, USECASE)}
     for path, role in wired["role"].items():
         if path in expected:
             assert role == expected[path], path
     assert wired["role"]["/model/card"] == "predict"
     assert wired["role"]["/metrics"] == ("admin" if protect else None)
     assert wired["role"]["/static_content/app.js"] is None  # under an open prefix
+    assert wired["role"]["/v2/models/pathology/infer"] == "predict"
+    assert wired["role"]["/v2/health/ready"] is None
+
+
+@pytest.mark.parametrize("path", OTHER_MODELS)
+def test_another_models_path_needs_predict_and_is_audited_shed_and_unnamed(wiring, path) -> None:
+    _, wired = wiring
+    assert wired["role"][path] == "predict"
+    assert wired["audited"][path] and wired["shed"][path]
+    assert wired["refusal_name"][path] == "other"
+    assert path not in wired["metric_paths"]
 
 
 @pytest.mark.parametrize("path", UNKNOWN)
@@ -129,17 +155,17 @@ def test_a_path_not_in_the_table_is_closed_audited_shed_and_unnamed(wiring, path
 
 def test_shedding_auditing_and_names_agree_with_the_table(wiring) -> None:
     protect, wired = wiring
-    for route in routes.table(protect):
+    for route in routes.table(protect, USECASE):
         assert wired["shed"][route.path] is route.shed, route.path
         assert wired["audited"][route.path] is route.audited, route.path
         named = route.metric or "other"
         assert wired["refusal_name"][route.path] == named, route.path
-    assert set(wired["metric_paths"]) == {r.metric for r in ROUTES if r.metric}
+    assert set(wired["metric_paths"]) == {r.metric for r in SERVED if r.metric}
 
 
 def test_bentoml_skips_logging_and_tracing_clinmls_own_endpoints(wiring) -> None:
     _, wired = wiring
-    own = [r.path for r in ROUTES if r.server == "clinml" and r.audited]
+    own = [r.path for r in SERVED if r.server == "clinml" and r.audited]
     assert wired["skip_paths"] == own
     assert wired["excluded_urls"] == [f"{p}$" for p in own]
 
@@ -147,8 +173,10 @@ def test_bentoml_skips_logging_and_tracing_clinmls_own_endpoints(wiring) -> None
 def test_the_openapi_document_covers_the_table(wiring) -> None:
     protect, wired = wiring
     documented = wired["openapi"]
-    for route in routes.table(protect):
-        if route.server == "clinml" and route.role is not None:
+    for route in routes.table(protect, USECASE):
+        if route.server == "clinml" and route.role is not None and route.is_prefix:
+            assert route.path not in documented, route.path  # a catch-all 404, undocumented
+        elif route.server == "clinml" and route.role is not None:
             assert set(documented[route.path]) == {m.lower() for m in route.methods}, route.path
             assert documented[route.path][route.methods[0].lower()] is None  # needs a key
         elif route.description is not None:
@@ -170,9 +198,9 @@ def test_model_card_needs_the_predict_role_by_default() -> None:
 
 
 def test_every_row_is_well_formed() -> None:
-    paths = [r.path for r in ROUTES]
+    paths = [r.path for r in SERVED]
     assert len(paths) == len(set(paths)), "a path is in the table twice"
-    for route in ROUTES:
+    for route in SERVED:
         assert route.path.startswith("/")
         assert (route.role is None) == (not route.audited) == (not route.shed), route.path
         assert route.metric in (route.path, None), route.path

@@ -53,6 +53,8 @@ def test_schemathesis_finds_no_failure_in_any_operation(served, home: Path) -> N
     run = subprocess.run(
         [
             str(Path(sys.executable).parent / "st"),
+            "--config-file",
+            str(Path(__file__).with_name("schemathesis.toml")),
             "run",
             f"{served.url}/docs.json",
             "--header",
