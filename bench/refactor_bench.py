@@ -113,23 +113,7 @@ class BeforeService(Background):
             "PYTHONPATH": str(before),
         }
         log = champion.settings.home / "logs" / f"before-{port}.log"
-        super().__init__(command, env, f"http://127.0.0.1:{port}/readyz", log)
-        self.before = before
-
-    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> BeforeService:
-        # Background starts in the current checkout; this one must start in ``before``.
-        real = subprocess.Popen
-
-        def in_before(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-            kwargs["cwd"] = self.before
-            return real(*args, **kwargs)
-
-        subprocess.Popen = in_before  # type: ignore[misc]
-        try:
-            super().start(timeout)
-        finally:
-            subprocess.Popen = real  # type: ignore[misc]
-        return self
+        super().__init__(command, env, f"http://127.0.0.1:{port}/readyz", log, cwd=before)
 
 
 def one_round(

@@ -326,9 +326,15 @@ class Background:
     """A server command run in its own process group, logging to a file; a context manager."""
 
     def __init__(
-        self, command: list[str], env: dict[str, str], ready_url: str, log_file: Path
+        self,
+        command: list[str],
+        env: dict[str, str],
+        ready_url: str,
+        log_file: Path,
+        cwd: Path = ROOT,
     ) -> None:
         self.command, self.env, self.ready_url, self.log_file = command, env, ready_url, log_file
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> Background:
@@ -339,7 +345,7 @@ class Background:
             self.process = subprocess.Popen(
                 self.command,
                 env=self.env,
-                cwd=ROOT,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
