@@ -480,6 +480,55 @@ def test_boosting_sends_missing_values_where_sklearn_does(fitted, data, tree_pat
     )
 
 
+@pytest.mark.parametrize("case", ["gbm", "gbm_balanced"])
+def test_large_boosting_batches_use_sklearns_predictor_with_the_same_answer(
+    case: str, fitted, data, monkeypatch
+) -> None:
+    pipeline = fitted(case)
+    compiled = compile_model(pipeline, device="cpu")
+    _, _, x_test = data[False]
+    x = compiled.encode(pd.concat([x_test] * (1 + 300 // len(x_test))).iloc[:300])
+    x[::2, 0] = np.nan
+    x[1::3, 1] = np.nan
+    native = compiled._scorer._native
+    assert native is not None, "scikit-learn's predictor should be usable with its pinned version"
+    calls = []
+
+    def counted(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        return native(rows)
+
+    monkeypatch.setattr(compiled._scorer, "_native", counted)
+
+    batch = compiled.predict_proba(x)
+    small = compiled.predict_proba(x[: fastpath.NATIVE_TREE_ROWS - 1])
+
+    assert calls == [300]  # the large batch went to scikit-learn, the small one was walked
+    np.testing.assert_allclose(batch[: len(small)], small, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(batch, pipeline[-1].predict_proba(x)[:, 1], rtol=0, atol=1e-12)
+
+
+def test_boosting_falls_back_to_the_walk_when_sklearns_predictor_differs(
+    fitted, data, monkeypatch
+) -> None:
+    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
+
+    def other_signature(self, x):  # a future scikit-learn with another private API
+        raise TypeError("predict() takes 2 positional arguments but 5 were given")
+
+    monkeypatch.setattr(TreePredictor, "predict", other_signature)
+    pipeline = fitted("gbm")
+    compiled = compile_model(pipeline, device="cpu")
+    _, _, x_test = data[False]
+    x = compiled.encode(pd.concat([x_test] * (1 + 300 // len(x_test))).iloc[:300])
+    monkeypatch.undo()
+
+    assert compiled._scorer._native is None
+    np.testing.assert_allclose(
+        compiled.predict_proba(x), pipeline[-1].predict_proba(x)[:, 1], rtol=0, atol=1e-12
+    )
+
+
 def test_forest_rounds_inputs_to_float32_like_sklearn(fitted, data, tree_path) -> None:
     pipeline = fitted("rf")
     compiled = compile_model(pipeline, device="cpu")
