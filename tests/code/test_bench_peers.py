@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bench import peers
+from bench import peers, serving_bench
 from bench.serving_bench import SERVERS, parse_args
 from clinml.training.candidates import GroupedHistGradientBoosting, PriorCorrected
 
@@ -105,3 +105,56 @@ def test_peers_are_measured_only_when_asked() -> None:
     assert parse_args(["--smoke"]).servers == list(SERVERS)
     assert not set(SERVERS) & set(peers.PEERS)
     assert parse_args(["--servers", "ours", "kserve"]).servers == ["ours", "kserve"]
+
+
+def _point(server: str, endpoint: str, n: int, c: int, rps: float, p50: float, p99: float) -> dict:
+    return {
+        "model": "gbm",
+        "server": server,
+        "endpoint": endpoint,
+        "payload": serving_bench.payload_label(n),
+        "concurrency": c,
+        "rps": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+
+
+def test_peer_targets_compare_each_endpoint_with_the_best_peer() -> None:
+    args = parse_args(
+        [
+            "--usecase",
+            "readmission",
+            "--models",
+            "gbm",
+            "--servers",
+            "ours",
+            "kserve",
+            "mlserver",
+            "--payloads",
+            "1",
+            "100",
+            "--concurrency",
+            "1",
+        ]
+    )
+    v2 = "/v2/models/readmission/infer"
+    rows = [
+        _point("kserve", "/v1/models/readmission:predict", 1, 1, 100, 5, 9),
+        _point("mlserver", "/v2/models/readmission/infer", 1, 1, 300, 2, 4),  # the best at 1
+        _point("ours", "/predict", 1, 1, 1000, 1, 2),  # 3.3x, p99 0.5, tail 2: met
+        _point("ours", v2, 1, 1, 800, 1, 2),  # 2.7x: missed
+        _point("kserve", "/v1/models/readmission:predict", 100, 1, 50, 10, 20),
+        _point("ours", "/predict", 100, 1, 70, 5, 19),  # 1.4x but its tail is 3.8x: missed
+        _point("ours", v2, 100, 1, 70, 7, 21),  # p99 above kserve's: missed
+    ]
+    lines = serving_bench.peer_checks(rows, args)[2:]
+    cells = [[cell.strip() for cell in line.split("|")] for line in lines]
+    marks = [(cell[2], cell[3], cell[-2] == "met") for cell in cells]
+    assert marks == [
+        ("`/predict`", "1", True),
+        (f"`{v2}`", "1", False),
+        ("`/predict`", "100", False),
+        (f"`{v2}`", "100", False),
+    ]
+    assert "3.33× (mlserver; need ≥ 3×)" in lines[0]
