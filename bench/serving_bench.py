@@ -907,10 +907,15 @@ def peer_checks(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[st
                     continue
                 best = max(measured, key=lambda point: point["rps"])
                 need = PEER_RPS.get(n, PEER_RPS_BATCH)
-                for endpoint in ("/predict", V2_PATH.format(name=args.usecase)):
-                    ours = _find(rows, model=kind, server="ours", endpoint=endpoint, payload=label, concurrency=c)  # fmt: skip
-                    if ours is None or ours["rps"] <= 0:
-                        continue
+                answered = [
+                    row
+                    for row in rows
+                    if (row["model"], row["server"], row["payload"], row["concurrency"])
+                    == (kind, "ours", label, c)
+                    and row["rps"] > 0
+                ]
+                for ours in answered:  # /predict, then the V2 endpoint
+                    endpoint = ours["endpoint"]
                     rps = ours["rps"] / best["rps"]
                     p99 = ours["p99_ms"] / best["p99_ms"]
                     tail = ours["p99_ms"] / ours["p50_ms"]

@@ -150,9 +150,10 @@ async def refuse(
     detail: str,
     key_id: str | None = None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    field: str = "detail",
 ) -> None:
-    """Report the refusal (:mod:`clinml.serving.refusals`) and answer it; ``detail`` is clinml's
-    own text, never anything the caller sent."""
+    """Report the refusal (:mod:`clinml.serving.refusals`) and answer it as ``{field:
+    detail}``; ``detail`` is clinml's own text, never anything the caller sent."""
     from clinml.serving import refusals
 
     refusals.record(scope.get("path", ""), status, key_id, detail)
@@ -161,7 +162,7 @@ async def refuse(
         await send({"type": "websocket.close", "code": 1008, "reason": detail})
         return
     headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
-    await send_json(send, status, {"detail": detail}, [*headers, *extra_headers])
+    await send_json(send, status, {field: detail}, [*headers, *extra_headers])
 
 
 class JsonOnlyMiddleware:
@@ -171,26 +172,63 @@ class JsonOnlyMiddleware:
     with no ``Content-Type``) is refused from the headers alone, before any of the body is
     read, so no other parser ever sees it. A request without a body (no
     ``Content-Length``, or 0, and not chunked) passes whatever its headers say.
+
+    Under ``/v2/`` (the Open Inference Protocol, serving/protocol.py) the body is JSON by the
+    protocol, and its clients send it undeclared (``tritonclient.http`` sends no
+    ``Content-Type``): there a body with no ``Content-Type`` is taken as JSON, one declared
+    as anything else is still a 415, and one using the protocol's binary data extension
+    (an ``Inference-Header-Content-Length`` header: JSON followed by raw tensor bytes) is a
+    400 that says so. Refusals there take the protocol's shape, ``{"error": ...}``.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and has_body(scope) and not is_json(_content_type(scope)):
+        if scope["type"] != "http" or not has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        content_type = _content_type(scope)
+        if scope.get("path", "") in PROTOCOL_PATHS:
+            if _header(scope, BINARY_HEADER) is not None:
+                await refuse(scope, send, 400, BINARY_UNSUPPORTED, key_id_of(scope), field="error")
+                return
+            if content_type is None or is_json(content_type):
+                await self.app(scope, receive, send)
+                return
+            await refuse(scope, send, 415, PROTOCOL_NOT_JSON, key_id_of(scope), field="error")
+            return
+        if not is_json(content_type):
             detail = "the body must be application/json"
             await refuse(scope, send, 415, detail, key_id_of(scope))
             return
         await self.app(scope, receive, send)
 
 
-def _content_type(scope: Scope) -> bytes | None:
-    """The request's ``Content-Type`` (the last one, when it is sent twice)."""
+# The Open Inference Protocol's paths (never across dot segments: "/v2/../predict" is not one).
+PROTOCOL_PATHS = routes.PathSet([routes.V2 + "/"])
+# What tritonclient sends with binary tensor data: the length of the JSON part of the body.
+BINARY_HEADER = b"inference-header-content-length"
+BINARY_UNSUPPORTED = (
+    "binary tensor data (the binary data extension, an Inference-Header-Content-Length "
+    "header) is not supported: send every input's data as JSON (tritonclient: "
+    "set_data_from_numpy(..., binary_data=False))"
+)
+PROTOCOL_NOT_JSON = "the body must be JSON: application/json, or no Content-Type"
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    """The request's header ``wanted`` (lower case; the last one, when it is sent twice)."""
     found = None
     for name, value in scope.get("headers") or ():
-        if name.lower() == b"content-type":
+        if name.lower() == wanted:
             found = value
     return found
+
+
+def _content_type(scope: Scope) -> bytes | None:
+    """The request's ``Content-Type`` (the last one, when it is sent twice)."""
+    return _header(scope, b"content-type")
 
 
 def is_json(content_type: bytes | None) -> bool:

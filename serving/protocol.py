@@ -110,7 +110,8 @@ def parse(body: bytes) -> InferRequest:
     """The request's structure (names, shapes, datatypes are checked later).
 
     Raises:
-        ProtocolError: not JSON, or not an inference request.
+        ProtocolError: not JSON, not an inference request, or an input's data sent by an
+            extension clinml does not take (binary data, shared memory).
     """
     try:
         # json, not pydantic's parser: a NaN in a tensor is refused by the column check,
@@ -118,10 +119,36 @@ def parse(body: bytes) -> InferRequest:
         document = json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ProtocolError("the body is not valid JSON (or nested too deeply)") from None
+    unsupported = _extension_used(document)
+    if unsupported:
+        raise ProtocolError(unsupported)
     try:
         return InferRequest.model_validate(document)
     except ValidationError as exc:
         raise ProtocolError(_structure_errors(exc)) from None
+
+
+# Input parameters that say a tensor's data is not in the JSON: what each extension is, and
+# what to send instead.
+_EXTENSIONS = {
+    "binary_data_size": "binary tensor data (the binary data extension)",
+    "shared_memory_region": "shared memory (the shared-memory extension)",
+}
+
+
+def _extension_used(document: Any) -> str | None:
+    """Why the request is refused, when an input's data is elsewhere than in the JSON
+    (else pydantic would say no more than that ``data`` is missing)."""
+    inputs = document.get("inputs") if isinstance(document, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else ():
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        for parameter, extension in _EXTENSIONS.items():
+            if isinstance(parameters, dict) and parameter in parameters:
+                return (
+                    f"{extension} is not supported: send every input's data as JSON "
+                    "(tritonclient: set_data_from_numpy(..., binary_data=False))"
+                )
+    return None
 
 
 def _structure_errors(exc: ValidationError) -> str:

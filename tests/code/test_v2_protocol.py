@@ -1,9 +1,11 @@
 """The Open Inference Protocol's translation (serving/protocol.py) and the column-wise
-checks it stands on (serving/columns.py): both input styles give /predict's records, and
-every bad tensor is refused with a message that names the feature and row, never the value.
+checks it stands on (serving/columns.py): both input styles give /predict's records (and so
+the same probabilities), and every bad tensor is refused with a message that names the
+feature and row, never the value. Then the protocol's media type at the middleware
+(serving/auth.py): a body with no ``Content-Type`` is JSON, as tritonclient sends it.
 
-The HTTP side (auth, audit, the same answers as /predict, a real tritonclient) is in
-tests/integration/test_v2_protocol.py."""
+The HTTP side of the real service (auth, audit, the same answers as /predict, a real
+tritonclient) is in tests/integration/test_v2_protocol.py."""
 
 from __future__ import annotations
 
@@ -11,12 +13,20 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from clinml.serving import columns, protocol, routes
+from clinml.serving.auth import BodyLimitMiddleware, JsonOnlyMiddleware
 from clinml.serving.schemas import build
 from clinml.spec import UseCaseSpec
+from tests.conftest import make_tiny_frame
 
 SECRET = 187.25  # a value that must never appear in an error (heart_rate's max is 250)
 GOOD = [
@@ -245,3 +255,140 @@ def test_deeply_nested_bodies_are_a_400_not_a_crash(tiny_spec) -> None:
         nested = [nested]
     body = named(GOOD[:1], heart_rate={"data": nested})
     assert parsed(tiny_spec, body)[0]["heart_rate"] == 88.0
+
+
+# ServedModel's bookkeeping fields, which play no part in a prediction.
+MODEL_FIELDS: dict[str, Any] = {
+    "name": "tiny",
+    "version": "1",
+    "alias": "champion",
+    "candidate": "logreg",
+    "threshold": 0.5,
+    "feature_service": "tiny",
+    "trained_at": None,
+    "metrics": {},
+    "run_id": "run",
+}
+
+
+def test_v2_and_predict_give_the_same_probabilities_for_the_same_records(tiny_spec) -> None:
+    """The same rows sent to /predict (validated by its own schema) and as tensors (each
+    numeric datatype) give identical probabilities, through the pipeline and the compiled
+    fast path alike: ServedModel.predict_records, which both endpoints call."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from clinml.serving.fastpath import compile_model
+    from clinml.serving.runtime import ServedModel
+    from clinml.training.candidates import make_preprocessor
+
+    frame = make_tiny_frame(n=200, seed=3)
+    features = tiny_spec.feature_names
+    pipeline = Pipeline(
+        [("preprocess", make_preprocessor(tiny_spec)), ("model", LogisticRegression())]
+    )
+    pipeline.fit(frame[features], (frame["outcome"] == "yes").to_numpy(dtype=int))
+    rows = [*GOOD, {"heart_rate": 120.5, "creatinine": 3.25, "ward": "surgical"}]
+    whole = [{**r, "heart_rate": round(r["heart_rate"])} for r in rows]  # for an INT tensor
+    cases = {  # the rows /predict is sent, and the same rows as tensors
+        "FP64": (rows, named(rows)),
+        "FP32, [n, 1]": (
+            rows,
+            named(
+                rows,
+                heart_rate={"shape": [3, 1], "data": [[r["heart_rate"]] for r in rows]},
+                creatinine={"datatype": "FP32"},
+            ),
+        ),
+        "INT64": (whole, named(whole, heart_rate={"datatype": "INT64"})),
+    }
+    predict_dicts = build(tiny_spec, max_records=10).predict_dicts
+    for compiled in (None, compile_model(pipeline, device="cpu")):
+        model = ServedModel(**MODEL_FIELDS, features=features, pipeline=pipeline, compiled=compiled)
+        for case, (sent, tensors) in cases.items():
+            body = json.dumps({"records": sent})
+            expected = model.predict_records(predict_dicts.model_validate_json(body).records)
+            assert len(set(expected.tolist())) == len(sent)  # rows the model tells apart
+            got = model.predict_records(parsed(tiny_spec, tensors))
+            np.testing.assert_array_equal(got, expected, err_msg=f"{case}, compiled={compiled}")
+
+
+# -- the protocol's media type, at the middleware ---------------------------------------------
+
+INFER = "/v2/models/tiny/infer"
+
+
+def _stack(spec: UseCaseSpec) -> TestClient:
+    """serving/auth.py's body middleware, in the service's order, around stand-ins for the
+    infer endpoint (serving.service.infer: protocol.parse and records, a ProtocolError
+    answered 400 {"error"}) and /predict."""
+
+    async def infer(request: Request) -> JSONResponse:
+        try:
+            rows = protocol.records(spec, protocol.parse(await request.body()), 10)
+        except protocol.ProtocolError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"rows": len(rows)})
+
+    async def predict(request: Request) -> JSONResponse:
+        return JSONResponse({"bytes": len(await request.body())})
+
+    app = Starlette(
+        routes=[Route(INFER, infer, methods=["POST"]), Route("/predict", predict, methods=["POST"])]
+    )
+    return TestClient(JsonOnlyMiddleware(BodyLimitMiddleware(app, 1 << 20)))
+
+
+def test_a_v2_body_without_content_type_is_taken_as_json(tiny_spec) -> None:
+    """tritonclient.http posts the infer body with no Content-Type at all."""
+    body = json.dumps(named(GOOD)).encode()
+    with _stack(tiny_spec) as client:
+        request = client.build_request("POST", INFER, content=body)
+        assert "content-type" not in request.headers
+        response = client.send(request)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"rows": 2}
+        declared = client.post(INFER, content=body, headers={"content-type": "application/json"})
+        assert declared.status_code == 200
+        # /predict and the rest keep refusing an undeclared body
+        assert client.post("/predict", content=body).status_code == 415
+        # a dot segment does not borrow the protocol's leniency
+        assert client.post("/v2/../predict", content=body).status_code == 415
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "application/octet-stream", "text/json"],
+)
+def test_a_v2_body_declared_as_another_type_is_415(tiny_spec, content_type) -> None:
+    body = json.dumps(named(GOOD)).encode()
+    with _stack(tiny_spec) as client:
+        response = client.post(INFER, content=body, headers={"content-type": content_type})
+    assert response.status_code == 415
+    assert set(response.json()) == {"error"}  # the protocol's error shape
+    assert "JSON" in response.json()["error"]
+
+
+def test_binary_tensor_data_is_a_clear_400(tiny_spec) -> None:
+    """What tritonclient sends for set_data_from_numpy(..., binary_data=True), its default:
+    the JSON part's length in a header, the tensor's bytes after the JSON, and a
+    binary_data_size parameter instead of data."""
+    tensors = named(GOOD)
+    raw = np.array([88.0, 61.0]).tobytes()
+    heart_rate = {k: v for k, v in tensors["inputs"][0].items() if k != "data"}
+    heart_rate["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps({"inputs": [heart_rate, *tensors["inputs"][1:]]}).encode()
+    with _stack(tiny_spec) as client:
+        response = client.post(
+            INFER,
+            content=header + raw,
+            headers={"inference-header-content-length": str(len(header))},
+        )
+        assert response.status_code == 400
+        assert set(response.json()) == {"error"}
+        assert "binary tensor data" in response.json()["error"]
+        assert "binary_data=False" in response.json()["error"]
+        # the parameter alone (no header: the body is all JSON) says the same
+        response = client.post(INFER, content=header)
+        assert response.status_code == 400
+        assert "binary tensor data" in response.json()["error"]

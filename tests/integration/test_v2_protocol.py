@@ -117,9 +117,27 @@ def test_bad_tensors_are_a_400_error_without_the_value(client, records: pd.DataF
     # NaN, as a protocol client sends it (a JSON NaN token: tritonclient's encoder writes one)
     raw = json.dumps(_spoil(body, "mean_radius", data=[1.0, math.nan, 3.0])).encode()
     assert b"NaN" in raw
-    response = client.post(INFER, content=raw, headers={"Content-Type": "application/json"})
+    response = client.post(INFER, content=raw)  # and, as such a client does, undeclared
     assert response.status_code == 400
     assert "feature mean_radius, row 1: Input should be a finite number" in response.json()["error"]
+
+
+def test_the_body_is_json_declared_or_not(client, records: pd.DataFrame) -> None:
+    """Protocol clients (tritonclient.http) send the body with no Content-Type: it is JSON.
+    One declared as anything else is a 415, binary tensor data a 400; /predict is unchanged."""
+    body = json.dumps(named_body(records.head(2))).encode()
+    undeclared = client.post(INFER, content=body)
+    assert undeclared.status_code == 200, undeclared.text
+    assert outputs(undeclared.json()) == outputs(
+        client.post(INFER, json=named_body(records.head(2))).json()
+    )
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        refused = client.post(INFER, content=body, headers={"Content-Type": content_type})
+        assert refused.status_code == 415 and set(refused.json()) == {"error"}, content_type
+    binary = client.post(INFER, content=body, headers={"Inference-Header-Content-Length": "9"})
+    assert binary.status_code == 400 and "binary tensor data" in binary.json()["error"]
+    record = {"records": records.head(1).to_dict("records")}
+    assert client.post("/predict", content=json.dumps(record).encode()).status_code == 415
 
 
 def test_keys_roles_and_other_models(client, keys: dict[str, str], records) -> None:
@@ -206,7 +224,8 @@ def test_tritonclient_round_trips(served: str, home: Path, records: pd.DataFrame
     import tritonclient.http as httpclient
 
     key = api_keys(home)["app"]
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    # the client as it is: it sends the body with no Content-Type
+    headers = {"Authorization": f"Bearer {key}"}
     client = httpclient.InferenceServerClient(url=served, network_timeout=120.0)
     try:
         assert client.is_server_live() and client.is_server_ready()
@@ -240,9 +259,18 @@ def test_tritonclient_round_trips(served: str, home: Path, records: pd.DataFrame
         matrix.set_data_from_numpy(head[names].to_numpy(np.float64), binary_data=False)
         again = client.infer("pathology", [matrix], outputs=wanted, headers=headers)
         assert again.as_numpy("probability").tolist() == probability.tolist()
-        # no key: the client sees the 401
+        # the client's defaults: binary input data (refused, saying so), binary outputs
+        # asked for (answered as JSON, which the client reads all the same)
         from tritonclient.utils import InferenceServerException
 
+        binary = httpclient.InferInput("input", [len(head), len(names)], "FP64")
+        binary.set_data_from_numpy(head[names].to_numpy(np.float64))
+        with pytest.raises(InferenceServerException, match="binary tensor data"):
+            # a copy: tritonclient adds its Inference-Header-Content-Length to the dict given
+            client.infer("pathology", [binary], headers=dict(headers))
+        default = client.infer("pathology", [matrix], headers=headers)
+        assert default.as_numpy("probability").tolist() == probability.tolist()
+        # no key: the client sees the 401
         with pytest.raises(InferenceServerException):
             client.infer("pathology", inputs, outputs=wanted)
     finally:
