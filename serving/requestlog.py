@@ -31,14 +31,18 @@ Usage::
     predictions = PredictionLog(settings.home / "predictions")
     if not audit.healthy:
         ...  # answer 503: nothing is served that the audit trail would not record
-    predictions.record(rows)
+    predictions.record_columns(columns, rows=n)  # or predictions.record(row_dicts)
     audit.submit({"request_id": ..., "key_id": ..., "endpoint": "/predict", ...})
     ...
     audit.close(); predictions.close()  # on shutdown: write what is queued
 
 The prediction log is a directory of parquet files, ``date=YYYY-MM-DD/part-<UTC
 time>-<uuid8>.parquet``, partitioned by each row's ``time`` (UTC); each file is written
-under a temporary name and renamed, so a reader never sees half a file. Its reader,
+under a temporary name and renamed, so a reader never sees half a file. A request's rows
+are queued as they come (columns or row dicts, nothing converted on the request path); the
+writer appends them to one list per column as it takes them, and converts each column of
+a batch in a few calls into Arrow, pausing for the request threads as it goes (``_HOLD_S``),
+so that a request never waits long for the GIL behind it. Its reader,
 ``clinml.predictionlog.read_predictions``, lives in core, so that monitoring reads the log
 without importing the serving layer.
 
@@ -51,10 +55,11 @@ import contextlib
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,7 +69,6 @@ from clinml.audit import AuditError, AuditLog, Checkpoints
 from clinml.clock import utc_now
 
 if TYPE_CHECKING:
-    import pandas as pd
     import pyarrow as pa
 
 logger = logging.getLogger(__name__)
@@ -112,12 +116,18 @@ class _BatchWriter:
     prediction log fails open), or None to keep the whole batch and retry it, with what
     has been queued since, after ``interval`` (the audit trail fails closed).
 
+    Items are offered in chunks (a list, or anything ``len`` counts and ``chunk[:n]``
+    cuts, such as one request's prediction columns); a batch is what ``new_batch`` makes,
+    gathering chunks with its ``add(chunk)`` as the writer takes them and counting items
+    with ``len``. The default is a list of the items.
+
     Args:
         name: the thread's name.
         write: writes one batch, as above; it must not raise.
         max_queue: items that may wait; ``offer`` accepts no more. None: no limit.
         batch_max: the most items in a batch; items offered together stay together, so a
             batch may go over by one offer's items.
+        new_batch: makes an empty batch.
         interval: how long the writer waits for a first item before it calls ``on_idle``
             and looks whether it is closed; also the pause before a kept batch is retried.
         linger: after the first item of a batch, how long to wait for more; None: until
@@ -135,6 +145,7 @@ class _BatchWriter:
         batch_max: int,
         interval: float,
         linger: float | None = None,
+        new_batch: Callable[[], Any] = lambda: _Items(),
         on_start: Callable[[], None] | None = None,
         on_idle: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
@@ -144,9 +155,10 @@ class _BatchWriter:
         self._batch_max = batch_max
         self._interval = interval
         self._linger = linger
+        self._new_batch = new_batch
         self._on_start, self._on_idle, self._on_exit = on_start, on_idle, on_exit
-        # Each offer's items travel as one list: one hand-over per offer, not per item.
-        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+        # Each offer's items travel as one chunk: one hand-over per offer, not per item.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.lock = threading.Lock()  # also the owner's, for its own counters and flags
         self._settled = threading.Condition(self.lock)  # notified when items are settled
         self.waiting = 0  # items in the queue, not yet taken by the writer
@@ -173,15 +185,15 @@ class _BatchWriter:
         """Whether ``offer`` accepts nothing now; reads a counter, takes no lock."""
         return self._max_queue is not None and self.waiting >= self._max_queue
 
-    def offer(self, items: list[Any]) -> int:
-        """Queue as many of ``items`` as fit, in order; never waits.
+    def offer(self, items: Any) -> int:
+        """Queue as many of ``items`` (a chunk) as fit, in order; never waits.
 
         Returns:
             How many were queued (the first ones); the caller deals with the rest.
         """
         with self.lock:
             room = len(items) if self._max_queue is None else self._max_queue - self.waiting
-            accepted = items[: max(room, 0)]
+            accepted = items if room >= len(items) else items[: max(room, 0)]
             self.waiting += len(accepted)
             self.outstanding += len(accepted)
         if accepted:
@@ -219,7 +231,7 @@ class _BatchWriter:
                 self._on_exit()
 
     def _write_batches(self) -> None:
-        batch: list[Any] = []
+        batch = self._new_batch()
         while True:
             batch = self._collect(batch)
             if not batch:
@@ -238,9 +250,9 @@ class _BatchWriter:
                 self.outstanding -= len(batch)
                 self.written += written
                 self._settled.notify_all()
-            batch = []
+            batch = self._new_batch()
 
-    def _collect(self, batch: list[Any]) -> list[Any]:
+    def _collect(self, batch: Any) -> Any:
         """``batch`` topped up from the queue to about ``batch_max`` items. An empty one
         waits up to ``interval`` for a first item, then ``linger`` for more; a kept one
         takes only what is queued already. A flush or close stops the waiting."""
@@ -263,8 +275,14 @@ class _BatchWriter:
                 deadline = time.monotonic() + self._linger
             with self.lock:
                 self.waiting -= len(chunk)
-            batch.extend(chunk)
+            batch.add(chunk)
         return batch
+
+
+class _Items(list):  # type: ignore[type-arg]
+    """A batch that is the list of its items (the audit trail's)."""
+
+    add = list.extend
 
 
 class RequestAudit:
@@ -581,6 +599,7 @@ class PredictionLog:
             max_queue=max_queue,
             batch_max=flush_rows,
             interval=flush_interval_s,
+            new_batch=_Predictions,
         )
         self._writer.start()
 
@@ -617,6 +636,43 @@ class PredictionLog:
             accepted = self._writer.offer(good)
             if accepted < len(good):
                 self._drop(len(good) - accepted, "the prediction log queue is full")
+        except Exception as exc:  # the prediction must go ahead whatever happens here
+            logger.error("prediction log: could not queue rows (%s)", type(exc).__name__)
+
+    def record_columns(self, columns: Mapping[str, Any], rows: int) -> None:
+        """Queue one request's prediction rows, given as columns; never waits.
+
+        The same rows as ``record`` takes, and written the same way (the same parquet
+        columns and types), at a fraction of the request's time: nothing is converted
+        here, and the writer converts each column for many requests at once.
+
+        Args:
+            columns: the row dict's keys, each to one value per row (a list, a tuple or a
+                one-dimensional numpy array of ``rows`` values) or to one value for every
+                row (a str, a number, a datetime or None): ``time`` (one aware datetime,
+                UTC), ``request_id``, ``model_version``, ``patient`` (pseudonymised ids,
+                or None), ``probability``, ``label`` and the feature columns. A NaN is
+                logged as a missing value, as None is. The log keeps references to the
+                values: do not change them afterwards.
+            rows: how many predictions.
+
+        Rows that find the queue full (or the log closed) are dropped and counted in
+        ``dropped``, as with ``record``; so are rows whose column Arrow cannot give one
+        type, when the batch is written.
+
+        Raises:
+            ValueError: a column's length is not ``rows``, a value is of a kind not
+                listed, or ``time`` is not one datetime: a bug in the caller, so nothing
+                is queued or counted. The message names the column, never a value.
+        """
+        chunk = _columns(columns, rows)
+        try:
+            if self._writer.stopped:
+                self._drop(rows, "the prediction log is closed")
+                return
+            accepted = self._writer.offer(chunk) if rows else 0
+            if accepted < rows:
+                self._drop(rows - accepted, "the prediction log queue is full")
         except Exception as exc:  # the prediction must go ahead whatever happens here
             logger.error("prediction log: could not queue rows (%s)", type(exc).__name__)
 
@@ -663,21 +719,31 @@ class PredictionLog:
             except Exception:  # counting must never stop the writer
                 logger.exception("prediction log: on_drop failed")
 
-    def _write_batch(self, rows: list[dict[str, Any]]) -> int:
-        """Write the rows, one file per date; returns how many were written, having
+    def _write_batch(self, batch: _Predictions) -> int:
+        """Write the batch, one file per date; returns how many rows were written, having
         dropped and counted the rest."""
         written = dropped = 0
-        try:
-            for day, part in sorted(_by_day(rows).items()):
+        for count, exc in batch.refused:  # requests whose rows had no usable time
+            dropped += count
+            self._failed(count, exc)
+        budget = batch.budget
+        for day in sorted(batch.days):
+            tables = []
+            for group in batch.days[day]:
                 try:
-                    self._write_partition(day, _table(part))
-                    written += len(part)
-                except Exception as exc:
-                    dropped += len(part)
-                    self._failed(len(part), exc)
-        except Exception as exc:  # a row without a usable time, mixed types, ...
-            dropped = len(rows) - written
-            self._failed(dropped, exc)
+                    tables.append(group.table(budget))
+                except Exception as exc:  # a column Arrow cannot give one type
+                    dropped += group.rows
+                    self._failed(group.rows, exc)
+            rows = sum(len(table) for table in tables)
+            if not rows:
+                continue
+            try:
+                self._write_partition(day, _concat(tables))
+                written += rows
+            except Exception as exc:
+                dropped += rows
+                self._failed(rows, exc)
         with self._writer.lock:
             self._dropped += dropped
             if written and not dropped:
@@ -691,63 +757,252 @@ class PredictionLog:
         )
         logger.error("prediction log: %s", self.last_error)
 
-    def _write_partition(self, day: str, frame: pa.Table | pd.DataFrame) -> Path:
+    def _write_partition(self, day: str, frame: pa.Table) -> Path:
         """Write one date's rows as a new parquet file, atomically (temp name, rename)."""
         partition = self.directory / f"date={day}"
         partition.mkdir(parents=True, exist_ok=True)
         stamp = self._clock().astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         # Readers skip the temporary ".*.tmp". No fsync: this log fails open (a crash may
         # lose the latest batch), and a flush per batch would slow the writer under load.
+        # Parquet's default codec (snappy) is kept: compressing costs next to nothing
+        # beside encoding the columns, and the log is kept for months.
         with replacing(partition / name, fsync=False) as tmp:
-            if isinstance(frame, pa.Table):
-                pq.write_table(frame, tmp)
-            else:
-                frame.to_parquet(tmp, engine="pyarrow", index=False)
+            pq.write_table(frame, tmp)
         return partition / name
 
 
-def _by_day(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The rows by the UTC date of their ``time`` (a naive time counts as UTC).
+# The writer converts a column to Arrow this many rows at a time, and sleeps for
+# _PAUSE_S once it has used _HOLD_S of CPU since it last did: converting Python values
+# holds the GIL, and a request thread waiting for it would otherwise wait for the
+# interpreter's switch interval (5 ms) or the whole conversion, whichever is shorter.
+# A sleep hands the GIL over at once; a blocked writer uses no CPU, so its waits for
+# records never count.
+_SLICE_ROWS = 1_024
+_HOLD_S = 0.0005
+_PAUSE_S = 0.0001
+
+
+class _Budget:
+    """The writer's CPU time since it last let the request threads in (see above)."""
+
+    def __init__(self) -> None:
+        self._since = time.thread_time()
+
+    def check(self) -> None:
+        if time.thread_time() - self._since >= _HOLD_S:
+            time.sleep(_PAUSE_S)
+            self._since = time.thread_time()
+
+
+class _Columns:
+    """One request's prediction columns, as ``record_columns`` queues them: checked, not
+    converted (the writer does that for many requests at once)."""
+
+    __slots__ = ("day", "names", "rows", "values")
+
+    def __init__(self, day: str, names: tuple[str, ...], values: tuple[Any, ...], rows: int):
+        self.day, self.names, self.values, self.rows = day, names, values, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, cut: slice) -> _Columns:
+        """The first rows (``chunk[:n]``), for a queue that has room for only some."""
+        start, stop, _ = cut.indices(self.rows)
+        values = tuple(
+            value[start:stop] if isinstance(value, list | tuple) or _is_array(value) else value
+            for value in self.values
+        )
+        return _Columns(self.day, self.names, values, max(stop - start, 0))
+
+
+class _Group:
+    """A batch's rows of one date with one set of columns, a list of values per column."""
+
+    __slots__ = ("columns", "names", "rows")
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.columns: list[list[Any]] = [[] for _ in names]
+        self.rows = 0
+
+    def table(self, budget: _Budget) -> pa.Table:
+        """The rows as one Arrow table, each column of the type ``pa.Table.from_pylist``
+        gives it (slices are converted apart, then promoted to one type as it would)."""
+        import pyarrow as pa
+
+        slices = []
+        for start in range(0, self.rows, _SLICE_ROWS):
+            arrays = []
+            for column in self.columns:
+                # NaN is a missing value, as None is in a row (features are never NaN)
+                arrays.append(pa.array(column[start : start + _SLICE_ROWS], from_pandas=True))
+                budget.check()
+            slices.append(pa.Table.from_arrays(arrays, names=list(self.names)))
+        return _concat(slices)
+
+
+class _Predictions:
+    """A prediction-log batch: each request's rows appended, as the writer takes them,
+    to a list per column for their date and set of columns (``_Group``). Converting one
+    column of thousands of values is one call into Arrow; a table per request, or a dict
+    per row, would be thousands of calls when the batch is written."""
+
+    def __init__(self) -> None:
+        self.days: dict[str, list[_Group]] = {}
+        self.refused: list[tuple[int, Exception]] = []  # (rows, why) with no usable time
+        self.budget = _Budget()
+        self._groups: dict[tuple[str, tuple[str, ...]], _Group] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, chunk: _Columns | list[dict[str, Any]]) -> None:
+        self._count += len(chunk)
+        if isinstance(chunk, _Columns):
+            try:  # all or nothing: a group's columns must stay the same length
+                values = [
+                    value
+                    if isinstance(value, list | tuple)
+                    else value.tolist()
+                    if _is_array(value)
+                    else [value] * chunk.rows
+                    for value in chunk.values
+                ]
+            except Exception as exc:  # the writer must go on whatever a request held
+                self.refused.append((chunk.rows, exc))
+                return
+            group = self._group(chunk.day, chunk.names)
+            for column, value in zip(group.columns, values, strict=True):
+                column.extend(value)
+            group.rows += chunk.rows
+        else:
+            try:
+                days = _days(chunk)
+            except Exception as exc:  # the request's rows are dropped, not the batch
+                self.refused.append((len(chunk), exc))
+                return
+            for row, day in zip(chunk, days, strict=True):
+                names = tuple(row)
+                group = self._group(day, names)
+                for column, value in zip(group.columns, row.values(), strict=True):
+                    column.append(value)
+                group.rows += 1
+        self.budget.check()
+
+    def _group(self, day: str, names: tuple[str, ...]) -> _Group:
+        group = self._groups.get((day, names))
+        if group is None:
+            group = self._groups[(day, names)] = _Group(names)
+            self.days.setdefault(day, []).append(group)
+        return group
+
+
+def _is_array(value: Any) -> bool:
+    """Whether ``value`` is a numpy array (numpy is imported only if the caller has)."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray)
+
+
+# What a column may map to for every row at once.
+_SCALARS = (str, bytes, int, float, datetime, type(None))
+
+
+def _columns(columns: Mapping[str, Any], rows: int) -> _Columns:
+    """One request's columns, checked (``PredictionLog.record_columns``)."""
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise ValueError("prediction log: rows must be a whole number >= 0")
+    if not isinstance(columns, Mapping):
+        raise ValueError(f"prediction log: columns must be a mapping, not {type(columns).__name__}")
+    values = []
+    for name, value in columns.items():
+        if not isinstance(name, str):
+            raise ValueError("prediction log: column names must be strings")
+        if isinstance(value, list | tuple):
+            count = len(value)
+        elif _is_array(value):
+            if value.ndim == 0:  # one numpy value
+                value = value.item()
+                count = None
+            elif value.ndim == 1:
+                count = len(value)
+            else:
+                raise ValueError(
+                    f"prediction log column {name!r} is a {value.ndim}-dimensional array; "
+                    "give one value per row"
+                )
+        elif isinstance(value, _SCALARS) or _is_number(value):
+            count = None
+        else:
+            raise ValueError(
+                f"prediction log column {name!r} is a {type(value).__name__}; give a list "
+                "or a numpy array of one value per row, or one str, number, datetime or None"
+            )
+        if count is not None and count != rows:
+            raise ValueError(f"prediction log column {name!r} has {count} values for {rows} rows")
+        values.append(value)
+    if "time" not in columns:
+        raise ValueError("prediction log columns have no 'time'")
+    moment = columns["time"]
+    if not isinstance(moment, datetime):
+        raise ValueError(
+            "prediction log column 'time' must be one datetime for the request's rows, "
+            f"not a {type(moment).__name__}"
+        )
+    return _Columns(_day(moment), tuple(columns), tuple(values), rows)
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is one numpy number or bool (``np.float64(0.5)``)."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.generic)
+
+
+def _day(moment: Any) -> str:
+    """The UTC date of a prediction's ``time`` (a naive time counts as UTC).
 
     Raises:
-        KeyError, TypeError, ValueError: a row has no time, or one that is not a datetime
-            (the message never holds the value).
+        ValueError: it is not a datetime (the message never holds the value).
+    """
+    if not isinstance(moment, datetime):
+        raise ValueError(f"a prediction row's time is a {type(moment).__name__}")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def _days(rows: list[dict[str, Any]]) -> list[str]:
+    """The UTC date of each row's ``time``.
+
+    Raises:
+        KeyError, ValueError: a row has no time, or one that is not a datetime.
     """
     days: dict[Any, str] = {}  # a request's rows share one time object
-    parts: dict[str, list[dict[str, Any]]] = {}
+    out = []
     for row in rows:
         moment = row["time"]
         day = days.get(moment)
         if day is None:
-            if not isinstance(moment, datetime):
-                raise ValueError(f"a prediction row's time is a {type(moment).__name__}")
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            day = days[row["time"]] = moment.astimezone(UTC).strftime("%Y-%m-%d")
-        parts.setdefault(day, []).append(row)
-    return parts
+            day = days[moment] = _day(moment)
+        out.append(day)
+    return out
 
 
-def _table(rows: list[dict[str, Any]]) -> pa.Table | pd.DataFrame:
-    """One day's rows as an Arrow table: built in C++, faster than a pandas frame
-    (docs/benchmarks.md, "What changed for issue 7"), so the writer holds the serving
-    process's GIL for less time. Rows that do not share one set of columns, or whose
-    values Arrow cannot put in one column type, become a pandas frame as before (object
-    columns take anything)."""
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One table of ``tables``: columns matched by name, a column missing from some is
+    null there, and int and float columns become float, as ``pa.Table.from_pylist``
+    types rows with uneven columns or numbers.
+
+    Raises:
+        pa.ArrowTypeError, pa.ArrowInvalid: a column has types that do not promote (a
+            string and a number).
+    """
+    if len(tables) == 1:
+        return tables[0]
     import pyarrow as pa
 
-    columns = rows[0].keys()
-    if all(row.keys() == columns for row in rows):
-        try:
-            return pa.Table.from_pylist(rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            pass
-    import pandas as pd
-
-    frame = pd.DataFrame.from_records(rows)
-    frame["time"] = pd.to_datetime(frame["time"], utc=True)
-    return frame
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,235 @@
+"""The prediction log's columnar door (``PredictionLog.record_columns``): the same parquet
+as ``record`` writes for the same rows, scalars for every row, mistakes named by column
+(never by value), and the same queue bounds and drop counting."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clinml.predictionlog import read_predictions
+from clinml.serving.requestlog import PredictionLog
+from tests.code.test_requestlog import FEATURE_VALUE, T0, _pause
+
+FIELDS = ("time", "request_id", "model_version", "patient", "probability", "label")
+
+
+def _request(i: int, count: int, when=T0, patients: bool = True) -> list[dict[str, Any]]:
+    """One request's rows as the service builds them: features first, then the fields."""
+    return [
+        {
+            "radius_mean": FEATURE_VALUE + j,
+            "site": "north" if j % 3 else "south",
+            "age": 40 + j,
+            "glucose": None if j % 2 else 5.5 + j,
+            "time": when,
+            "request_id": f"req-{i}",
+            "model_version": "3",
+            "patient": (f"p_{i:04x}{j:04x}" if j % 4 else None) if patients else None,
+            "probability": j / (count + 1),
+            "label": "malignant" if j % 2 else "benign",
+        }
+        for j in range(count)
+    ]
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same request as columns, the way a caller would hand them over."""
+    first = rows[0]
+    columns: dict[str, Any] = {
+        name: [row[name] for row in rows] for name in first if name not in FIELDS
+    }
+    patients = [row["patient"] for row in rows]
+    columns.update(
+        time=first["time"],
+        request_id=first["request_id"],
+        model_version=first["model_version"],
+        patient=None if all(p is None for p in patients) else patients,
+        probability=np.array([row["probability"] for row in rows]),
+        label=[row["label"] for row in rows],
+    )
+    return columns
+
+
+def _tables(directory: Path) -> dict[str, pa.Table]:
+    files = sorted(directory.rglob("part-*.parquet"))
+    return {file.parent.name: pq.read_table(file, partitioning=None) for file in files}
+
+
+@pytest.fixture
+def logs(tmp_path: Path):
+    made = [PredictionLog(tmp_path / name, flush_interval_s=0.05) for name in ("rows", "columns")]
+    yield made
+    for log in made:
+        log.close(timeout=5)
+
+
+def test_record_columns_writes_the_same_parquet_as_record(logs: list[PredictionLog]) -> None:
+    by_rows, by_columns = logs
+    requests = [
+        _request(0, 3),
+        _request(1, 1, patients=False),  # patient None for the whole request
+        _request(2, 5, when=T0 + timedelta(seconds=3)),  # the next day
+        _request(3, 2),
+    ]
+    for rows in requests:
+        by_rows.record(rows)
+        by_columns.record_columns(_columns(rows), len(rows))
+    assert by_rows.flush(10) and by_columns.flush(10)
+    assert (by_columns.written, by_columns.dropped, by_columns.queued) == (11, 0, 0)
+
+    expected, got = _tables(by_rows.directory), _tables(by_columns.directory)
+    assert sorted(got) == ["date=2026-06-01", "date=2026-06-02"]
+    assert got.keys() == expected.keys()
+    for day, table in got.items():
+        assert table.schema == expected[day].schema, day
+        assert table.equals(expected[day]), day
+        # and what the writer made of rows before record_columns (pa.Table.from_pylist)
+        today = [row for rows in requests for row in rows if row["time"].day == int(day[-2:])]
+        assert table.equals(pa.Table.from_pylist(today)), day
+    frame = read_predictions(by_columns.directory)
+    in_time_order = sorted((row for rows in requests for row in rows), key=lambda r: r["time"])
+    assert frame["request_id"].tolist() == [row["request_id"] for row in in_time_order]
+    assert frame["probability"].tolist() == [row["probability"] for row in in_time_order]
+
+
+def test_scalars_apply_to_every_row(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path / "predictions", flush_interval_s=0.05)
+    try:
+        log.record_columns(
+            {
+                "radius_mean": np.array([1.0, 2.0, math.nan]),  # NaN: missing, as None
+                "site": "north",
+                "age": np.int64(61),
+                "time": T0,
+                "request_id": "req-7",
+                "model_version": "3",
+                "patient": None,
+                "probability": 0.25,
+                "label": ("benign", "benign", "malignant"),
+            },
+            rows=3,
+        )
+        assert log.flush(10)
+    finally:
+        log.close()
+    assert (log.written, log.dropped) == (3, 0)
+    frame = read_predictions(log.directory)
+    assert frame["site"].tolist() == ["north"] * 3
+    assert frame["age"].tolist() == [61] * 3
+    assert frame["request_id"].tolist() == ["req-7"] * 3
+    assert frame["patient"].tolist() == [None] * 3
+    assert frame["probability"].tolist() == [0.25] * 3
+    assert frame["label"].tolist() == ["benign", "benign", "malignant"]
+    assert frame["time"].tolist() == [T0] * 3
+    (table,) = _tables(log.directory).values()
+    assert table.column("radius_mean").null_count == 1  # written as missing, not NaN
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [
+        ("radius_mean", [FEATURE_VALUE, FEATURE_VALUE + 1], r"'radius_mean' has 2 values for 3"),
+        ("patient", np.array(["MRN-0042"] * 4), r"'patient' has 4 values for 3 rows"),
+        ("label", {"MRN-0042": 1}, r"'label' is a dict; give a list"),
+        ("probability", np.zeros((3, 2)), r"'probability' is a 2-dimensional array"),
+        ("time", [T0] * 3, r"'time' must be one datetime"),
+    ],
+)
+def test_a_malformed_column_is_a_value_error_naming_the_column_not_its_values(
+    tmp_path: Path, column: str, value: Any, match: str
+) -> None:
+    log = PredictionLog(tmp_path / "predictions", flush_interval_s=0.05)
+    try:
+        columns = _columns(_request(0, 3))
+        columns[column] = value
+        with pytest.raises(ValueError, match=match) as caught:
+            log.record_columns(columns, 3)
+        message = str(caught.value)
+        assert "MRN-0042" not in message and str(FEATURE_VALUE) not in message
+        assert "p_0000" not in message
+        assert (log.queued, log.dropped) == (0, 0)  # a caller's bug: nothing queued or counted
+    finally:
+        log.close()
+
+
+def test_columns_without_a_time_are_refused(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path / "predictions")
+    try:
+        columns = _columns(_request(0, 2))
+        del columns["time"]
+        with pytest.raises(ValueError, match=r"have no 'time'"):
+            log.record_columns(columns, 2)
+    finally:
+        log.close()
+
+
+def test_a_full_queue_drops_and_counts_columns_like_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reported: list[int] = []
+    log = PredictionLog(
+        tmp_path / "predictions",
+        max_queue=5,
+        flush_rows=1,
+        flush_interval_s=0.02,
+        on_drop=reported.append,
+    )
+    try:
+        entered, release = _pause(monkeypatch, log, "_write_partition")
+        log.record_columns(_columns(_request(0, 1)), 1)
+        assert entered.wait(10)  # the writer holds request 0 and is stuck writing it
+        log.record_columns(_columns(_request(1, 3)), 3)
+        log.record_columns(_columns(_request(2, 5)), 5)  # two rows fit, three do not
+        assert (log.queued, log.dropped) == (5, 3)
+        release.set()
+        assert log.flush(10)
+        assert (log.written, log.dropped, log.queued) == (6, 3, 0)
+        frame = read_predictions(log.directory)
+        assert frame["request_id"].tolist() == ["req-0"] + ["req-1"] * 3 + ["req-2"] * 2
+        assert frame["radius_mean"].tolist()[-2:] == [FEATURE_VALUE, FEATURE_VALUE + 1]
+    finally:
+        log.close()
+    log.record_columns(_columns(_request(3, 4)), 4)  # closed: dropped and counted
+    assert log.dropped == 7 and sum(reported) == 7
+
+
+def test_a_column_arrow_cannot_type_drops_its_rows_and_names_no_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = PredictionLog(tmp_path / "predictions", flush_interval_s=0.05)
+    try:
+        good = _request(0, 2)
+        bad = _columns(_request(1, 2))
+        bad["site"] = ["MRN-0042", 7]  # a string and a number in one column
+        log.record_columns(bad, 2)
+        log.record_columns(_columns(_request(2, 3, when=T0 + timedelta(days=1))), 3)
+        assert log.flush(10)
+        assert (log.written, log.dropped) == (3, 2)
+        assert "could not write 2 prediction rows" in log.last_error
+        log.record_columns(_columns(good), 2)
+        assert log.flush(10)
+    finally:
+        log.close()
+    assert (log.written, log.dropped) == (5, 2)
+    assert "MRN-0042" not in caplog.text + (log.last_error or "")
+
+
+def test_rows_and_columns_of_one_day_share_a_file(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path / "predictions", flush_interval_s=0.5)
+    try:
+        log.record(_request(0, 2))
+        log.record_columns(_columns(_request(1, 3)), 3)
+        assert log.flush(10)
+    finally:
+        log.close()
+    tables = _tables(log.directory)
+    assert list(tables) == ["date=2026-06-01"]
+    assert tables["date=2026-06-01"]["request_id"].to_pylist() == ["req-0"] * 2 + ["req-1"] * 3
