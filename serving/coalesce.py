@@ -22,33 +22,49 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 Records = list[dict[str, Any]]
 
 
-class Coalescer:
+def _concatenate(parts: Sequence[Any]) -> Any:
+    """Lists of records (or ids) as one list, in order: the default ``join``."""
+    return [item for part in parts for item in part]
+
+
+class Coalescer(Generic[T]):
     """Score the records of requests that arrive together in one call of ``score``.
 
     Args:
-        score: records -> one result per record, in order (runs on the event loop).
+        score: a batch -> its results, one per record in order, as a sequence that
+            slicing splits (a list; ``ColumnScores`` for batches of columns). It runs on
+            the event loop.
         max_records: the most records in one call, unless one request alone has more.
+        join: several requests' batches -> one batch, records in order. Default: lists
+            of records concatenated; ``columns.Batch.join`` for batches of columns.
+            Each batch's ``len`` is its number of records.
     """
 
-    def __init__(self, score: Callable[[Records], Sequence[T]], max_records: int = 256):
+    def __init__(
+        self,
+        score: Callable[[Any], Any],
+        max_records: int = 256,
+        join: Callable[[Sequence[Any]], Any] = _concatenate,
+    ):
         if max_records < 1:
             raise ValueError("max_records must be >= 1")
         self._score = score
+        self._join = join
         self.max_records = max_records
-        self._pending: list[tuple[Records, asyncio.Future[list[T]]]] = []
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._scheduled = False
         self.calls = 0  # model calls made, for tests and the benchmark
         self.batched = 0  # requests scored together with at least one other
 
-    async def __call__(self, records: Records) -> list[T]:
+    async def __call__(self, records: Any) -> Any:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[T]] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((records, future))
         if not self._scheduled:
             self._scheduled = True
@@ -57,7 +73,7 @@ class Coalescer:
 
     def _flush(self) -> None:
         pending, self._pending, self._scheduled = self._pending, [], False
-        batch: list[tuple[Records, asyncio.Future[list[T]]]] = []
+        batch: list[tuple[Any, asyncio.Future[Any]]] = []
         size = 0
         for records, future in pending:
             if future.cancelled():  # the client went away
@@ -70,12 +86,12 @@ class Coalescer:
         if batch:
             self._run(batch)
 
-    def _run(self, batch: list[tuple[Records, asyncio.Future[list[T]]]]) -> None:
+    def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         if len(batch) == 1:
             self._one(*batch[0])
             return
-        together = [record for records, _ in batch for record in records]
         try:
+            together = self._join([records for records, _ in batch])
             self.calls += 1
             results = self._score(together)
             if len(results) != len(together):
@@ -89,13 +105,13 @@ class Coalescer:
         self.batched += len(batch)
         start = 0
         for records, future in batch:
-            future.set_result(list(results[start : start + len(records)]))
+            future.set_result(results[start : start + len(records)])
             start += len(records)
 
-    def _one(self, records: Records, future: asyncio.Future[list[T]]) -> None:
+    def _one(self, records: Any, future: asyncio.Future[Any]) -> None:
         try:
             self.calls += 1
-            results = list(self._score(records))
+            results = self._score(records)
         except Exception as exc:  # handed to the request that caused it
             future.set_exception(exc)
         else:

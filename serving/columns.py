@@ -1,9 +1,9 @@
 """Column-wise validation of feature values against the use-case spec.
 
-``/predict`` validates record by record (the pydantic models of ``clinml.serving.schemas``).
-Column-shaped inputs (the Open Inference Protocol's tensors, ``clinml.serving.protocol``;
-later, batches of ``/predict``, issue 22) are checked here one feature at a time, with the
-same rules and the same wording as those models:
+The record schemas of ``clinml.serving.schemas`` (pydantic) define what a request may
+hold. Column-shaped inputs (the Open Inference Protocol's tensors, ``clinml.serving.protocol``,
+and ``/predict`` bodies, transposed by :func:`predict_batch`, issue 22) are checked here
+whole columns at a time, with the same rules and, for a refusal, the same wording:
 
 - a ``float`` feature takes numbers (ints too), an ``int`` feature whole numbers, never
   booleans, strings, NaN or infinity; both within the spec's ``min``/``max``;
@@ -16,14 +16,21 @@ A problem names the feature and the row, never the value::
     # [Problem(feature="heart_rate", row=1, kind="greater_than_equal",
     #          message="Input should be greater than or equal to 20")]
     records = to_records(spec, columns, rows)  # once there are no problems
+
+The prediction endpoints score a :class:`Batch` of checked columns (``checked_batch``,
+``predict_batch``): no Python work per record from the parsed body to the answer.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 from clinml.spec import ColumnSpec, UseCaseSpec
 
@@ -128,3 +135,258 @@ def to_records(
     features in the spec's order."""
     names = spec.feature_names
     return [{name: columns[name][row] for name in names} for row in range(rows)]
+
+
+# -- batches: checked columns as the model and the prediction log take them -------------
+
+# Whole numbers up to this size convert to float64 exactly, so a range check on floats
+# says what pydantic's check on the int says.
+EXACT_INT = 2.0**53
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Checked feature columns of ``rows`` records: what the prediction endpoints hand the
+    model (``encode_columns``) and the prediction log.
+
+    A column is a float64 array (a ``float`` feature; null is NaN), an int64 array (an
+    ``int`` feature without nulls), or a list of the values as sent (a category, an
+    ``int`` feature with nulls, and every column of a batch built from records).
+    """
+
+    columns: dict[str, Any]
+    rows: int
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @classmethod
+    def of_records(cls, spec: UseCaseSpec, records: Sequence[Mapping[str, Any]]) -> Batch:
+        """Records (already checked) as columns, features in the spec's order; a
+        nullable feature a record leaves out is None, as ``encode_records`` takes it."""
+        return cls(
+            {name: [record.get(name) for record in records] for name in spec.feature_names},
+            len(records),
+        )
+
+    @classmethod
+    def join(cls, batches: Sequence[Batch]) -> Batch:
+        """One batch of several, rows in order (the coalescer scores them in one call)."""
+        if len(batches) == 1:
+            return batches[0]
+        names = batches[0].columns.keys()
+        joined: dict[str, Any] = {}
+        for name in names:
+            parts = [batch.columns[name] for batch in batches]
+            if all(isinstance(part, np.ndarray) for part in parts):
+                joined[name] = np.concatenate(parts)
+            else:
+                joined[name] = [
+                    value
+                    for part in parts
+                    for value in (part.tolist() if isinstance(part, np.ndarray) else part)
+                ]
+        return cls(joined, sum(batch.rows for batch in batches))
+
+    def plain(self) -> dict[str, Any]:
+        """The batch as JSON-able lists (NaN as None), for the split executor."""
+        return {
+            "columns": {name: _plain(values) for name, values in self.columns.items()},
+            "rows": self.rows,
+        }
+
+    @classmethod
+    def from_plain(cls, plain: Mapping[str, Any]) -> Batch:
+        return cls(dict(plain["columns"]), int(plain["rows"]))
+
+    def loggable(self) -> dict[str, Any]:
+        """The feature columns as the prediction log takes them: arrays as they are, but
+        a float column holding nulls as a list with None (a null, as a record's None
+        was, not a NaN)."""
+        return {
+            name: _plain(values) if _has_nan(values) else values
+            for name, values in self.columns.items()
+        }
+
+
+def _has_nan(values: Any) -> bool:
+    return (
+        isinstance(values, np.ndarray) and values.dtype.kind == "f" and bool(np.isnan(values).any())
+    )
+
+
+def _plain(values: Any) -> list[Any]:
+    if not isinstance(values, np.ndarray):
+        return list(values)
+    if values.dtype.kind == "f":
+        missing = np.isnan(values)
+        if missing.any():
+            out = values.astype(object)
+            out[missing] = None
+            return out.tolist()  # type: ignore[no-any-return]
+    return values.tolist()  # type: ignore[no-any-return]
+
+
+_NUMBER_TYPES = {"float": frozenset({float, int}), "int": frozenset({int})}
+_NONE = type(None)
+
+
+def _checked_column(column: ColumnSpec, values: Sequence[Any]) -> Any:
+    """``values`` as a batch column when every one of them passes ``check_value``; else
+    None (then ``check_column`` says what is wrong). Whole-column operations: the value
+    types as a set, the range with numpy. Errs on the side of None."""
+    types = set(map(type, values))
+    if column.type == "category":
+        if types != {str} or not set(values) <= set(column.categories or ()):
+            return None
+        return values if isinstance(values, list) else list(values)
+    allowed = _NUMBER_TYPES[column.type]
+    nulls = _NONE in types
+    if not (types - {_NONE}) <= allowed or (nulls and not column.nullable):
+        return None
+    numbers = np.array(values, dtype=np.float64)  # None -> NaN
+    present = numbers[~np.isnan(numbers)] if nulls else numbers
+    if not np.isfinite(present).all():  # NaN or infinity sent as such
+        return None
+    if present.size and not (
+        (np.abs(present) < EXACT_INT).all()
+        and (column.min is None or present.min() >= column.min)
+        and (column.max is None or present.max() <= column.max)
+    ):
+        return None
+    if column.type == "float":
+        return numbers
+    if nulls:
+        return values if isinstance(values, list) else list(values)
+    return numbers.astype(np.int64)
+
+
+def checked_batch(
+    spec: UseCaseSpec, columns: Mapping[str, Sequence[Any]], rows: int
+) -> Batch | None:
+    """The batch of ``columns`` (feature -> ``rows`` values) when every feature is there
+    and every value passes ``check_value``; None when anything is off, and then
+    :func:`check_columns` (or the record schema) names the problems. Columns that are not
+    features are the caller's to refuse."""
+    out: dict[str, Any] = {}
+    for column in spec.features:
+        values = columns.get(column.name)
+        if values is None or len(values) != rows:
+            return None
+        try:
+            found = _checked_column(column, values)
+        except (TypeError, ValueError, OverflowError):  # e.g. an int beyond float64
+            return None
+        if found is None:
+            return None
+        out[column.name] = found
+    return Batch(out, rows)
+
+
+def predict_batch(spec: UseCaseSpec, body: bytes, max_records: int) -> Batch | None:
+    """A ``/predict`` body (``{"records": [{feature: value}, ...]}``) as a checked batch,
+    parsed once and checked whole columns at a time; None for any body that is not
+    plainly valid (not JSON, another shape, a missing or unexpected field, a refused
+    value, more than ``max_records`` records, ...). The service then validates it with
+    the record schema, which gives the answer it always gave: the same errors, worded
+    alike.
+
+    Never accepts a body the record schema (``schemas.build``'s ``predict_dicts``)
+    refuses; may refuse (return None for) a few it accepts.
+    """
+    from pydantic_core import from_json
+
+    try:
+        document = from_json(body, allow_inf_nan=False)
+    except ValueError:
+        return None
+    if type(document) is not dict or document.keys() != {"records"}:
+        return None
+    records = document["records"]
+    if type(records) is not list or not 1 <= len(records) <= max_records:
+        return None
+    layout = _layout(spec)
+    # Every record a dict of as many keys as there are features, and each feature found
+    # in each (the getters below): exactly the features, nothing else.
+    if set(map(type, records)) != {dict} or set(map(len, records)) != {layout.width}:
+        return None
+    try:
+        out: dict[str, Any] = {}
+        for group in (layout.floats, layout.ints):
+            if group is not None and not group.check(records, out):
+                return None
+        for column in layout.categories:
+            values = [record[column.name] for record in records]
+            if set(map(type, values)) != {str} or not set(values) <= set(column.categories or ()):
+                return None
+            out[column.name] = values
+    except (KeyError, TypeError, ValueError, OverflowError):  # a feature left out, a huge int
+        return None
+    return Batch({name: out[name] for name in spec.feature_names}, len(records))
+
+
+class _Numbers:
+    """The numeric features of one type, checked as one (rows, features) array."""
+
+    def __init__(self, features: list[ColumnSpec], kind: str) -> None:
+        self.names = [c.name for c in features]
+        self.kind = kind
+        self.allowed = _NUMBER_TYPES[kind]
+        self.nullable = np.array([c.nullable for c in features])
+        self.low = np.array([-np.inf if c.min is None else c.min for c in features])
+        self.high = np.array([np.inf if c.max is None else c.max for c in features])
+        self._take = operator.itemgetter(*self.names)
+        self._one = len(self.names) == 1
+
+    def check(self, records: list[dict[str, Any]], out: dict[str, Any]) -> bool:
+        rows = list(map(self._take, records))
+        types = set(map(type, rows if self._one else chain.from_iterable(rows)))
+        nulls = _NONE in types
+        if not (types - {_NONE}) <= self.allowed:
+            return False
+        numbers = np.array(rows, dtype=np.float64).reshape(len(records), len(self.names))
+        missing = np.isnan(numbers) if nulls else None  # NaN is a null: no NaN in the JSON
+        if missing is not None and missing[:, ~self.nullable].any():
+            return False
+        # NaN compares False, so nulls pass; infinity (an overflowing number) does not
+        if ((numbers < self.low) | (numbers > self.high)).any():
+            return False
+        if self.kind == "int" and (np.abs(numbers) >= EXACT_INT).any():
+            return False
+        by_feature = np.ascontiguousarray(numbers.T)
+        for j, name in enumerate(self.names):
+            if self.kind == "float":
+                out[name] = by_feature[j]
+            elif missing is not None and missing[:, j].any():
+                out[name] = list(rows) if self._one else [row[j] for row in rows]
+            else:
+                out[name] = by_feature[j].astype(np.int64)
+        return True
+
+
+@dataclass(frozen=True)
+class _Layout:
+    width: int
+    floats: _Numbers | None
+    ints: _Numbers | None
+    categories: list[ColumnSpec]
+
+
+_LAYOUTS: dict[int, tuple[UseCaseSpec, _Layout]] = {}
+
+
+def _layout(spec: UseCaseSpec) -> _Layout:
+    """The spec's features grouped for :func:`predict_batch`, made once per spec."""
+    found = _LAYOUTS.get(id(spec))
+    if found is not None and found[0] is spec:
+        return found[1]
+    floats = [c for c in spec.features if c.type == "float"]
+    ints = [c for c in spec.features if c.type == "int"]
+    layout = _Layout(
+        len(spec.features),
+        _Numbers(floats, "float") if floats else None,
+        _Numbers(ints, "int") if ints else None,
+        [c for c in spec.features if c.type == "category"],
+    )
+    _LAYOUTS[id(spec)] = (spec, layout)
+    return layout

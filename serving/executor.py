@@ -29,13 +29,16 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import bentoml
+import numpy as np
 from pydantic import ValidationError
 
 from clinml.errors import ClinmlError, SettingsError
+from clinml.serving.columns import Batch
 from clinml.serving.runtime import ServedModel, load_from_bento, starting_holder
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec, load_spec
@@ -99,6 +102,42 @@ SETTINGS, SPEC = _configuration()
 
 # One scored record: (probability, version, alias, operating threshold).
 Scored = tuple[float, str, str, float]
+
+
+@dataclass(frozen=True)
+class ColumnScores:
+    """A batch's probabilities (float64, in row order) and the one model version that
+    produced them. Sliced by rows (``scores[start:stop]``), so that the coalescer can
+    hand each request of a joined batch its own part."""
+
+    probability: np.ndarray
+    version: str
+    alias: str
+    threshold: float
+
+    def __len__(self) -> int:
+        return len(self.probability)
+
+    def __getitem__(self, rows: slice) -> ColumnScores:
+        return ColumnScores(self.probability[rows], self.version, self.alias, self.threshold)
+
+    def plain(self) -> dict[str, Any]:
+        """As JSON-able values, for an answer of the split executor."""
+        return {
+            "probability": self.probability.tolist(),
+            "version": self.version,
+            "alias": self.alias,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_plain(cls, plain: dict[str, Any]) -> ColumnScores:
+        return cls(
+            np.asarray(plain["probability"], dtype=np.float64),
+            str(plain["version"]),
+            str(plain["alias"]),
+            float(plain["threshold"]),
+        )
 
 
 def resources(settings: Settings) -> dict[str, Any]:
@@ -178,6 +217,36 @@ class ModelExecutor:
         model = self.models.current  # one model for the whole batch
         probabilities = model.predict_records(records)
         return [(float(p), model.version, model.alias, model.threshold) for p in probabilities]
+
+    def score_columns(self, batch: Batch) -> ColumnScores:
+        """The probabilities of a batch of columns, from one model (called in-process:
+        inline execution, the coalescer, and :meth:`predict_columns`)."""
+        model = self.models.current  # one model for the whole batch
+        probability = np.asarray(model.predict_columns(batch.columns), dtype=np.float64)
+        if len(probability) != batch.rows:
+            raise RuntimeError(
+                f"the model returned {len(probability)} probabilities for {batch.rows} rows"
+            )
+        return ColumnScores(probability, model.version, model.alias, model.threshold)
+
+    @bentoml.api(
+        batchable=SETTINGS.batching,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_batch_latency_ms,
+    )
+    def predict_columns(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Column batches (``columns.Batch.plain()``: ``{"columns": {feature: values},
+        "rows": n}``) -> per batch ``ColumnScores.plain()``, in order. The split API
+        sends one batch per request; BentoML's adaptive batching joins the concurrent
+        ones (so ``max_batch_size`` counts requests here), and they are scored in one
+        model call, by one version."""
+        parts = [Batch.from_plain(plain) for plain in batches]
+        scores = self.score_columns(Batch.join(parts))
+        out, start = [], 0
+        for part in parts:
+            out.append(scores[start : start + part.rows].plain())
+            start += part.rows
+        return out
 
     @bentoml.api
     def explain(self, records: list[dict[str, Any]], top_k: int) -> dict[str, Any]:

@@ -198,6 +198,41 @@ def records(spec: UseCaseSpec, request: InferRequest, max_rows: int) -> list[dic
     Raises:
         ProtocolError: a wrong shape, datatype, name, missing feature or value.
     """
+    rows, by_feature = _columns(spec, request, max_rows)
+    problems = columns.check_columns(spec, by_feature, rows)
+    if problems:
+        raise ProtocolError(_join([p.line() for p in problems]))
+    return columns.to_records(spec, by_feature, rows)
+
+
+def batch(spec: UseCaseSpec, request: InferRequest, max_rows: int) -> columns.Batch:
+    """The same rows as :func:`records`, as the checked batch of columns the service
+    scores (``/predict``'s too): checked whole columns at a time, and value by value
+    only to word a refusal.
+
+    Raises:
+        ProtocolError: as :func:`records`, with the same message.
+    """
+    rows, by_feature = _columns(spec, request, max_rows)
+    checked = columns.checked_batch(spec, by_feature, rows)
+    if checked is not None:
+        return checked
+    problems = columns.check_columns(spec, by_feature, rows)
+    if problems:
+        raise ProtocolError(_join([p.line() for p in problems]))
+    # valid values the whole-column check is stricter about (an int beyond 2**53)
+    return columns.Batch({name: list(by_feature[name]) for name in spec.feature_names}, rows)
+
+
+def _columns(
+    spec: UseCaseSpec, request: InferRequest, max_rows: int
+) -> tuple[int, dict[str, list[Any]]]:
+    """(rows, feature -> values) of a request, the values as /predict's JSON holds them.
+
+    Raises:
+        ProtocolError: a wrong shape, datatype, name or missing feature, too few or too
+            many rows.
+    """
     names = spec.feature_names
     inputs = request.inputs
     if len(inputs) == 1 and inputs[0].name not in names:
@@ -208,10 +243,7 @@ def records(spec: UseCaseSpec, request: InferRequest, max_rows: int) -> list[dic
         raise ProtocolError("the tensors hold no rows")
     if rows > max_rows:
         raise ProtocolError(f"at most {max_rows} rows per request (CLINML_MAX_RECORDS_PER_REQUEST)")
-    problems = columns.check_columns(spec, by_feature, rows)
-    if problems:
-        raise ProtocolError(_join([p.line() for p in problems]))
-    return columns.to_records(spec, by_feature, rows)
+    return rows, by_feature
 
 
 def _named(spec: UseCaseSpec, inputs: Sequence[InferInput]) -> tuple[int, dict[str, list[Any]]]:
@@ -258,6 +290,9 @@ def _values(column: ColumnSpec, tensor: InferInput, rows: int) -> list[Any] | st
     data = _flat(tensor.data)
     if len(data) != rows:
         return f"shape says {rows} values, data holds {len(data)}"
+    fast = _whole(column, tensor.datatype, data)
+    if fast is not None:
+        return fast
     out = []
     for row, value in enumerate(data):
         converted = _convert(column, tensor.datatype, value)
@@ -265,6 +300,32 @@ def _values(column: ColumnSpec, tensor: InferInput, rows: int) -> list[Any] | st
             return f"row {row}: {converted.message}"
         out.append(converted)
     return out
+
+
+# Python types a tensor's values may have, by datatype, for _convert to keep them as
+# they are (a FP value for an int feature is not among them: it becomes an int).
+_KEPT = {
+    "BYTES": frozenset({str}),
+    "INT64": frozenset({int}),
+    "INT32": frozenset({int}),
+    "FP64": frozenset({int, float}),
+    "FP32": frozenset({int, float}),
+}
+
+
+def _whole(column: ColumnSpec, datatype: str, data: list[Any]) -> list[Any] | None:
+    """What the value-by-value conversion (``_convert``) gives, found for the whole
+    column at once when every value's type says so; None otherwise (then ``_convert``
+    goes value by value and words any refusal)."""
+    types = set(map(type, data))
+    if datatype == "BOOL":
+        return list(map(int, data)) if types <= {bool} else None
+    kept = _KEPT.get(datatype)
+    if kept is None or not types <= kept:
+        return None
+    if column.type == "int" and datatype.startswith("FP") and float in types:
+        return None  # whole floats become ints, value by value
+    return data
 
 
 class _Bad:
@@ -356,7 +417,16 @@ def response(
     outputs: Sequence[str] = OUTPUTS,
 ) -> dict[str, Any]:
     """The ``InferResponse`` for predictions (``ClinicalService.answer``'s dicts)."""
-    n = len(predictions)
+    return response_columns(
+        spec, version, request_id, {name: [p[name] for p in predictions] for name in outputs}
+    )
+
+
+def response_columns(
+    spec: UseCaseSpec, version: str, request_id: str, data: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """The ``InferResponse`` for predictions given as columns: output name -> one value
+    per row, in the order the outputs are answered."""
     return {
         "model_name": spec.name,
         "model_version": version,
@@ -365,10 +435,10 @@ def response(
             {
                 "name": name,
                 "datatype": OUTPUT_DATATYPES[name],
-                "shape": [n],
-                "data": [p[name] for p in predictions],
+                "shape": [len(values)],
+                "data": values,
             }
-            for name in outputs
+            for name, values in data.items()
         ],
     }
 

@@ -114,6 +114,17 @@ class ServedModel:
     def predict_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         return self.predict(self.encode(records))
 
+    def encode_columns(self, columns: dict[str, Any]) -> Any:
+        """Model input for columns (feature -> values, lists or arrays): the fast path's
+        matrix, or a DataFrame; the same as :meth:`encode` of the same rows."""
+        if self.compiled is not None:
+            return self.compiled.encode_columns(columns)
+        return pd.DataFrame({name: columns[name] for name in self.features})
+
+    def predict_columns(self, columns: dict[str, Any]) -> np.ndarray:
+        """Positive-class probabilities for the rows of ``columns``, in order."""
+        return self.predict(self.encode_columns(columns))
+
     def explain(self, records: list[dict[str, Any]], top_k: int) -> list[list[tuple[str, float]]]:
         if self.compiled is None:
             raise ClinmlError(f"explanations are not available for a {self.candidate} model")

@@ -7,10 +7,13 @@ enumerations. Validation errors name the field but never echo the submitted valu
 
 from __future__ import annotations
 
+import json
+import operator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from typing_extensions import TypedDict
 
@@ -123,6 +126,123 @@ def risk_band(probability: float, threshold: float, bands: list[tuple[str, float
         if probability < upper:
             return name
     return bands[-1][0]
+
+
+def band_names(bands: list[tuple[str, float]] | None) -> list[str]:
+    """The names :func:`risk_band_codes` indexes: the spec's bands, or low / elevated / high."""
+    return ["low", "elevated", "high"] if bands is None else [name for name, _ in bands]
+
+
+def risk_band_codes(
+    probabilities: np.ndarray, threshold: float, bands: list[tuple[str, float]] | None
+) -> np.ndarray:
+    """:func:`risk_band` of every probability at once, as positions in
+    :func:`band_names` (int64): the same comparisons, so the same band for every value,
+    NaN included."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if bands is None:
+        return np.where(p >= threshold, 2, np.where(p >= threshold / 2, 1, 0)).astype(np.int64)
+    codes = np.full(p.shape, len(bands) - 1, dtype=np.int64)
+    for i in range(len(bands) - 1, -1, -1):  # the first band whose bound it is below wins
+        codes[p < bands[i][1]] = i
+    return codes
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's predictions, column by column: what ``/predict``,
+    ``/predict_patient`` and the Open Inference Protocol answer, the audit record counts
+    and the prediction log holds. Each is a :class:`Prediction`: the probability, the
+    label at the operating threshold, the risk band (:func:`risk_band`). Made by
+    :meth:`Answering.answer`."""
+
+    probability: np.ndarray  # float64, in request order
+    positive: np.ndarray  # int64: 1 at or above the operating threshold, else 0
+    band: np.ndarray  # int64: positions in Answering.band_names
+    model: ModelRef
+    threshold: float
+    answering: Answering
+
+    def labels(self) -> list[str]:
+        return self.answering.label_names[self.positive].tolist()  # type: ignore[no-any-return]
+
+    def bands(self) -> list[str]:
+        return self.answering.band_names[self.band].tolist()  # type: ignore[no-any-return]
+
+    def label_counts(self) -> dict[str, int]:
+        """How many predictions have each label (the labels that occur)."""
+        negative, positive = self.answering.label_names.tolist()
+        positives = int(self.positive.sum())
+        counts = {positive: positives, negative: len(self.positive) - positives}
+        return {label: count for label, count in counts.items() if count}
+
+    def predictions(self) -> list[dict[str, Any]]:
+        """One :class:`Prediction` (as a dict) per record."""
+        return [
+            {"probability": p, "label": label, "risk_band": band}
+            for p, label, band in zip(
+                self.probability.tolist(), self.labels(), self.bands(), strict=True
+            )
+        ]
+
+
+class Answering:
+    """How a use case's predictions are answered, for whole columns of probabilities at
+    once: labels with one comparison, bands with :func:`risk_band_codes`, and the
+    ``PredictResponse`` body written in one go (:meth:`body`)."""
+
+    _HEAD = '{"probability":'
+
+    def __init__(self, spec: UseCaseSpec) -> None:
+        self.bands = spec.serving.risk_bands
+        self.label_names = np.array(
+            [spec.label.negative_class, spec.label.positive_class], dtype=object
+        )
+        self.band_names = np.array(band_names(self.bands), dtype=object)
+        # A prediction's JSON after its probability, by (label, band), as json.dumps
+        # writes it.
+        self._tails = np.array(
+            [
+                [
+                    ',"label":' + json.dumps(label) + ',"risk_band":' + json.dumps(band) + "}"
+                    for band in self.band_names
+                ]
+                for label in self.label_names
+            ],
+            dtype=object,
+        )
+
+    def answer(self, probability: Any, threshold: float, model: ModelRef) -> Answer:
+        p = np.asarray(probability, dtype=np.float64)
+        return Answer(
+            p,
+            (p >= threshold).astype(np.int64),
+            risk_band_codes(p, threshold, self.bands),
+            model,
+            threshold,
+            self,
+        )
+
+    def body(self, request_id: str, answer: Answer) -> bytes:
+        """``answer`` as a ``PredictResponse``: byte for byte what
+        ``json.dumps(..., separators=(",", ":"))`` writes for the same dict, assembled
+        from whole columns (each probability's ``repr``, as json writes a float, then
+        its label and band)."""
+        model = answer.model
+        payload: dict[str, Any] = {
+            "request_id": request_id,
+            "model": {"name": model.name, "version": model.version, "alias": model.alias},
+            "operating_threshold": answer.threshold,
+            "predictions": [],
+        }
+        if not len(answer.probability) or not np.isfinite(answer.probability).all():
+            payload["predictions"] = answer.predictions()  # json's own NaN and Infinity
+            return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        head = json.dumps(payload, separators=(",", ":"))  # ends with "predictions":[]}
+        tails = self._tails[answer.positive, answer.band].tolist()
+        probabilities = map(float.__repr__, answer.probability.tolist())
+        items = self._HEAD + ("," + self._HEAD).join(map(operator.add, probabilities, tails))
+        return (head[:-2] + items + "]}").encode("utf-8")
 
 
 def _ids_description(spec: UseCaseSpec) -> str:

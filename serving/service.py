@@ -9,8 +9,9 @@ The endpoints are an ASGI app mounted on the BentoML service, so clinml controls
 status code and error body (validation errors name the field and never echo the value)
 and the OpenAPI document at ``/docs.json`` describes all of them. The two prediction
 endpoints and ``/explain`` are answered straight from ASGI messages (:class:`HotEndpoint`:
-the body is validated by pydantic's Rust JSON parser, the answer is encoded once); the
-others are FastAPI routes. docs/benchmarks.md has the measurements behind that split.
+the body is parsed once, a ``/predict`` batch checked, scored, answered and logged column
+by column, and the answer encoded once); the others are FastAPI routes.
+docs/benchmarks.md has the measurements behind that split.
 
 ``POST /predict``          records of features -> probability, label, risk band
 ``POST /predict_patient``  patient ids (+ as-of time) -> features from the Feast online
@@ -66,7 +67,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -82,13 +83,22 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from clinml.errors import ClinmlError
-from clinml.serving import framework, openapi, protocol, refusals, routes, schemas
+from clinml.serving import columns, framework, openapi, protocol, refusals, routes, schemas
 from clinml.serving.asgi import send_json
 from clinml.serving.coalesce import Coalescer
-from clinml.serving.executor import SETTINGS, SPEC, ModelExecutor, Scored, model_tag
+from clinml.serving.columns import Batch
+from clinml.serving.executor import (
+    SETTINGS,
+    SPEC,
+    ColumnScores,
+    ModelExecutor,
+    Scored,
+    model_tag,
+)
 from clinml.serving.keys import KeysOnFirstUse
 from clinml.serving.readiness import ReadinessLog
 from clinml.serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
+from clinml.serving.schemas import Answer
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
@@ -238,16 +248,24 @@ class Metrics:
         self._audit_exported: Any = None
         self._series: dict[Any, Any] = {}
 
-    def observe(self, endpoint: str, seconds: float, labels: Sequence[str]) -> None:
-        """One answered request: its latency and the label of each prediction. The
-        labelled series are looked up once per (endpoint, label), not per request."""
+    def observe(
+        self, endpoint: str, seconds: float, labels: Sequence[str] | Mapping[str, int]
+    ) -> None:
+        """One answered request: its latency and the label of each prediction (or how
+        many predictions have each label). The labelled series are looked up once per
+        (endpoint, label), not per request."""
         series = self._series.get(endpoint)
         if series is None:
             series = self._series[endpoint] = self.latency.labels(endpoint)
         series.observe(seconds)
-        counts: dict[str, int] = {}
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
+        counts: Mapping[str, int]
+        if isinstance(labels, Mapping):
+            counts = labels
+        else:
+            counted: dict[str, int] = {}
+            for label in labels:
+                counted[label] = counted.get(label, 0) + 1
+            counts = counted
         for label, count in counts.items():
             key = (endpoint, label)
             counter = self._series.get(key)
@@ -321,6 +339,14 @@ class Scores:
         )
 
 
+# How the served use case's predictions are answered, column by column.
+ANSWERING = schemas.Answering(SPEC)
+
+
+class Encoded(bytes):
+    """An answer's body, already JSON (``HotEndpoint`` sends it as it is)."""
+
+
 @contextmanager
 def _reaching_the_executor() -> Iterator[None]:
     """A split executor's failure to answer becomes a 503 (ExecutionUnavailable) naming
@@ -382,14 +408,16 @@ class ClinicalService:
         self.model: schemas.ModelRef | None = None  # the last version seen to answer
         self._bound: dict[str, Any] = {}
         self._explaining: asyncio.Semaphore | None = None  # see explain()
-        self.coalescer: Coalescer[Scored] | None = None
+        self.coalescer: Coalescer[ColumnScores] | None = None
         if SETTINGS.execution == "inline":
             self.executor = ModelExecutor()
             info = self.executor.describe()
             if info.get("loaded"):  # else not ready, and describe() says why
                 self.seen(_ref(info))
             if SETTINGS.batching:  # concurrent requests share one model call
-                self.coalescer = Coalescer(self._local("predict"), SETTINGS.max_batch_size)
+                self.coalescer = Coalescer(
+                    self._local("score_columns"), SETTINGS.max_batch_size, join=Batch.join
+                )
         paths = SETTINGS.paths.usecase(SPEC.name)
         checkpoints = Checkpoints.from_settings(SETTINGS)  # None without CLINML_AUDIT_KEY
         if checkpoints is None:
@@ -545,15 +573,27 @@ class ClinicalService:
         with _reaching_the_executor():
             return await getattr(self.executor.to_async, method)(*args)
 
-    async def score(self, records: list[dict[str, Any]]) -> Scores:
-        if self.coalescer is not None:
+    async def score(self, batch: Batch) -> Answer:
+        """The batch's predictions, from one model version: inline, through the
+        coalescer (or straight from the executor without batching); split, from the
+        executor's ``predict_columns``, which batches concurrent requests."""
+        if SETTINGS.execution == "inline":
             with _model_loaded():
-                scored = await self.coalescer(records)
+                if self.coalescer is not None:
+                    scores = await self.coalescer(batch)
+                else:
+                    scores = self._local("score_columns")(batch)
         else:
-            scored = await self._execute_async("predict", records)
-        scores = Scores.of(scored)
-        self.seen(scores.model)
-        return scores
+            with _reaching_the_executor():
+                [plain] = await self.executor.to_async.predict_columns([batch.plain()])
+            scores = ColumnScores.from_plain(plain)
+        answer = ANSWERING.answer(
+            scores.probability,
+            scores.threshold,
+            schemas.ModelRef(name=SPEC.name, version=scores.version, alias=scores.alias),
+        )
+        self.seen(answer.model)
+        return answer
 
     async def explain(self, records: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
         """The executor's explanation of ``records`` (``ModelExecutor.explain``).
@@ -628,28 +668,21 @@ class ClinicalService:
         ]
 
     def log_predictions(
-        self,
-        request_id: str,
-        model: schemas.ModelRef,
-        records: list[dict[str, Any]],
-        predictions: list[dict[str, Any]],
-        patients: list[str] | None = None,
+        self, request_id: str, batch: Batch, answer: Answer, patients: list[str] | None = None
     ) -> None:
-        now = datetime.now(UTC)
-        self.predictions.record(
-            [
-                {
-                    **record,
-                    "time": now,
-                    "request_id": request_id,
-                    "model_version": model.version,
-                    "patient": patients[i] if patients else None,
-                    "probability": p["probability"],
-                    "label": p["label"],
-                }
-                for i, (record, p) in enumerate(zip(records, predictions, strict=True))
-            ]
-        )
+        """The request's rows in the prediction log, handed over as columns: each row
+        is a record's features, the time, the request id, the model version, the
+        (pseudonymised) patient or None, the probability and the label."""
+        logged: dict[str, Any] = {
+            **batch.loggable(),
+            "time": datetime.now(UTC),
+            "request_id": request_id,
+            "model_version": answer.model.version,
+            "patient": patients if patients else None,
+            "probability": answer.probability,
+            "label": answer.labels(),
+        }
+        self.predictions.record_columns(logged, batch.rows)
 
 
 async def _service() -> Any:
@@ -676,12 +709,12 @@ class _Call:
         self.patients: list[str] | None = None
         self.closed = False  # its audit record was submitted
 
-    async def score(self, records: list[dict[str, Any]]) -> Scores:
-        scores = await self.service.score(records)
-        self.version = scores.model.version
-        return scores
+    async def score(self, batch: Batch) -> Answer:
+        answer = await self.service.score(batch)
+        self.version = answer.model.version
+        return answer
 
-    def done(self, status: int, labels: Sequence[str] = ()) -> bool:
+    def done(self, status: int, labels: Sequence[str] | Mapping[str, int] = ()) -> bool:
         """Time the request and queue its audit record; False when the trail refused the
         record (its queue is full), so that a 200 is not sent unaudited (``audited``)."""
         self.closed = True
@@ -747,7 +780,7 @@ class AuditEveryRequest:
                 call.done(status)
 
 
-def audited(call: _Call, labels: Sequence[str]) -> None:
+def audited(call: _Call, labels: Sequence[str] | Mapping[str, int]) -> None:
     """Close a successful call's record; no answer goes out unless it was queued."""
     if not call.done(200, labels):
         raise ServiceUnavailable("request audit trail unavailable: its queue is full")
@@ -756,34 +789,28 @@ def audited(call: _Call, labels: Sequence[str]) -> None:
 async def _predicted(
     service: ClinicalService,
     call: _Call,
-    records: list[dict[str, Any]],
+    batch: Batch,
     patients: list[str] | None = None,
-) -> tuple[Scores, list[dict[str, Any]]]:
+) -> Answer:
     """Predict, close the call's audit record, log the predictions: what every
-    prediction endpoint does with validated records, whatever shape its answer takes."""
-    scores = await call.score(records)
-    predictions = service.answer(scores)
-    audited(call, [p["label"] for p in predictions])
-    service.log_predictions(call.request_id, scores.model, records, predictions, patients)
-    return scores, predictions
+    prediction endpoint does with a checked batch, whatever shape its answer takes.
+    Column by column throughout: no Python work per record."""
+    answer = await call.score(batch)
+    audited(call, answer.label_counts())
+    service.log_predictions(call.request_id, batch, answer, patients)
+    return answer
 
 
 async def _respond(
     service: ClinicalService,
     call: _Call,
-    records: list[dict[str, Any]],
+    batch: Batch,
     patients: list[str] | None = None,
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, Encoded]:
     """Predict, log the predictions, close the call's audit record; the answer is a
-    ``schemas.PredictResponse``."""
-    scores, predictions = await _predicted(service, call, records, patients)
-    model = scores.model
-    return 200, {
-        "request_id": call.request_id,
-        "model": {"name": model.name, "version": model.version, "alias": model.alias},
-        "operating_threshold": scores.threshold,
-        "predictions": predictions,
-    }
+    ``schemas.PredictResponse``, encoded."""
+    answer = await _predicted(service, call, batch, patients)
+    return 200, Encoded(ANSWERING.body(call.request_id, answer))
 
 
 # -- the prediction endpoints, straight from ASGI --------------------------------------
@@ -797,9 +824,17 @@ async def _respond(
 
 async def predict(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
     """Probability, label at the model's operating threshold, and risk band per record,
-    in request order."""
-    request = PredictDicts.model_validate_json(body)
-    return await _respond(service, call, request.records)  # type: ignore[attr-defined]
+    in request order.
+
+    A valid body is parsed once and checked column by column (``columns.predict_batch``);
+    any other body is validated by the record schema, which refuses it with the errors
+    it always gave (or, for the rare valid body the column check is too strict for,
+    accepts it)."""
+    batch = columns.predict_batch(SPEC, body, SETTINGS.max_records_per_request)
+    if batch is None:
+        request = PredictDicts.model_validate_json(body)
+        batch = Batch.of_records(SPEC, request.records)  # type: ignore[attr-defined]
+    return await _respond(service, call, batch)
 
 
 async def predict_patient(service: ClinicalService, call: _Call, body: bytes) -> tuple[int, Any]:
@@ -839,7 +874,7 @@ async def predict_patient(service: ClinicalService, call: _Call, body: bytes) ->
     if problems:
         unknown_only = all(p["type"] == "not_found" for p in problems)
         return 404 if unknown_only else 422, {"detail": problems}
-    return await _respond(service, call, lookup.records, ids)
+    return await _respond(service, call, Batch.of_records(SPEC, lookup.records), ids)
 
 
 UNKNOWN = "no features in the online store for this patient"
@@ -885,15 +920,22 @@ async def infer(service: ClinicalService, call: _Call, body: bytes) -> tuple[int
     and row, never the value."""
     try:
         request = protocol.parse(body)
-        records = protocol.records(SPEC, request, SETTINGS.max_records_per_request)
+        batch = protocol.batch(SPEC, request, SETTINGS.max_records_per_request)
         outputs = protocol.requested(request)
     except protocol.ProtocolError as exc:
         return 400, {"error": str(exc)}
-    scores, predictions = await _predicted(service, call, records)
+    answer = await _predicted(service, call, batch)
     # The request's own id is echoed in the answer, as the protocol requires; it is
     # neither logged nor audited (the audit record has the service's request id).
     answer_id = request.id or call.request_id
-    return 200, protocol.response(SPEC, scores.model.version, answer_id, predictions, outputs)
+    data = {
+        "probability": answer.probability.tolist,
+        "label": answer.labels,
+        "risk_band": answer.bands,
+    }
+    return 200, protocol.response_columns(
+        SPEC, answer.model.version, answer_id, {name: data[name]() for name in outputs}
+    )
 
 
 # path -> (handler, request model, summary, response model)
@@ -976,7 +1018,20 @@ class HotEndpoint:
             raise
         if status != 200:
             call.done(status)
-        await send_json(send, status, payload)
+        if isinstance(payload, Encoded):
+            await _send_encoded(send, status, payload)
+        else:
+            await send_json(send, status, payload)
+
+
+async def _send_encoded(send: Send, status: int, body: bytes) -> None:
+    """``send_json`` for a body that is JSON already."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": bytes(body), "more_body": False})
 
 
 # Answered by ClinicalAPI directly; also first in the router, so they are matched (and a
