@@ -12,7 +12,10 @@ before the loop gets to the flush joins the same batch. A request alone on an id
 server therefore waits for nothing (the flush runs on the loop's next turn), and under
 load the batch is whatever arrived together. A batch holds at most ``max_records``
 records unless one request alone is larger; it is scored by one call, so one model
-version scores all of it.
+version scores all of it. One batch is scored per turn of the loop: with 32 clients
+sending 1,000 records each, scoring every waiting request in one turn left bodies
+unread and answers unsent for the whole of it, and wrk's p99 was 2.3 s at a p50 of
+0.58 s; one batch per turn gave 1.03-1.07 s at the same req/s (issue 22).
 
 If a batch fails, each of its requests is scored again on its own, so one request's
 failure is never another's.
@@ -72,17 +75,25 @@ class Coalescer(Generic[T]):
         return await future
 
     def _flush(self) -> None:
-        pending, self._pending, self._scheduled = self._pending, [], False
+        """Score the oldest waiting requests, up to ``max_records``, in one call; the
+        rest wait for the loop's next turn (scheduled again here), so the loop reads
+        bodies and sends answers between model calls instead of after all of them."""
+        self._scheduled = False
         batch: list[tuple[Any, asyncio.Future[Any]]] = []
-        size = 0
-        for records, future in pending:
+        size, taken = 0, 0
+        for records, future in self._pending:
             if future.cancelled():  # the client went away
+                taken += 1
                 continue
             if batch and size + len(records) > self.max_records:
-                self._run(batch)
-                batch, size = [], 0
+                break
             batch.append((records, future))
             size += len(records)
+            taken += 1
+        del self._pending[:taken]
+        if self._pending:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         if batch:
             self._run(batch)
 

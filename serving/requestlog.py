@@ -60,7 +60,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -819,30 +819,120 @@ class _Columns:
         return _Columns(self.day, self.names, values, max(stop - start, 0))
 
 
-class _Group:
-    """A batch's rows of one date with one set of columns, a list of values per column."""
+class _Repeat:
+    """One value for each of ``rows`` rows (a request's time, id, model version)."""
 
-    __slots__ = ("columns", "names", "rows")
+    __slots__ = ("rows", "value")
+
+    def __init__(self, value: Any, rows: int):
+        self.value, self.rows = value, rows
+
+    def tolist(self) -> list[Any]:
+        return [self.value] * self.rows
+
+
+class _Group:
+    """A batch's rows of one date with one set of columns. A column given as numpy
+    arrays (int64, float64, bool: a ``/predict`` batch's numbers, the probabilities) or
+    as one value for all of a request's rows keeps those parts, which Arrow converts
+    whole when the batch is written; any other column is a list of Python values, as
+    ``pa.Table.from_pylist`` takes them. Both give the same Arrow type."""
+
+    __slots__ = ("columns", "names", "parts", "rows")
 
     def __init__(self, names: tuple[str, ...]):
         self.names = names
         self.columns: list[list[Any]] = [[] for _ in names]
+        # per column: its parts so far, or None once a part was a list of values
+        self.parts: list[list[Any] | None] = [[] for _ in names]
         self.rows = 0
+
+    def extend(self, index: int, value: Any, rows: int) -> None:
+        """Append one request's values (an array, a list, or one value for every row)."""
+        parts = self.parts[index]
+        if parts is not None:
+            if not isinstance(value, list | tuple) and not _is_array(value):
+                parts.append(_Repeat(value, rows))
+                return
+            if _is_array(value) and value.dtype.str in _ARRAY_TYPES and len(value) >= _ARRAY_ROWS:
+                parts.append(value)
+                return
+        column = self.values(index)
+        if isinstance(value, list | tuple):
+            column.extend(value)
+        elif _is_array(value):
+            column.extend(value.tolist())
+        else:
+            column.extend([value] * rows)
+
+    def values(self, index: int) -> list[Any]:
+        """The column as a list of Python values (its parts, if any, converted)."""
+        parts = self.parts[index]
+        if parts is not None:
+            for part in parts:
+                self.columns[index].extend(part.tolist())
+            self.parts[index] = None
+        return self.columns[index]
+
+    def _whole(self, index: int) -> pa.Array | None:
+        """A column kept as parts, as one Arrow array: arrays of one dtype joined by
+        numpy, or each request's one value converted once and repeated for its rows.
+        None for any other mix (an int array and a float one, arrays and single values):
+        the column is then converted from Python values, as from rows."""
+        import numpy as np
+        import pyarrow as pa
+
+        parts = self.parts[index]
+        if not parts:
+            return None
+        if all(isinstance(part, _Repeat) for part in parts):
+            values = [part.value for part in parts]
+            if all(type(v) is datetime and v.tzinfo is UTC for v in values):
+                # datetime by datetime, Arrow takes ~2 µs each; as integers, far less
+                micros = np.array([(v - _EPOCH) // _MICROSECOND for v in values])
+                distinct = pa.array(micros, type=pa.timestamp("us", tz="UTC"))
+            else:
+                distinct = pa.array(values, from_pandas=True)
+            if len(parts) == self.rows:
+                return distinct
+            return distinct.take(np.repeat(np.arange(len(parts)), [part.rows for part in parts]))
+        if all(_is_array(part) and part.dtype == parts[0].dtype for part in parts):
+            # NaN is a missing value, as None is in a row (features are never NaN)
+            return pa.array(np.concatenate(parts), from_pandas=True)
+        return None
 
     def table(self, budget: _Budget) -> pa.Table:
         """The rows as one Arrow table, each column of the type ``pa.Table.from_pylist``
         gives it (slices are converted apart, then promoted to one type as it would)."""
         import pyarrow as pa
 
+        whole = []
+        for index in range(len(self.names)):
+            array = self._whole(index)
+            if array is None and self.parts[index]:
+                self.values(index)  # parts of different types: as Python values
+            whole.append(array)
+            budget.check()
         slices = []
         for start in range(0, self.rows, _SLICE_ROWS):
             arrays = []
-            for column in self.columns:
-                # NaN is a missing value, as None is in a row (features are never NaN)
+            for column, array in zip(self.columns, whole, strict=True):
+                if array is not None:
+                    arrays.append(array.slice(start, _SLICE_ROWS))
+                    continue
                 arrays.append(pa.array(column[start : start + _SLICE_ROWS], from_pandas=True))
                 budget.check()
             slices.append(pa.Table.from_arrays(arrays, names=list(self.names)))
         return _concat(slices)
+
+
+# numpy dtypes whose arrays Arrow converts to the type their Python values would get
+_ARRAY_TYPES = frozenset({"<f8", "<i8", "|b1"})
+# Smaller arrays are kept as Python values: joining thousands of one-row arrays costs
+# more than converting their values.
+_ARRAY_ROWS = 16
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 class _Predictions:
@@ -864,21 +954,11 @@ class _Predictions:
     def add(self, chunk: _Columns | list[dict[str, Any]]) -> None:
         self._count += len(chunk)
         if isinstance(chunk, _Columns):
-            try:  # all or nothing: a group's columns must stay the same length
-                values = [
-                    value
-                    if isinstance(value, list | tuple)
-                    else value.tolist()
-                    if _is_array(value)
-                    else [value] * chunk.rows
-                    for value in chunk.values
-                ]
-            except Exception as exc:  # the writer must go on whatever a request held
-                self.refused.append((chunk.rows, exc))
-                return
+            # record_columns checked each value's kind and length, so every column of
+            # the group grows by the same number of rows
             group = self._group(chunk.day, chunk.names)
-            for column, value in zip(group.columns, values, strict=True):
-                column.extend(value)
+            for index, value in enumerate(chunk.values):
+                group.extend(index, value, chunk.rows)
             group.rows += chunk.rows
         else:
             try:
@@ -889,8 +969,8 @@ class _Predictions:
             for row, day in zip(chunk, days, strict=True):
                 names = tuple(row)
                 group = self._group(day, names)
-                for column, value in zip(group.columns, row.values(), strict=True):
-                    column.append(value)
+                for index, value in enumerate(row.values()):
+                    group.values(index).append(value)
                 group.rows += 1
         self.budget.check()
 

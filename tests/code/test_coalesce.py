@@ -4,6 +4,7 @@ back exactly its own results, in order; a failure stays with the request that ca
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import pytest
@@ -115,3 +116,34 @@ def test_a_cancelled_request_is_not_scored() -> None:
 def test_max_records_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_records"):
         Coalescer(lambda records: [], max_records=0)
+
+
+def test_the_loop_runs_between_model_calls() -> None:
+    """Requests waiting for more than one model call get them on separate turns of the
+    loop, so it reads bodies and sends answers in between (issue 22: 32 clients sending
+    1,000 records each saw a p99 4x the p50 while every waiting request was scored in
+    one turn)."""
+    events: list[str] = []
+
+    def score(records: list[Any]) -> list[Any]:
+        events.append("model")
+        return list(records)
+
+    async def other_work() -> None:
+        for _ in range(6):
+            events.append("other")
+            await asyncio.sleep(0)
+
+    async def main() -> list[Any]:
+        coalescer = Coalescer(score, max_records=2)
+        other = asyncio.ensure_future(other_work())
+        answers = await asyncio.gather(*(coalescer([i, i]) for i in range(3)))
+        await other
+        return answers
+
+    answers = asyncio.run(main())
+
+    assert answers == [[0, 0], [1, 1], [2, 2]]
+    assert events.count("model") == 3
+    calls = [i for i, event in enumerate(events) if event == "model"]
+    assert all(b - a > 1 for a, b in itertools.pairwise(calls)), events

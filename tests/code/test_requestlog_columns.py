@@ -100,6 +100,70 @@ def test_record_columns_writes_the_same_parquet_as_record(logs: list[PredictionL
     assert frame["probability"].tolist() == [row["probability"] for row in in_time_order]
 
 
+def _arrays(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The request as a ``/predict`` batch hands it over: numbers as numpy arrays (a
+    missing float as NaN), categories as lists, one value for the request's fields."""
+    columns = _columns(rows)
+    columns["radius_mean"] = np.array([row["radius_mean"] for row in rows], dtype=np.float64)
+    columns["age"] = np.array([row["age"] for row in rows], dtype=np.int64)
+    columns["glucose"] = np.array(
+        [math.nan if row["glucose"] is None else row["glucose"] for row in rows]
+    )
+    return columns
+
+
+def test_numpy_columns_and_single_values_write_what_rows_would(tmp_path: Path) -> None:
+    """The writer joins arrays with numpy and converts a request's single values once
+    (issue 22); the parquet must be what ``pa.Table.from_pylist`` makes of the rows, for
+    large and small requests, in any mix."""
+    requests = [
+        _request(0, 40),  # arrays large enough to be joined by numpy
+        _request(1, 1),  # a one-row request: its arrays are kept as Python values
+        _request(2, 300, patients=False),
+        _request(3, 17, when=T0 - timedelta(minutes=5)),
+    ]
+    log = PredictionLog(tmp_path, flush_interval_s=60)  # every request in one batch
+    for rows in requests:
+        log.record_columns(_arrays(rows), len(rows))
+    assert log.flush(10)
+    log.close(timeout=5)
+    [table] = _tables(tmp_path).values()
+    rows = [row for rows in requests for row in rows]
+    assert table.schema == pa.Table.from_pylist(rows).schema
+    assert table.equals(pa.Table.from_pylist(rows))
+
+
+def test_a_column_of_int_and_float_arrays_is_written_as_rows_of_both_would_be(
+    tmp_path: Path,
+) -> None:
+    rows = _request(0, 20) + _request(1, 30)
+    for j, row in enumerate(rows[:20]):
+        row["radius_mean"] = j  # ints in the first request, floats in the second
+    log = PredictionLog(tmp_path, flush_interval_s=60)  # both requests in one batch
+    first, second = _arrays(rows[:20]), _arrays(rows[20:])
+    first["radius_mean"] = np.arange(20, dtype=np.int64)
+    log.record_columns(first, 20)
+    log.record_columns(second, 30)
+    assert log.flush(10)
+    log.close(timeout=5)
+    [table] = _tables(tmp_path).values()
+    assert table.equals(pa.Table.from_pylist(rows))
+
+
+def test_request_times_in_another_time_zone_keep_it(tmp_path: Path) -> None:
+    from datetime import timezone
+
+    when = T0.astimezone(timezone(timedelta(hours=2)))
+    rows = _request(0, 20, when=when) + _request(1, 20, when=when + timedelta(seconds=1))
+    log = PredictionLog(tmp_path, flush_interval_s=60)  # both requests in one batch
+    log.record_columns(_arrays(rows[:20]), 20)
+    log.record_columns(_arrays(rows[20:]), 20)
+    assert log.flush(10)
+    log.close(timeout=5)
+    [table] = _tables(tmp_path).values()
+    assert table.equals(pa.Table.from_pylist(rows))
+
+
 def test_scalars_apply_to_every_row(tmp_path: Path) -> None:
     log = PredictionLog(tmp_path / "predictions", flush_interval_s=0.05)
     try:
