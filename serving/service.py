@@ -97,6 +97,7 @@ from clinml.serving.executor import (
 )
 from clinml.serving.keys import KeysOnFirstUse
 from clinml.serving.readiness import ReadinessLog
+from clinml.serving.requestlog import ACTIVITY
 from clinml.serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
 from clinml.serving.schemas import Answer
 
@@ -992,6 +993,13 @@ class HotEndpoint:
         self.error_path = endpoint  # its errors' shape (_error_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ACTIVITY.started()  # the prediction log writes between requests (requestlog)
+        try:
+            await self._answer(scope, receive, send)
+        finally:
+            ACTIVITY.finished()
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = bentoml.get_current_service()
         try:
             call = _Call(service, scope, self.endpoint)

@@ -5,6 +5,7 @@ as ``record`` writes for the same rows, scalars for every row, mistakes named by
 from __future__ import annotations
 
 import math
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clinml.predictionlog import read_predictions
+from clinml.serving import requestlog
 from clinml.serving.requestlog import PredictionLog
 from tests.code.test_requestlog import FEATURE_VALUE, T0, _pause
 
@@ -297,3 +299,32 @@ def test_rows_and_columns_of_one_day_share_a_file(tmp_path: Path) -> None:
     tables = _tables(log.directory)
     assert list(tables) == ["date=2026-06-01"]
     assert tables["date=2026-06-01"]["request_id"].to_pylist() == ["req-0"] * 2 + ["req-1"] * 3
+
+
+def test_the_writer_runs_at_a_lower_priority(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, flush_interval_s=0.05)
+    try:
+        log.record_columns(_arrays(_request(0, 20)), 20)
+        assert log.flush(10)
+        thread = log._writer._thread
+        if not hasattr(os, "getpriority"):
+            pytest.skip("no thread priorities on this platform")
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) >= requestlog._WRITER_NICE
+    finally:
+        log.close(timeout=5)
+
+
+def test_the_writer_keeps_writing_when_requests_never_stop(tmp_path: Path) -> None:
+    """Between slices of its work the writer waits for a moment with no request being
+    answered, but only so long: a worker that is never idle still gets its log."""
+    requestlog.ACTIVITY.started()  # a request that never finishes
+    log = PredictionLog(tmp_path, flush_interval_s=0.05)
+    try:
+        for i in range(40):  # enough rows for many slices of the writer's work
+            log.record_columns(_arrays(_request(i, 500)), 500)
+        assert log.flush(60)
+        assert (log.written, log.dropped) == (20_000, 0)
+    finally:
+        requestlog.ACTIVITY.finished()
+        log.close(timeout=5)
+    assert requestlog.ACTIVITY.idle.is_set()
