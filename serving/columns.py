@@ -24,10 +24,8 @@ The prediction endpoints score a :class:`Batch` of checked columns (``checked_ba
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -294,35 +292,47 @@ def predict_batch(spec: UseCaseSpec, body: bytes, max_records: int) -> Batch | N
     Never accepts a body the record schema (``schemas.build``'s ``predict_dicts``)
     refuses; may refuse (return None for) a few it accepts.
     """
-    from pydantic_core import from_json
+    import msgspec
 
-    try:
-        document = from_json(body, allow_inf_nan=False)
-    except ValueError:
-        return None
-    if type(document) is not dict or document.keys() != {"records"}:
-        return None
-    records = document["records"]
-    if type(records) is not list or not 1 <= len(records) <= max_records:
-        return None
     layout = _layout(spec)
-    # Every record a dict of as many keys as there are features, and each feature found
-    # in each (the getters below): exactly the features, nothing else.
-    if set(map(type, records)) != {dict} or set(map(len, records)) != {layout.width}:
-        return None
     try:
-        out: dict[str, Any] = {}
-        for group in (layout.floats, layout.ints):
-            if group is not None and not group.check(records, out):
-                return None
-        for column in layout.categories:
-            values = [record[column.name] for record in records]
-            if set(map(type, values)) != {str} or not set(values) <= set(column.categories or ()):
-                return None
-            out[column.name] = values
-    except (KeyError, TypeError, ValueError, OverflowError):  # a feature left out, a huge int
+        request = layout.decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+    records = request.records
+    if not 1 <= len(records) <= max_records:
+        return None
+    # The decoder took each record's features by name, typed: feature order, per column.
+    transposed = zip(*map(msgspec.structs.astuple, records), strict=True)
+    by_feature = dict(zip(spec.feature_names, transposed, strict=True))
+    out: dict[str, Any] = {}
+    for group in (layout.floats, layout.ints):
+        if group is not None and not group.check(by_feature, out):
+            return None
+    for column in layout.categories:
+        values = by_feature[column.name]
+        if not set(values) <= set(column.categories or ()):
+            return None
+        out[column.name] = list(values)
     return Batch({name: out[name] for name in spec.feature_names}, len(records))
+
+
+def _decoder(spec: UseCaseSpec) -> Any:
+    """A JSON decoder of ``{"records": [{feature: value}, ...]}`` that takes exactly the
+    spec's features, each of its type (an int, a number, a string; null only where the
+    feature may be missing), in C: the body is never a tree of Python dicts."""
+    import msgspec
+
+    kinds = {"float": float, "int": int, "category": str}
+    fields = []
+    for i, column in enumerate(spec.features):
+        kind: Any = kinds[column.type]
+        typed = kind | None if column.nullable else kind
+        fields.append((f"f{i}", typed, msgspec.field(name=column.name)))
+    record = msgspec.defstruct("Record", fields, forbid_unknown_fields=True)
+    records = list[record]  # type: ignore[valid-type]
+    body = msgspec.defstruct("Body", [("records", records)], forbid_unknown_fields=True)
+    return msgspec.json.Decoder(body)
 
 
 class _Numbers:
@@ -331,42 +341,38 @@ class _Numbers:
     def __init__(self, features: list[ColumnSpec], kind: str) -> None:
         self.names = [c.name for c in features]
         self.kind = kind
-        self.allowed = _NUMBER_TYPES[kind]
         self.nullable = np.array([c.nullable for c in features])
         self.low = np.array([-np.inf if c.min is None else c.min for c in features])
         self.high = np.array([np.inf if c.max is None else c.max for c in features])
-        self._take = operator.itemgetter(*self.names)
-        self._one = len(self.names) == 1
 
-    def check(self, records: list[dict[str, Any]], out: dict[str, Any]) -> bool:
-        rows = list(map(self._take, records))
-        types = set(map(type, rows if self._one else chain.from_iterable(rows)))
-        nulls = _NONE in types
-        if not (types - {_NONE}) <= self.allowed:
-            return False
-        numbers = np.array(rows, dtype=np.float64).reshape(len(records), len(self.names))
-        missing = np.isnan(numbers) if nulls else None  # NaN is a null: no NaN in the JSON
-        if missing is not None and missing[:, ~self.nullable].any():
+    def check(self, by_feature: Mapping[str, Sequence[Any]], out: dict[str, Any]) -> bool:
+        """Check the group's columns (typed by the decoder: numbers, or None where the
+        feature may be missing) and put them in ``out``: floats as float64 arrays (None as
+        NaN), ints as int64 arrays, or as a list where one holds None."""
+        data = [by_feature[name] for name in self.names]
+        numbers = np.array(data, dtype=np.float64)  # (features, rows); None -> NaN
+        missing = np.isnan(numbers)  # a JSON body holds no NaN: each one was a null
+        if missing[~self.nullable].any():
             return False
         # NaN compares False, so nulls pass; infinity (an overflowing number) does not
-        if ((numbers < self.low) | (numbers > self.high)).any():
+        if ((numbers < self.low[:, None]) | (numbers > self.high[:, None])).any():
             return False
         if self.kind == "int" and (np.abs(numbers) >= EXACT_INT).any():
             return False
-        by_feature = np.ascontiguousarray(numbers.T)
         for j, name in enumerate(self.names):
             if self.kind == "float":
-                out[name] = by_feature[j]
-            elif missing is not None and missing[:, j].any():
-                out[name] = list(rows) if self._one else [row[j] for row in rows]
+                out[name] = numbers[j]
+            elif missing[j].any():
+                out[name] = list(data[j])
             else:
-                out[name] = by_feature[j].astype(np.int64)
+                out[name] = numbers[j].astype(np.int64)
         return True
 
 
 @dataclass(frozen=True)
 class _Layout:
     width: int
+    decoder: Any
     floats: _Numbers | None
     ints: _Numbers | None
     categories: list[ColumnSpec]
@@ -384,6 +390,7 @@ def _layout(spec: UseCaseSpec) -> _Layout:
     ints = [c for c in spec.features if c.type == "int"]
     layout = _Layout(
         len(spec.features),
+        _decoder(spec),
         _Numbers(floats, "float") if floats else None,
         _Numbers(ints, "int") if ints else None,
         [c for c in spec.features if c.type == "category"],
