@@ -297,7 +297,7 @@ def predict_batch(spec: UseCaseSpec, body: bytes, max_records: int) -> Batch | N
     layout = _layout(spec)
     try:
         request = layout.decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, ValueError):  # ValueError: bytes that are not UTF-8
         return None
     records = request.records
     if not 1 <= len(records) <= max_records:

@@ -83,6 +83,7 @@ BODIES: list[Any] = [
     b'{"records": [{"heart_rate": 80, "creatinine": 1.1, "ward": "icu"}]} trailing',
     b'{"records": [{"heart_rate": 80, "creatinine": 1.1, "ward": "ic\\u0075"}]}',
     b'\xff{"records": []}',
+    b'{"records": [{"heart_rate": 80, "creatinine": 1.1, "ward": "\xff\xfe"}]}',  # not UTF-8
 ]
 
 
