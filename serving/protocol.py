@@ -1,9 +1,10 @@
 """The Open Inference Protocol (KServe V2, REST) in front of the same model as ``/predict``.
 
 ``POST /v2/models/<use case>/infer`` takes tensors and answers tensors; this module turns
-a request body into the records ``/predict`` would have validated, and predictions into
-output tensors. It holds no HTTP: ``clinml.serving.service`` wires it, and the column-wise
-checks are ``clinml.serving.columns``'s, worded as ``/predict``'s.
+a request body into the checked batch of columns ``/predict`` scores for the same rows
+(:func:`batch`), and predictions, given as columns, into output tensors
+(:func:`response_columns`). It holds no HTTP: ``clinml.serving.service`` wires it, and the
+column-wise checks are ``clinml.serving.columns``'s, worded as ``/predict``'s.
 
 Two ways to send the features:
 
@@ -192,26 +193,13 @@ def _flat(data: list[Any]) -> list[Any]:
     return out
 
 
-def records(spec: UseCaseSpec, request: InferRequest, max_rows: int) -> list[dict[str, Any]]:
-    """The records ``/predict`` would take for the same rows, checked column by column.
+def batch(spec: UseCaseSpec, request: InferRequest, max_rows: int) -> columns.Batch:
+    """The request's rows as the checked batch of columns the service scores
+    (``/predict``'s too, for the same rows): checked whole columns at a time, and value
+    by value only to word a refusal.
 
     Raises:
         ProtocolError: a wrong shape, datatype, name, missing feature or value.
-    """
-    rows, by_feature = _columns(spec, request, max_rows)
-    problems = columns.check_columns(spec, by_feature, rows)
-    if problems:
-        raise ProtocolError(_join([p.line() for p in problems]))
-    return columns.to_records(spec, by_feature, rows)
-
-
-def batch(spec: UseCaseSpec, request: InferRequest, max_rows: int) -> columns.Batch:
-    """The same rows as :func:`records`, as the checked batch of columns the service
-    scores (``/predict``'s too): checked whole columns at a time, and value by value
-    only to word a refusal.
-
-    Raises:
-        ProtocolError: as :func:`records`, with the same message.
     """
     rows, by_feature = _columns(spec, request, max_rows)
     checked = columns.checked_batch(spec, by_feature, rows)
@@ -407,19 +395,6 @@ def requested(request: InferRequest) -> list[str]:
             f"of this model ({', '.join(OUTPUTS)})"
         )
     return [o.name for o in request.outputs]
-
-
-def response(
-    spec: UseCaseSpec,
-    version: str,
-    request_id: str,
-    predictions: Sequence[dict[str, Any]],
-    outputs: Sequence[str] = OUTPUTS,
-) -> dict[str, Any]:
-    """The ``InferResponse`` for predictions (``ClinicalService.answer``'s dicts)."""
-    return response_columns(
-        spec, version, request_id, {name: [p[name] for p in predictions] for name in outputs}
-    )
 
 
 def response_columns(

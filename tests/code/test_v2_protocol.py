@@ -1,8 +1,9 @@
 """The Open Inference Protocol's translation (serving/protocol.py) and the column-wise
-checks it stands on (serving/columns.py): both input styles give /predict's records (and so
-the same probabilities), and every bad tensor is refused with a message that names the
-feature and row, never the value. Then the protocol's media type at the middleware
-(serving/auth.py): a body with no ``Content-Type`` is JSON, as tritonclient sends it.
+checks it stands on (serving/columns.py): both input styles give the batch of columns
+/predict scores for the same records (and so the same probabilities), and every bad tensor
+is refused with a message that names the feature and row, never the value. Then the
+protocol's media type at the middleware (serving/auth.py): a body with no ``Content-Type``
+is JSON, as tritonclient sends it.
 
 The HTTP side of the real service (auth, audit, the same answers as /predict, a real
 tritonclient) is in tests/integration/test_v2_protocol.py."""
@@ -50,9 +51,19 @@ def named(records: list[dict[str, Any]], **override: dict[str, Any]) -> dict[str
     return {"inputs": inputs}
 
 
-def parsed(spec: UseCaseSpec, body: Any, max_rows: int = 10) -> list[dict[str, Any]]:
+def parsed(spec: UseCaseSpec, body: Any, max_rows: int = 10) -> columns.Batch:
+    """What serving.service.infer scores for ``body``: protocol.parse, then protocol.batch."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return protocol.records(spec, protocol.parse(raw), max_rows)
+    return protocol.batch(spec, protocol.parse(raw), max_rows)
+
+
+def records_of(batch: columns.Batch) -> list[dict[str, Any]]:
+    """A batch's rows as the records /predict takes (JSON values), to compare with them."""
+    plain = batch.plain()
+    assert plain["rows"] == batch.rows
+    by_feature = plain["columns"]
+    rows = zip(*by_feature.values(), strict=True)
+    return [dict(zip(by_feature, row, strict=True)) for row in rows]
 
 
 def refused(spec: UseCaseSpec, body: Any, max_rows: int = 10) -> str:
@@ -62,17 +73,22 @@ def refused(spec: UseCaseSpec, body: Any, max_rows: int = 10) -> str:
 
 
 def test_one_tensor_per_feature_gives_the_records_predict_takes(tiny_spec) -> None:
-    assert parsed(tiny_spec, named(GOOD)) == GOOD
+    batch = parsed(tiny_spec, named(GOOD))
+    assert len(batch) == 2 and list(batch.columns) == tiny_spec.feature_names
+    assert records_of(batch) == GOOD
+    # the very batch /predict scores for the same records
+    predict = columns.predict_batch(tiny_spec, json.dumps({"records": GOOD}).encode(), 10)
+    assert predict is not None and batch.plain() == predict.plain()
     # [n, 1] shapes, nested data and FP32/INT tensors are the same rows
     body = named(
         GOOD,
         heart_rate={"shape": [2, 1], "datatype": "INT64", "data": [[88], [61]]},
         creatinine={"datatype": "FP32"},
     )
-    assert parsed(tiny_spec, body) == [{**GOOD[0], "heart_rate": 88}, GOOD[1]]
-    # the records validate against /predict's own schema
+    assert records_of(parsed(tiny_spec, body)) == [{**GOOD[0], "heart_rate": 88}, GOOD[1]]
+    # the rows validate against /predict's own schema
     adapter = TypeAdapter(build(tiny_spec, max_records=3).records)
-    adapter.validate_python(parsed(tiny_spec, named(GOOD)))
+    adapter.validate_python(records_of(parsed(tiny_spec, named(GOOD))))
 
 
 def test_a_single_tensor_of_all_features_gives_the_same_records(pathology_spec) -> None:
@@ -80,10 +96,27 @@ def test_a_single_tensor_of_all_features_gives_the_same_records(pathology_spec) 
     lows, highs = [c.min for c in pathology_spec.features], [c.max for c in pathology_spec.features]
     rows = [[(lo + hi) / 2 for lo, hi in zip(lows, highs, strict=True)], [hi / 3 for hi in highs]]
     body = {"inputs": [{"name": "input", "shape": [2, k], "datatype": "FP64", "data": rows}]}
-    records = parsed(pathology_spec, body)
+    records = records_of(parsed(pathology_spec, body))
     assert records == [dict(zip(pathology_spec.feature_names, row, strict=True)) for row in rows]
     flat = {**body["inputs"][0], "data": [v for row in rows for v in row]}
-    assert parsed(pathology_spec, {"inputs": [flat]}) == records
+    assert records_of(parsed(pathology_spec, {"inputs": [flat]})) == records
+
+
+def test_a_whole_number_beyond_float64s_exact_range_is_kept_exactly(tiny_spec) -> None:
+    """Valid values the whole-column check is stricter about (an int beyond 2**53) still
+    make a batch, value for value: the column as sent, not rounded to a float."""
+    features = [
+        f.model_copy(update={"type": "int", "min": None, "max": None})
+        if f.name == "heart_rate"
+        else f
+        for f in tiny_spec.features
+    ]
+    spec = tiny_spec.model_copy(update={"features": features})
+    big = 2**53 + 1
+    body = named(GOOD, heart_rate={"datatype": "INT64", "data": [big, 61]})
+    batch = parsed(spec, body)
+    assert batch.columns["heart_rate"] == [big, 61]
+    assert records_of(batch) == [{**GOOD[0], "heart_rate": big}, GOOD[1]]
 
 
 def test_a_single_tensor_is_refused_when_a_feature_is_categorical(tiny_spec) -> None:
@@ -197,12 +230,14 @@ def test_requested_outputs(tiny_spec) -> None:
 
 
 def test_response_and_metadata_shapes(tiny_spec) -> None:
-    predictions = [
-        {"probability": 0.9, "label": "yes", "risk_band": "high"},
-        {"probability": 0.1, "label": "no", "risk_band": "low"},
-    ]
-    answer = protocol.response(tiny_spec, "3", "req-1", predictions)
+    predictions = {  # output -> one value per row, as serving.service.infer hands them
+        "probability": [0.9, 0.1],
+        "label": ["yes", "no"],
+        "risk_band": ["high", "low"],
+    }
+    answer = protocol.response_columns(tiny_spec, "3", "req-1", predictions)
     protocol.InferResponse.model_validate(answer)
+    assert (answer["model_name"], answer["model_version"], answer["id"]) == ("tiny", "3", "req-1")
     assert [o["name"] for o in answer["outputs"]] == ["probability", "label", "risk_band"]
     assert answer["outputs"][0] == {
         "name": "probability",
@@ -210,6 +245,16 @@ def test_response_and_metadata_shapes(tiny_spec) -> None:
         "shape": [2],
         "data": [0.9, 0.1],
     }
+    # only the outputs asked for, in the order asked
+    request = protocol.parse(
+        json.dumps({**named(GOOD), "outputs": [{"name": "risk_band"}, {"name": "label"}]}).encode()
+    )
+    asked = {name: predictions[name] for name in protocol.requested(request)}
+    answer = protocol.response_columns(tiny_spec, "3", "req-1", asked)
+    assert answer["outputs"] == [
+        {"name": "risk_band", "datatype": "BYTES", "shape": [2], "data": ["high", "low"]},
+        {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["yes", "no"]},
+    ]
     meta = protocol.metadata(tiny_spec, "3")
     assert meta["versions"] == ["3"]
     assert [i["name"] for i in meta["inputs"]] == tiny_spec.feature_names
@@ -254,7 +299,7 @@ def test_deeply_nested_bodies_are_a_400_not_a_crash(tiny_spec) -> None:
     for _ in range(500):
         nested = [nested]
     body = named(GOOD[:1], heart_rate={"data": nested})
-    assert parsed(tiny_spec, body)[0]["heart_rate"] == 88.0
+    assert records_of(parsed(tiny_spec, body))[0]["heart_rate"] == 88.0
 
 
 # ServedModel's bookkeeping fields, which play no part in a prediction.
@@ -272,9 +317,10 @@ MODEL_FIELDS: dict[str, Any] = {
 
 
 def test_v2_and_predict_give_the_same_probabilities_for_the_same_records(tiny_spec) -> None:
-    """The same rows sent to /predict (validated by its own schema) and as tensors (each
-    numeric datatype) give identical probabilities, through the pipeline and the compiled
-    fast path alike: ServedModel.predict_records, which both endpoints call."""
+    """The same rows sent to /predict (validated by its own schema, scored as records) and
+    as tensors (each numeric datatype; protocol.batch, scored by ServedModel.predict_columns
+    as the service scores it) give identical probabilities, through the pipeline and the
+    compiled fast path alike."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
 
@@ -309,7 +355,7 @@ def test_v2_and_predict_give_the_same_probabilities_for_the_same_records(tiny_sp
             body = json.dumps({"records": sent})
             expected = model.predict_records(predict_dicts.model_validate_json(body).records)
             assert len(set(expected.tolist())) == len(sent)  # rows the model tells apart
-            got = model.predict_records(parsed(tiny_spec, tensors))
+            got = model.predict_columns(parsed(tiny_spec, tensors).columns)
             np.testing.assert_array_equal(got, expected, err_msg=f"{case}, compiled={compiled}")
 
 
@@ -320,15 +366,15 @@ INFER = "/v2/models/tiny/infer"
 
 def _stack(spec: UseCaseSpec) -> TestClient:
     """serving/auth.py's body middleware, in the service's order, around stand-ins for the
-    infer endpoint (serving.service.infer: protocol.parse and records, a ProtocolError
+    infer endpoint (serving.service.infer: protocol.parse and batch, a ProtocolError
     answered 400 {"error"}) and /predict."""
 
     async def infer(request: Request) -> JSONResponse:
         try:
-            rows = protocol.records(spec, protocol.parse(await request.body()), 10)
+            batch = protocol.batch(spec, protocol.parse(await request.body()), 10)
         except protocol.ProtocolError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return JSONResponse({"rows": len(rows)})
+        return JSONResponse({"rows": len(batch)})
 
     async def predict(request: Request) -> JSONResponse:
         return JSONResponse({"bytes": len(await request.body())})
