@@ -5,8 +5,9 @@ REV``). One champion is trained by the earlier code (so both can serve it: the c
 code reads models saved before the one-package layout), then both services answer the
 same ``POST /predict`` of the same records, in rounds that alternate which goes first:
 
-``before``  ``bentoml serve serving.service:ClinicalService`` run from DIR, with DIR first
-            on ``PYTHONPATH``;
+``before``  ``bentoml serve`` of DIR's service (``clinml.serving.service`` in the
+            one-package layout, ``serving.service`` before it), run from DIR with DIR
+            first on ``PYTHONPATH`` (BentoML puts the working folder first on the path);
 ``after``   this checkout's service, as ``clinml serve`` starts it.
 
 Each server runs on core 0 and ``wrk`` on core 1 (``bench/loadgen.py``), inline execution
@@ -16,6 +17,9 @@ timing::
 
     git worktree add /tmp/before 7ca3b7f
     .venv/bin/python bench/refactor_bench.py --before /tmp/before --doc docs/benchmarks.md
+
+``--section NAME --title TEXT`` write the table to its own section of the doc, for a
+before/after of another change (``--section single-record --title "..."``).
 """
 
 from __future__ import annotations
@@ -53,8 +57,15 @@ from clinml.serving.launch import ServiceProcess, free_port, service_env  # noqa
 from clinml.settings import Settings  # noqa: E402
 from clinml.spec import load_spec  # noqa: E402
 
-START, END = "<!-- refactor-bench -->", "<!-- /refactor-bench -->"
-BEFORE_SERVICE = "serving.service:ClinicalService"  # the earlier layout's import path
+SECTION = "refactor-bench"
+TITLE = "The serving layer before and after issue 21's refactoring"
+
+
+def layout(before: Path) -> tuple[str, str]:
+    """The service import path and the CLI module of the checkout in ``before``."""
+    if (before / "clinml" / "__init__.py").is_file():  # the one-package layout (issue 21)
+        return "clinml.serving.service:ClinicalService", "clinml.pipelines.cli"
+    return "serving.service:ClinicalService", "pipelines.cli"
 
 
 def prepare(home: Path, before: Path, usecase: str, kind: str, n_patients: int) -> Champion:
@@ -77,7 +88,7 @@ def prepare(home: Path, before: Path, usecase: str, kind: str, n_patients: int) 
             "CLINML_CONFIG_DIR": str(config_dir),
             "PYTHONPATH": str(before),
         }
-        cli = [sys.executable, "-c", "from pipelines.cli import main; main()"]
+        cli = [sys.executable, "-c", f"from {layout(before)[1]} import main; main()"]
         print(f"training {spec.name} with the code in {before} (log: {log})", flush=True)
         with log.open("wb") as out:
             for step in (
@@ -104,7 +115,7 @@ class BeforeService(Background):
 
     def __init__(self, before: Path, champion: Champion, port: int, env: dict[str, str]):
         command = [
-            sys.executable, "-m", "bentoml", "serve", BEFORE_SERVICE,
+            sys.executable, "-m", "bentoml", "serve", layout(before)[0],
             "--host", "127.0.0.1", "--port", str(port),
         ]  # fmt: skip
         env = {
@@ -157,13 +168,17 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
         ]
         return statistics.median(values)
 
+    what = (
+        " (the six top-level packages, service.py's own route lists and import-time set-up)"
+        if args.section == SECTION
+        else ""
+    )
     lines = [
-        START,
-        "## The serving layer before and after issue 21's refactoring",
+        f"<!-- {args.section} -->",
+        f"## {args.title}",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {machine()}. `before` is commit `{rev}` (the six "
-        "top-level packages, service.py's own route lists and import-time set-up); `after` "
-        "is this checkout. One champion (readmission "
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine()}. `before` is commit `{rev}`{what}; "
+        "`after` is this checkout. One champion (readmission "
         f"`{args.kind}`, trained by the earlier code), both services with auth, audit and "
         "the prediction log on, inline execution and adaptive batching; server on core 0, "
         f"`wrk` on core 1; {args.rounds} rounds alternating which goes first, "
@@ -192,6 +207,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
                 points.setdefault((r["payload"], r["concurrency"]), []).append(r["rps"])
         return max(max(v) / min(v) for v in points.values())
 
+    named = (
+        ""
+        if args.section == SECTION
+        else f" --section {args.section} --title {json.dumps(args.title)}"
+    )
     lines += [
         "",
         f"Noise in this run: one tree's req/s at one point varied over the rounds by up to "
@@ -200,8 +220,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
         "",
         "Reproduce: `git worktree add /tmp/before "
         f"{rev} && .venv/bin/python bench/refactor_bench.py --before /tmp/before "
-        f"--rounds {args.rounds} --duration {args.duration} --doc docs/benchmarks.md`",
-        END,
+        f"--rounds {args.rounds} --duration {args.duration} "
+        f"--payloads {' '.join(map(str, args.payloads))} "
+        f"--concurrency {' '.join(map(str, args.concurrency))}{named} "
+        "--doc docs/benchmarks.md`",
+        f"<!-- /{args.section} -->",
     ]
     return "\n".join(lines)
 
@@ -218,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--payloads", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--doc", type=Path, default=None)
+    parser.add_argument("--section", default=SECTION, help="the doc section's marker name")
+    parser.add_argument("--title", default=TITLE, help="the doc section's heading")
     args = parser.parse_args(argv)
     from clinml.serving.keys import generate_key
 
@@ -252,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(rows, args, rev)
     print(section)
     if args.doc is not None:
-        write_section(args.doc, START, END, section)
+        write_section(args.doc, f"<!-- {args.section} -->", f"<!-- /{args.section} -->", section)
         print(f"wrote {args.doc}")
 
 

@@ -8,6 +8,7 @@ enumerations. Validation errors name the field but never echo the submitted valu
 from __future__ import annotations
 
 import json
+import math
 import operator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from typing_extensions import TypedDict
 
+from clinml.serving import columns
 from clinml.spec import ColumnSpec, UseCaseSpec
 
 RECORD_CONFIG = ConfigDict(
@@ -133,6 +135,19 @@ def band_names(bands: list[tuple[str, float]] | None) -> list[str]:
     return ["low", "elevated", "high"] if bands is None else [name for name, _ in bands]
 
 
+def risk_band_code(
+    probability: float, threshold: float, bands: list[tuple[str, float]] | None
+) -> int:
+    """:func:`risk_band` as a position in :func:`band_names`: :func:`risk_band_codes`
+    for one probability, in plain Python."""
+    if bands is None:
+        return 2 if probability >= threshold else 1 if probability >= threshold / 2 else 0
+    for i, (_, upper) in enumerate(bands):
+        if probability < upper:
+            return i
+    return len(bands) - 1
+
+
 def risk_band_codes(
     probabilities: np.ndarray, threshold: float, bands: list[tuple[str, float]] | None
 ) -> np.ndarray:
@@ -157,22 +172,34 @@ class Answer:
     :meth:`Answering.answer`."""
 
     probability: np.ndarray  # float64, in request order
-    positive: np.ndarray  # int64: 1 at or above the operating threshold, else 0
-    band: np.ndarray  # int64: positions in Answering.band_names
+    # 1 at or above the operating threshold, else 0; and positions in
+    # Answering.band_names: int64 arrays, or lists of ints for a few predictions
+    # (Answering.answer)
+    positive: np.ndarray | list[int]
+    band: np.ndarray | list[int]
     model: ModelRef
     threshold: float
     answering: Answering
 
     def labels(self) -> list[str]:
+        if isinstance(self.positive, list):
+            names = self.answering.label_list
+            return [names[i] for i in self.positive]
         return self.answering.label_names[self.positive].tolist()  # type: ignore[no-any-return]
 
     def bands(self) -> list[str]:
+        if isinstance(self.band, list):
+            names = self.answering.band_list
+            return [names[i] for i in self.band]
         return self.answering.band_names[self.band].tolist()  # type: ignore[no-any-return]
 
     def label_counts(self) -> dict[str, int]:
         """How many predictions have each label (the labels that occur)."""
-        negative, positive = self.answering.label_names.tolist()
-        positives = int(self.positive.sum())
+        negative, positive = self.answering.label_list
+        positive_rows = self.positive
+        positives = int(
+            sum(positive_rows) if isinstance(positive_rows, list) else positive_rows.sum()
+        )
         counts = {positive: positives, negative: len(self.positive) - positives}
         return {label: count for label, count in counts.items() if count}
 
@@ -189,7 +216,9 @@ class Answer:
 class Answering:
     """How a use case's predictions are answered, for whole columns of probabilities at
     once: labels with one comparison, bands with :func:`risk_band_codes`, and the
-    ``PredictResponse`` body written in one go (:meth:`body`)."""
+    ``PredictResponse`` body written in one go (:meth:`body`). A few predictions (at
+    most ``columns.SMALL_ROWS``) are answered in plain Python, the same comparisons: for one
+    record, numpy's fixed cost per call was most of the answer's (issue 22)."""
 
     _HEAD = '{"probability":'
 
@@ -199,6 +228,8 @@ class Answering:
             [spec.label.negative_class, spec.label.positive_class], dtype=object
         )
         self.band_names = np.array(band_names(self.bands), dtype=object)
+        self.label_list: list[str] = self.label_names.tolist()
+        self.band_list: list[str] = self.band_names.tolist()
         # A prediction's JSON after its probability, by (label, band), as json.dumps
         # writes it.
         self._tails = np.array(
@@ -211,9 +242,21 @@ class Answering:
             ],
             dtype=object,
         )
+        self._tail_list: list[list[str]] = self._tails.tolist()
+        self._heads: dict[tuple[str, str | None, str | None, float], str] = {}
 
     def answer(self, probability: Any, threshold: float, model: ModelRef) -> Answer:
         p = np.asarray(probability, dtype=np.float64)
+        if len(p) <= columns.SMALL_ROWS:
+            values = p.tolist()
+            return Answer(
+                p,
+                [1 if value >= threshold else 0 for value in values],
+                [risk_band_code(value, threshold, self.bands) for value in values],
+                model,
+                threshold,
+                self,
+            )
         return Answer(
             p,
             (p >= threshold).astype(np.int64),
@@ -229,20 +272,41 @@ class Answering:
         from whole columns (each probability's ``repr``, as json writes a float, then
         its label and band)."""
         model = answer.model
-        payload: dict[str, Any] = {
-            "request_id": request_id,
-            "model": {"name": model.name, "version": model.version, "alias": model.alias},
-            "operating_threshold": answer.threshold,
-            "predictions": [],
-        }
-        if not len(answer.probability) or not np.isfinite(answer.probability).all():
-            payload["predictions"] = answer.predictions()  # json's own NaN and Infinity
+        values = answer.probability.tolist()
+        if not values or not all(map(math.isfinite, values)):
+            payload: dict[str, Any] = {
+                "request_id": request_id,
+                "model": {"name": model.name, "version": model.version, "alias": model.alias},
+                "operating_threshold": answer.threshold,
+                "predictions": answer.predictions(),  # json's own NaN and Infinity
+            }
             return json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        head = json.dumps(payload, separators=(",", ":"))  # ends with "predictions":[]}
-        tails = self._tails[answer.positive, answer.band].tolist()
-        probabilities = map(float.__repr__, answer.probability.tolist())
-        items = self._HEAD + ("," + self._HEAD).join(map(operator.add, probabilities, tails))
-        return (head[:-2] + items + "]}").encode("utf-8")
+        if isinstance(answer.positive, list):
+            rows = self._tail_list
+            tails = [rows[i][j] for i, j in zip(answer.positive, answer.band, strict=True)]
+        else:
+            tails = self._tails[answer.positive, answer.band].tolist()
+        items = self._HEAD + ("," + self._HEAD).join(
+            map(operator.add, map(float.__repr__, values), tails)
+        )
+        head = '{"request_id":' + json.dumps(request_id) + self._head(model, answer.threshold)
+        return (head + items + "]}").encode("utf-8")
+
+    def _head(self, model: ModelRef, threshold: float) -> str:
+        """The answer's JSON from after the request id to the first prediction, as
+        ``json.dumps`` writes it; made once per model and threshold."""
+        key = (model.name, model.version, model.alias, threshold)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= 64:  # a long-running service sees few models
+                self._heads.clear()
+            rest = {
+                "model": {"name": model.name, "version": model.version, "alias": model.alias},
+                "operating_threshold": threshold,
+                "predictions": [],
+            }
+            head = self._heads[key] = "," + json.dumps(rest, separators=(",", ":"))[1:-2]
+        return head
 
 
 def _ids_description(spec: UseCaseSpec) -> str:

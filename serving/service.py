@@ -62,6 +62,7 @@ starts the service.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import threading
@@ -589,9 +590,7 @@ class ClinicalService:
                 [plain] = await self.executor.to_async.predict_columns([batch.plain()])
             scores = ColumnScores.from_plain(plain)
         answer = ANSWERING.answer(
-            scores.probability,
-            scores.threshold,
-            schemas.ModelRef(name=SPEC.name, version=scores.version, alias=scores.alias),
+            scores.probability, scores.threshold, _model_ref(scores.version, scores.alias)
         )
         self.seen(answer.model)
         return answer
@@ -684,6 +683,12 @@ class ClinicalService:
             "label": answer.labels(),
         }
         self.predictions.record_columns(logged, batch.rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_ref(version: str, alias: str) -> schemas.ModelRef:
+    """The answers' ``model``, made once per model version and alias (pydantic)."""
+    return schemas.ModelRef(name=SPEC.name, version=version, alias=alias)
 
 
 async def _service() -> Any:

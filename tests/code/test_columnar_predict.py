@@ -29,6 +29,14 @@ GOOD = {"heart_rate": 88.0, "creatinine": 1.1, "ward": "icu"}
 MAX = 3
 
 
+@pytest.fixture(autouse=True, params=["few", "many"])
+def regime(request, monkeypatch) -> str:
+    """Every test twice: a request's records checked and answered value by value in
+    Python (at most ``columns.SMALL_ROWS`` of them), and with numpy (more)."""
+    monkeypatch.setattr(columns, "SMALL_ROWS", 10**9 if request.param == "few" else 0)
+    return str(request.param)
+
+
 def nullable(spec: UseCaseSpec) -> UseCaseSpec:
     """tiny with creatinine nullable (a None is "not measured")."""
     features = [
@@ -114,13 +122,16 @@ def test_the_column_check_never_accepts_what_the_record_schema_refuses(
             assert list(map(type, values)) == list(map(type, slow.columns[name])), name
 
 
-def test_a_checked_batch_holds_arrays_for_numbers(tiny_spec) -> None:
+def test_a_checked_batch_holds_arrays_for_numbers_or_lists_for_a_few(tiny_spec, regime) -> None:
     batch = columns.predict_batch(
         tiny_spec, body_of({"records": [GOOD, {**GOOD, "heart_rate": 61}]}), MAX
     )
     assert batch is not None and len(batch) == 2
-    assert batch.columns["heart_rate"].dtype == np.float64
-    assert batch.columns["heart_rate"].tolist() == [88.0, 61.0]
+    rates = batch.columns["heart_rate"]
+    if regime == "many":
+        assert rates.dtype == np.float64 and rates.tolist() == [88.0, 61.0]
+    else:
+        assert rates == [88.0, 61.0] and list(map(type, rates)) == [float, float]
     assert batch.columns["ward"] == ["icu", "icu"]
 
 
@@ -144,12 +155,13 @@ def test_an_int_feature_is_an_int_column_and_null_stays_null(tiny_spec) -> None:
         assert columns.check_columns(spec, cols, 2)  # ... and the value check says why
 
 
-def test_nulls_are_logged_as_nulls_not_nan(specs) -> None:
+def test_nulls_are_logged_as_nulls_not_nan(specs, regime) -> None:
     spec = specs["nullable"]
     raw = body_of({"records": [GOOD, {**GOOD, "creatinine": None}]})
     batch = columns.predict_batch(spec, raw, MAX)
     assert batch is not None
-    assert np.isnan(batch.columns["creatinine"][1])
+    missing = batch.columns["creatinine"][1]
+    assert np.isnan(missing) if regime == "many" else missing is None
     assert batch.loggable()["creatinine"] == [1.1, None]
     assert batch.plain()["columns"]["creatinine"] == [1.1, None]
     assert json.loads(json.dumps(batch.plain())) == batch.plain()  # what BentoML sends
@@ -308,9 +320,33 @@ def test_risk_band_codes_are_risk_band_for_every_value(bands, threshold) -> None
     values = np.array([*edges, threshold, threshold / 2, *np.linspace(0, 1, 101)])
     names = schemas.band_names(bands)
     codes = schemas.risk_band_codes(values, threshold, bands)
-    assert [names[c] for c in codes] == [
-        schemas.risk_band(float(v), threshold, bands) for v in values
+    expected = [schemas.risk_band(float(v), threshold, bands) for v in values]
+    assert [names[c] for c in codes] == expected
+    assert [names[schemas.risk_band_code(v, threshold, bands)] for v in values.tolist()] == expected
+
+
+def test_each_model_and_threshold_gets_its_own_answer_head(tiny_spec) -> None:
+    """The part of the body between the request id and the predictions is made once per
+    model and threshold: answers of models in turn each name their own."""
+    answering = schemas.Answering(tiny_spec)
+    refs = [
+        schemas.ModelRef(name="tiny", version="1", alias="champion"),
+        schemas.ModelRef(name="tiny", version="2", alias="challenger"),
     ]
+    for ref, threshold, request_id in [
+        (refs[0], 0.5, "a"), (refs[1], 0.5, 'quote"d'), (refs[0], 0.25, "c"), (refs[0], 0.5, "d")
+    ]:  # fmt: skip
+        answer = answering.answer([0.3, 0.7], threshold, ref)
+        expected = {
+            "request_id": request_id,
+            "model": {"name": ref.name, "version": ref.version, "alias": ref.alias},
+            "operating_threshold": threshold,
+            "predictions": record_answer(tiny_spec, [0.3, 0.7], threshold),
+        }
+        assert (
+            answering.body(request_id, answer)
+            == json.dumps(expected, separators=(",", ":")).encode()
+        )
 
 
 def test_an_answer_with_a_non_finite_probability_is_written_as_json_writes_it(tiny_spec) -> None:
