@@ -4,7 +4,9 @@ The compiled fast path (``clinml.serving.fastpath``) walks every tree of an ense
 level per step for all rows at once in numpy. Its cost per row does not fall with the
 batch: every row takes the deepest tree's number of steps in every tree. scikit-learn's
 own predictor for ``HistGradientBoostingClassifier`` is compiled code called once per
-tree; it costs a fixed few µs per tree plus little per row. ``NATIVE_TREE_ROWS`` in
+tree; it costs a fixed few µs per tree plus little per row. It takes the rows' values, or
+their bins (mapped once by the model's bin mapper; the fast path's choice, same log-odds
+bit for bit); both are timed. ``NATIVE_TREE_ROWS`` in
 ``serving/fastpath.py`` is where the fast path switches from the one to the other (issue 22:
 at 1,000 records per request the walk was most of the request's time).
 
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +50,7 @@ START, END = "<!-- tree-dispatch-bench -->", "<!-- /tree-dispatch-bench -->"
 SIZES = (1, 16, 32, 64, 100, 300, 1000)
 
 
-def _model(width: int, params: dict) -> fastpath._Boosting:
+def _model(width: int, params: dict) -> tuple[fastpath._Boosting, Any]:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     rng = np.random.default_rng(0)
@@ -55,7 +58,8 @@ def _model(width: int, params: dict) -> fastpath._Boosting:
     y = (x[:, :5].sum(axis=1) + rng.normal(size=len(x)) > 0).astype(int)
     x[rng.random(x.shape) < 0.05] = np.nan
     model = HistGradientBoostingClassifier(early_stopping=False, random_state=0, **params)
-    return fastpath._Boosting(model.fit(x, y), "cpu")
+    model.fit(x, y)
+    return fastpath._Boosting(model, "cpu"), model
 
 
 def _seconds(call: Callable[[], object], repeats: int) -> float:
@@ -71,9 +75,10 @@ def measure(rounds: int, repeats: int) -> dict:
     spec = load_spec("readmission")
     params = dict(spec.training.candidates["gbm"].params)
     width = len(spec.features)
-    scorer = _model(width, params)
+    scorer, model = _model(width, params)
     native = scorer._native
-    if native is None:
+    values = scorer._native_predictor(model, binned=False)
+    if native is None or values is None:
         raise SystemExit(
             "scikit-learn's predictor is not usable with this version; nothing to compare"
         )
@@ -84,12 +89,14 @@ def measure(rounds: int, repeats: int) -> dict:
         return scorer.baseline + scorer.trees.leaf_values_numpy(x, True).sum(axis=1)
 
     np.testing.assert_allclose(walk(rows), native(rows), rtol=0, atol=1e-12)
-    results: dict[int, dict[str, list[float]]] = {n: {"walk": [], "native": []} for n in SIZES}
+    np.testing.assert_array_equal(values(rows), native(rows))
+    calls = (("walk", walk), ("values", values), ("native", native))
+    results: dict[int, dict[str, list[float]]] = {n: {name: [] for name, _ in calls} for n in SIZES}
     with pinned({0}):
         for _ in range(rounds):
             for n in SIZES:
                 x = rows[:n]
-                for name, call in (("walk", walk), ("native", native)):
+                for name, call in calls:
                     results[n][name].append(_seconds(lambda c=call, x=x: c(x), repeats))
     return {
         "params": params,
@@ -105,11 +112,13 @@ def measure(rounds: int, repeats: int) -> dict:
 def section(run: dict, command: str) -> str:
     lines = []
     for n, by in run["medians"].items():
-        walk, native = by["walk"], by["native"]
-        used = "native" if n >= fastpath.NATIVE_TREE_ROWS else "walk"
+        walk, values, native = by["walk"], by["values"], by["native"]
+        used = "bins" if n >= fastpath.NATIVE_TREE_ROWS else "walk"
         lines.append(
             f"| {n:,} | {walk * 1e3:.3f} ({walk / n * 1e6:.1f}) | "
-            f"{native * 1e3:.3f} ({native / n * 1e6:.1f}) | {walk / native:.2f} | {used} |"
+            f"{values * 1e3:.3f} ({values / n * 1e6:.1f}) | "
+            f"{native * 1e3:.3f} ({native / n * 1e6:.1f}) | {walk / native:.2f} | "
+            f"{values / native:.2f} | {used} |"
         )
     return "\n".join(
         [
@@ -123,11 +132,13 @@ def section(run: dict, command: str) -> str:
             f"A `HistGradientBoostingClassifier` with the readmission spec's gbm parameters "
             f"({run['params']}; {run['trees']} trees, deepest {run['depth']} levels) fitted on "
             f"generated rows, {run['width']} columns, 5% missing. ms per call (µs per row), "
-            "median over rounds; both gave the same log-odds to 1e-12 first. The last column "
-            f"is what the fast path uses (`NATIVE_TREE_ROWS = {fastpath.NATIVE_TREE_ROWS}`).",
+            "median over rounds; all gave the same log-odds to 1e-12 first (scikit-learn on "
+            "values and on bins: the same bit for bit). The last column is what the fast "
+            f"path uses (`NATIVE_TREE_ROWS = {fastpath.NATIVE_TREE_ROWS}`).",
             "",
-            "| rows | walk, ms (µs/row) | scikit-learn, ms (µs/row) | walk ÷ scikit-learn | used |",
-            "|---:|---:|---:|---:|---|",
+            "| rows | walk, ms (µs/row) | scikit-learn on values, ms (µs/row) "
+            "| scikit-learn on bins, ms (µs/row) | walk ÷ bins | values ÷ bins | used |",
+            "|---:|---:|---:|---:|---:|---:|---|",
             *lines,
             END,
         ]

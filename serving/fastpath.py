@@ -64,7 +64,8 @@ NUMPY_TREES = True
 # takes the deepest tree's number of steps in every tree), the native predictor a fixed
 # ~3 µs per tree plus a few µs per row. Measured on a 300-tree model (bench/tree_dispatch_bench.py,
 # docs/benchmarks.md): the native predictor wins from about 64 rows and is 3-4x cheaper
-# at 1,000.
+# at 1,000. It compares the rows' bins rather than their values where it can
+# (``_binned_predictor``).
 NATIVE_TREE_ROWS = 64
 
 EXPLAIN_METHODS = {
@@ -607,7 +608,9 @@ class _Boosting:
             log_odds = self.baseline + self.trees.leaf_values_numpy(x, has_nan).sum(axis=1)
         return 1.0 / (1.0 + np.exp(-log_odds))
 
-    def _native_predictor(self, model: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    def _native_predictor(
+        self, model: Any, binned: bool = True
+    ) -> Callable[[np.ndarray], np.ndarray] | None:
         """scikit-learn's compiled per-tree predictor, on one thread (a serving worker has
         one core); ``None`` where this scikit-learn's private predictor API differs from
         the one this was written against, or disagrees with the walk on a probe batch."""
@@ -636,11 +639,81 @@ class _Boosting:
         except (TypeError, ValueError, AttributeError) as exc:
             log.info("scikit-learn's tree predictor is not usable here (%s); trees are walked", exc)
             return None
-        return log_odds if agrees else None
+        if not agrees:
+            return None
+        if not binned:
+            return log_odds
+        return self._binned_predictor(model, predictors, log_odds) or log_odds
+
+    def _binned_predictor(
+        self,
+        model: Any,
+        predictors: list[Any],
+        raw_log_odds: Callable[[np.ndarray], np.ndarray],
+    ) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The same log-odds from binned rows: each value mapped once to its bin by the
+        model's own bin mapper (as in training), then every tree compares small bin
+        numbers instead of floats: 7.9 ms instead of 9.1 for 1,000 rows and 300 trees,
+        the mapping included (issue 22). A value goes left of a split exactly when its
+        bin does (a split's threshold is a bin's upper edge, and a value's bin is the
+        first whose edge it does not exceed), so the sums are the same bit for bit;
+        ``None`` unless they are on a probe at every split's threshold, a step either
+        side of it, NaN and infinity, or where scikit-learn's private API differs."""
+        try:
+            from sklearn.ensemble._hist_gradient_boosting._binning import _map_to_bins
+
+            mapper = model._bin_mapper
+            edges, missing_bin = mapper.bin_thresholds_, mapper.missing_values_bin_idx_
+            categorical = getattr(mapper, "is_categorical_", None)
+        except (ImportError, AttributeError):
+            return None
+        if categorical is None:
+            categorical = np.zeros(len(edges), dtype=np.uint8)
+
+        def binned_log_odds(x: np.ndarray) -> np.ndarray:
+            rows = np.ascontiguousarray(x, dtype=np.float64)
+            bins = np.empty(rows.shape, dtype=np.uint8, order="F")
+            _map_to_bins(rows, edges, categorical, missing_bin, 1, bins)
+            raw = np.full(len(rows), self.baseline)
+            for predictor in predictors:
+                raw += predictor.predict_binned(bins, missing_bin, 1)
+            return raw
+
+        probe = _split_probe(predictors, model.n_features_in_)
+        try:
+            same = np.array_equal(binned_log_odds(probe), raw_log_odds(probe))
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.info("scikit-learn's binned predictor is not usable here (%s)", exc)
+            return None
+        return binned_log_odds if same else None
 
     def attributions(self, x: Any, has_nan: bool) -> tuple[Any, Any]:
         contributions, bias = self.trees.saabas(x, has_nan)
         return contributions, bias + self.baseline
+
+
+def _split_probe(predictors: list[Any], width: int) -> np.ndarray:
+    """Rows that put every feature at each threshold the trees split it on, and a step
+    (one float) below and above it, cycling where a feature has fewer; then rows of
+    NaN, infinity and minus infinity."""
+    values: list[np.ndarray] = []
+    for feature in range(width):
+        found = [
+            p.nodes["num_threshold"][
+                (p.nodes["feature_idx"] == feature) & ~p.nodes["is_leaf"].astype(bool)
+            ]
+            for p in predictors
+        ]
+        edges = np.unique(np.concatenate(found)) if found else np.zeros(0)
+        values.append(
+            np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf)])
+            if len(edges)
+            else np.zeros(1)
+        )
+    rows = max(len(v) for v in values)
+    probe = np.column_stack([np.resize(v, rows) for v in values])
+    extremes = np.array([[np.nan], [np.inf], [-np.inf]]).repeat(width, axis=1)
+    return np.vstack([probe, extremes])
 
 
 def _mean_leaf_values(nodes: np.ndarray) -> np.ndarray:

@@ -703,3 +703,45 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     print(_table(latency_benchmark()))
+
+
+@pytest.mark.parametrize("case", ["gbm", "gbm_balanced"])
+def test_large_boosting_batches_are_scored_from_bins_bit_for_bit(case: str, fitted) -> None:
+    """scikit-learn's trees compare the rows' bins (mapped once by the model's own bin
+    mapper) instead of their values: the same log-odds, bit for bit, at every split's
+    threshold, a float either side of it, NaN and infinity."""
+    pipeline = fitted(case)
+    compiled = compile_model(pipeline, device="cpu")
+    model = getattr(pipeline[-1], "estimator_", pipeline[-1])  # inside a PriorCorrected
+    native = compiled._scorer._native
+    assert native is not None and native.__name__ == "binned_log_odds"
+    predictors = [p for (p,) in model._predictors]
+    x = fastpath._split_probe(predictors, model.n_features_in_)
+    assert len(x) > fastpath.NATIVE_TREE_ROWS
+    rng = np.random.default_rng(0)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[rng.random(x.shape) < 0.02] = np.inf
+
+    np.testing.assert_array_equal(native(x), model._raw_predict(x).ravel())
+    np.testing.assert_allclose(
+        compiled.predict_proba(x), pipeline[-1].predict_proba(x)[:, 1], rtol=0, atol=1e-12
+    )
+
+
+def test_boosting_keeps_sklearns_value_predictor_when_the_binned_one_differs(
+    fitted, monkeypatch
+) -> None:
+    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
+
+    def off_by_one(self, x, missing_bin, n_threads):  # a binning this code does not know
+        return np.ones(len(x))
+
+    monkeypatch.setattr(TreePredictor, "predict_binned", off_by_one)
+    pipeline = fitted("gbm")
+    compiled = compile_model(pipeline, device="cpu")
+    monkeypatch.undo()
+
+    native = compiled._scorer._native
+    assert native is not None and native.__name__ == "log_odds"
+    x = np.zeros((fastpath.NATIVE_TREE_ROWS, pipeline[-1].n_features_in_))
+    np.testing.assert_array_equal(native(x), pipeline[-1]._raw_predict(x).ravel())
