@@ -11,9 +11,11 @@ The API service (:mod:`clinml.serving.service`) reaches it in one of two ways, c
             directly: no hop between processes.
 ``split``   ``bentoml.depends(ModelExecutor)``: ``bentoml serve`` runs the executor as its
             own service (resources from ``CLINML_GPU``; one worker) and the API calls it
-            over a Unix socket. ``predict`` then batches adaptively across concurrent
-            requests (``CLINML_BATCHING``, ``CLINML_MAX_BATCH_SIZE``,
-            ``CLINML_MAX_BATCH_LATENCY_MS``). With ``CLINML_EXECUTOR_URL`` the executor
+            over a Unix socket. The API sends each request's checked columns to
+            ``predict_columns``, which batches adaptively across concurrent requests
+            (``CLINML_BATCHING``, ``CLINML_MAX_BATCH_SIZE``, which counts requests there,
+            ``CLINML_MAX_BATCH_LATENCY_MS``). ``predict`` takes records, for a client of
+            the executor alone; the API does not call it. With ``CLINML_EXECUTOR_URL`` the executor
             runs on its own (``bentoml serve clinml.serving.executor:ModelExecutor``, e.g. on a
             GPU node) and the API calls it over HTTP; its endpoints have no
             authentication, so only the API may reach them (docs/deployment.md).

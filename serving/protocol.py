@@ -114,12 +114,7 @@ def parse(body: bytes) -> InferRequest:
         ProtocolError: not JSON, not an inference request, or an input's data sent by an
             extension clinml does not take (binary data, shared memory).
     """
-    try:
-        # json, not pydantic's parser: a NaN in a tensor is refused by the column check,
-        # with the same words as /predict, not as unparseable JSON.
-        document = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise ProtocolError("the body is not valid JSON (or nested too deeply)") from None
+    document = _document(body)
     unsupported = _extension_used(document)
     if unsupported:
         raise ProtocolError(unsupported)
@@ -127,6 +122,29 @@ def parse(body: bytes) -> InferRequest:
         return InferRequest.model_validate(document)
     except ValidationError as exc:
         raise ProtocolError(_structure_errors(exc)) from None
+
+
+def _document(body: bytes) -> Any:
+    """The body as Python values, as ``json.loads`` reads it (not pydantic's parser: a
+    NaN in a tensor is refused by the column check, with the same words as /predict, not
+    as unparseable JSON). msgspec reads it first, in C, three times faster: for any JSON
+    both read, the same values (ints of any size, floats correctly rounded, the last of
+    a repeated key); what msgspec does not take (NaN, Infinity, 1e400, a lone surrogate,
+    UTF-16, a byte-order mark, nesting deeper than its limit) is left to ``json``.
+
+    Raises:
+        ProtocolError: not JSON, or nested too deeply.
+    """
+    import msgspec
+
+    try:
+        return msgspec.json.decode(body)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        pass
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ProtocolError("the body is not valid JSON (or nested too deeply)") from None
 
 
 # Input parameters that say a tensor's data is not in the JSON: what each extension is, and
@@ -175,10 +193,11 @@ def _join(lines: Sequence[str]) -> str:
     return listed + (f"; and {more} more" if more > 0 else "")
 
 
-def _flat(data: list[Any]) -> list[Any]:
+def _flat(data: list[Any], types: set[type] | None = None) -> list[Any]:
     """Row-major data, flat (the protocol allows nested lists); without recursion, so no
-    depth of nesting a body can hold is an error of the service's."""
-    if not any(isinstance(v, list) for v in data):
+    depth of nesting a body can hold is an error of the service's. ``types``: the types
+    of ``data``'s values, when the caller has them."""
+    if list not in (set(map(type, data)) if types is None else types):
         return data
     out: list[Any] = []
     stack = [iter(data)]
@@ -275,10 +294,11 @@ def _values(column: ColumnSpec, tensor: InferInput, rows: int) -> list[Any] | st
     allowed = DATATYPES[column.type]
     if tensor.datatype not in allowed:
         return f"datatype must be one of {', '.join(allowed)} for a {column.type} feature"
-    data = _flat(tensor.data)
+    types = set(map(type, tensor.data))
+    data = _flat(tensor.data, types)
     if len(data) != rows:
         return f"shape says {rows} values, data holds {len(data)}"
-    fast = _whole(column, tensor.datatype, data)
+    fast = _whole(column, tensor.datatype, data, types if data is tensor.data else None)
     if fast is not None:
         return fast
     out = []
@@ -301,15 +321,22 @@ _KEPT = {
 }
 
 
-def _whole(column: ColumnSpec, datatype: str, data: list[Any]) -> list[Any] | None:
+_NULL = frozenset({type(None)})
+
+
+def _whole(
+    column: ColumnSpec, datatype: str, data: list[Any], types: set[type] | None = None
+) -> list[Any] | None:
     """What the value-by-value conversion (``_convert``) gives, found for the whole
     column at once when every value's type says so; None otherwise (then ``_convert``
-    goes value by value and words any refusal)."""
-    types = set(map(type, data))
+    goes value by value and words any refusal). ``types``: those of ``data``'s values,
+    when the caller has them."""
+    if types is None:
+        types = set(map(type, data))
     if datatype == "BOOL":
         return list(map(int, data)) if types <= {bool} else None
     kept = _KEPT.get(datatype)
-    if kept is None or not types <= kept:
+    if kept is None or not types - _NULL <= kept:  # a null stays null (_convert)
         return None
     if column.type == "int" and datatype.startswith("FP") and float in types:
         return None  # whole floats become ints, value by value

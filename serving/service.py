@@ -70,7 +70,6 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -321,24 +320,6 @@ ERROR_KINDS = {
 
 class ExecutionUnavailable(ServiceUnavailable):
     """The split model-execution service did not answer."""
-
-
-@dataclass(frozen=True)
-class Scores:
-    """One request's scores and the model version that produced them."""
-
-    probabilities: list[float]
-    model: schemas.ModelRef
-    threshold: float
-
-    @classmethod
-    def of(cls, scored: Sequence[Scored]) -> Scores:
-        _, version, alias, threshold = scored[0]
-        return cls(
-            [float(s[0]) for s in scored],
-            schemas.ModelRef(name=SPEC.name, version=version, alias=alias),
-            threshold,
-        )
 
 
 # How the served use case's predictions are answered, column by column.
@@ -654,19 +635,6 @@ class ClinicalService:
 
     # -- the work shared by the endpoints ----------------------------------------------
 
-    def answer(self, scores: Scores) -> list[dict[str, Any]]:
-        """One ``schemas.Prediction`` (as a dict) per probability."""
-        positive, negative = SPEC.label.positive_class, SPEC.label.negative_class
-        bands, threshold = SPEC.serving.risk_bands, scores.threshold
-        return [
-            {
-                "probability": p,
-                "label": positive if p >= threshold else negative,
-                "risk_band": schemas.risk_band(p, threshold, bands),
-            }
-            for p in scores.probabilities
-        ]
-
     def log_predictions(
         self, request_id: str, batch: Batch, answer: Answer, patients: list[str] | None = None
     ) -> None:
@@ -896,12 +864,14 @@ async def explain(service: ClinicalService, call: _Call, body: bytes) -> tuple[i
     result = await service.explain(records, top_k)
     if result.get("error"):
         raise ServiceUnavailable(result["error"])
-    scores = Scores.of(result["scored"])
-    service.seen(scores.model)
-    call.version = scores.model.version
-    predictions = service.answer(scores)
-    audited(call, [p["label"] for p in predictions])
-    model = scores.model
+    scored: Sequence[Scored] = result["scored"]  # one model version: (p, version, alias, t)
+    _, version, alias, threshold = scored[0]
+    answer = ANSWERING.answer([s[0] for s in scored], threshold, _model_ref(version, alias))
+    service.seen(answer.model)
+    call.version = version
+    audited(call, answer.label_counts())
+    predictions = answer.predictions()
+    model = answer.model
     return 200, {
         "request_id": call.request_id,
         "model": {"name": model.name, "version": model.version, "alias": model.alias},

@@ -438,3 +438,54 @@ def test_binary_tensor_data_is_a_clear_400(tiny_spec) -> None:
         response = client.post(INFER, content=header)
         assert response.status_code == 400
         assert "binary tensor data" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": [1, 2.5, -0, -0.0, 1E2, 123456789012345678901234567890]}',
+        b'{"a": 1, "a": 2}',  # the last of a repeated key
+        b"[NaN, Infinity, -Infinity, 1e400]",  # json's, not msgspec's
+        b'["\\ud800", "\\u00e9"]',  # a lone surrogate: json's
+        b"\xef\xbb\xbf[1]",  # a byte-order mark: json's
+        "[1]".encode("utf-16"),
+        b'[true, false, null, "x"]',
+    ],
+)
+def test_the_body_is_read_as_json_reads_it(body: bytes) -> None:
+    """msgspec reads a V2 body first; whatever it reads, it reads as ``json.loads``
+    does, and what it does not take is json's to read."""
+    got, expected = protocol._document(body), json.loads(body)
+    assert repr(got) == repr(expected)  # repr: NaN equals nothing, -0.0 equals 0
+
+
+@pytest.mark.parametrize(
+    "body", [b"[1,]", b"[01]", b"[1] x", b'["a\x01b"]', b"\xff\xfe\xfd", b"[" * 100_000]
+)
+def test_a_body_neither_reads_is_refused_as_not_json(body: bytes) -> None:
+    with pytest.raises(protocol.ProtocolError, match="not valid JSON"):
+        protocol._document(body)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("FP64", [1.5, None, 2, None]),
+        ("FP32", [None, None, 0.25, 7]),
+        ("INT64", [3, None, -1, 0]),
+        ("BYTES", ["icu", None, "medical", "icu"]),
+        ("FP64", [None, None, None, None]),
+    ],
+)
+@pytest.mark.parametrize("kind", ["float", "int", "category"])
+def test_a_column_with_nulls_is_taken_whole_as_value_by_value(
+    tiny_spec, kind: str, datatype: str, data: list[Any]
+) -> None:
+    """Nulls stay nulls whether a column is converted whole or value by value (the
+    column check then says whether the feature may be null)."""
+    column = tiny_spec.features[0].model_copy(update={"type": kind})
+    whole = protocol._whole(column, datatype, data)
+    one_by_one = [protocol._convert(column, datatype, value) for value in data]
+    if whole is not None:
+        assert whole == one_by_one
+        assert not any(isinstance(value, protocol._Bad) for value in one_by_one)
