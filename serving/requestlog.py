@@ -800,8 +800,11 @@ class PredictionLog:
 # inside requests. With 100-record requests from one client, the log's writer was what
 # put p99 at 2.5x p50 (without it: 1.3x; issue 22). The cap keeps it writing when
 # requests never stop: at least _HOLD_S of every _HOLD_S + _PAUSE_S + _DEFER_S, a fifth
-# of the core, some three times what it needs at the most rows a worker has answered
-# (57,000 rows a second from 32 clients sending 1,000 records: none dropped in 20 s).
+# of the core. That kept up with 57,000 rows a second (32 clients sending 1,000 records:
+# none dropped in 20 s), but not with the 60,000-71,000 a faster worker answers since:
+# the queue filled and rows were dropped (counted) with one client and with 32 sending
+# 1,000 records (issue 22's note of 2026-12-05; giving the writer the core while its
+# queue is filling is the open fix).
 _SLICE_ROWS = 1_024
 _HOLD_S = 0.0005
 _PAUSE_S = 0.0001
