@@ -591,6 +591,7 @@ class PredictionLog:
         self._on_drop = on_drop
         self._clock = clock
         self._dropped = 0
+        self._behind_at = max(1, max_queue // BEHIND_FRACTION)
         self._drop_reported = False
         self.last_error: str | None = None
         # A request's rows are offered together, so a batch holds whole requests.
@@ -600,7 +601,7 @@ class PredictionLog:
             max_queue=max_queue,
             batch_max=flush_rows,
             interval=flush_interval_s,
-            new_batch=_Predictions,
+            new_batch=lambda: _Predictions(self._behind),
             on_start=_lower_priority,
         )
         self._writer.start()
@@ -753,6 +754,12 @@ class PredictionLog:
         self._count_drop(dropped)
         return written
 
+    def _behind(self) -> bool:
+        """Whether the writer is falling behind: a ``1/BEHIND_FRACTION`` of its queue's
+        room is taken. It then stops waiting for pauses between requests (``_Budget``),
+        so that it does not drop rows because it yielded."""
+        return self._writer.waiting >= self._behind_at
+
     def _failed(self, count: int, exc: Exception) -> None:
         self.last_error = (
             f"could not write {count} prediction rows to {self.directory}: {_reason(exc)}"
@@ -781,7 +788,8 @@ class PredictionLog:
             for field in frame.schema
             if pa.types.is_string(field.type) or pa.types.is_timestamp(field.type)
         ]
-        ACTIVITY.idle.wait(_DEFER_S)  # the write is one call: start it between requests
+        if not self._behind():  # the write is one call: start it between requests
+            ACTIVITY.idle.wait(_DEFER_S)
         with replacing(partition / name, fsync=False) as tmp:
             pq.write_table(frame, tmp, use_dictionary=repeating)
         return partition / name
@@ -803,9 +811,13 @@ class PredictionLog:
 # of the core. That kept up with 57,000 rows a second (32 clients sending 1,000 records:
 # none dropped in 20 s), but not with the 60,000-71,000 a faster worker answers since:
 # the queue filled and rows were dropped (counted) with one client and with 32 sending
-# 1,000 records (issue 22's note of 2026-12-05; giving the writer the core while its
-# queue is filling is the open fix).
+# 1,000 records. So once an eighth of its queue's room is taken (BEHIND_FRACTION) the
+# writer stops waiting for pauses in requests (it still hands the GIL over after each
+# slice): it is behind, and yielding more would drop rows.
 _SLICE_ROWS = 1_024
+# The writer stops waiting for pauses in requests once this fraction of its queue's room
+# is taken (PredictionLog._behind).
+BEHIND_FRACTION = 8
 _HOLD_S = 0.0005
 _PAUSE_S = 0.0001
 _DEFER_S = 0.002
@@ -845,15 +857,19 @@ def _lower_priority() -> None:
 
 
 class _Budget:
-    """The writer's CPU time since it last let the request threads in (see above)."""
+    """The writer's CPU time since it last let the request threads in (see above).
+    ``behind``: whether the writer is falling behind (its queue filling); then it still
+    hands the GIL over after each slice, but no longer waits for a pause in requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, behind: Callable[[], bool] = lambda: False) -> None:
         self._since = time.thread_time()
+        self._behind = behind
 
     def check(self) -> None:
         if time.thread_time() - self._since >= _HOLD_S:
             time.sleep(_PAUSE_S)
-            ACTIVITY.idle.wait(_DEFER_S)
+            if not self._behind():
+                ACTIVITY.idle.wait(_DEFER_S)
             self._since = time.thread_time()
 
 
@@ -1001,10 +1017,10 @@ class _Predictions:
     column of thousands of values is one call into Arrow; a table per request, or a dict
     per row, would be thousands of calls when the batch is written."""
 
-    def __init__(self) -> None:
+    def __init__(self, behind: Callable[[], bool] = lambda: False) -> None:
         self.days: dict[str, list[_Group]] = {}
         self.refused: list[tuple[int, Exception]] = []  # (rows, why) with no usable time
-        self.budget = _Budget()
+        self.budget = _Budget(behind)
         self._groups: dict[tuple[str, tuple[str, ...]], _Group] = {}
         self._count = 0
 

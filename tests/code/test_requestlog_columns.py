@@ -328,3 +328,42 @@ def test_the_writer_keeps_writing_when_requests_never_stop(tmp_path: Path) -> No
         requestlog.ACTIVITY.finished()
         log.close(timeout=5)
     assert requestlog.ACTIVITY.idle.is_set()
+
+
+class _Idle:
+    """ACTIVITY's stand-in: a worker that is never idle, counting the writer's waits."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+        self.idle = self
+
+    def wait(self, timeout: float) -> bool:
+        self.waits += 1
+        return False
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_writer_behind_stops_waiting_for_pauses_in_requests(monkeypatch, behind: bool) -> None:
+    """After a slice of work the writer always hands the GIL over; it waits for a pause
+    in requests only while it keeps up (at 60,000+ rows a second, waiting dropped rows)."""
+    busy = _Idle()
+    monkeypatch.setattr(requestlog, "ACTIVITY", busy)
+    budget = requestlog._Budget(lambda: behind)
+    budget._since -= 1.0  # a slice's worth of CPU used
+    budget.check()
+    assert busy.waits == (0 if behind else 1)
+
+
+def test_the_writer_is_behind_once_a_fraction_of_its_queue_is_taken(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, max_queue=4_000, flush_interval_s=60)
+    try:
+        assert not log._behind()
+        log._writer.waiting = 4_000 // requestlog.BEHIND_FRACTION - 1
+        assert not log._behind()
+        log._writer.waiting += 1
+        assert log._behind()
+        # and the batches the writer makes ask the log
+        assert log._writer._new_batch().budget._behind() is True
+    finally:
+        log._writer.waiting = 0
+        log.close(timeout=5)
