@@ -598,6 +598,21 @@ def check_v2(
         raise BenchError("ours' V2 endpoint and /predict answered different probabilities")
 
 
+DROPPED = "clinml_prediction_log_dropped_rows_total"
+
+
+def log_rows_dropped(url: str) -> float:
+    """Prediction-log rows ours has dropped so far (its ``/metrics``): a queue that
+    fills under load drops rows rather than slow the answers, and a point measured while
+    it did flatters ours."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30.0).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(DROPPED)
+    )
+
+
 def bench_champion(
     champion: Champion, args: argparse.Namespace, secret: str, api_keys: str, tmp: Path
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
@@ -610,7 +625,10 @@ def bench_champion(
     memory: dict[str, dict[str, float]] = {}
 
     def point(server: str, endpoint: str, payload: str, url: str, script: Path) -> None:
+        ours = server in ("ours", UNBATCHED, PATIENT)
+        base = url[: -len(endpoint)]
         for c in args.concurrency:
+            dropped = log_rows_dropped(base) if ours else 0.0
             medians = measure(url, script, c, args.duration, args.runs, warmup)
             row = {
                 "model": champion.kind,
@@ -620,6 +638,8 @@ def bench_champion(
                 "concurrency": c,
                 **medians,
             }
+            if ours:
+                row["log_dropped_rows"] = log_rows_dropped(base) - dropped
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -1093,6 +1113,20 @@ def report(
                 f"† fewer than {FEW_COMPLETIONS} requests completed in a {args.duration} s run: its",
                 "percentiles rest on few samples, and requests slower than the run are not counted.",
             ]
+        dropped = [r for r in rows if r["model"] == kind and r.get("log_dropped_rows")]
+        lines += [
+            "",
+            "Prediction-log rows ours dropped (its queue full) during the points: "
+            + (
+                ", ".join(
+                    f"{r['log_dropped_rows']:.0f} at {r['payload']}, c={r['concurrency']} "
+                    f"(`{r['endpoint']}`)"
+                    for r in dropped
+                )
+                if dropped
+                else "none."
+            ),
+        ]
         lines += ["", "Resident memory after the runs (MiB):", ""]
         lines += ["| server | process | RSS MiB |", "|---|---|---|"]
         for server, processes in memory.get(kind, {}).items():
