@@ -401,7 +401,6 @@ class _Numbers:
 
 @dataclass(frozen=True)
 class _Layout:
-    width: int
     names: tuple[str, ...]  # the features, in the spec's order
     decoder: Any
     floats: _Numbers | None
@@ -420,7 +419,6 @@ def _layout(spec: UseCaseSpec) -> _Layout:
     floats = [c for c in spec.features if c.type == "float"]
     ints = [c for c in spec.features if c.type == "int"]
     layout = _Layout(
-        len(spec.features),
         tuple(spec.feature_names),
         _decoder(spec),
         _Numbers(floats, "float") if floats else None,

@@ -271,16 +271,13 @@ class Answering:
         ``json.dumps(..., separators=(",", ":"))`` writes for the same dict, assembled
         from whole columns (each probability's ``repr``, as json writes a float, then
         its label and band)."""
-        model = answer.model
+        head = (
+            '{"request_id":' + json.dumps(request_id) + self._head(answer.model, answer.threshold)
+        )
         values = answer.probability.tolist()
-        if not values or not all(map(math.isfinite, values)):
-            payload: dict[str, Any] = {
-                "request_id": request_id,
-                "model": {"name": model.name, "version": model.version, "alias": model.alias},
-                "operating_threshold": answer.threshold,
-                "predictions": answer.predictions(),  # json's own NaN and Infinity
-            }
-            return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        if not values or not all(map(math.isfinite, values)):  # json's own NaN and Infinity
+            items = json.dumps(answer.predictions(), separators=(",", ":"))
+            return (head[:-1] + items + "}").encode("utf-8")
         if isinstance(answer.positive, list):
             rows = self._tail_list
             tails = [rows[i][j] for i, j in zip(answer.positive, answer.band, strict=True)]
@@ -289,7 +286,6 @@ class Answering:
         items = self._HEAD + ("," + self._HEAD).join(
             map(operator.add, map(float.__repr__, values), tails)
         )
-        head = '{"request_id":' + json.dumps(request_id) + self._head(model, answer.threshold)
         return (head + items + "]}").encode("utf-8")
 
     def _head(self, model: ModelRef, threshold: float) -> str:
