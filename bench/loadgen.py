@@ -17,6 +17,7 @@ Nothing here knows about clinml.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import statistics
@@ -73,7 +74,13 @@ def parse_wrk(out: str) -> dict[str, float]:
     if rps is None:
         raise LoadError(f"no Requests/sec in wrk's output:\n{out}")
     p50, p99 = percentile(out, "50"), percentile(out, "99")
-    return {"rps": float(rps.group(1)), "p50_ms": p50 * 1000, "p99_ms": p99 * 1000}
+    done = re.search(r"(\d+) requests in", out)
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": p50 * 1000,
+        "p99_ms": p99 * 1000,
+        "requests": float(done.group(1)) if done else math.nan,
+    }
 
 
 def wrk(
@@ -95,12 +102,43 @@ def wrk(
 
 
 def measure(
-    url: str, script: Path, connections: int, duration: int, runs: int, warmup: int
+    url: str,
+    script: Path,
+    connections: int,
+    duration: int,
+    runs: int,
+    warmup: int,
+    server_pid: int | None = None,
 ) -> dict[str, float]:
-    """A warm-up run of ``warmup`` seconds, then the medians of ``runs`` measured runs."""
+    """A warm-up run of ``warmup`` seconds, then the medians of ``runs`` measured runs.
+
+    With ``server_pid``, also ``cpu_ms``: the CPU time (user and system) the server's
+    processes used per request answered during a run. On a shared, noisy machine it
+    varies less than req/s: a neighbour slows the wall clock more than it adds CPU time.
+    """
     wrk(url, script, connections, warmup)
-    measured = [wrk(url, script, connections, duration) for _ in range(runs)]
+    measured = []
+    for _ in range(runs):
+        before = cpu_seconds(server_pid) if server_pid else 0.0
+        run = wrk(url, script, connections, duration)
+        if server_pid:
+            run["cpu_ms"] = (cpu_seconds(server_pid) - before) * 1000 / run["requests"]
+        measured.append(run)
     return {key: statistics.median(run[key] for run in measured) for key in measured[0]}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, seconds) used so far by ``pid`` and its descendants
+    (those still running)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for child, _, _ in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 @contextmanager

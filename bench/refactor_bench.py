@@ -49,6 +49,7 @@ from bench.serving_bench import (  # noqa: E402
     _server_env,
     bench_spec,
     ensure_wrk,
+    log_rows_dropped,
     machine,
     payload_label,
     sample_records,
@@ -110,6 +111,14 @@ def prepare(home: Path, before: Path, usecase: str, kind: str, n_patients: int) 
     return Champion(kind, spec, settings, version)
 
 
+def server_pid(server: Any) -> int:
+    """The process that runs ``server`` (it forks the workers)."""
+    pid = server.pid if isinstance(server, ServiceProcess) else server.process.pid
+    if pid is None:
+        raise BenchError("the server is not running")
+    return int(pid)
+
+
 class BeforeService(Background):
     """The earlier checkout's service: run from its folder, its code first on the path."""
 
@@ -146,12 +155,16 @@ def one_round(
     with pinned({SERVER_CORE}):
         server.start(timeout=STARTUP_TIMEOUT_S)
     try:
-        url = f"http://127.0.0.1:{port}/predict"
+        base = f"http://127.0.0.1:{port}"
         warmup = max(1, args.duration // 2)
         for n, script in scripts.items():
             for c in args.concurrency:
-                medians = measure(url, script, c, args.duration, 1, warmup)
+                dropped = log_rows_dropped(base)
+                medians = measure(
+                    f"{base}/predict", script, c, args.duration, 1, warmup, server_pid(server)
+                )
                 row = {"tree": tree, "payload": payload_label(n), "concurrency": c, **medians}
+                row["log_dropped_rows"] = log_rows_dropped(base) - dropped
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
@@ -182,11 +195,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
         f"`{args.kind}`, trained by the earlier code), both services with auth, audit and "
         "the prediction log on, inline execution and adaptive batching; server on core 0, "
         f"`wrk` on core 1; {args.rounds} rounds alternating which goes first, "
-        f"{args.duration} s per point after a warm-up; medians over the rounds.",
+        f"{args.duration} s per point after a warm-up; medians over the rounds. CPU "
+        "ms/request: the CPU time (user + system) of the server's processes over a point, "
+        "per request answered; on a busy shared machine it varies less than req/s.",
         "",
         "| records per request | concurrency | before req/s | after req/s | after ÷ before "
-        "| before p99 ms | after p99 ms | after ÷ before |",
-        "|---|---|---|---|---|---|---|---|",
+        "| before p99 ms | after p99 ms | after ÷ before "
+        "| before CPU ms/request | after CPU ms/request | after ÷ before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in args.payloads:
         payload = payload_label(n)
@@ -194,9 +210,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
             b_rps, a_rps = median("before", payload, c, "rps"), median("after", payload, c, "rps")
             b_p99 = median("before", payload, c, "p99_ms")
             a_p99 = median("after", payload, c, "p99_ms")
+            b_cpu, a_cpu = (
+                median("before", payload, c, "cpu_ms"),
+                median("after", payload, c, "cpu_ms"),
+            )
             lines.append(
                 f"| {n} | {c} | {b_rps:.0f} | {a_rps:.0f} | {a_rps / b_rps:.2f} "
-                f"| {b_p99:.1f} | {a_p99:.1f} | {a_p99 / b_p99:.2f} |"
+                f"| {b_p99:.1f} | {a_p99:.1f} | {a_p99 / b_p99:.2f} "
+                f"| {b_cpu:.2f} | {a_cpu:.2f} | {a_cpu / b_cpu:.2f} |"
             )
 
     def spread(tree: str) -> float:
@@ -207,6 +228,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
                 points.setdefault((r["payload"], r["concurrency"]), []).append(r["rps"])
         return max(max(v) / min(v) for v in points.values())
 
+    dropped = {
+        tree: sum(r.get("log_dropped_rows", 0.0) for r in rows if r["tree"] == tree)
+        for tree in ("before", "after")
+    }
     named = (
         ""
         if args.section == SECTION
@@ -217,6 +242,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, rev: str) -> st
         f"Noise in this run: one tree's req/s at one point varied over the rounds by up to "
         f"{spread('before'):.2f}× (before) and {spread('after'):.2f}× (after); a ratio "
         "inside that is no change.",
+        "",
+        f"Prediction-log rows dropped (its queue full) over all points and rounds: "
+        f"{dropped['before']:.0f} before, {dropped['after']:.0f} after.",
         "",
         "Reproduce: `git worktree add /tmp/before "
         f"{rev} && .venv/bin/python bench/refactor_bench.py --before /tmp/before "

@@ -203,21 +203,6 @@ class Batch:
     def from_plain(cls, plain: Mapping[str, Any]) -> Batch:
         return cls(dict(plain["columns"]), int(plain["rows"]))
 
-    def loggable(self) -> dict[str, Any]:
-        """The feature columns as the prediction log takes them: arrays as they are, but
-        a float column holding nulls as a list with None (a null, as a record's None
-        was, not a NaN)."""
-        return {
-            name: _plain(values) if _has_nan(values) else values
-            for name, values in self.columns.items()
-        }
-
-
-def _has_nan(values: Any) -> bool:
-    return (
-        isinstance(values, np.ndarray) and values.dtype.kind == "f" and bool(np.isnan(values).any())
-    )
-
 
 def _plain(values: Any) -> list[Any]:
     if not isinstance(values, np.ndarray):

@@ -642,7 +642,7 @@ class ClinicalService:
         is a record's features, the time, the request id, the model version, the
         (pseudonymised) patient or None, the probability and the label."""
         logged: dict[str, Any] = {
-            **batch.loggable(),
+            **batch.columns,  # a NaN in a float array is logged as a null, as None is
             "time": datetime.now(UTC),
             "request_id": request_id,
             "model_version": answer.model.version,

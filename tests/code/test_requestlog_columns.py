@@ -152,6 +152,30 @@ def test_a_column_of_int_and_float_arrays_is_written_as_rows_of_both_would_be(
     assert table.equals(pa.Table.from_pylist(rows))
 
 
+def test_a_column_whose_slices_convert_to_different_types_is_promoted_as_rows_would_be(
+    tmp_path: Path,
+) -> None:
+    """The writer converts Python values a slice at a time and keeps each column in those
+    chunks; where one slice comes out ints and a later one floats, or nulls and then
+    strings, the column must still be the one type ``from_pylist`` gives the rows."""
+    count = requestlog._SLICE_ROWS + 500
+    rows = _request(0, count)
+    for j, row in enumerate(rows):
+        early = j < requestlog._SLICE_ROWS + 50
+        row["radius_mean"] = j if early else j + 0.5
+        row["note"] = None if early else "checked"
+    log = PredictionLog(tmp_path, flush_interval_s=60)
+    log.record(rows)  # row dicts: every column as Python values
+    assert log.flush(10)
+    log.close(timeout=5)
+    [table] = _tables(tmp_path).values()
+    expected = pa.Table.from_pylist(rows)
+    assert expected.schema.field("radius_mean").type == pa.float64()
+    assert expected.schema.field("note").type == pa.string()
+    assert table.schema == expected.schema
+    assert table.equals(expected)
+
+
 def test_request_times_in_another_time_zone_keep_it(tmp_path: Path) -> None:
     from datetime import timezone
 
