@@ -11,11 +11,12 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from clinml.features.datasets import pathology, readmission
+from clinml.features.datasets import ade, pathology, readmission
 
 Loader = Callable[..., pd.DataFrame]  # (seed: int, now: datetime, **options)
 
 LOADERS: dict[str, Loader] = {
+    "ade": ade.load,
     "pathology": pathology.load,
     "readmission": readmission.load,
 }
