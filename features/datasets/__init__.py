@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from clinml.features.datasets import ade, pathology, readmission
+from clinml.features.datasets import ade, noshow, pathology, readmission
 
 Loader = Callable[..., pd.DataFrame]  # (seed: int, now: datetime, **options)
 
 LOADERS: dict[str, Loader] = {
     "ade": ade.load,
+    "noshow": noshow.load,
     "pathology": pathology.load,
     "readmission": readmission.load,
 }
