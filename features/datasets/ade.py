@@ -84,6 +84,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clinml.features.datasets.simulate import Columns, sigmoid
+
 DRUG_CLASSES = [
     "anticoagulant",
     "antiplatelet",
@@ -183,25 +185,6 @@ class _Patients:
     def age_at_start(self) -> np.ndarray:
         """Age at the start of the window."""
         return self.age_first - self.first_day / 365.25
-
-
-@dataclass
-class _Prescriptions:
-    """Column buffers filled one generation step at a time."""
-
-    columns: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-    def add(self, keep: np.ndarray, **values: np.ndarray) -> None:
-        """Append the rows ``keep`` selects of each column."""
-        for name, value in values.items():
-            self.columns.setdefault(name, []).append(value[keep])
-
-    def concat(self) -> dict[str, np.ndarray]:
-        return {name: np.concatenate(parts) for name, parts in self.columns.items()}
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _categorical(draw: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -332,7 +315,7 @@ def generate(
     next_day = patients.first_day.copy()
     known_events = np.full((n_patients, HISTORY), -np.inf)  # when each event became known
     events_so_far = np.zeros(n_patients, dtype=np.int64)
-    buffers = _Prescriptions()
+    buffers = Columns()
     while (ids := np.flatnonzero(next_day < window_days)).size:
         m = ids.size
         day = next_day[ids]
@@ -364,7 +347,7 @@ def generate(
             patients.susceptibility[ids],
             shift,
         )
-        risk = _sigmoid(logit)
+        risk = sigmoid(logit)
         event = outcome_rng.random(m) < risk
         unmeasured = _unmeasured(uniforms[2:4], setting, shift.missing_lab_odds_ratio)
 

@@ -90,6 +90,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 
+from clinml.features.datasets.simulate import sigmoid
+
 CLINICS = ["clinic_a", "clinic_b", "clinic_c", "clinic_d", "clinic_e"]
 # clinic_a: urban academic centre, patients close by; clinic_b: suburban; clinic_c: rural,
 # the farthest travel; clinic_d: community health centre, more Medicaid and self-pay;
@@ -200,10 +202,6 @@ class _Patients:
     rate_per_day: np.ndarray
     propensity: np.ndarray
     exit: np.ndarray
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _draws(
@@ -328,7 +326,7 @@ def _outcomes(
         rows = order[bounds[k] : bounds[k + 1]]
         known = np.r_[0, np.cumsum(no_show)]
         prior_noshows[rows] = known[hi[rows]] - known[lo[rows]]
-        risk[rows] = _sigmoid(logit[rows] + HISTORY_RISK * np.log1p(prior_noshows[rows]))
+        risk[rows] = sigmoid(logit[rows] + HISTORY_RISK * np.log1p(prior_noshows[rows]))
         no_show[rows] = draw[rows] < risk[rows]
     return risk, no_show, hi - lo, prior_noshows
 
@@ -407,7 +405,7 @@ def generate(
     on_file = rng.random(n) < REMINDER_ON_FILE
     outage = rng.random(n) < shift.reminder_outage
     reminder = (lead >= REMINDER_DAYS) & on_file & ~outage
-    missing_distance = rng.random(n) < _sigmoid(
+    missing_distance = rng.random(n) < sigmoid(
         DISTANCE_MISSING_INTERCEPT + 0.9 * (patients.insurance[patient] == 3) + 0.6 * new_visit
     )
     outcome_draw = rng.random(n)

@@ -76,11 +76,13 @@ label rate (an odds ratio on the readmission risk) and how often labs go unmeasu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
+
+from clinml.features.datasets.simulate import Columns, sigmoid
 
 SITES = ["hosp_a", "hosp_b", "hosp_c", "hosp_d"]
 # hosp_a: tertiary academic centre, sicker and older, more heart failure and CKD;
@@ -168,25 +170,6 @@ class _Patients:
         return self.age_first - self.first_admit / 365.25
 
 
-@dataclass
-class _Encounters:
-    """Column buffers filled one generation step at a time."""
-
-    columns: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-    def add(self, keep: np.ndarray, **values: np.ndarray) -> None:
-        """Append the rows ``keep`` selects of each column."""
-        for name, value in values.items():
-            self.columns.setdefault(name, []).append(value[keep])
-
-    def concat(self) -> dict[str, np.ndarray]:
-        return {name: np.concatenate(parts) for name, parts in self.columns.items()}
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _is_winter(days: np.ndarray, start: np.datetime64) -> np.ndarray:
     months = (start + (days * 86_400).astype("timedelta64[s]")).astype("datetime64[M]")
     month = months.astype(int) % 12 + 1
@@ -205,7 +188,7 @@ def _patients(
     conditions = {}
     for name, base in CONDITION_BASE.items():
         logit = base + 0.03 * (age_first - 62) + 0.3 * frailty + SITE_CONDITION_OFFSET[name][site]
-        conditions[name] = (rng.random(n_patients) < _sigmoid(logit)).astype(np.int64)
+        conditions[name] = (rng.random(n_patients) < sigmoid(logit)).astype(np.int64)
     if shift.winter_case_mix > 0:
         # Winter pressure: COPD and older patients make up more of the admissions.
         tilt = shift.winter_case_mix * (1.5 * conditions["copd"] + 0.04 * (age_first - 62))
@@ -289,7 +272,7 @@ def generate(
     # encounter of every patient still coming back.
     next_admit = patients.first_admit.copy()
     history = np.full((n_patients, HISTORY), -np.inf)
-    buffers = _Encounters()
+    buffers = Columns()
     step = 0
     while (ids := np.flatnonzero(next_admit < window_days)).size:
         m = ids.size
@@ -366,10 +349,10 @@ def generate(
             + DISPOSITION_DEATH[disposition]
         )
         return_logit = RETURN_INTERCEPT + RETURN_CONDITION * (chf + copd + ckd + dm)
-        readmission, death = _sigmoid(readmission_logit), _sigmoid(death_logit)
+        readmission, death = sigmoid(readmission_logit), sigmoid(death_logit)
         died = rng.random(m) < death
         readmitted = ~died & (rng.random(m) < readmission)
-        returns = readmitted | (~died & (rng.random(m) < _sigmoid(return_logit)))
+        returns = readmitted | (~died & (rng.random(m) < sigmoid(return_logit)))
         discharge = admit + los
         gap = np.where(
             readmitted, rng.uniform(1.0, 30.0, m), 30.0 + rng.exponential(RETURN_GAP_DAYS, m)
