@@ -314,6 +314,13 @@ class EvaluationSpec(_Strict):
         "The threshold keeps the alert rate of such a period within budget with 95% "
         "probability, allowing for the chance variation of a period's patients.",
     )
+    row_noun: str = Field(
+        default="patients",
+        pattern=r"^[a-z][a-z -]{0,39}$",
+        description="What one row is, in the plural (patients, discharges, appointments, "
+        "prescriptions): the model card, the gate and the reports count alerts and net "
+        "benefit per 100 of them.",
+    )
 
     @model_validator(mode="after")
     def _one_rule(self) -> EvaluationSpec:
@@ -330,7 +337,7 @@ class EvaluationSpec(_Strict):
         if self.min_sensitivity is not None:
             return f"sensitivity >= {self.min_sensitivity:g}"
         if self.max_alerts_per_100 is not None:
-            return f"at most {self.max_alerts_per_100:g} alerts per 100 patients"
+            return f"at most {self.max_alerts_per_100:g} alerts per 100 {self.row_noun}"
         return f"fixed threshold {self.operating_threshold or 0.5:g}"
 
 

@@ -144,7 +144,11 @@ def _lines(spec: UseCaseSpec) -> dict[str, list[_Line]]:
     if budget is not None:
         days = spec.evaluation.budget_window_days
         lines["alert_rate"].append(
-            _Line(budget / 100, f"alert budget {budget:g} per 100 (over {days:g} days)", True)
+            _Line(
+                budget / 100,
+                f"alert budget {budget:g} per 100 {spec.evaluation.row_noun} (over {days:g} days)",
+                True,
+            )
         )
     lines["observed_expected"].append(_Line(1.0, "ideal 1", False))
     lines["calibration_slope"].append(_Line(1.0, "ideal 1", False))

@@ -251,7 +251,7 @@ def card_summary(card: dict[str, Any]) -> list[str]:
     lines.append(
         f"operating threshold {_number(operating.get('threshold'))} "
         f"({_plain(operating.get('rule'))}), "
-        f"{_fixed(operating.get('alerts_per_100'), 1)} alerts per 100"
+        f"{_fixed(operating.get('alerts_per_100'), 1)} alerts per 100 {_row_noun(card)}"
     )
     lines += _achieved_lines(card)
     lines += _calibration_lines(evaluation)
@@ -292,7 +292,7 @@ def _achieved_lines(card: dict[str, Any]) -> list[str]:
         value, low, high = _achieved_values(row)
         measure = f"{value} [{low}, {high}]"
         if row.get("metric") == "alert_rate":
-            measure += " alerts per 100"
+            measure += f" alerts per 100 {_row_noun(card)}"
         else:
             measure = f"{_plain(row.get('metric'))} {measure}"
         holds = row.get("holds")
@@ -508,7 +508,7 @@ def _operating_point_section(card: dict[str, Any]) -> str:
             ("Threshold", _first(point.get("threshold"), at_test.get("threshold"))),
             ("How the threshold was chosen", point.get("chosen_on")),
             (
-                "Alerts per 100 patients (test)",
+                f"Alerts per 100 {_row_noun(card)} (test)",
                 _Raw(_fixed(alerts, 1)) if _is_number(alerts) else alerts,
             ),
         ]
@@ -526,12 +526,12 @@ def _operating_point_section(card: dict[str, Any]) -> str:
         "<h3>Test rows at this threshold</h3>",
         matrix,
         "<h3>Does the rule hold on held-out rows?</h3>",
-        _achieved_table(_list(point.get("achieved")), level),
+        _achieved_table(_list(point.get("achieved")), level, _row_noun(card)),
     ]
     return _section("Operating point", "\n".join(parts))
 
 
-def _achieved_table(achieved: list[Any] | None, level: Any) -> str:
+def _achieved_table(achieved: list[Any] | None, level: Any, row_noun: str) -> str:
     rows_ = [_dict(a) for a in achieved or []]
     if not rows_:
         return f"<p>{_missing()}</p>"
@@ -544,7 +544,7 @@ def _achieved_table(achieved: list[Any] | None, level: Any) -> str:
         rows.append(
             [
                 _td(_text(row.get("rows"))),
-                _td(_achieved_unit(row.get("metric"))),
+                _td(_achieved_unit(row.get("metric"), row_noun)),
                 _td(value, "num"),
                 _td(_interval_text(low, high), "num"),
                 _td(_holds_text(holds), "gap-worse" if holds is False else ""),
@@ -666,9 +666,10 @@ def _decision_curve_section(card: dict[str, Any], figure: str) -> str:
     ]
     parts = [
         figure,
-        "<p>Net benefit is the true positives per patient minus the false positives per "
-        "patient weighted by the odds of the threshold, t/(1−t), so 0.10 is as good as "
-        "finding 10 true positives per 100 patients with no false alarm; the model is worth "
+        f"<p>Net benefit is the true positives minus the false positives weighted by the "
+        f"odds of the threshold, t/(1−t), per row ({_esc(_row_noun(card))}), so 0.10 is as "
+        f"good as finding 10 true positives per 100 {_esc(_row_noun(card))} with no false "
+        "alarm; the model is worth "
         "using at a threshold only where its net benefit is above both treating all and "
         "treating none (0).</p>",
     ]
@@ -1096,8 +1097,15 @@ def _achieved_values(row: dict[str, Any]) -> tuple[str, str, str]:
     return text(row.get("value")), text(row.get("ci_low")), text(row.get("ci_high"))
 
 
-def _achieved_unit(metric: Any) -> str:
-    return "alerts per 100" if metric == "alert_rate" else _text(metric)
+def _achieved_unit(metric: Any, row_noun: str) -> str:
+    return f"alerts per 100 {row_noun}" if metric == "alert_rate" else _text(metric)
+
+
+def _row_noun(card: dict[str, Any]) -> str:
+    """What one row is, in the plural (``evaluation.row_noun``); cards written before the
+    spec named it counted patients."""
+    noun = _dict(card.get("operating_point")).get("row_noun")
+    return _plain(noun) if isinstance(noun, str) and noun else "patients"
 
 
 def _holds_text(holds: Any) -> str:

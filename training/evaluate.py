@@ -184,7 +184,7 @@ def rule_holds(spec: UseCaseSpec, evaluation: Evaluation) -> tuple[bool | None, 
         value = 100 * evaluation.metrics["alert_rate"]
         low, high = (100 * v for v in evaluation.ci.get("alert_rate", (math.nan, math.nan)))
         text = (
-            f"{value:.1f} [{low:.1f}, {high:.1f}] alerts per 100 vs budget "
+            f"{value:.1f} [{low:.1f}, {high:.1f}] alerts per 100 {rule.row_noun} vs budget "
             f"{rule.max_alerts_per_100:g} on {evaluation.rows:,} rows"
         )
         return value <= rule.max_alerts_per_100, text

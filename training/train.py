@@ -775,6 +775,7 @@ def build_card(
     rule = spec.evaluation
     operating_point = {
         "rule": rule.threshold_rule,
+        "row_noun": rule.row_noun,
         "threshold": selected.threshold,
         "chosen_on": _chosen_on(spec, selected),
         "achieved": achieved,

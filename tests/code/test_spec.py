@@ -136,3 +136,24 @@ def test_cli_reports_a_bad_spec_in_one_line_without_traceback(tmp_path: Path) ->
         "Input should be a valid number, unable to parse string as a number"
     ]
     assert not (tmp_path / "home").exists()
+
+
+def test_the_alert_budget_is_counted_in_the_spec_s_row_noun(tmp_path: Path) -> None:
+    """A row is an appointment or a prescription in some use cases: the budget's words
+    say so, and a noun that could carry markup or another line is refused."""
+
+    def budget(noun: str | None):
+        def mutate(raw: dict) -> None:
+            raw.setdefault("evaluation", {})["max_alerts_per_100"] = 10
+            if noun is not None:
+                raw["evaluation"]["row_noun"] = noun
+
+        return mutate
+
+    default = load_spec(write_spec(tmp_path, budget(None)))
+    assert default.evaluation.threshold_rule == "at most 10 alerts per 100 patients"
+    rows = load_spec(write_spec(tmp_path, budget("appointments")))
+    assert rows.evaluation.threshold_rule == "at most 10 alerts per 100 appointments"
+    for bad in ("<b>visits</b>", "visits\nrm", ""):
+        with pytest.raises(SpecError, match="row_noun"):
+            load_spec(write_spec(tmp_path, budget(bad)))

@@ -613,9 +613,41 @@ def test_operating_point_shows_an_alert_budget_per_100_and_a_fixed_threshold_as_
     ]
     operating = _section(render_html(card), "Operating point")
     assert (
-        '<td>alerts per 100</td><td class="num">14.2</td><td class="num">13.1–15.3</td><td>—</td>'
+        '<td>alerts per 100 patients</td><td class="num">14.2</td>'
+        '<td class="num">13.1–15.3</td><td>—</td>'
     ) in operating
     assert 'class="flag"' not in operating and "rule-missed" not in operating
+
+
+def test_alerts_and_net_benefit_are_counted_in_the_spec_s_row_noun() -> None:
+    """A no-show model's budget is per 100 appointments, not per 100 patients (a patient
+    has several): the card's summary, operating point and decision curve say which."""
+    card = make_card()
+    card["operating_point"] |= {
+        "rule": "at most 10 alerts per 100 appointments",
+        "row_noun": "appointments",
+        "achieved": [
+            {
+                "rows": "test",
+                "metric": "alert_rate",
+                "value": 0.094,
+                "ci_low": 0.088,
+                "ci_high": 0.1,
+                "holds": True,
+            },
+        ],
+    }
+    page = render_html(card)
+    operating = _section(page, "Operating point")
+    assert "<dt>Alerts per 100 appointments (test)</dt>" in operating
+    assert "<td>alerts per 100 appointments</td>" in operating
+    assert "10 true positives per 100 appointments" in _section(page, "Decision curve")
+    lines = card_summary(card)
+    assert any(
+        line.startswith("operating point on test: 9.4 [8.8, 10.0] alerts per 100 appointments")
+        for line in lines
+    ), lines
+    assert "patients" not in " ".join(line for line in lines if "alerts per 100" in line)
 
 
 def test_calibration_shows_intercept_slope_and_oe_with_intervals_ideals_and_notes() -> None:
@@ -647,7 +679,7 @@ def test_calibration_shows_intercept_slope_and_oe_with_intervals_ideals_and_note
 
 def test_decision_curve_tabulates_net_benefit_around_the_operating_threshold() -> None:
     decision = _section(render_html(make_card()), "Decision curve")
-    assert "Net benefit is the true positives per patient" in decision
+    assert "Net benefit is the true positives minus the false positives" in decision
     rows = re.findall(r"<tr[^>]*>.*?</tr>", decision.split("<tbody>")[1], re.S)
     assert len(rows) == 5
     thresholds = [float(re.search(r"<td[^>]*>([0-9.]+)", row).group(1)) for row in rows]
@@ -786,7 +818,7 @@ def test_card_summary_has_selection_calibration_and_the_rule_achieved_per_held_o
     del card["selection"]["reason"]
     lines = card_summary(card)
     assert (
-        "operating point on test: 14.2 [13.1, 15.3] alerts per 100 "
+        "operating point on test: 14.2 [13.1, 15.3] alerts per 100 patients "
         "(rule: at most 15 alerts per 100 patients) — holds"
     ) in lines
     assert (

@@ -126,7 +126,7 @@ def test_each_figure_draws_its_floor_or_ideal_and_marks_the_windows(spec, window
         .get_legend()
         .get_texts()
     ]
-    assert f"alert budget {BUDGET} per 100 (over 30 days)" in budget
+    assert f"alert budget {BUDGET} per 100 patients (over 30 days)" in budget
 
 
 def test_the_report_holds_every_figure_and_the_numbers_and_nothing_of_a_patient(
