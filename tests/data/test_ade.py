@@ -12,13 +12,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from clinml.features import ingest
-from clinml.features import store as feature_store
 from clinml.features.datasets import LOADERS
 from clinml.features.datasets.ade import DRUG_CLASSES, SETTINGS, Shift, generate
-from clinml.settings import Paths
 from clinml.spec import load_spec
-from tests.conftest import NOW, PSEUDONYMISER
+from tests.conftest import NOW
+from tests.data.point_in_time import assert_point_in_time
 
 END = pd.Timestamp(NOW).normalize()  # the loader ends its extract at the start of NOW's day
 WINDOW_START = END - pd.Timedelta(days=24 * 365.25 / 12)
@@ -277,36 +275,11 @@ def test_the_loader_takes_shifts_as_spec_options() -> None:
 def test_point_in_time_features_never_leak_from_later_prescriptions(spec, tmp_path: Path) -> None:
     """A prescription sees its own values when written and the previous one's just before."""
     raw = generate(n_patients=200, seed=12, end=END)
-    paths = Paths(tmp_path).usecase(spec.name)
-    ingest.run(spec, paths, END.to_pydatetime(), PSEUDONYMISER, frame=raw)
-    store = feature_store.open_store(spec, paths)
-    feature_store.apply(store, spec, paths)
-
-    pseudonyms = dict(zip(raw["patient_id"], PSEUDONYMISER.many(raw["patient_id"]), strict=True))
-    events = pd.DataFrame(
-        {
-            "patient_id": raw["patient_id"].map(pseudonyms),
-            "event_timestamp": raw["event_timestamp"],
-            "ade_30d": raw["ade_30d"],
-        }
+    assert_point_in_time(
+        spec,
+        raw,
+        END.to_pydatetime(),
+        tmp_path,
+        exact=("prior_ades_365d", "concurrent_medications", "drug_class", "age"),
+        carried="prior_ades_365d",
     )
-    at_prescribing = feature_store.training_frame(store, spec, events)
-    for column in ("prior_ades_365d", "concurrent_medications", "drug_class", "age"):
-        assert (at_prescribing[column].to_numpy() == raw[column].to_numpy()).all(), column
-
-    before = feature_store.training_frame(
-        store, spec, events.assign(event_timestamp=events["event_timestamp"] - timedelta(seconds=1))
-    )
-    ordered = raw.assign(row=range(len(raw))).sort_values(["patient_id", "event_timestamp"])
-    previous = ordered.groupby("patient_id")[["event_timestamp", "prior_ades_365d"]].shift(1)
-    previous.index = ordered["row"]
-    previous = previous.sort_index()
-    within_ttl = (raw["event_timestamp"] - previous["event_timestamp"]) <= timedelta(
-        days=spec.feature_ttl_days
-    )
-    got = before["prior_ades_365d"]
-    assert (
-        got[within_ttl].tolist() == previous.loc[within_ttl, "prior_ades_365d"].astype(int).tolist()
-    )
-    assert got[~within_ttl].isna().all()
-    assert (~within_ttl).sum() > 0 and within_ttl.sum() > 0

@@ -11,12 +11,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from clinml.features import ingest
-from clinml.features import store as feature_store
 from clinml.features.datasets.noshow import CLINICS, SPECIALTIES, Shift, generate
-from clinml.settings import Paths
 from clinml.spec import load_spec
-from tests.conftest import PROJECT_ROOT, PSEUDONYMISER
+from tests.conftest import PROJECT_ROOT
+from tests.data.point_in_time import assert_point_in_time
 
 END = datetime(2026, 3, 1, tzinfo=UTC)
 WINDOW_START = (pd.Timestamp(END) - pd.Timedelta(days=24 * 365.25 / 12)).normalize()
@@ -255,37 +253,11 @@ def test_point_in_time_features_never_leak_from_later_appointments(spec, tmp_pat
     """An appointment sees its own values at its prediction time and the previous
     appointment's (if within the TTL) one second before."""
     raw = generate(n_patients=200, seed=12, end=END)
-    paths = Paths(tmp_path).usecase(spec.name)
-    ingest.run(spec, paths, END, PSEUDONYMISER, frame=raw)
-    store = feature_store.open_store(spec, paths)
-    feature_store.apply(store, spec, paths)
-
-    pseudonyms = dict(zip(raw["patient_id"], PSEUDONYMISER.many(raw["patient_id"]), strict=True))
-    events = pd.DataFrame(
-        {
-            "patient_id": raw["patient_id"].map(pseudonyms),
-            "event_timestamp": raw["event_timestamp"],
-            "no_show": raw["no_show"],
-        }
+    assert_point_in_time(
+        spec,
+        raw,
+        END,
+        tmp_path,
+        exact=("prior_noshows_365d", "prior_appointments_365d", "lead_time_days", "clinic"),
+        carried="prior_noshows_365d",
     )
-    at_prediction = feature_store.training_frame(store, spec, events)
-    for column in ("prior_noshows_365d", "prior_appointments_365d", "lead_time_days", "clinic"):
-        assert (at_prediction[column].to_numpy() == raw[column].to_numpy()).all(), column
-
-    before = feature_store.training_frame(
-        store, spec, events.assign(event_timestamp=events["event_timestamp"] - timedelta(seconds=1))
-    )
-    ordered = raw.assign(row=range(len(raw))).sort_values(["patient_id", "event_timestamp"])
-    previous = ordered.groupby("patient_id")[["event_timestamp", "prior_noshows_365d"]].shift(1)
-    previous.index = ordered["row"]
-    previous = previous.sort_index()
-    within_ttl = (raw["event_timestamp"] - previous["event_timestamp"]) <= timedelta(
-        days=spec.feature_ttl_days
-    )
-    got = before["prior_noshows_365d"]
-    assert (
-        got[within_ttl].tolist()
-        == previous.loc[within_ttl, "prior_noshows_365d"].astype(int).tolist()
-    )
-    assert got[~within_ttl].isna().all()
-    assert (~within_ttl).sum() > 0 and within_ttl.sum() > 0

@@ -11,12 +11,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from clinml.features import ingest
-from clinml.features import store as feature_store
 from clinml.features.datasets.readmission import CREATININE_MG_DL_TO_UMOL_L, SITES, Shift, generate
-from clinml.settings import Paths
 from clinml.spec import load_spec
-from tests.conftest import PROJECT_ROOT, PSEUDONYMISER
+from tests.conftest import PROJECT_ROOT
+from tests.data.point_in_time import assert_point_in_time
 
 END = datetime(2026, 3, 1, tzinfo=UTC)
 WINDOW_START = pd.Timestamp(END) - pd.Timedelta(days=24 * 365.25 / 12)
@@ -251,40 +249,14 @@ def test_shifts_change_what_they_say_and_nothing_else() -> None:
 
 @pytest.mark.slow
 def test_point_in_time_features_never_leak_from_later_encounters(spec, tmp_path: Path) -> None:
-    """An encounter sees its own values at discharge and the previous encounter's just before."""
+    """An encounter sees its own values at discharge and, one second before, the previous
+    encounter's (if it is within the spec's TTL), else nothing."""
     raw = generate(n_patients=150, seed=12, end=END)
-    paths = Paths(tmp_path).usecase(spec.name)
-    ingest.run(spec, paths, END, PSEUDONYMISER, frame=raw)
-    store = feature_store.open_store(spec, paths)
-    feature_store.apply(store, spec, paths)
-
-    pseudonyms = dict(zip(raw["patient_id"], PSEUDONYMISER.many(raw["patient_id"]), strict=True))
-    events = pd.DataFrame(
-        {
-            "patient_id": raw["patient_id"].map(pseudonyms),
-            "event_timestamp": raw["event_timestamp"],
-            "readmitted_30d": raw["readmitted_30d"],
-        }
+    assert_point_in_time(
+        spec,
+        raw,
+        END,
+        tmp_path,
+        exact=("prior_admissions_365d", "heart_rate", "creatinine", "length_of_stay", "site"),
+        carried="prior_admissions_365d",
     )
-    at_discharge = feature_store.training_frame(store, spec, events)
-    for column in ("prior_admissions_365d", "heart_rate", "creatinine", "length_of_stay", "site"):
-        assert (at_discharge[column].to_numpy() == raw[column].to_numpy()).all(), column
-
-    # One second before discharge the encounter is not known yet: the previous one is
-    # (if it is within the spec's TTL), else nothing.
-    before = feature_store.training_frame(
-        store, spec, events.assign(event_timestamp=events["event_timestamp"] - timedelta(seconds=1))
-    )
-    ordered = raw.assign(row=range(len(raw))).sort_values(["patient_id", "event_timestamp"])
-    previous = ordered.groupby("patient_id")[["event_timestamp", "prior_admissions_365d"]].shift(1)
-    previous.index = ordered["row"]
-    previous = previous.sort_index()
-    ttl = timedelta(days=spec.feature_ttl_days)
-    within_ttl = (raw["event_timestamp"] - previous["event_timestamp"]) <= ttl
-    got = before["prior_admissions_365d"]
-    assert (
-        got[within_ttl].tolist()
-        == previous.loc[within_ttl, "prior_admissions_365d"].astype(int).tolist()
-    )
-    assert got[~within_ttl].isna().all()
-    assert (~within_ttl).sum() > 0 and within_ttl.sum() > 0
