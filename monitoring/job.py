@@ -75,6 +75,8 @@ class MonitorResult:
     retrained_version: str | None = None
     retraining: Any = None  # clinml.monitoring.retraining.RetrainingData: what it trained on
     performance_html: Path | None = None  # performance over time, when windows had labels
+    # How many predictions of the label lookback have their outcome yet; None without labels.
+    label_coverage: Any = None  # clinml.monitoring.performance.LabelCoverage
 
     @property
     def exit_code(self) -> int:
@@ -103,6 +105,8 @@ class MonitorResult:
                 lines.append(f"subgroup drift: {group.attribute}={group.group}: {names}")
         for window in self.performance:
             lines.append(_performance_line(window))
+        if self.label_coverage is not None:
+            lines.append(self.label_coverage.line())
         if self.performance_html is not None:
             lines.append(f"performance over time: {self.performance_html}")
         if self.delivery is not None:
@@ -341,8 +345,10 @@ def run(
         subgroups=subgroups,
         reference_note=reference_note,
     )
-    windows, labelled = (
-        _performance(spec, settings, since, until, label_lookback) if batch is None else ([], None)
+    windows, labelled, coverage = (
+        _performance(spec, settings, since, until, label_lookback)
+        if batch is None
+        else ([], None, None)
     )
     base = {
         "usecase": spec.name,
@@ -357,7 +363,14 @@ def run(
     _add_to_workspace(settings, spec, verdict)
     performance_html = _performance_report(spec, settings, windows, labelled, target, str(champion))
     result = MonitorResult(
-        run_id, verdict, windows, alerts, delivery, target, performance_html=performance_html
+        run_id,
+        verdict,
+        windows,
+        alerts,
+        delivery,
+        target,
+        performance_html=performance_html,
+        label_coverage=coverage,
     )
     _write(result)  # before retraining: the verdict stands if the retraining fails
     if retrain_on_drift is not None and (verdict.drift or verdict.prediction_drift):
@@ -438,29 +451,31 @@ def _performance(
     since: datetime | None,
     until: datetime | None,
     lookback: timedelta,
-) -> tuple[list[Any], pd.DataFrame | None]:
-    """The performance windows with labelled predictions, and those predictions."""
+) -> tuple[list[Any], pd.DataFrame | None, Any]:
+    """The performance windows with labelled predictions, those predictions, and how many
+    predictions of the lookback have their outcome yet (a ``LabelCoverage``)."""
     from clinml.monitoring import performance
     from clinml.predictionlog import read_predictions
 
     paths = settings.paths.usecase(spec.name)
     if since is None or until is None or not paths.labels.is_dir():
-        return [], None
+        return [], None, None
     labels = performance.read_labels(paths.labels)
     if labels.empty:
-        return [], None
+        return [], None, None
     start = until - max(lookback, until - since)
     predictions = read_predictions(paths.predictions, start, until)
     if predictions.empty:
-        return [], None
+        return [], None, None
     labelled = performance.join_labels(predictions, labels)
+    coverage = performance.label_coverage(spec, predictions, labelled, start, until)
     period = until - since
     windows = [
         w
         for w in performance.performance_by_window(spec, labelled, period, start, until)
         if w.n > 0
     ]
-    return windows, labelled
+    return windows, labelled, coverage
 
 
 def _performance_report(
@@ -521,6 +536,7 @@ def _write(result: MonitorResult) -> None:
         "drift": result.verdict.to_dict(),
         "performance": [_window_dict(w) for w in result.performance],
         "performance_html": str(result.performance_html) if result.performance_html else None,
+        "label_coverage": None if result.label_coverage is None else asdict(result.label_coverage),
         "retrained_version": result.retrained_version,
         "retraining": result.retraining.to_dict() if result.retraining is not None else None,
     }

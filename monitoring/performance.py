@@ -789,6 +789,66 @@ def _moment(when: datetime) -> str:
     return f"{when:%Y-%m-%d}" if when.time() == datetime.min.time() else f"{when:%Y-%m-%d %H:%M}"
 
 
+@dataclass(frozen=True)
+class LabelCoverage:
+    """How many of the predictions performance looked back over have their outcome yet.
+
+    A window with no labelled prediction is not judged and not reported, so without this a
+    week whose outcomes are still coming (a 30-day label delay) looks like a week without
+    traffic.
+
+    Attributes:
+        since, until: the predictions looked at (the label lookback).
+        predictions: predictions made in it.
+        labelled: those with an outcome joined.
+        within_delay: those made in the last ``delay_days`` before ``until``, whose
+            outcome may not be known yet.
+        delay_days: the spec's ``label.horizon_days``: how long after a prediction its
+            outcome is known.
+    """
+
+    since: datetime
+    until: datetime
+    predictions: int
+    labelled: int
+    within_delay: int
+    delay_days: float
+
+    def line(self) -> str:
+        text = (
+            f"outcomes: {self.labelled:,} of {self.predictions:,} predictions since "
+            f"{_moment(self.since)} have one"
+        )
+        if self.delay_days > 0:
+            text += (
+                f"; {self.within_delay:,} were made in the last {self.delay_days:g} days "
+                "(the label delay) and may not have one yet"
+            )
+        return text
+
+
+def label_coverage(
+    spec: UseCaseSpec,
+    predictions: pd.DataFrame,
+    labelled: pd.DataFrame,
+    since: datetime,
+    until: datetime,
+) -> LabelCoverage:
+    """Counts of ``predictions`` (the log, ``since <= time < until``), of those in
+    ``labelled`` (``join_labels`` output), and of those within the label delay."""
+    delay = spec.label.horizon_days
+    times = _utc_ns(predictions["time"]) if len(predictions) else pd.Series([], dtype=_UTC_NS)
+    recent = until - timedelta(days=delay)
+    return LabelCoverage(
+        since=since,
+        until=until,
+        predictions=len(predictions),
+        labelled=len(labelled),
+        within_delay=int((times >= recent).sum()) if delay > 0 else 0,
+        delay_days=delay,
+    )
+
+
 def summary_line(windows: list[WindowPerformance]) -> str:
     """One line for logs and alerts, e.g. ``performance 2026-05-04..2026-06-01, 4 windows:
     3 judged, 1 not judged (too few labels or one class); below a floor: 2026-05-25

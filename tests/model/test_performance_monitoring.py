@@ -547,3 +547,41 @@ def test_labels_from_ingestion_to_a_flagged_window(spec, settings):
     assert windows[0].below_floor == []
     assert [f.split()[0] for f in windows[1].below_floor] == ["ece"]
     assert "below a floor: 2026-05-11 (ece " in summary_line(windows)
+
+
+def test_label_coverage_says_which_predictions_are_still_within_the_label_delay(spec, settings):
+    """Six weeks of predictions, outcomes known 30 days later: the weeks younger than the
+    delay have none yet, and the coverage says so instead of leaving them unreported."""
+    from clinml.monitoring.performance import label_coverage
+
+    rng = np.random.default_rng(5)
+    until = START + 6 * WEEK
+    predictions = pd.concat(
+        [_predictions(rng, START + i * WEEK, 100, 100, settings) for i in range(6)],
+        ignore_index=True,
+    )
+    known = predictions["time"] + timedelta(days=30) <= until
+    labels = pd.DataFrame(
+        {
+            "patient": None,
+            "request_id": predictions.loc[known, "request_id"],
+            "outcome": 1,
+            "time": predictions.loc[known, "time"] + timedelta(days=30),
+        }
+    )
+    labelled = join_labels(predictions, labels)
+    delayed = spec.model_copy(
+        update={"label": spec.label.model_copy(update={"horizon_days": 30.0})}
+    )
+
+    coverage = label_coverage(delayed, predictions, labelled, START, until)
+
+    recent = int((predictions["time"] >= until - timedelta(days=30)).sum())
+    assert (coverage.predictions, coverage.labelled) == (600, int(known.sum()))
+    assert coverage.within_delay == recent == 600 - int(known.sum())
+    assert coverage.line() == (
+        f"outcomes: {int(known.sum())} of 600 predictions since 2026-05-04 have one; "
+        f"{recent} were made in the last 30 days (the label delay) and may not have one yet"
+    )
+    instant = label_coverage(spec, predictions, labelled, START, until)  # horizon 0
+    assert instant.within_delay == 0 and "label delay" not in instant.line()
