@@ -8,6 +8,12 @@ The log is a directory of parquet files, ``date=YYYY-MM-DD/part-<UTC
 time>-<uuid8>.parquet``, partitioned by each row's ``time`` (UTC); each file is written
 under a temporary name starting with ``.`` and renamed, so a reader never sees half a file.
 
+Rows scored by a shadow version (``clinml shadow start``; docs/serving.md, "Shadow") sit
+beside the served ones with ``shadow`` True and their own ``model_version``. The served rows
+have no ``shadow`` column, or a null or False there. Nothing was answered from a shadow row,
+so :func:`read_predictions` leaves them out unless asked: monitoring judges the traffic the
+champion answered.
+
 Usage::
 
     frame = read_predictions(settings.home / "predictions", since=week_ago, until=now)
@@ -23,8 +29,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+# The column that marks a shadow version's rows (absent, null or False: a served row).
+SHADOW_COLUMN = "shadow"
+
+
 def read_predictions(
-    directory: Path, since: datetime | None = None, until: datetime | None = None
+    directory: Path,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    *,
+    shadow: bool = False,
 ) -> pd.DataFrame:
     """The logged predictions with ``since <= time < until`` (either bound optional).
 
@@ -33,6 +47,9 @@ def read_predictions(
     Args:
         directory: the prediction log's directory.
         since, until: aware datetimes.
+        shadow: False (the default): only the rows the service answered with, without a
+            ``shadow`` column. True: the shadow versions' rows too, each marked by a
+            boolean ``shadow`` column (False for a served row).
 
     Returns:
         The rows sorted by ``time`` (UTC); an empty DataFrame when there are none.
@@ -70,4 +87,15 @@ def read_predictions(
         keep &= frame["time"] >= since
     if until is not None:
         keep &= frame["time"] < until
+    # absent, null (a served row in a file beside shadow rows) or False: served
+    marked = (
+        frame[SHADOW_COLUMN].eq(True)
+        if SHADOW_COLUMN in frame
+        else pd.Series(False, index=frame.index)
+    )
+    if shadow:
+        frame[SHADOW_COLUMN] = marked
+    else:
+        keep &= ~marked
+        frame = frame.drop(columns=[SHADOW_COLUMN], errors="ignore")
     return frame[keep].sort_values("time", kind="stable").reset_index(drop=True)

@@ -245,6 +245,12 @@ class Settings(BaseSettings):
         description="Check the registry's champion alias this often and switch to a newly "
         "promoted version without downtime; 0 turns polling off (POST /admin/reload still works).",
     )
+    shadow_queue: int = Field(
+        default=1_000,
+        ge=1,
+        description="Requests that may wait to be scored by the shadow version (clinml "
+        "shadow); beyond it they are dropped and counted, never delaying an answer.",
+    )
     require_online_store: bool = Field(
         default=True,
         description="/readyz reports not ready while the online feature store is unreachable.",

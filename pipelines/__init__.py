@@ -7,6 +7,7 @@ Modules:
     cli           the Typer app behind the ``clinml`` command
     keys_cli      ``clinml keys``: create, list and revoke API keys
     patients_cli  ``clinml patients``: patient ids to try ``/predict_patient`` with
+    shadow_cli    ``clinml shadow``: score another version beside the champion (audited)
     stages        each stage wired to its collaborators built from settings
     demo          ``clinml demo``: every stage in order on a built-in use case
     progress      numbered progress steps with timings

@@ -569,6 +569,10 @@ from clinml.pipelines.patients_cli import patients_app  # noqa: E402
 
 app.add_typer(patients_app, name="patients")
 
+from clinml.pipelines.shadow_cli import shadow_app  # noqa: E402
+
+app.add_typer(shadow_app, name="shadow")
+
 
 @labels_app.command("ingest")
 def labels_ingest(

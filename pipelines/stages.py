@@ -359,6 +359,56 @@ def rollback(
     return moved
 
 
+def shadow_start(
+    spec: UseCaseSpec,
+    settings: Settings,
+    progress: Progress,
+    version: str | None = None,
+    reason: str | None = None,
+) -> str:
+    """Point ``shadow`` at ``version`` (default: the challenger); returns the version."""
+    from clinml.audit import AuditLog, Checkpoints
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
+
+    with progress.step(f"shadow a {spec.name} version beside the champion"):
+        before, shadowed = governance.shadow_start(
+            spec,
+            Tracker.from_settings(settings),
+            AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings)),
+            settings.actor_name,
+            version,
+            reason,
+        )
+        replacing = f", replacing version {before}" if before else ""
+        progress.detail(
+            f"shadow: version {shadowed}{replacing}; recorded in {settings.audit_log_path}. "
+            "A service with inline execution scores it beside the champion, never answering "
+            "with it, from its next alias check (CLINML_RELOAD_INTERVAL_S) or POST /admin/reload"
+        )
+    return shadowed
+
+
+def shadow_stop(
+    spec: UseCaseSpec, settings: Settings, progress: Progress, reason: str | None = None
+) -> str:
+    """Remove the ``shadow`` alias; returns the version it named."""
+    from clinml.audit import AuditLog, Checkpoints
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
+
+    with progress.step(f"stop the {spec.name} shadow"):
+        stopped = governance.shadow_stop(
+            spec,
+            Tracker.from_settings(settings),
+            AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings)),
+            settings.actor_name,
+            reason,
+        )
+        progress.detail(f"shadow: version {stopped} stopped; recorded in {settings.audit_log_path}")
+    return stopped
+
+
 def package(spec: UseCaseSpec, settings: Settings, progress: Progress, build: bool = False) -> None:
     """Import the champion into the BentoML store (and optionally build the bento)."""
     from clinml.serving.package import build_bento, import_champion

@@ -24,6 +24,7 @@ Modules:
     timeouts    BentoML's request timeout without the timer it leaves on every request
     refusals    refused requests counted at once, logged and audited once per window
     requestlog  the audit trail and the prediction log, written off the request path
+    shadow      the shadow version scored on answered requests, off the response path
     redaction   keeps submitted values out of the service's logs
     docs_page   the API docs page (Swagger UI) served from this origin only
     package     import the MLflow champion into the BentoML store; build the bento

@@ -23,6 +23,13 @@ The API service (:mod:`clinml.serving.service`) reaches it in one of two ways, c
 Either way every answer says which version produced it: a batch is scored by one model,
 taken once, so a champion change mid-flight never mixes versions within a request or
 labels a probability with the wrong version's threshold.
+
+With inline execution the executor also follows the registry's ``shadow`` alias
+(``clinml shadow start``) in the same checks as ``champion``: it holds that version in a
+slot of its own (``shadow``; None when nothing is shadowed) and scores it for the API's
+shadow worker (``score_shadow``, :mod:`clinml.serving.shadow`). A shadow version that
+fails its checks or its load is logged and left out; it never touches the champion. With
+split execution the shadow alias is not followed (the service logs that it is ignored).
 """
 
 from __future__ import annotations
@@ -200,8 +207,13 @@ class ModelExecutor:
                 device,
                 "; CUDA is not available, falling back to the CPU" if fallback else "",
             )
+        # The shadow version (clinml.serving.shadow), replaced in one step like the
+        # champion; None when the registry names none.
+        self.shadow: ServedModel | None = None
+        self._shadow_problem: str | None = None  # the last failure logged, once
+        self._shadow_lock = threading.Lock()  # one check at a time (polling, admin reload)
         self._stop = threading.Event()
-        if SETTINGS.reload_interval_s > 0:
+        if SETTINGS.reload_interval_s > 0 or SETTINGS.execution == "inline":
             threading.Thread(target=self._follow_alias, daemon=True).start()
 
     def __is_ready__(self) -> bool:
@@ -230,6 +242,23 @@ class ModelExecutor:
                 f"the model returned {len(probability)} probabilities for {batch.rows} rows"
             )
         return ColumnScores(probability, model.version, model.alias, model.threshold)
+
+    def score_shadow(self, batch: Batch) -> ColumnScores | None:
+        """The shadow version's probabilities of a batch of columns (called in-process by
+        the shadow worker); None when no version is shadowed, or when the shadow is the
+        version now serving (a model never shadows itself)."""
+        shadow = self.shadow  # one model for the whole batch
+        if shadow is None:
+            return None
+        champion = self.models.current if self.models.loaded else None
+        if champion is not None and champion.version == shadow.version:
+            return None
+        probability = np.asarray(shadow.predict_columns(batch.columns), dtype=np.float64)
+        if len(probability) != batch.rows:
+            raise RuntimeError(
+                f"the shadow model returned {len(probability)} probabilities for {batch.rows} rows"
+            )
+        return ColumnScores(probability, shadow.version, shadow.alias, shadow.threshold)
 
     @bentoml.api(
         batchable=SETTINGS.batching,
@@ -283,7 +312,14 @@ class ModelExecutor:
     def reload(self) -> dict[str, Any]:
         """Switch to the registry's current champion; a model that fails to load is
         refused and the old one keeps serving (``error`` says why). Without a model (the
-        bento's was refused at start) a champion that passes its checks is loaded."""
+        bento's was refused at start) a champion that passes its checks is loaded.
+
+        With inline execution the ``shadow`` alias is followed too (``shadow``: the
+        version shadowed now, or None), whatever happens to the champion."""
+        shadow = self.reload_shadow() if SETTINGS.execution == "inline" else None
+        return {**self._reload_champion(), "shadow": shadow}
+
+    def _reload_champion(self) -> dict[str, Any]:
         old = self.models.current.version if self.models.loaded else None
         try:
             new = self._load_champion()
@@ -295,6 +331,45 @@ class ModelExecutor:
             self.models.last_error = None
         return {"previous_version": old, "version": new.version, "error": None}
 
+    def reload_shadow(self) -> str | None:
+        """Follow the registry's ``shadow`` alias: load the version it names when that
+        changed, drop the slot when it is gone. A version that fails to load (its checks,
+        the registry) is logged once and left out, and the next check tries again.
+        Never raises. Returns the version shadowed now, or None."""
+        with self._shadow_lock:
+            return self._reload_shadow()
+
+    def _reload_shadow(self) -> str | None:
+        from clinml.serving.runtime import load_from_registry
+        from clinml.training.tracking import SHADOW, Tracker
+
+        current = self.shadow
+        try:
+            tracker = Tracker.from_settings(SETTINGS)
+            wanted = _aliased_version(tracker, SPEC.name, SHADOW)
+            if wanted is None:
+                if current is not None:
+                    log.info("shadow version %s stopped", current.version)
+                self.shadow, self._shadow_problem = None, None
+                return None
+            if current is not None and current.version == wanted:
+                return wanted
+            loaded = load_from_registry(SPEC, tracker, alias=SHADOW, device=SETTINGS.device)
+        except Exception as exc:  # a tampered file, an unreachable registry: no shadow
+            problem = str(exc) if isinstance(exc, ClinmlError) else type(exc).__name__
+            if problem != self._shadow_problem:
+                log.warning("shadow version not loaded; the champion is unaffected: %s", problem)
+            self._shadow_problem = problem
+            self.shadow = None
+            return None
+        self.shadow, self._shadow_problem = loaded, None
+        log.info(
+            "shadow version %s scored beside the champion%s",
+            loaded.version,
+            f", replacing version {current.version}" if current is not None else "",
+        )
+        return loaded.version
+
     def _load_champion(self) -> ServedModel:
         from clinml.serving.runtime import load_from_registry
         from clinml.training.tracking import Tracker
@@ -302,6 +377,13 @@ class ModelExecutor:
         return load_from_registry(SPEC, Tracker.from_settings(SETTINGS), device=SETTINGS.device)
 
     def _follow_alias(self) -> None:
+        """Follow the aliases every ``reload_interval_s``; inline, first take up the shadow
+        version named at start (off the start-up path: the registry may be slow to answer,
+        and a bento serves without it)."""
+        if SETTINGS.execution == "inline":
+            self.reload_shadow()
+        if SETTINGS.reload_interval_s <= 0:
+            return
         while not self._stop.wait(SETTINGS.reload_interval_s):
             result = self.reload()
             if result["error"]:
@@ -315,3 +397,13 @@ class ModelExecutor:
                     result["previous_version"],
                     result["version"],
                 )
+
+
+def _aliased_version(tracker: Any, model: str, alias: str) -> str | None:
+    """The version an alias names in the registry, or None when it names none."""
+    from clinml.errors import NotReadyError
+
+    try:
+        return str(tracker.version_by_alias(model, alias).version)
+    except NotReadyError:
+        return None

@@ -29,7 +29,9 @@ docs/benchmarks.md has the measurements behind that split.
 Every call needs an API key with the endpoint's role (``clinml.serving.routes``, checked by
 ``clinml.serving.auth``); every answer carries a request id, and every request is written to the
 hash-chained request audit trail. Predictions go to the PHI-free prediction log that
-``clinml monitor`` reads.
+``clinml monitor`` reads. While the registry names a ``shadow`` version (inline execution),
+each answered prediction request is also scored by it off the response path
+(:mod:`clinml.serving.shadow`) and its rows logged beside the champion's, never answered.
 
 The model itself runs in :class:`clinml.serving.executor.ModelExecutor`: in this process
 (``CLINML_EXECUTION=inline``, the default) or as a separate GPU-capable service with
@@ -100,6 +102,7 @@ from clinml.serving.readiness import ReadinessLog
 from clinml.serving.requestlog import ACTIVITY
 from clinml.serving.runtime import CARD_CONTENT_SECURITY_POLICY, NoModelLoaded
 from clinml.serving.schemas import Answer
+from clinml.serving.shadow import ShadowRequest, ShadowScorer
 
 # A child of the "bentoml" logger, so `bentoml serve` prints it with its own lines.
 log = logging.getLogger("bentoml.clinml")
@@ -221,6 +224,20 @@ class Metrics:
             "clinml_predictions", "Predictions by endpoint and label.", ["endpoint", "label"]
         )
         self.errors = Counter("clinml_errors", "Errors by endpoint and kind.", ["endpoint", "kind"])
+        # The shadow version's requests (clinml.serving.shadow): scored and logged,
+        # dropped because its queue was full, failed. None of them touched an answer.
+        self.shadow_scored = Counter(
+            "clinml_shadow_scored", "Requests scored and logged by the shadow version."
+        )
+        self.shadow_dropped = Counter(
+            "clinml_shadow_dropped",
+            "Requests the shadow version did not score: its queue was full (the champion's "
+            "answers were sent as always).",
+        )
+        self.shadow_errors = Counter(
+            "clinml_shadow_errors",
+            "Requests whose shadow scoring failed (the champion's answers were not affected).",
+        )
         self.log_dropped = Counter(
             "clinml_prediction_log_dropped_rows",
             "Prediction-log rows dropped (storage full or unwritable, queue full); the "
@@ -414,6 +431,23 @@ class ClinicalService:
             checkpoint_interval_s=SETTINGS.audit_checkpoint_interval_s,
         )
         self.predictions = PredictionLog(paths.predictions, on_drop=self.metrics.log_dropped.inc)
+        self.shadow: ShadowScorer | None = None
+        if SETTINGS.execution == "inline":
+            executor = self.executor
+            self.shadow = ShadowScorer(
+                executor.score_shadow,
+                self.log_shadow,
+                max_queue=SETTINGS.shadow_queue,
+                active=lambda: executor.shadow is not None,
+                on_scored=self.metrics.shadow_scored.inc,
+                on_dropped=self.metrics.shadow_dropped.inc,
+                on_error=self.metrics.shadow_errors.inc,
+            )
+        else:
+            log.info(
+                "shadow deployment (clinml shadow) runs with CLINML_EXECUTION=inline only: "
+                "with split execution a shadow alias is not followed"
+            )
         self.pseudonymiser = SETTINGS.pseudonymiser()
         self._store_lock = threading.Lock()
         self._reader: Any = None
@@ -435,6 +469,8 @@ class ClinicalService:
         SIGKILL loses the records of the last few milliseconds (docs/security.md)."""
         refusals.RECORDER.flush()
         self.audit.close()
+        if self.shadow is not None:  # its rows go to the prediction log, closed next
+            self.shadow.close()
         self.predictions.close()
 
     def audit_refusals(self, endpoint: str, status: int, key_id: str | None, count: int) -> None:
@@ -636,21 +672,50 @@ class ClinicalService:
     # -- the work shared by the endpoints ----------------------------------------------
 
     def log_predictions(
-        self, request_id: str, batch: Batch, answer: Answer, patients: list[str] | None = None
-    ) -> None:
+        self,
+        request_id: str,
+        batch: Batch,
+        answer: Answer,
+        patients: list[str] | None = None,
+        *,
+        at: datetime | None = None,
+        shadow: bool = False,
+    ) -> datetime:
         """The request's rows in the prediction log, handed over as columns: each row
         is a record's features, the time, the request id, the model version, the
-        (pseudonymised) patient or None, the probability and the label."""
+        (pseudonymised) patient or None, the probability and the label; a shadow
+        version's rows also ``shadow`` True (served rows have no such column: readers
+        take its absence as False). Returns the rows' time (``at``, or now)."""
+        moment = at or datetime.now(UTC)
         logged: dict[str, Any] = {
             **batch.columns,  # a NaN in a float array is logged as a null, as None is
-            "time": datetime.now(UTC),
+            "time": moment,
             "request_id": request_id,
             "model_version": answer.model.version,
             "patient": patients if patients else None,
             "probability": answer.probability,
             "label": answer.labels(),
         }
+        if shadow:
+            logged["shadow"] = True
         self.predictions.record_columns(logged, batch.rows)
+        return moment
+
+    def log_shadow(self, request: ShadowRequest, scores: ColumnScores) -> None:
+        """A request's rows as the shadow version scored them, beside the champion's:
+        the same time, request id and patients; the shadow's version, probabilities and
+        labels at its own operating threshold (the shadow worker calls this)."""
+        answer = ANSWERING.answer(
+            scores.probability, scores.threshold, _model_ref(scores.version, scores.alias)
+        )
+        self.log_predictions(
+            request.request_id,
+            request.batch,
+            answer,
+            request.patients,
+            at=request.time,
+            shadow=True,
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -771,7 +836,9 @@ async def _predicted(
     Column by column throughout: no Python work per record."""
     answer = await call.score(batch)
     audited(call, answer.label_counts())
-    service.log_predictions(call.request_id, batch, answer, patients)
+    moment = service.log_predictions(call.request_id, batch, answer, patients)
+    if service.shadow is not None:  # never waits: the shadow runs after, on its own thread
+        service.shadow.offer(ShadowRequest(batch, call.request_id, patients, moment))
     return answer
 
 

@@ -37,6 +37,12 @@ to the hash-chained audit log (:mod:`clinml.audit`) *before* the registry change
 no alias ever moves unrecorded: if the log cannot be written, nothing moves.
 ``rollback`` points ``champion`` back at ``previous_champion`` and walks the audit trail
 to restore the one before it.
+
+``shadow_start`` points the alias ``shadow`` at a version (the challenger by default) that
+the service then scores beside the champion on live traffic, off the response path, and
+``shadow_stop`` removes it (docs/serving.md, "Shadow"); both are audited the same way. A
+version never shadows itself: promoting (or rolling back to) the shadowed version also
+removes ``shadow``, and records that.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from clinml.training import metrics as m
 from clinml.training.assignment import TAG as RECORD_TAG
 from clinml.training.assignment import TrainingRecord, utc_instant, utc_instants
 from clinml.training.evaluate import Evaluation, evaluate, rule_holds, rule_refuted
-from clinml.training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, Tracker
+from clinml.training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, SHADOW, Tracker
 from clinml.training.train import REFERENCE_RUN_TAG, REFERENCE_SHA_TAG, outcome
 
 if TYPE_CHECKING:
@@ -67,6 +73,8 @@ PROMOTE = "promote"
 FORCED_PROMOTE = "forced-promote"
 REFUSED = "promote-refused"
 ROLLBACK = "rollback"
+SHADOW_START = "shadow-start"
+SHADOW_STOP = "shadow-stop"
 LEVEL = 0.95
 
 # Verdicts of a non-inferiority comparison (see non_inferiority).
@@ -92,6 +100,25 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         return {"check": self.name, "passed": self.passed, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Evidence from outside today's retrospective rows that the gate adds to its checks,
+    e.g. the shadow report's paired comparison on live requests (``promote --evidence
+    shadow``, built in :mod:`clinml.pipelines.stages`).
+
+    Attributes:
+        kind: what it is (``shadow``), named in the audit record.
+        version: the model version it is about; it must be the challenger's.
+        checks: the checks it adds; each must pass, as the gate's own.
+        record: what the audit record keeps of it (counts, window, interval; no PHI).
+    """
+
+    kind: str
+    version: str
+    checks: list[Check]
+    record: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -825,12 +852,16 @@ def promote(
     actor: str,
     force: bool = False,
     reason: str | None = None,
+    evidence: Evidence | None = None,
 ) -> Decision:
     """Gate the challenger against the champion and move ``champion`` if it passes.
 
+    With ``evidence`` its checks join the gate's and the audit record names it.
+
     Raises:
         NotReadyError: there is no challenger.
-        ClinmlError: ``force`` without a reason, or the challenger already is champion.
+        ClinmlError: ``force`` without a reason, the challenger already is champion, or
+            the evidence is about another version.
         PromotionRefused: the gate failed and ``force`` was not given (recorded).
     """
     if force and not (reason and reason.strip()):
@@ -840,6 +871,11 @@ def promote(
     champion_version = _optional_alias(tracker, model, CHAMPION)
     if champion_version is not None and champion_version.version == challenger_version.version:
         raise ClinmlError(f"{model} version {challenger_version.version} already is the champion")
+    if evidence is not None and evidence.version != str(challenger_version.version):
+        raise ClinmlError(
+            f"the {evidence.kind} evidence is about version {evidence.version}, but the "
+            f"challenger is version {challenger_version.version}"
+        )
     challenger = contender(spec, tracker, challenger_version, CHALLENGER, data)
     why = ""
     if champion_version is not None:
@@ -847,35 +883,42 @@ def promote(
     else:
         incumbent, why = reference_contender(spec, tracker, challenger_version, data)
     assessment = assess(spec, data, challenger, incumbent, validation, why_no_incumbent=why)
-    checks = assessment.checks
+    checks = [*assessment.checks, *(evidence.checks if evidence is not None else [])]
     passed = all(c.passed for c in checks)
     action = PROMOTE if passed else FORCED_PROMOTE if force else REFUSED
     from_version = str(champion_version.version) if champion_version is not None else None
     to_version = str(challenger_version.version)
-    audit.append(
-        _entry(
-            action,
-            model,
-            actor,
-            from_version,
-            to_version,
-            reason,
-            checks,
-            assessment,
-            spec.primary_metric,
-        )
+    entry = _entry(
+        action,
+        model,
+        actor,
+        from_version,
+        to_version,
+        reason,
+        checks,
+        assessment,
+        spec.primary_metric,
     )
+    entry["evidence"] = (
+        [{"kind": "retrospective"}]
+        if evidence is None
+        else [{"kind": "retrospective"}, {"kind": evidence.kind, **evidence.record}]
+    )
+    audit.append(entry)
     decision = Decision(model, to_version, from_version, checks, action, reason, assessment)
     if action == REFUSED:
         reasons = "; ".join(f"{c.name}: {c.detail}" for c in decision.failures)
         raise PromotionRefused(
             f"{model} version {to_version} was not promoted: {reasons}", decision
         )
+    shadowed = _end_shadow_of(tracker, audit, model, to_version, actor, "promoted to champion")
     client = tracker.client
     if champion_version is not None:
         client.set_registered_model_alias(model, PREVIOUS_CHAMPION, str(champion_version.version))
     client.set_registered_model_alias(model, CHAMPION, to_version)
     client.delete_registered_model_alias(model, CHALLENGER)
+    if shadowed:
+        client.delete_registered_model_alias(model, SHADOW)
     client.set_model_version_tag(model, to_version, "clinml.promoted_by", actor)
     return decision
 
@@ -895,14 +938,97 @@ def rollback(
         raise NotReadyError(f"{model} has no previous champion to roll back to")
     from_version, to_version = str(current.version), str(previous.version)
     audit.append(_entry(ROLLBACK, model, actor, from_version, to_version, reason, [], None, ""))
+    shadowed = _end_shadow_of(tracker, audit, model, to_version, actor, "rolled back to champion")
     client = tracker.client
     client.set_registered_model_alias(model, CHAMPION, to_version)
+    if shadowed:
+        client.delete_registered_model_alias(model, SHADOW)
     before = champion_before(audit, model, to_version)
     if before is not None and before != to_version:
         client.set_registered_model_alias(model, PREVIOUS_CHAMPION, before)
     else:
         client.delete_registered_model_alias(model, PREVIOUS_CHAMPION)
     return from_version, to_version
+
+
+def _end_shadow_of(
+    tracker: Tracker, audit: AuditLog, model: str, version: str, actor: str, why: str
+) -> bool:
+    """Record the end of the shadow when ``version``, about to become the champion, is the
+    shadowed one (a model never shadows itself); the caller removes the alias after its
+    own moves. Returns whether it was."""
+    shadowed = _optional_alias(tracker, model, SHADOW)
+    if shadowed is None or str(shadowed.version) != version:
+        return False
+    audit.append(_entry(SHADOW_STOP, model, actor, version, None, why, [], None, ""))
+    return True
+
+
+def shadow_version(tracker: Tracker, model: str) -> str | None:
+    """The version behind the ``shadow`` alias, or None when nothing is shadowed."""
+    shadowed = _optional_alias(tracker, model, SHADOW)
+    return None if shadowed is None else str(shadowed.version)
+
+
+def shadow_start(
+    spec: UseCaseSpec,
+    tracker: Tracker,
+    audit: AuditLog,
+    actor: str,
+    version: str | None = None,
+    reason: str | None = None,
+) -> tuple[str | None, str]:
+    """Point ``shadow`` at ``version`` (a number or an alias; default: the challenger), so
+    that the service scores it beside the champion without answering with it. Recorded
+    before the alias moves. Returns (the version shadowed before or None, the new one).
+
+    Raises:
+        NotReadyError: no champion, no challenger (without ``version``), or no such version.
+        ClinmlError: the version is the champion, or is shadowed already.
+    """
+    model = spec.name
+    champion = _optional_alias(tracker, model, CHAMPION)
+    if champion is None:
+        raise NotReadyError(
+            f"{model} has no champion for a shadow to run beside: promote one first"
+        )
+    if version is None:
+        target = _optional_alias(tracker, model, CHALLENGER)
+        if target is None:
+            raise NotReadyError(
+                f"{model} has no challenger to shadow: train one (`clinml train {model}`) "
+                "or name a version with --version"
+            )
+    else:
+        target = resolve(tracker, model, version)
+    to_version = str(target.version)
+    if to_version == str(champion.version):
+        raise ClinmlError(
+            f"{model} version {to_version} is the champion: a shadow must be another version"
+        )
+    current = shadow_version(tracker, model)
+    if current == to_version:
+        raise ClinmlError(f"{model} version {to_version} is already the shadow")
+    audit.append(_entry(SHADOW_START, model, actor, current, to_version, reason, [], None, ""))
+    tracker.client.set_registered_model_alias(model, SHADOW, to_version)
+    return current, to_version
+
+
+def shadow_stop(
+    spec: UseCaseSpec, tracker: Tracker, audit: AuditLog, actor: str, reason: str | None = None
+) -> str:
+    """Remove the ``shadow`` alias, recorded before it goes; returns the version it named.
+
+    Raises:
+        NotReadyError: nothing is shadowed.
+    """
+    model = spec.name
+    current = shadow_version(tracker, model)
+    if current is None:
+        raise NotReadyError(f"{model} has no shadow version: there is nothing to stop")
+    audit.append(_entry(SHADOW_STOP, model, actor, current, None, reason, [], None, ""))
+    tracker.client.delete_registered_model_alias(model, SHADOW)
+    return current
 
 
 def champion_before(audit: AuditLog, model: str, version: str) -> str | None:

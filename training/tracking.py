@@ -26,6 +26,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 # The champion before the current one, kept reachable for rollback.
 PREVIOUS_CHAMPION = "previous_champion"
+# A version scored beside the champion on live traffic, never answered with (clinml shadow).
+SHADOW = "shadow"
 
 
 class RegistryUnavailable(NotReadyError):

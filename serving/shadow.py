@@ -1,0 +1,200 @@
+"""Shadow scoring: a second model version scored on live traffic, off the response path.
+
+While the registry's ``shadow`` alias names a version (``clinml shadow start``), the
+executor holds it beside the champion (``ModelExecutor.score_shadow``). After a
+prediction endpoint has answered a request from the champion and logged it, the service
+offers the request to a :class:`ShadowScorer`: a bounded queue and one daemon thread at a
+lower scheduling priority, which scores the request with the shadow version and logs its
+rows beside the champion's (``shadow`` True, its own ``model_version``). Nothing of it
+reaches an answer:
+
+- ``offer`` never waits and never raises; a full queue drops the request and counts it;
+- the worker catches everything a shadow model raises, counts it, and logs each kind of
+  failure once (its type only: a library's message may quote an input value);
+- the worker waits, briefly, for a moment when no request is being answered
+  (``requestlog.ACTIVITY``) before it scores, as the prediction log's writer does.
+
+Usage::
+
+    scorer = ShadowScorer(executor.score_shadow, service.log_shadow, max_queue=1_000,
+                          active=lambda: executor.shadow is not None)
+    scorer.offer(ShadowRequest(batch, request_id, patients, time))  # after the answer
+    scorer.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from clinml.serving.columns import Batch
+from clinml.serving.requestlog import ACTIVITY, _lower_priority
+
+logger = logging.getLogger("bentoml.clinml")
+
+# How long the worker waits for a pause between requests before it scores anyway.
+_DEFER_S = 0.002
+
+
+@dataclass(frozen=True)
+class ShadowRequest:
+    """One answered request, as the shadow version sees it: the checked batch the
+    champion scored, and what its log rows share with the champion's."""
+
+    batch: Batch = field(repr=False)
+    request_id: str
+    patients: list[str] | None = field(repr=False)
+    time: datetime
+
+
+class ShadowScorer:
+    """Scores answered requests with the shadow version, one at a time, off the request
+    path (see the module docstring).
+
+    Args:
+        score: the shadow version's scores of a batch (``ModelExecutor.score_shadow``), or
+            None when no version is shadowed (the request is then let go).
+        log: writes a request's shadow rows, given the request and those scores.
+        max_queue: requests that may wait; more are dropped and counted.
+        active: whether a version is shadowed now; ``offer`` queues nothing while it is
+            not. It must be quick (it runs on the request path).
+        on_scored, on_dropped, on_error: called once per request scored, dropped or
+            failed (the service counts them on ``/metrics``); they must be quick.
+    """
+
+    def __init__(
+        self,
+        score: Callable[[Batch], Any],
+        log: Callable[[ShadowRequest, Any], None],
+        *,
+        max_queue: int = 1_000,
+        active: Callable[[], bool] = lambda: True,
+        on_scored: Callable[[], None] | None = None,
+        on_dropped: Callable[[], None] | None = None,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        self._score, self._log, self._active = score, log, active
+        self._on_scored, self._on_dropped, self._on_error = on_scored, on_dropped, on_error
+        self._queue: queue.Queue[ShadowRequest | None] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()
+        self.scored = 0
+        self.dropped = 0
+        self.errors = 0
+        self._reported: set[str] = set()  # the kinds of failure logged so far
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="clinml-shadow", daemon=True)
+        self._thread.start()
+
+    def offer(self, request: ShadowRequest) -> bool:
+        """Queue an answered request for the shadow version; never waits, never raises.
+
+        Returns:
+            Whether it was queued: False with no shadow version, or when it was dropped
+            (the queue full, the scorer closed; counted in ``dropped``).
+        """
+        try:
+            if not self._active():
+                return False
+            if self._closed.is_set():
+                self._count_drop()
+                return False
+            self._queue.put_nowait(request)
+            return True
+        except queue.Full:
+            self._count_drop()
+            return False
+        except Exception as exc:  # the champion's answer goes out whatever happens here
+            self._failed(exc)
+            return False
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every request queued so far is scored (or failed); False when
+        ``timeout`` (seconds) passed first."""
+        done = threading.Event()
+        finished = threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True)
+        finished.start()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop taking requests; score what is queued for up to ``timeout`` seconds."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with contextlib.suppress(queue.Full):  # the worker stops when it reaches it
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+
+    # -- the worker --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        _lower_priority()
+        while True:
+            request = self._queue.get()
+            try:
+                if request is None:
+                    return
+                ACTIVITY.idle.wait(_DEFER_S)
+                self._score_one(request)
+            finally:
+                self._queue.task_done()
+
+    def _score_one(self, request: ShadowRequest) -> None:
+        try:
+            scores = self._score(request.batch)
+            if scores is None:  # the shadow was stopped since the request was queued
+                return
+            self._log(request, scores)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        with self._lock:
+            self.scored += 1
+        self._call(self._on_scored)
+
+    def _count_drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
+            first = self.dropped == 1
+        if first:
+            logger.warning(
+                "shadow scoring: dropping requests (its queue is full); the champion's "
+                "answers are not affected (clinml_shadow_dropped_total counts them)"
+            )
+        self._call(self._on_dropped)
+
+    def _failed(self, exc: Exception) -> None:
+        kind = type(exc).__name__
+        with self._lock:
+            self.errors += 1
+            new = kind not in self._reported
+            self._reported.add(kind)
+        if new:  # the type only: a library's message may quote an input value
+            logger.error(
+                "shadow scoring failed (%s); the champion's answers are not affected "
+                "(clinml_shadow_errors_total counts every failure, this is logged once)",
+                kind,
+            )
+        self._call(self._on_error)
+
+    @staticmethod
+    def _call(callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            return
+        try:
+            callback()
+        except Exception:  # counting must never stop the worker
+            logger.exception("shadow scoring: a counter failed")
