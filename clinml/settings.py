@@ -501,6 +501,11 @@ class UseCasePaths:
         return self.monitor_runs / run_id
 
     @property
+    def shadow_reports(self) -> Path:
+        """One directory per shadow report: shadow.json and shadow.html."""
+        return self.monitoring / "shadow"
+
+    @property
     def evidently_workspace(self) -> Path:
         """The Evidently local workspace that ``evidently ui`` shows the history of."""
         return self.root / "evidently"

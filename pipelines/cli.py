@@ -178,17 +178,35 @@ def promote(
         bool, typer.Option("--force", help="Override a failed gate (needs --reason).")
     ] = False,
     reason: Reason = None,
+    evidence: Annotated[
+        str | None,
+        typer.Option(
+            help="Also gate on live evidence: 'shadow' adds the shadow report's paired "
+            "comparison of the challenger with the champion on labelled live requests.",
+        ),
+    ] = None,
+    evidence_window: Annotated[
+        str, typer.Option(help="The window of live requests the evidence covers, up to now.")
+    ] = "30d",
 ) -> None:
     """Make the challenger the champion if it passes the gate. Exit 1 when refused."""
+    from clinml.monitoring.job import parse_duration
     from clinml.pipelines import stages
     from clinml.pipelines.progress import Progress
     from clinml.training.governance import PromotionRefused
 
     if force and not (reason and reason.strip()):  # before the gate's work, not after it
         raise ClinmlError("--force needs --reason: say why the gate is being overridden")
+    if evidence not in (None, "shadow"):
+        raise ClinmlError(f"--evidence takes 'shadow'; got {evidence!r}")
+    span = parse_duration(evidence_window)
     settings, spec = _setup(usecase)
+    live = None
+    if evidence == "shadow":
+        now = datetime.now(UTC)
+        live = stages.shadow_evidence(spec, settings, now - span, now)
     try:
-        stages.promote(spec, settings, Progress(total=1), force=force, reason=reason)
+        stages.promote(spec, settings, Progress(total=1), force=force, reason=reason, evidence=live)
     except PromotionRefused as refused:
         typer.echo(f"refused: {refused}", err=True)
         typer.echo("override with --force --reason TEXT (recorded)", err=True)

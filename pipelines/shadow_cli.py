@@ -13,6 +13,8 @@ answering with them (docs/serving.md, "Shadow").
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -87,3 +89,45 @@ def status(usecase: UseCase) -> None:
         typer.echo(f"{spec.name}: no shadow version")
     else:
         typer.echo(f"{spec.name}: shadow version {shadowed}")
+
+
+@shadow_app.command("report")
+def report(
+    usecase: UseCase,
+    window: Annotated[
+        str, typer.Option(help="The prediction log's last WINDOW (e.g. 7d, 24h) up to --until.")
+    ] = "7d",
+    until: Annotated[
+        datetime | None, typer.Option(help="Window end (ISO time, UTC when no zone; default: now).")
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version",
+            help="Shadow version to report on (default: the one shadowed now, else the newest "
+            "in the window).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report directory (default: CLINML_HOME/<usecase>/monitoring/shadow/)."),
+    ] = None,
+) -> None:
+    """The shadow version against the champion on the window's requests: agreement, alert
+    rates, score distributions and, where outcomes have arrived, the gate's paired
+    comparison. Writes shadow.json and shadow.html."""
+    from clinml.monitoring.job import parse_duration
+    from clinml.pipelines import stages
+
+    settings, spec = _setup(usecase)
+    end = datetime.now(UTC) if until is None else _utc(until)
+    result, data, page = stages.shadow_report(
+        spec, settings, end - parse_duration(window), end, version=version, out_dir=out
+    )
+    for line in result.lines():
+        typer.echo(line)
+    typer.echo(f"report: {page}\ndata: {data}")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

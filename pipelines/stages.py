@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -286,9 +286,11 @@ def promote(
     progress: Progress,
     force: bool = False,
     reason: str | None = None,
+    evidence: Any = None,
 ) -> Decision:
     """Gate the challenger against the champion (or the reference) on rows neither was trained
-    on; move the alias on a pass."""
+    on; move the alias on a pass. ``evidence`` (``governance.Evidence``, e.g.
+    :func:`shadow_evidence`) adds its checks to the gate's."""
     from clinml.audit import AuditLog, Checkpoints
     from clinml.features import store as feature_store
     from clinml.features.ingest import read_labels
@@ -318,6 +320,7 @@ def promote(
                 settings.actor_name,
                 force=force,
                 reason=reason,
+                evidence=evidence,
             )
         except governance.PromotionRefused as refused:
             _report_checks(refused.decision, progress)
@@ -407,6 +410,115 @@ def shadow_stop(
         )
         progress.detail(f"shadow: version {stopped} stopped; recorded in {settings.audit_log_path}")
     return stopped
+
+
+def shadow_report(
+    spec: UseCaseSpec,
+    settings: Settings,
+    since: datetime,
+    until: datetime,
+    *,
+    version: str | None = None,
+    out_dir: Path | None = None,
+) -> tuple[Any, Path, Path]:
+    """The shadow version against the champion on the window's logged requests
+    (:mod:`clinml.monitoring.shadow_report`), written as ``shadow.json`` and ``shadow.html``.
+
+    ``version``: the shadow version to report on; default: the one shadowed now, else the
+    newest version with shadow rows in the window.
+
+    Returns:
+        The report, and the JSON and HTML paths.
+
+    Raises:
+        ClinmlError: no champion, no shadow rows in the window, or no pairs.
+    """
+    from clinml.monitoring.performance import read_labels as read_outcomes
+    from clinml.monitoring.shadow_report import shadow_report as compare
+    from clinml.predictionlog import read_predictions
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
+
+    paths = settings.paths.usecase(spec.name)
+    tracker = Tracker.from_settings(settings)
+    champion = str(tracker.version_by_alias(spec.name, governance.CHAMPION).version)
+    log = read_predictions(paths.predictions, since, until, shadow=True)
+    shadowed = log[log["shadow"]] if "shadow" in log.columns else log.iloc[:0]
+    if version is None:
+        version = governance.shadow_version(tracker, spec.name)
+        if version is None and len(shadowed):
+            version = str(max(shadowed["model_version"].astype(str), key=int))
+    if version is None or shadowed.empty:
+        raise ClinmlError(
+            f"no shadow answers logged for {spec.name} between {since:%Y-%m-%d %H:%M} and "
+            f"{until:%Y-%m-%d %H:%M} UTC: start one with `clinml shadow start {spec.name}` "
+            "and let the service answer requests"
+        )
+    version = str(governance.resolve(tracker, spec.name, version).version)
+    thresholds = {
+        number: governance.threshold_of(governance.resolve(tracker, spec.name, number))
+        for number in {champion, version}
+    }
+    labels = read_outcomes(paths.labels) if paths.labels.is_dir() else None
+    report = compare(
+        spec,
+        log,
+        labels,
+        since,
+        until,
+        champion=champion,
+        shadow=version,
+        thresholds=thresholds,
+        n_boot=spec.evaluation.bootstrap,
+        seed=spec.training.seed,
+    )
+    target = out_dir or paths.shadow_reports / f"{until:%Y%m%dT%H%M%SZ}-v{version}"
+    data, page = report.write(target)
+    return report, data, page
+
+
+def shadow_evidence(spec: UseCaseSpec, settings: Settings, since: datetime, until: datetime) -> Any:
+    """The shadow report of the window as evidence for the promotion gate: one check,
+    ``live_shadow``, that passes when the shadow version's paired comparison on the
+    labelled live requests is non-inferior at ``promotion.max_metric_drop`` (with at least
+    ``promotion.min_comparison_events`` positives and negatives)."""
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
+
+    challenger = Tracker.from_settings(settings).version_by_alias(spec.name, governance.CHALLENGER)
+    report, data, _ = shadow_report(spec, settings, since, until, version=str(challenger.version))
+    comparison = report.comparison
+    if comparison is None:
+        check = governance.Check(
+            "live_shadow",
+            False,
+            f"no paired comparison on live requests {since:%Y-%m-%d}..{until:%Y-%m-%d}: "
+            f"{report.why_no_comparison}; wait for more outcomes or a longer shadow",
+        )
+    else:
+        check = governance.Check(
+            "live_shadow",
+            comparison.verdict == governance.NON_INFERIOR,
+            report.lines()[-1].removeprefix("labelled comparison ")
+            + f"; window {since:%Y-%m-%d %H:%M}..{until:%Y-%m-%d %H:%M} UTC, "
+            f"{report.paired:,} paired answers",
+        )
+    record: dict[str, Any] = {
+        "window": [since.isoformat(), until.isoformat()],
+        "paired": report.paired,
+        "labelled": report.labelled,
+        "report": str(data),
+    }
+    if comparison is not None:
+        record |= {
+            "metric": comparison.metric,
+            "positives": comparison.positives,
+            "patients": comparison.patients,
+            "difference": comparison.difference,
+            "ci": list(comparison.difference_ci),
+            "verdict": comparison.verdict,
+        }
+    return governance.Evidence("shadow", report.shadow_version, [check], record)
 
 
 def package(spec: UseCaseSpec, settings: Settings, progress: Progress, build: bool = False) -> None:

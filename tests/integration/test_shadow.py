@@ -437,3 +437,79 @@ def test_the_serving_version_is_never_scored_as_its_own_shadow(
     assert executor.score_shadow(batch) is None
     monkeypatch.setattr(executor, "shadow", None)
     assert executor.score_shadow(batch) is None
+
+
+def test_the_shadow_report_and_a_promotion_on_live_evidence(
+    client, pipeline, home: Path, registry, pathology_spec: UseCaseSpec
+) -> None:
+    """Shadow the challenger, answer every stored record once, ingest their outcomes by
+    request id; `clinml shadow report` pairs the two versions' answers and compares them
+    on the labelled requests, and `clinml promote --evidence shadow` adds that comparison
+    to the gate and names it in the audit record."""
+    from clinml.audit import AuditLog
+
+    settings, _, _ = pipeline
+    tracker, champion, candidate = registry
+    found = _aliases(tracker)
+    paths = settings.paths.usecase(MODEL)
+    stored = pd.read_parquet(paths.features_file).merge(
+        pd.read_parquet(paths.labels_file), on=["patient_id", "event_timestamp"]
+    )
+    try:
+        _shadow_on(client, pipeline, registry, pathology_spec)
+        request_ids = []
+        for record in stored[pathology_spec.feature_names].to_dict("records"):
+            answer = client.post("/predict", json={"records": [record]})
+            assert answer.status_code == 200, answer.text
+            request_ids.append(answer.json()["request_id"])
+        logged = _logged(pipeline, set(request_ids))
+        assert int(logged["shadow"].sum()) == len(stored)  # none dropped at this pace
+        outcomes = pd.DataFrame(
+            {
+                "request_id": request_ids,
+                "outcome": stored[pathology_spec.label.column].to_numpy(),
+                "time": datetime.now(UTC).isoformat(),
+            }
+        )
+        outcomes.to_csv(home / "shadow-outcomes.csv", index=False)
+        ingested = clinml(home, "labels", "ingest", MODEL, str(home / "shadow-outcomes.csv"))
+        assert ingested.returncode == 0, ingested.stderr
+
+        reported = clinml(home, "shadow", "report", MODEL, "--window", "1h")
+        assert reported.returncode == 0, reported.stdout + reported.stderr
+        out = reported.stdout
+        assert f"shadow version {candidate} vs champion version {champion}" in out
+        assert "answers paired" in out and "agreement at each model's threshold" in out
+        assert f"labelled comparison on {len(stored):,} requests" in out
+        data = Path(out.strip().splitlines()[-1].removeprefix("data: "))
+        document = json.loads(data.read_text())
+        # The hour holds the module's earlier shadow traffic too; only these have outcomes.
+        assert document["paired"] >= len(stored) and document["labelled"] == len(stored)
+        assert document["comparison"]["verdict"] in {
+            "non-inferior",
+            "underpowered",
+            "inferior",
+            "not shown non-inferior",
+        }
+        assert (data.parent / "shadow.html").is_file()
+
+        promoted = clinml(home, "promote", MODEL, "--evidence", "shadow", "--evidence-window", "1h")
+        assert promoted.returncode in (0, 1), promoted.stdout + promoted.stderr
+        assert "live_shadow: " in promoted.stdout + promoted.stderr
+        record = AuditLog(settings.audit_log_path).records()[-1 if promoted.returncode else -2]
+        assert record["to_version"] == candidate
+        assert "live_shadow" in {check["check"] for check in record["gate"]}
+        [retrospective, live] = record["evidence"]
+        assert retrospective == {"kind": "retrospective"}
+        assert live["kind"] == "shadow" and live["labelled"] == len(stored)
+        assert live["verdict"] == document["comparison"]["verdict"]
+    finally:
+        _restore(tracker, found)
+        assert client.post("/admin/reload").status_code == 200
+
+
+def test_live_evidence_is_refused_without_shadow_answers(home: Path, registry) -> None:
+    refused = clinml(home, "shadow", "report", MODEL, "--window", "1h", "--until", "2001-01-01")
+    assert refused.returncode == 2 and "no shadow answers logged" in refused.stderr
+    wrong = clinml(home, "promote", MODEL, "--evidence", "canary")
+    assert wrong.returncode == 2 and "--evidence takes 'shadow'" in wrong.stderr
