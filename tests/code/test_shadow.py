@@ -112,6 +112,33 @@ def test_a_slow_shadow_under_a_flood_drops_and_counts_and_never_blocks_the_calle
     assert scorer.scored == counts.scored == sum(accepted) and scorer.errors == 0
 
 
+def test_requests_waiting_together_are_scored_in_one_call_and_logged_each_its_own() -> None:
+    """Under load the queue holds several requests: one model call scores them all, and
+    each request's rows are logged with its own slice of the scores."""
+    release = threading.Event()
+    calls: list[int] = []
+    logged: dict[str, Any] = {}
+
+    def score(batch: Batch) -> np.ndarray:
+        release.wait(600)  # hold the first call while the rest queue up behind it
+        calls.append(batch.rows)
+        return batch.columns["radius"] * 0.1
+
+    scorer = ShadowScorer(score, lambda r, s: logged.__setitem__(r.request_id, s))
+    try:
+        assert all(scorer.offer(_request(i)) for i in range(8))
+        release.set()
+        assert scorer.flush(120)
+    finally:
+        release.set()
+        scorer.close()
+    assert sum(calls) == 16 and len(calls) < 8  # 8 requests of 2 rows, fewer calls
+    assert set(logged) == {f"req-{i}" for i in range(8)}
+    for i in range(8):
+        assert np.allclose(logged[f"req-{i}"], [0.1 * (1.0 + i), 0.1 * (2.0 + i)])
+    assert scorer.scored == 8
+
+
 class Leaky(Exception):
     pass
 
@@ -132,8 +159,9 @@ def test_failures_are_counted_logged_once_per_kind_without_their_message(
     scorer = ShadowScorer(failing, lambda r, s: None, **counts.callbacks())
     with caplog.at_level(logging.WARNING, logger="bentoml.clinml"):
         try:
-            assert all(scorer.offer(_request(i)) for i in range(6))
-            assert scorer.flush(120)
+            for i in range(6):  # one at a time: each its own model call
+                assert scorer.offer(_request(i))
+                assert scorer.flush(120)
             assert scorer.worker_alive  # the worker survived every failure
         finally:
             scorer.close()
