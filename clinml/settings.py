@@ -251,6 +251,31 @@ class Settings(BaseSettings):
         description="Requests that may wait to be scored by the shadow version (clinml "
         "shadow); beyond it they are dropped and counted, never delaying an answer.",
     )
+    canary_window: int = Field(
+        default=200,
+        ge=1,
+        description="The canary guard judges the canary version's most recent answered "
+        "requests, this many (and the champion's, for its alert rate) (clinml canary).",
+    )
+    canary_min_requests: int = Field(
+        default=50,
+        ge=1,
+        description="Canary requests seen before the guard judges the canary at all.",
+    )
+    canary_max_error_rate: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="The canary is rolled back when more than this share of its requests "
+        "over the window failed (each was answered by the champion instead).",
+    )
+    canary_alert_rate_band: float = Field(
+        default=0.10,
+        ge=0.0,
+        le=1.0,
+        description="The canary is rolled back when its alert rate (share of rows labelled "
+        "positive) over the window differs from the champion's by more than this.",
+    )
     require_online_store: bool = Field(
         default=True,
         description="/readyz reports not ready while the online feature store is unreachable.",

@@ -591,6 +591,10 @@ from clinml.pipelines.shadow_cli import shadow_app  # noqa: E402
 
 app.add_typer(shadow_app, name="shadow")
 
+from clinml.pipelines.canary_cli import canary_app  # noqa: E402
+
+app.add_typer(canary_app, name="canary")
+
 
 @labels_app.command("ingest")
 def labels_ingest(

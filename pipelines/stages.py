@@ -412,6 +412,59 @@ def shadow_stop(
     return stopped
 
 
+def canary_start(
+    spec: UseCaseSpec,
+    settings: Settings,
+    progress: Progress,
+    percent: float,
+    version: str | None = None,
+    reason: str | None = None,
+) -> str:
+    """Point ``canary`` at ``version`` (default: the challenger) with ``percent`` of the
+    requests; returns the version."""
+    from clinml.audit import AuditLog, Checkpoints
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
+
+    with progress.step(f"route {percent:g}% of {spec.name} requests to a canary version"):
+        before, canary = governance.canary_start(
+            spec,
+            Tracker.from_settings(settings),
+            AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings)),
+            settings.actor_name,
+            percent,
+            version,
+            reason,
+        )
+        replacing = f", replacing version {before}" if before and before != canary else ""
+        progress.detail(
+            f"canary: version {canary} answers {percent:g}% of requests{replacing}; recorded "
+            f"in {settings.audit_log_path}. A service with inline execution routes to it from "
+            "its next alias check (CLINML_RELOAD_INTERVAL_S) or POST /admin/reload"
+        )
+    return canary
+
+
+def canary_stop(
+    spec: UseCaseSpec, settings: Settings, progress: Progress, reason: str | None = None
+) -> str:
+    """Remove the ``canary`` alias; returns the version it named."""
+    from clinml.audit import AuditLog, Checkpoints
+    from clinml.training import governance
+    from clinml.training.tracking import Tracker
+
+    with progress.step(f"stop the {spec.name} canary"):
+        stopped = governance.canary_stop(
+            spec,
+            Tracker.from_settings(settings),
+            AuditLog(settings.audit_log_path, checkpoints=Checkpoints.from_settings(settings)),
+            settings.actor_name,
+            reason,
+        )
+        progress.detail(f"canary: version {stopped} stopped; recorded in {settings.audit_log_path}")
+    return stopped
+
+
 def shadow_report(
     spec: UseCaseSpec,
     settings: Settings,

@@ -30,6 +30,12 @@ slot of its own (``shadow``; None when nothing is shadowed) and scores it for th
 shadow worker (``score_shadow``, :mod:`clinml.serving.shadow`). A shadow version that
 fails its checks or its load is logged and left out; it never touches the champion. With
 split execution the shadow alias is not followed (the service logs that it is ignored).
+
+The ``canary`` alias (``clinml canary start``) is followed the same way, inline only, into
+a slot of its own: ``canary``, a (model, percent) pair replaced in one step (None when
+there is no canary), the percent read from the version's ``clinml.canary_percent`` tag.
+The service routes a share of requests to it (:mod:`clinml.serving.canary`) and scores
+them with ``score_canary``, never through the champion's batches.
 """
 
 from __future__ import annotations
@@ -212,6 +218,10 @@ class ModelExecutor:
         self.shadow: ServedModel | None = None
         self._shadow_problem: str | None = None  # the last failure logged, once
         self._shadow_lock = threading.Lock()  # one check at a time (polling, admin reload)
+        # The canary version and its share (clinml.serving.canary); None when none.
+        self.canary: tuple[ServedModel, float] | None = None
+        self._canary_problem: str | None = None
+        self._canary_lock = threading.Lock()
         self._stop = threading.Event()
         if SETTINGS.reload_interval_s > 0 or SETTINGS.execution == "inline":
             threading.Thread(target=self._follow_alias, daemon=True).start()
@@ -259,6 +269,16 @@ class ModelExecutor:
                 f"the shadow model returned {len(probability)} probabilities for {batch.rows} rows"
             )
         return ColumnScores(probability, shadow.version, shadow.alias, shadow.threshold)
+
+    def score_canary(self, model: ServedModel, batch: Batch) -> ColumnScores:
+        """The probabilities of a batch of columns from the canary version ``model`` (the
+        service took it, with its share, from ``canary`` when it routed the request)."""
+        probability = np.asarray(model.predict_columns(batch.columns), dtype=np.float64)
+        if len(probability) != batch.rows:
+            raise RuntimeError(
+                f"the canary model returned {len(probability)} probabilities for {batch.rows} rows"
+            )
+        return ColumnScores(probability, model.version, model.alias, model.threshold)
 
     @bentoml.api(
         batchable=SETTINGS.batching,
@@ -314,10 +334,13 @@ class ModelExecutor:
         refused and the old one keeps serving (``error`` says why). Without a model (the
         bento's was refused at start) a champion that passes its checks is loaded.
 
-        With inline execution the ``shadow`` alias is followed too (``shadow``: the
-        version shadowed now, or None), whatever happens to the champion."""
-        shadow = self.reload_shadow() if SETTINGS.execution == "inline" else None
-        return {**self._reload_champion(), "shadow": shadow}
+        With inline execution the ``shadow`` and ``canary`` aliases are followed too
+        (``shadow``, ``canary``: the version named now, or None), whatever happens to the
+        champion."""
+        inline = SETTINGS.execution == "inline"
+        shadow = self.reload_shadow() if inline else None
+        canary = self.reload_canary() if inline else None
+        return {**self._reload_champion(), "shadow": shadow, "canary": canary}
 
     def _reload_champion(self) -> dict[str, Any]:
         old = self.models.current.version if self.models.loaded else None
@@ -370,6 +393,52 @@ class ModelExecutor:
         )
         return loaded.version
 
+    def reload_canary(self) -> str | None:
+        """Follow the registry's ``canary`` alias and its share: load the version it names
+        when that changed, drop the slot when it is gone. A version that fails to load is
+        logged once and left out (the champion answers everyone); the next check tries
+        again. Never raises. Returns the canary version now, or None."""
+        with self._canary_lock:
+            return self._reload_canary()
+
+    def _reload_canary(self) -> str | None:
+        from clinml.errors import NotReadyError
+        from clinml.serving.runtime import load_from_registry
+        from clinml.training.tracking import CANARY, Tracker, canary_percent
+
+        current = self.canary
+        try:
+            tracker = Tracker.from_settings(SETTINGS)
+            try:
+                named = tracker.version_by_alias(SPEC.name, CANARY)
+                wanted = (str(named.version), canary_percent(named.tags or {}))
+            except NotReadyError:
+                wanted = None
+            if wanted is None:
+                if current is not None:
+                    log.info("canary version %s stopped", current[0].version)
+                self.canary, self._canary_problem = None, None
+                return None
+            version, percent = wanted
+            if current is not None and current[0].version == version:
+                if current[1] != percent:
+                    log.info("canary version %s now answers %g%% of requests", version, percent)
+                self.canary = (current[0], percent)
+                return version
+            loaded = load_from_registry(SPEC, tracker, alias=CANARY, device=SETTINGS.device)
+        except Exception as exc:  # a tampered file, an unreachable registry: no canary
+            problem = str(exc) if isinstance(exc, ClinmlError) else type(exc).__name__
+            if problem != self._canary_problem:
+                log.warning(
+                    "canary version not loaded; the champion answers every request: %s", problem
+                )
+            self._canary_problem = problem
+            self.canary = None
+            return None
+        self.canary, self._canary_problem = (loaded, percent), None
+        log.info("canary version %s answers %g%% of requests", loaded.version, percent)
+        return loaded.version
+
     def _load_champion(self) -> ServedModel:
         from clinml.serving.runtime import load_from_registry
         from clinml.training.tracking import Tracker
@@ -382,6 +451,7 @@ class ModelExecutor:
         and a bento serves without it)."""
         if SETTINGS.execution == "inline":
             self.reload_shadow()
+            self.reload_canary()
         if SETTINGS.reload_interval_s <= 0:
             return
         while not self._stop.wait(SETTINGS.reload_interval_s):

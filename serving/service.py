@@ -32,6 +32,10 @@ hash-chained request audit trail. Predictions go to the PHI-free prediction log 
 ``clinml monitor`` reads. While the registry names a ``shadow`` version (inline execution),
 each answered prediction request is also scored by it off the response path
 (:mod:`clinml.serving.shadow`) and its rows logged beside the champion's, never answered.
+While it names a ``canary`` version (inline execution), a stable share of patients (or of
+requests, by their records) is answered by that version instead, each answer naming it,
+and the canary is rolled back on its own when it leaves its band
+(:mod:`clinml.serving.canary`).
 
 The model itself runs in :class:`clinml.serving.executor.ModelExecutor`: in this process
 (``CLINML_EXECUTION=inline``, the default) or as a separate GPU-capable service with
@@ -76,6 +80,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import bentoml
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -87,6 +92,7 @@ from starlette.types import Receive, Scope, Send
 from clinml.errors import ClinmlError
 from clinml.serving import columns, framework, openapi, protocol, refusals, routes, schemas
 from clinml.serving.asgi import send_json
+from clinml.serving.canary import Band, CanaryGuard, CanaryRouter, Verdict
 from clinml.serving.coalesce import Coalescer
 from clinml.serving.columns import Batch
 from clinml.serving.executor import (
@@ -237,6 +243,18 @@ class Metrics:
         self.shadow_errors = Counter(
             "clinml_shadow_errors",
             "Requests whose shadow scoring failed (the champion's answers were not affected).",
+        )
+        # The canary version's requests (clinml.serving.canary).
+        self.canary_routed = Counter(
+            "clinml_canary_routed", "Requests routed to the canary version (clinml canary)."
+        )
+        self.canary_errors = Counter(
+            "clinml_canary_errors",
+            "Canary requests whose scoring failed; the champion answered them instead.",
+        )
+        self.canary_rollbacks = Counter(
+            "clinml_canary_rollbacks",
+            "Canary versions rolled back by this worker's guard (left their band).",
         )
         self.log_dropped = Counter(
             "clinml_prediction_log_dropped_rows",
@@ -448,6 +466,16 @@ class ClinicalService:
                 "shadow deployment (clinml shadow) runs with CLINML_EXECUTION=inline only: "
                 "with split execution a shadow alias is not followed"
             )
+        self.canary_router: CanaryRouter | None = None
+        self.canary_guard: CanaryGuard | None = None
+        if SETTINGS.execution == "inline":
+            self.canary_router = CanaryRouter(SETTINGS.pseudonym_key.get_secret_value())
+            self.canary_guard = CanaryGuard(Band.from_settings(SETTINGS))
+        else:
+            log.info(
+                "canary release (clinml canary) runs with CLINML_EXECUTION=inline only: "
+                "with split execution a canary alias is not followed"
+            )
         self.pseudonymiser = SETTINGS.pseudonymiser()
         self._store_lock = threading.Lock()
         self._reader: Any = None
@@ -592,10 +620,16 @@ class ClinicalService:
         with _reaching_the_executor():
             return await getattr(self.executor.to_async, method)(*args)
 
-    async def score(self, batch: Batch) -> Answer:
-        """The batch's predictions, from one model version: inline, through the
-        coalescer (or straight from the executor without batching); split, from the
-        executor's ``predict_columns``, which batches concurrent requests."""
+    async def score(self, batch: Batch, patients: list[str] | None = None) -> Answer:
+        """The batch's predictions, from one model version: the canary's when the
+        request is routed to it (``canary_answer``); otherwise the champion's, inline
+        through the coalescer (or straight from the executor without batching), split from
+        the executor's ``predict_columns``, which batches concurrent requests.
+        ``patients``: the request's pseudonymised patients, its routing key."""
+        if self.canary_guard is not None:
+            answer = self.canary_answer(batch, patients)
+            if answer is not None:
+                return answer
         if SETTINGS.execution == "inline":
             with _model_loaded():
                 if self.coalescer is not None:
@@ -610,7 +644,108 @@ class ClinicalService:
             scores.probability, scores.threshold, _model_ref(scores.version, scores.alias)
         )
         self.seen(answer.model)
+        if self.canary_guard is not None and self.executor.canary is not None:
+            # the champion's alert rate, the canary's yardstick (only while there is one)
+            self.canary_guard.champion_answered(_positives(scores), batch.rows)
         return answer
+
+    def canary_route(self, batch: Batch, patients: list[str] | None) -> Any:
+        """The canary model when this request is routed to it, else None: a canary is
+        loaded beside a loaded champion, not rolled back here, not the champion itself,
+        and the request's key falls in its share (the first patient's pseudonym, or the
+        records)."""
+        canary = self.executor.canary  # (model, percent), taken once
+        if canary is None or self.canary_router is None or self.canary_guard is None:
+            return None
+        model, percent = canary
+        if percent <= 0 or self.canary_guard.blocked(model.version):
+            return None
+        if not self.executor.models.loaded:
+            return None  # no champion: the service is not ready, and answers so
+        if model.version == self.executor.models.current.version:
+            return None  # promoted meanwhile: it answers as the champion
+        key = (
+            CanaryRouter.patient_key(patients)
+            if patients
+            else CanaryRouter.records_key(batch.columns)
+        )
+        return model if self.canary_router.routed(key, percent) else None
+
+    def canary_answer(self, batch: Batch, patients: list[str] | None) -> Answer | None:
+        """The canary version's answer to a request routed to it; None when the request is
+        not routed to it, or when the canary failed (counted by the guard; the champion
+        answers instead, so a canary never causes an error answer)."""
+        assert self.canary_guard is not None
+        model = self.canary_route(batch, patients)
+        if model is None:
+            return None
+        self.metrics.canary_routed.inc()
+        try:
+            scores = self._local("score_canary")(model, batch)
+        except Exception as exc:  # any failure of the canary: the champion answers
+            self.metrics.canary_errors.inc()
+            log.warning(
+                "canary version %s failed a request (%s); the champion answered it",
+                model.version,
+                type(exc).__name__,
+            )
+            self._judged(self.canary_guard.canary_failed(model.version))
+            return None
+        self._judged(
+            self.canary_guard.canary_answered(model.version, _positives(scores), batch.rows)
+        )
+        return ANSWERING.answer(
+            scores.probability, scores.threshold, _model_ref(scores.version, scores.alias)
+        )
+
+    def _judged(self, verdict: Verdict | None) -> None:
+        """Roll the canary back when the guard's verdict says so: this worker routes
+        nothing more to it already (the guard blocks the version); the registry alias is
+        removed and the rollback audited off the request path, so the other workers
+        follow at their next alias check."""
+        if verdict is None:
+            return
+        self.metrics.canary_rollbacks.inc()
+        log.warning(
+            "canary version %s rolled back: %s; the champion answers every request",
+            verdict.version,
+            verdict.reason,
+        )
+        threading.Thread(
+            target=self.roll_back_canary, args=(verdict,), name="canary-rollback", daemon=True
+        ).start()
+
+    def roll_back_canary(self, verdict: Verdict) -> bool:
+        """Remove the ``canary`` alias and audit it (``governance.canary_rollback``);
+        failures are logged (this worker stays off the canary regardless). Returns
+        whether this call removed the alias."""
+        from clinml.audit import AuditLog, Checkpoints
+        from clinml.training.governance import canary_rollback
+        from clinml.training.tracking import Tracker
+
+        try:
+            removed = canary_rollback(
+                SPEC.name,
+                Tracker.from_settings(SETTINGS),
+                AuditLog(SETTINGS.audit_log_path, checkpoints=Checkpoints.from_settings(SETTINGS)),
+                f"{SETTINGS.actor_name} (canary guard)",
+                verdict.version,
+                verdict.reason,
+                verdict.observed,
+            )
+        except Exception as exc:
+            problem = str(exc) if isinstance(exc, ClinmlError) else type(exc).__name__
+            log.error(
+                "canary version %s: the registry alias could not be removed (%s); this "
+                "worker routes nothing to it, others do until it is removed "
+                "(`clinml canary stop`)",
+                verdict.version,
+                problem,
+            )
+            return False
+        if removed:
+            self.executor.reload_canary()
+        return removed
 
     async def explain(self, records: list[dict[str, Any]], top_k: int) -> dict[str, Any]:
         """The executor's explanation of ``records`` (``ModelExecutor.explain``).
@@ -718,6 +853,14 @@ class ClinicalService:
         )
 
 
+CANARY = "canary"  # the alias a canary version answers under (training.tracking.CANARY)
+
+
+def _positives(scores: ColumnScores) -> int:
+    """Rows labelled positive (at or above the operating threshold, as the answers are)."""
+    return int(np.count_nonzero(scores.probability >= scores.threshold))
+
+
 @functools.lru_cache(maxsize=64)
 def _model_ref(version: str, alias: str) -> schemas.ModelRef:
     """The answers' ``model``, made once per model version and alias (pydantic)."""
@@ -748,8 +891,8 @@ class _Call:
         self.patients: list[str] | None = None
         self.closed = False  # its audit record was submitted
 
-    async def score(self, batch: Batch) -> Answer:
-        answer = await self.service.score(batch)
+    async def score(self, batch: Batch, patients: list[str] | None = None) -> Answer:
+        answer = await self.service.score(batch, patients)
         self.version = answer.model.version
         return answer
 
@@ -834,10 +977,12 @@ async def _predicted(
     """Predict, close the call's audit record, log the predictions: what every
     prediction endpoint does with a checked batch, whatever shape its answer takes.
     Column by column throughout: no Python work per record."""
-    answer = await call.score(batch)
+    answer = await call.score(batch, patients)
     audited(call, answer.label_counts())
     moment = service.log_predictions(call.request_id, batch, answer, patients)
-    if service.shadow is not None:  # never waits: the shadow runs after, on its own thread
+    # A canary's answer is not shadowed: the shadow is compared with the champion.
+    if service.shadow is not None and answer.model.alias != CANARY:
+        # never waits: the shadow runs after, on its own thread
         service.shadow.offer(ShadowRequest(batch, call.request_id, patients, moment))
     return answer
 

@@ -43,6 +43,12 @@ the service then scores beside the champion on live traffic, off the response pa
 ``shadow_stop`` removes it (docs/serving.md, "Shadow"); both are audited the same way. A
 version never shadows itself: promoting (or rolling back to) the shadowed version also
 removes ``shadow``, and records that.
+
+``canary_start`` points the alias ``canary`` at a version with a share of the requests
+(the version's tag ``clinml.canary_percent``), which the service answers with that version
+instead of the champion; ``canary_stop`` removes it, and ``canary_rollback`` is the
+service's automatic rollback when the canary leaves its band (docs/serving.md, "Canary").
+All three are audited; promoting (or rolling back to) the canary version ends the canary.
 """
 
 from __future__ import annotations
@@ -63,7 +69,17 @@ from clinml.training import metrics as m
 from clinml.training.assignment import TAG as RECORD_TAG
 from clinml.training.assignment import TrainingRecord, utc_instant, utc_instants
 from clinml.training.evaluate import Evaluation, evaluate, rule_holds, rule_refuted
-from clinml.training.tracking import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, SHADOW, Tracker
+from clinml.training.tracking import (
+    CANARY,
+    CANARY_MAX_PERCENT,
+    CANARY_PERCENT_TAG,
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    SHADOW,
+    Tracker,
+    canary_percent,
+)
 from clinml.training.train import REFERENCE_RUN_TAG, REFERENCE_SHA_TAG, outcome
 
 if TYPE_CHECKING:
@@ -75,6 +91,9 @@ REFUSED = "promote-refused"
 ROLLBACK = "rollback"
 SHADOW_START = "shadow-start"
 SHADOW_STOP = "shadow-stop"
+CANARY_START = "canary-start"
+CANARY_STOP = "canary-stop"
+CANARY_ROLLBACK = "canary-rollback"
 LEVEL = 0.95
 
 # Verdicts of a non-inferiority comparison (see non_inferiority).
@@ -912,6 +931,7 @@ def promote(
             f"{model} version {to_version} was not promoted: {reasons}", decision
         )
     shadowed = _end_shadow_of(tracker, audit, model, to_version, actor, "promoted to champion")
+    canaried = _end_canary_of(tracker, audit, model, to_version, actor, "promoted to champion")
     client = tracker.client
     if champion_version is not None:
         client.set_registered_model_alias(model, PREVIOUS_CHAMPION, str(champion_version.version))
@@ -919,6 +939,8 @@ def promote(
     client.delete_registered_model_alias(model, CHALLENGER)
     if shadowed:
         client.delete_registered_model_alias(model, SHADOW)
+    if canaried:
+        client.delete_registered_model_alias(model, CANARY)
     client.set_model_version_tag(model, to_version, "clinml.promoted_by", actor)
     return decision
 
@@ -939,10 +961,13 @@ def rollback(
     from_version, to_version = str(current.version), str(previous.version)
     audit.append(_entry(ROLLBACK, model, actor, from_version, to_version, reason, [], None, ""))
     shadowed = _end_shadow_of(tracker, audit, model, to_version, actor, "rolled back to champion")
+    canaried = _end_canary_of(tracker, audit, model, to_version, actor, "rolled back to champion")
     client = tracker.client
     client.set_registered_model_alias(model, CHAMPION, to_version)
     if shadowed:
         client.delete_registered_model_alias(model, SHADOW)
+    if canaried:
+        client.delete_registered_model_alias(model, CANARY)
     before = champion_before(audit, model, to_version)
     if before is not None and before != to_version:
         client.set_registered_model_alias(model, PREVIOUS_CHAMPION, before)
@@ -1029,6 +1054,124 @@ def shadow_stop(
     audit.append(_entry(SHADOW_STOP, model, actor, current, None, reason, [], None, ""))
     tracker.client.delete_registered_model_alias(model, SHADOW)
     return current
+
+
+def _end_canary_of(
+    tracker: Tracker, audit: AuditLog, model: str, version: str, actor: str, why: str
+) -> bool:
+    """Record the end of the canary when ``version``, about to become the champion, is the
+    canary (it then answers everyone); the caller removes the alias after its own moves.
+    Returns whether it was."""
+    canary = _optional_alias(tracker, model, CANARY)
+    if canary is None or str(canary.version) != version:
+        return False
+    audit.append(_entry(CANARY_STOP, model, actor, version, None, why, [], None, ""))
+    return True
+
+
+def canary_state(tracker: Tracker, model: str) -> tuple[str, float] | None:
+    """(version, percent) of the canary, or None when there is none. A canary version
+    without a readable percent tag counts as 0 percent (it answers nobody)."""
+    canary = _optional_alias(tracker, model, CANARY)
+    if canary is None:
+        return None
+    return str(canary.version), canary_percent(canary.tags or {})
+
+
+def canary_start(
+    spec: UseCaseSpec,
+    tracker: Tracker,
+    audit: AuditLog,
+    actor: str,
+    percent: float,
+    version: str | None = None,
+    reason: str | None = None,
+) -> tuple[str | None, str]:
+    """Point ``canary`` at ``version`` (a number or an alias; default: the challenger) with
+    ``percent`` of the requests, recorded before the alias moves. The share is a tag on
+    the version (``clinml.canary_percent``), written before the alias, so a service that
+    sees the alias sees its share. Starting the canary version again changes its share.
+    Returns (the canary version before or None, the new one).
+
+    Raises:
+        NotReadyError: no champion, no challenger (without ``version``), or no such version.
+        ClinmlError: the percent is outside (0, 50], or the version is the champion.
+    """
+    model = spec.name
+    if not 0.0 < percent <= CANARY_MAX_PERCENT:
+        raise ClinmlError(
+            f"--percent must be above 0 and at most {CANARY_MAX_PERCENT:g}; got {percent:g} "
+            "(beyond half, promote the version instead)"
+        )
+    champion = _optional_alias(tracker, model, CHAMPION)
+    if champion is None:
+        raise NotReadyError(
+            f"{model} has no champion for a canary to run beside: promote one first"
+        )
+    if version is None:
+        target = _optional_alias(tracker, model, CHALLENGER)
+        if target is None:
+            raise NotReadyError(
+                f"{model} has no challenger for a canary: train one (`clinml train {model}`) "
+                "or name a version with --version"
+            )
+    else:
+        target = resolve(tracker, model, version)
+    to_version = str(target.version)
+    if to_version == str(champion.version):
+        raise ClinmlError(
+            f"{model} version {to_version} is the champion: a canary must be another version"
+        )
+    state = canary_state(tracker, model)
+    before = state[0] if state else None
+    entry = _entry(CANARY_START, model, actor, before, to_version, reason, [], None, "")
+    entry["percent"] = percent
+    audit.append(entry)
+    client = tracker.client
+    client.set_model_version_tag(model, to_version, CANARY_PERCENT_TAG, f"{percent:g}")
+    client.set_registered_model_alias(model, CANARY, to_version)
+    return before, to_version
+
+
+def canary_stop(
+    spec: UseCaseSpec, tracker: Tracker, audit: AuditLog, actor: str, reason: str | None = None
+) -> str:
+    """Remove the ``canary`` alias, recorded before it goes; returns the version it named.
+
+    Raises:
+        NotReadyError: there is no canary.
+    """
+    model = spec.name
+    current = canary_state(tracker, model)
+    if current is None:
+        raise NotReadyError(f"{model} has no canary version: there is nothing to stop")
+    audit.append(_entry(CANARY_STOP, model, actor, current[0], None, reason, [], None, ""))
+    tracker.client.delete_registered_model_alias(model, CANARY)
+    return current[0]
+
+
+def canary_rollback(
+    model: str,
+    tracker: Tracker,
+    audit: AuditLog,
+    actor: str,
+    version: str,
+    reason: str,
+    observed: dict[str, Any],
+) -> bool:
+    """The canary guard's automatic rollback (:mod:`clinml.serving.canary`): a
+    ``canary-rollback`` record with the reason and the counts and rates it rests on (no
+    PHI), then the ``canary`` alias removed, when it still names ``version`` (another
+    worker may have rolled it back, or someone moved it, meanwhile). Returns whether the
+    alias was removed by this call."""
+    current = canary_state(tracker, model)
+    if current is None or current[0] != version:
+        return False
+    entry = _entry(CANARY_ROLLBACK, model, actor, version, None, reason, [], None, "")
+    entry["observed"] = observed
+    audit.append(entry)
+    tracker.client.delete_registered_model_alias(model, CANARY)
+    return True
 
 
 def champion_before(audit: AuditLog, model: str, version: str) -> str | None:

@@ -8,6 +8,7 @@ Registry state uses aliases (``champion``), not the deprecated stages.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +29,22 @@ CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous_champion"
 # A version scored beside the champion on live traffic, never answered with (clinml shadow).
 SHADOW = "shadow"
+# A version answering a stable share of patients instead of the champion (clinml canary).
+CANARY = "canary"
+# The model-version tag holding that share, in percent, so every worker reads the same.
+CANARY_PERCENT_TAG = "clinml.canary_percent"
+# The largest share of requests a canary may answer: beyond half, promote it instead.
+CANARY_MAX_PERCENT = 50.0
+
+
+def canary_percent(tags: Mapping[str, str]) -> float:
+    """The share of requests, in percent, recorded on a canary version's tags (0, so no
+    request, when the tag is missing or not a number in (0, ``CANARY_MAX_PERCENT``])."""
+    try:
+        percent = float(tags.get(CANARY_PERCENT_TAG, "0"))
+    except ValueError:
+        return 0.0
+    return percent if 0.0 < percent <= CANARY_MAX_PERCENT else 0.0
 
 
 class RegistryUnavailable(NotReadyError):
