@@ -64,3 +64,44 @@ def clinml(
         env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "e2e-cli", **(env or {})},
         timeout=1800,  # a deadline for a busy machine, not a speed check
     )
+
+
+def registry_aliases(tracker, model: str) -> dict[str, str]:
+    """Alias -> version number of ``model`` in the registry."""
+    return {
+        alias: str(number)
+        for alias, number in (tracker.client.get_registered_model(model).aliases or {}).items()
+    }
+
+
+def restore_aliases(tracker, model: str, aliases: dict[str, str]) -> None:
+    """Put ``model``'s aliases back as ``aliases`` (a module that moves them leaves the
+    registry as it found it)."""
+    now = registry_aliases(tracker, model)
+    for alias in set(now) - set(aliases):
+        tracker.client.delete_registered_model_alias(model, alias)
+    for alias, number in aliases.items():
+        if now.get(alias) != number:
+            tracker.client.set_registered_model_alias(model, alias, number)
+
+
+def second_version(pipeline, client, spec, alias: str) -> tuple:
+    """(tracker, champion, candidate, aliases found) for a module that needs a version
+    other than the champion: the session's challenger, trained when there is none. The
+    alias the module moves (``alias``) must not be set yet; the service serves the
+    registry's champion (an earlier module may have moved it)."""
+    from clinml.pipelines import stages
+    from clinml.pipelines.progress import Progress
+    from clinml.training.tracking import Tracker
+
+    settings, _, _ = pipeline
+    tracker = Tracker.from_settings(settings)
+    found = registry_aliases(tracker, spec.name)
+    assert alias not in found
+    champion = found["champion"]
+    if found.get("challenger") in (None, champion):
+        stages.train(spec, settings, Progress(total=1, echo=lambda _: None))
+    candidate = registry_aliases(tracker, spec.name)["challenger"]
+    assert candidate != champion
+    assert client.post("/admin/reload").json()["version"] == champion
+    return tracker, champion, candidate, found

@@ -23,7 +23,13 @@ import pandas as pd
 import pytest
 
 from clinml.spec import UseCaseSpec
-from tests.integration.served import clinml, service_instance
+from tests.integration.served import (
+    clinml,
+    registry_aliases,
+    restore_aliases,
+    second_version,
+    service_instance,
+)
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -32,40 +38,18 @@ MODEL = "pathology"
 
 
 def _aliases(tracker: Any) -> dict[str, str]:
-    return {
-        alias: str(number)
-        for alias, number in (tracker.client.get_registered_model(MODEL).aliases or {}).items()
-    }
+    return registry_aliases(tracker, MODEL)
 
 
 def _restore(tracker: Any, aliases: dict[str, str]) -> None:
-    now = _aliases(tracker)
-    for alias in set(now) - set(aliases):
-        tracker.client.delete_registered_model_alias(MODEL, alias)
-    for alias, number in aliases.items():
-        if now.get(alias) != number:
-            tracker.client.set_registered_model_alias(MODEL, alias, number)
+    restore_aliases(tracker, MODEL, aliases)
 
 
 @pytest.fixture(scope="module")
 def registry(pipeline, client, pathology_spec: UseCaseSpec):
     """(tracker, champion, candidate): a challenger other than the champion, trained when
     the session has none; the aliases as found are restored after the module."""
-    from clinml.pipelines import stages
-    from clinml.pipelines.progress import Progress
-    from clinml.training.tracking import Tracker
-
-    settings, _, _ = pipeline
-    tracker = Tracker.from_settings(settings)
-    found = _aliases(tracker)
-    assert "shadow" not in found
-    champion = found["champion"]
-    if found.get("challenger") in (None, champion):
-        stages.train(pathology_spec, settings, Progress(total=1, echo=lambda _: None))
-    candidate = _aliases(tracker)["challenger"]
-    assert candidate != champion
-    # the service serves the registry's champion (an earlier module may have moved it)
-    assert client.post("/admin/reload").json()["version"] == champion
+    tracker, champion, candidate, found = second_version(pipeline, client, pathology_spec, "shadow")
     yield tracker, champion, candidate
     _restore(tracker, found)
     assert service_instance().reload()["shadow"] is None  # the service lets it go too
