@@ -4,9 +4,13 @@ instance, `bentoml serve` children that use the tests' BentoML store, and the CL
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from clinml.settings import Settings
@@ -30,6 +34,33 @@ def api_keys(home: Path) -> dict[str, str]:
         secrets[key_id] = secret_file.read_text()
     path.write_text(json.dumps(stored))
     return secrets
+
+
+class LogLines(logging.Handler):
+    """The messages of one logger (INFO and up), while attached. Unlike pytest's caplog
+    it sees the logger whatever an earlier module's logging set-up did to it (a full run
+    configures BentoML's logging, which stops the records reaching caplog)."""
+
+    def __init__(self, name: str = "bentoml.clinml") -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(name)
+        self._before = (self.logger.level, self.logger.disabled)
+        self.logger.setLevel(logging.INFO)
+        self.logger.disabled = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.level, self.logger.disabled = self._before
+        super().close()
 
 
 def service_instance():
@@ -64,6 +95,56 @@ def clinml(
         env={**os.environ, "CLINML_HOME": str(home), "CLINML_ACTOR": "e2e-cli", **(env or {})},
         timeout=1800,  # a deadline for a busy machine, not a speed check
     )
+
+
+def http_status(url: str) -> int | None:
+    """``GET url``'s status code; None while nothing answers."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+@contextmanager
+def clinml_serve(home: Path, spec_file: Path, env: dict[str, str]) -> Iterator[str]:
+    """A real ``clinml serve`` of ``spec_file`` on the data directory ``home`` (with
+    ``env`` added to this environment), from ready until the block ends; yields its URL.
+    Then SIGTERM, as a service manager stops it: the server, its workers and their
+    children (a shadow process) all go, and the port is free again."""
+    import psutil
+
+    from clinml.serving.launch import free_port, port_is_free
+    from tests.waiting import wait_for
+
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "clinml"), "serve", str(spec_file), "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "CLINML_HOME": str(home), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: http_status(f"{url}/readyz") == 200 or process.poll() is not None,
+            "clinml serve to become ready",
+            300,
+            every_s=0.5,
+        )
+        assert process.poll() is None, f"clinml serve exited with {process.returncode}"
+        yield url
+        workers = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        _, left = psutil.wait_procs(workers, timeout=60)
+        assert not left, [p.cmdline()[:4] for p in left]
+        assert port_is_free("127.0.0.1", port)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def registry_aliases(tracker, model: str) -> dict[str, str]:

@@ -15,7 +15,6 @@ failing call otherwise (a disk that is full). docs/security.md has the table.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ import pytest
 
 from clinml.settings import Settings
 from tests.integration.served import (
+    LogLines,
     api_keys,
     clinml,
     serve_from_the_session_store,
@@ -106,7 +106,7 @@ def test_an_unreachable_online_store_is_a_503_until_it_is_back(
     db = _online_db(home)
     away = db.with_name("online.db.away")
     patient = {"patient_ids": [_known_patient(pipeline, pathology_spec)]}
-    said = _Lines("bentoml.clinml")
+    said = LogLines("bentoml.clinml")
     db.rename(away)
     try:
         assert client.get("/readyz").status_code == 503  # and drops the open reader
@@ -125,26 +125,6 @@ def test_an_unreachable_online_store_is_a_503_until_it_is_back(
     said.close()
     assert said.lines[-1] == "ready"
     assert client.post("/predict_patient", json=patient).status_code == 200
-
-
-class _Lines(logging.Handler):
-    """The messages of one logger, while attached."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-        self.logger = logging.getLogger(name)
-        self.level_before = self.logger.level
-        self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def close(self) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level_before)
-        super().close()
 
 
 # -- the registry -------------------------------------------------------------------------

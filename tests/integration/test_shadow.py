@@ -13,6 +13,8 @@ aliases as it found them, with no shadow.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,8 +24,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from clinml.serving.shadow_process import CHILD_NICE
 from clinml.spec import UseCaseSpec
 from tests.integration.served import (
+    LogLines,
     clinml,
     registry_aliases,
     restore_aliases,
@@ -211,7 +215,8 @@ def test_with_a_shadow_the_answers_are_the_same_and_its_rows_are_logged_beside(
 
     _shadow_on(client, pipeline, registry, pathology_spec)
     try:
-        threshold = service_instance().executor.shadow.threshold
+        shadow_model = service_instance().executor.shadow
+        threshold = shadow_model.threshold
         on = _answers(client, calls)
         assert [(s, b) for s, b, _ in on] == [(s, b) for s, b, _ in off]
         for status, body, _ in on:
@@ -228,6 +233,10 @@ def test_with_a_shadow_the_answers_are_the_same_and_its_rows_are_logged_beside(
         [rows] = wait_for(
             all_logged, "the shadow's rows of the three answered requests in the prediction log"
         )
+        # scored in a process of its own (CLINML_SHADOW_ISOLATION's default), niced
+        child = service_instance().executor.shadow_process.pid
+        assert child is not None and child != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, child) == CHILD_NICE
     finally:
         _shadow_off(client, pipeline, registry, pathology_spec)
     label = pathology_spec.label
@@ -244,6 +253,10 @@ def test_with_a_shadow_the_answers_are_the_same_and_its_rows_are_logged_beside(
             shadowed["probability"] >= threshold, label.positive_class, label.negative_class
         )
         assert shadowed["label"].tolist() == expected.tolist()
+    # the child's probabilities are the shadow model's, as this process computes them
+    first = rows[rows["request_id"] == on[0][2]]
+    in_process = shadow_model.predict_records(calls[0][1]["records"])
+    assert np.allclose(first[first["shadow"]]["probability"], in_process, rtol=1e-9)
     by_patient = rows[rows["request_id"] == on[2][2]]
     assert len(by_patient) == 6 and by_patient["patient"].notna().all()  # pseudonymised
     assert _metric(client, "clinml_shadow_scored_total") >= scored_before + 3
@@ -290,21 +303,29 @@ class _Slow(_Failing):
 
 
 def test_a_failing_or_slow_shadow_costs_the_champion_nothing(
-    client, pipeline, registry, records, patients, pathology_spec, monkeypatch, caplog
+    client, pipeline, registry, records, patients, pathology_spec, monkeypatch
 ) -> None:
     calls = _calls(records, patients)
     off = _answers(client, calls)
     service = service_instance()
+    # faults injected into the model object: scored on the worker's thread (the
+    # CLINML_SHADOW_ISOLATION=thread path); the process path's faults are the next test's
+    monkeypatch.setattr(service.executor, "shadow_process", None)
     _shadow_on(client, pipeline, registry, pathology_spec)
     try:
         real = service.executor.shadow
         errors = service.shadow.errors
+        service.shadow._reported.discard("ValueError")  # logged once per kind: once more here
+        said = LogLines()
         monkeypatch.setattr(service.executor, "shadow", _Failing(real))
         failing = _answers(client, calls)
         assert [(s, b) for s, b, _ in failing] == [(s, b) for s, b, _ in off]
         wait_for(lambda: service.shadow.errors >= errors + 3, "the shadow's failures counted")
         assert _metric(client, "clinml_shadow_errors_total") >= 3
-        assert "14.2" not in caplog.text  # failures are logged by type, never by value
+        said.close()
+        # failures are logged by type, never by value
+        assert any("shadow scoring failed (ValueError)" in line for line in said.lines)
+        assert "14.2" not in said.text
 
         slow = _Slow(real)
         monkeypatch.setattr(service.executor, "shadow", slow)
@@ -320,6 +341,54 @@ def test_a_failing_or_slow_shadow_costs_the_champion_nothing(
     finally:
         monkeypatch.undo()
         _shadow_off(client, pipeline, registry, pathology_spec)
+
+
+def test_a_killed_or_hung_shadow_process_costs_the_champion_nothing(
+    client, pipeline, registry, records, patients, pathology_spec
+) -> None:
+    calls = _calls(records, patients)
+    off = _answers(client, calls)
+    service = service_instance()
+    process = service.executor.shadow_process
+    _shadow_on(client, pipeline, registry, pathology_spec)
+    try:
+        scored = service.shadow.scored
+        _answers(client, calls)
+        wait_for(lambda: service.shadow.scored >= scored + 3, "the shadow process to score")
+        killed = process.pid
+        errors = service.shadow.errors
+        os.kill(killed, signal.SIGKILL)
+        answers = _answers(client, calls)
+        assert [(s, b) for s, b, _ in answers] == [(s, b) for s, b, _ in off]
+        wait_for(lambda: service.shadow.errors > errors, "the dead process's failure counted")
+        assert _metric(client, "clinml_shadow_errors_total") > 0
+
+        # after its pause a new process takes over, and the shadow scores again
+        def scores_again() -> bool:
+            before = service.shadow.scored
+            _answers(client, calls[:1])
+            service.shadow.flush(120)
+            return service.shadow.scored > before
+
+        wait_for(scores_again, "a new shadow process to score")
+        assert process.pid not in (None, killed)
+
+        hung = process.pid
+        os.kill(hung, signal.SIGSTOP)  # never answers again
+        process.reply_timeout_s = 2.0
+        try:
+            errors = service.shadow.errors
+            answers = _answers(client, calls)
+            assert [(s, b) for s, b, _ in answers] == [(s, b) for s, b, _ in off]
+            wait_for(lambda: service.shadow.errors > errors, "the hung process's timeout")
+        finally:
+            process.reply_timeout_s = 600.0
+        wait_for(scores_again, "a new shadow process after the hung one")
+        assert process.pid not in (None, hung)
+    finally:
+        _shadow_off(client, pipeline, registry, pathology_spec)
+    # stopped, the service lets its shadow process go
+    wait_for(lambda: process.pid is None, "the shadow process to stop with the shadow")
 
 
 def test_a_shadow_version_that_fails_its_checks_is_not_used(
