@@ -995,6 +995,38 @@ def shadow_version(tracker: Tracker, model: str) -> str | None:
     return None if shadowed is None else str(shadowed.version)
 
 
+def _version_beside_champion(
+    tracker: Tracker, model: str, version: str | None, role: str, wanted: str
+) -> str:
+    """The version a shadow or a canary (``role``) would run beside the champion:
+    ``version`` resolved, or the challenger; never the champion itself.
+
+    Raises:
+        NotReadyError: no champion, no challenger (without ``version``), or no such version.
+        ClinmlError: the version is the champion.
+    """
+    champion = _optional_alias(tracker, model, CHAMPION)
+    if champion is None:
+        raise NotReadyError(
+            f"{model} has no champion for a {role} to run beside: promote one first"
+        )
+    if version is None:
+        target = _optional_alias(tracker, model, CHALLENGER)
+        if target is None:
+            raise NotReadyError(
+                f"{model} has no challenger {wanted}: train one (`clinml train {model}`) "
+                "or name a version with --version"
+            )
+    else:
+        target = resolve(tracker, model, version)
+    to_version = str(target.version)
+    if to_version == str(champion.version):
+        raise ClinmlError(
+            f"{model} version {to_version} is the champion: a {role} must be another version"
+        )
+    return to_version
+
+
 def shadow_start(
     spec: UseCaseSpec,
     tracker: Tracker,
@@ -1012,25 +1044,7 @@ def shadow_start(
         ClinmlError: the version is the champion, or is shadowed already.
     """
     model = spec.name
-    champion = _optional_alias(tracker, model, CHAMPION)
-    if champion is None:
-        raise NotReadyError(
-            f"{model} has no champion for a shadow to run beside: promote one first"
-        )
-    if version is None:
-        target = _optional_alias(tracker, model, CHALLENGER)
-        if target is None:
-            raise NotReadyError(
-                f"{model} has no challenger to shadow: train one (`clinml train {model}`) "
-                "or name a version with --version"
-            )
-    else:
-        target = resolve(tracker, model, version)
-    to_version = str(target.version)
-    if to_version == str(champion.version):
-        raise ClinmlError(
-            f"{model} version {to_version} is the champion: a shadow must be another version"
-        )
+    to_version = _version_beside_champion(tracker, model, version, "shadow", "to shadow")
     current = shadow_version(tracker, model)
     if current == to_version:
         raise ClinmlError(f"{model} version {to_version} is already the shadow")
@@ -1103,25 +1117,7 @@ def canary_start(
             f"--percent must be above 0 and at most {CANARY_MAX_PERCENT:g}; got {percent:g} "
             "(beyond half, promote the version instead)"
         )
-    champion = _optional_alias(tracker, model, CHAMPION)
-    if champion is None:
-        raise NotReadyError(
-            f"{model} has no champion for a canary to run beside: promote one first"
-        )
-    if version is None:
-        target = _optional_alias(tracker, model, CHALLENGER)
-        if target is None:
-            raise NotReadyError(
-                f"{model} has no challenger for a canary: train one (`clinml train {model}`) "
-                "or name a version with --version"
-            )
-    else:
-        target = resolve(tracker, model, version)
-    to_version = str(target.version)
-    if to_version == str(champion.version):
-        raise ClinmlError(
-            f"{model} version {to_version} is the champion: a canary must be another version"
-        )
+    to_version = _version_beside_champion(tracker, model, version, "canary", "for a canary")
     state = canary_state(tracker, model)
     before = state[0] if state else None
     entry = _entry(CANARY_START, model, actor, before, to_version, reason, [], None, "")
