@@ -21,10 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
-import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +37,8 @@ import yaml
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec, load_spec
 from tests.conftest import PROJECT_ROOT
-from tests.waiting import wait_for
+from tests.integration.served import clinml as served_cli
+from tests.integration.served import clinml_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -112,14 +110,7 @@ USECASES = [
 
 
 def clinml(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "clinml"), *args],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "CLINML_HOME": str(home), "CLINML_PSEUDONYM_KEY": PSEUDONYM_KEY},
-        timeout=1800,  # a deadline for a busy machine, not a speed check
-    )
+    return served_cli(home, *args, env={"CLINML_PSEUDONYM_KEY": PSEUDONYM_KEY})
 
 
 @dataclass(frozen=True)
@@ -162,57 +153,12 @@ class Served:
 @pytest.fixture(scope="module")
 def served(trained: Trained) -> Iterator[Served]:
     """`clinml serve` on the reduced spec until the module's tests are done, then SIGTERM."""
-    import psutil
-
-    from clinml.serving.launch import free_port, port_is_free
     from tests.integration.served import api_keys
 
     key = api_keys(trained.home)["dev"]
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "clinml"),
-            "serve",
-            str(trained.spec_file),
-            "--port",
-            str(port),
-        ],
-        cwd=PROJECT_ROOT,
-        env={
-            **os.environ,
-            "CLINML_HOME": str(trained.home),
-            "CLINML_PSEUDONYM_KEY": PSEUDONYM_KEY,
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: _status(f"{url}/readyz") == 200 or process.poll() is not None,
-            "clinml serve to become ready",
-            300,
-            every_s=0.5,
-        )
-        assert process.poll() is None, f"clinml serve exited with {process.returncode}"
+    env = {"CLINML_PSEUDONYM_KEY": PSEUDONYM_KEY}
+    with clinml_serve(trained.home, trained.spec_file, env) as url:
         yield Served(url, {"X-API-Key": key})
-        # SIGTERM, as a service manager stops it: the server and its workers all go.
-        workers = psutil.Process(process.pid).children(recursive=True)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-        _, left = psutil.wait_procs(workers, timeout=60)
-        assert not left, [p.cmdline()[:4] for p in left]
-        assert port_is_free("127.0.0.1", port)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
 
 
 def _records(spec: UseCaseSpec, frame: pd.DataFrame) -> list[dict[str, Any]]:

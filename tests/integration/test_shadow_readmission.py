@@ -14,10 +14,7 @@ comparison to the gate, and the audit record names it.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +29,8 @@ import yaml
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec, load_spec
 from tests.conftest import PROJECT_ROOT
+from tests.integration.served import clinml as served_cli
+from tests.integration.served import clinml_serve
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -42,14 +41,7 @@ REQUESTS = 1_200
 
 
 def clinml(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "clinml"), *args],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "CLINML_HOME": str(home), "CLINML_PSEUDONYM_KEY": KEY},
-        timeout=1800,  # a deadline for a busy machine, not a speed check
-    )
+    return served_cli(home, *args, env={"CLINML_PSEUDONYM_KEY": KEY})
 
 
 @dataclass(frozen=True)
@@ -65,9 +57,6 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    import psutil
-
-    from clinml.serving.launch import free_port, port_is_free
     from clinml.training.tracking import Tracker
     from tests.integration.served import api_keys, registry_aliases
 
@@ -97,23 +86,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert aliases["challenger"] != aliases["champion"]
 
     key = api_keys(home)["dev"]
-    port = free_port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "clinml"), "serve", str(spec_file), "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "CLINML_HOME": str(home), "CLINML_PSEUDONYM_KEY": KEY},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: _status(f"{url}/readyz") == 200 or process.poll() is not None,
-            "clinml serve to become ready",
-            300,
-            every_s=0.5,
-        )
-        assert process.poll() is None, f"clinml serve exited with {process.returncode}"
+    with clinml_serve(home, spec_file, {"CLINML_PSEUDONYM_KEY": KEY}) as url:
         yield Served(
             home,
             spec_file,
@@ -123,21 +96,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             aliases["champion"],
             aliases["challenger"],
         )
-        workers = psutil.Process(process.pid).children(recursive=True)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-        psutil.wait_procs(workers, timeout=60)
-        assert port_is_free("127.0.0.1", port)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
 
 
 def _metric(client: httpx.Client, name: str) -> float:
