@@ -98,8 +98,10 @@ def test_a_slow_shadow_under_a_flood_drops_and_counts_and_never_blocks_the_calle
         started = time.perf_counter()
         accepted = [scorer.offer(_request(i)) for i in range(1_000)]
         offering = time.perf_counter() - started
-        # the worker holds one request, ten wait: the rest are dropped at once
-        assert 10 <= sum(accepted) <= 11
+        # ten wait; the worker holds the first it took, and may have joined those waiting
+        # behind it into the same (held) call, freeing their places: at most 1 + 10 + 10.
+        # The rest are dropped at once.
+        assert 10 <= sum(accepted) <= 21
         assert scorer.dropped == counts.dropped == 1_000 - sum(accepted)
         # not a timing check of the scorer: a thousand offers never wait for the model,
         # which is still holding its first request
