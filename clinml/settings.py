@@ -251,13 +251,6 @@ class Settings(BaseSettings):
         description="Requests that may wait to be scored by the shadow version (clinml "
         "shadow); beyond it they are dropped and counted, never delaying an answer.",
     )
-    shadow_isolation: Literal["process", "thread"] = Field(
-        default="process",
-        description="Where the shadow version's model runs: 'process', a child process at "
-        "the lowest scheduling priority (its model calls never hold the worker's "
-        "interpreter lock), or 'thread', a thread of the worker (no second process; the "
-        "champion's tail latency grows by the shadow's model calls).",
-    )
     canary_window: int = Field(
         default=200,
         ge=1,

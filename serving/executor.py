@@ -27,9 +27,7 @@ labels a probability with the wrong version's threshold.
 With inline execution the executor also follows the registry's ``shadow`` alias
 (``clinml shadow start``) in the same checks as ``champion``: it holds that version in a
 slot of its own (``shadow``; None when nothing is shadowed) and scores it for the API's
-shadow worker (``score_shadow``, :mod:`clinml.serving.shadow`), in a child process
-(``shadow_process``, :mod:`clinml.serving.shadow_process`) unless
-``CLINML_SHADOW_ISOLATION=thread``. A shadow version that
+shadow worker (``score_shadow``, :mod:`clinml.serving.shadow`). A shadow version that
 fails its checks or its load is logged and left out; it never touches the champion. With
 split execution the shadow alias is not followed (the service logs that it is ignored).
 
@@ -57,7 +55,6 @@ from pydantic import ValidationError
 from clinml.errors import ClinmlError, SettingsError
 from clinml.serving.columns import Batch
 from clinml.serving.runtime import ServedModel, load_from_bento, starting_holder
-from clinml.serving.shadow_process import ShadowProcess
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec, load_spec
 
@@ -220,9 +217,6 @@ class ModelExecutor:
         # champion; None when the registry names none.
         self.shadow: ServedModel | None = None
         self._shadow_problem: str | None = None  # the last failure logged, once
-        # Where its model runs (CLINML_SHADOW_ISOLATION): a child process, or None for
-        # this process (clinml.serving.shadow_process).
-        self.shadow_process = ShadowProcess() if SETTINGS.shadow_isolation == "process" else None
         self._shadow_lock = threading.Lock()  # one check at a time (polling, admin reload)
         # The canary version and its share (clinml.serving.canary); None when none.
         self.canary: tuple[ServedModel, float] | None = None
@@ -269,11 +263,7 @@ class ModelExecutor:
         champion = self.models.current if self.models.loaded else None
         if champion is not None and champion.version == shadow.version:
             return None
-        process = self.shadow_process
-        if process is not None:
-            probability = process.predict(shadow, batch.columns)
-        else:
-            probability = np.asarray(shadow.predict_columns(batch.columns), dtype=np.float64)
+        probability = np.asarray(shadow.predict_columns(batch.columns), dtype=np.float64)
         if len(probability) != batch.rows:
             raise RuntimeError(
                 f"the shadow model returned {len(probability)} probabilities for {batch.rows} rows"
@@ -383,8 +373,6 @@ class ModelExecutor:
             if wanted is None:
                 if current is not None:
                     log.info("shadow version %s stopped", current.version)
-                if self.shadow_process is not None:  # its model need not stay in memory
-                    self.shadow_process.release_if_idle()
                 self.shadow, self._shadow_problem = None, None
                 return None
             if current is not None and current.version == wanted:

@@ -499,8 +499,6 @@ class ClinicalService:
         self.audit.close()
         if self.shadow is not None:  # its rows go to the prediction log, closed next
             self.shadow.close()
-            if self.executor.shadow_process is not None:
-                self.executor.shadow_process.close()
         self.predictions.close()
 
     def audit_refusals(self, endpoint: str, status: int, key_id: str | None, count: int) -> None:

@@ -5,9 +5,8 @@ executor holds it beside the champion (``ModelExecutor.score_shadow``). After a
 prediction endpoint has answered a request from the champion and logged it, the service
 offers the request to a :class:`ShadowScorer`: a bounded queue and one daemon thread at a
 lower scheduling priority, which scores the request with the shadow version and logs its
-rows beside the champion's (``shadow`` True, its own ``model_version``). The executor runs
-the shadow's model itself in a child process (:mod:`clinml.serving.shadow_process`), so
-the thread mostly waits, without the interpreter lock. Nothing of it reaches an answer:
+rows beside the champion's (``shadow`` True, its own ``model_version``). Nothing of it
+reaches an answer:
 
 - ``offer`` never waits and never raises; a full queue drops the request and counts it;
 - the worker catches everything a shadow model raises, counts it, and logs each kind of
@@ -211,7 +210,7 @@ class ShadowScorer:
         self._call(self._on_dropped)
 
     def _failed(self, exc: Exception) -> None:
-        kind = getattr(exc, "kind", type(exc).__name__)  # a shadow process's: its child's
+        kind = type(exc).__name__
         with self._lock:
             self.errors += 1
             new = kind not in self._reported

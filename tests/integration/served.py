@@ -111,8 +111,8 @@ def http_status(url: str) -> int | None:
 def clinml_serve(home: Path, spec_file: Path, env: dict[str, str]) -> Iterator[str]:
     """A real ``clinml serve`` of ``spec_file`` on the data directory ``home`` (with
     ``env`` added to this environment), from ready until the block ends; yields its URL.
-    Then SIGTERM, as a service manager stops it: the server, its workers and their
-    children (a shadow process) all go, and the port is free again."""
+    Then SIGTERM, as a service manager stops it: the server and its workers all go,
+    and the port is free again."""
     import psutil
 
     from clinml.serving.launch import free_port, port_is_free

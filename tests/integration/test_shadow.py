@@ -13,8 +13,6 @@ aliases as it found them, with no shadow.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +22,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clinml.serving.shadow_process import CHILD_NICE
 from clinml.spec import UseCaseSpec
 from tests.integration.served import (
     LogLines,
@@ -233,10 +230,6 @@ def test_with_a_shadow_the_answers_are_the_same_and_its_rows_are_logged_beside(
         [rows] = wait_for(
             all_logged, "the shadow's rows of the three answered requests in the prediction log"
         )
-        # scored in a process of its own (CLINML_SHADOW_ISOLATION's default), niced
-        child = service_instance().executor.shadow_process.pid
-        assert child is not None and child != os.getpid()
-        assert os.getpriority(os.PRIO_PROCESS, child) == CHILD_NICE
     finally:
         _shadow_off(client, pipeline, registry, pathology_spec)
     label = pathology_spec.label
@@ -253,7 +246,7 @@ def test_with_a_shadow_the_answers_are_the_same_and_its_rows_are_logged_beside(
             shadowed["probability"] >= threshold, label.positive_class, label.negative_class
         )
         assert shadowed["label"].tolist() == expected.tolist()
-    # the child's probabilities are the shadow model's, as this process computes them
+    # the logged probabilities are the shadow model's
     first = rows[rows["request_id"] == on[0][2]]
     in_process = shadow_model.predict_records(calls[0][1]["records"])
     assert np.allclose(first[first["shadow"]]["probability"], in_process, rtol=1e-9)
@@ -308,9 +301,6 @@ def test_a_failing_or_slow_shadow_costs_the_champion_nothing(
     calls = _calls(records, patients)
     off = _answers(client, calls)
     service = service_instance()
-    # faults injected into the model object: scored on the worker's thread (the
-    # CLINML_SHADOW_ISOLATION=thread path); the process path's faults are the next test's
-    monkeypatch.setattr(service.executor, "shadow_process", None)
     _shadow_on(client, pipeline, registry, pathology_spec)
     try:
         real = service.executor.shadow
@@ -341,54 +331,6 @@ def test_a_failing_or_slow_shadow_costs_the_champion_nothing(
     finally:
         monkeypatch.undo()
         _shadow_off(client, pipeline, registry, pathology_spec)
-
-
-def test_a_killed_or_hung_shadow_process_costs_the_champion_nothing(
-    client, pipeline, registry, records, patients, pathology_spec
-) -> None:
-    calls = _calls(records, patients)
-    off = _answers(client, calls)
-    service = service_instance()
-    process = service.executor.shadow_process
-    _shadow_on(client, pipeline, registry, pathology_spec)
-    try:
-        scored = service.shadow.scored
-        _answers(client, calls)
-        wait_for(lambda: service.shadow.scored >= scored + 3, "the shadow process to score")
-        killed = process.pid
-        errors = service.shadow.errors
-        os.kill(killed, signal.SIGKILL)
-        answers = _answers(client, calls)
-        assert [(s, b) for s, b, _ in answers] == [(s, b) for s, b, _ in off]
-        wait_for(lambda: service.shadow.errors > errors, "the dead process's failure counted")
-        assert _metric(client, "clinml_shadow_errors_total") > 0
-
-        # after its pause a new process takes over, and the shadow scores again
-        def scores_again() -> bool:
-            before = service.shadow.scored
-            _answers(client, calls[:1])
-            service.shadow.flush(120)
-            return service.shadow.scored > before
-
-        wait_for(scores_again, "a new shadow process to score")
-        assert process.pid not in (None, killed)
-
-        hung = process.pid
-        os.kill(hung, signal.SIGSTOP)  # never answers again
-        process.reply_timeout_s = 2.0
-        try:
-            errors = service.shadow.errors
-            answers = _answers(client, calls)
-            assert [(s, b) for s, b, _ in answers] == [(s, b) for s, b, _ in off]
-            wait_for(lambda: service.shadow.errors > errors, "the hung process's timeout")
-        finally:
-            process.reply_timeout_s = 600.0
-        wait_for(scores_again, "a new shadow process after the hung one")
-        assert process.pid not in (None, hung)
-    finally:
-        _shadow_off(client, pipeline, registry, pathology_spec)
-    # stopped, the service lets its shadow process go
-    wait_for(lambda: process.pid is None, "the shadow process to stop with the shadow")
 
 
 def test_a_shadow_version_that_fails_its_checks_is_not_used(
