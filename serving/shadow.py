@@ -11,11 +11,14 @@ reaches an answer:
 - ``offer`` never waits and never raises; a full queue drops the request and counts it;
 - the worker catches everything a shadow model raises, counts it, and logs each kind of
   failure once (its type only: a library's message may quote an input value);
-- the worker waits, briefly, for a moment when no request is being answered
-  (``requestlog.ACTIVITY``) before it scores, as the prediction log's writer does;
+- the worker scores only while no request is being answered (``requestlog.ACTIVITY``),
+  however long it must wait for such a moment: its model calls hold the interpreter lock,
+  and a request arriving during one waits for it. A worker that is never idle therefore
+  drops (and counts) most shadow requests rather than slow the champion;
 - the worker scores the requests waiting in its queue together, up to
   :data:`MAX_JOINED_ROWS` rows, in one model call (as the champion's coalescer does), so
-  that under load its fixed cost per call is paid once for many requests.
+  that its fixed cost per call is paid once for many requests, while one call stays short
+  enough (about a millisecond) not to hold up a request that arrives during it.
 
 Usage::
 
@@ -41,10 +44,11 @@ from clinml.serving.requestlog import ACTIVITY, _lower_priority
 
 logger = logging.getLogger("bentoml.clinml")
 
-# How long the worker waits for a pause between requests before it scores anyway.
-_DEFER_S = 0.002
-# The most rows the worker joins into one model call.
-MAX_JOINED_ROWS = 4_096
+# How often the worker waiting for a pause in requests checks whether it was closed.
+_CLOSED_CHECK_S = 0.05
+# The most rows the worker joins into one model call (docs/benchmarks.md, "Shadow
+# scoring's cost to the champion": 4,096 when it scored after at most 2 ms of waiting).
+MAX_JOINED_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ class ShadowScorer:
             if first is None:
                 self._queue.task_done()
                 return
-            ACTIVITY.idle.wait(_DEFER_S)
+            while not ACTIVITY.idle.wait(_CLOSED_CHECK_S) and not self._closed.is_set():
+                pass  # until no request is being answered (or the scorer is closing)
             requests, stop = self._waiting(first)
             try:
                 self._score_together(requests)

@@ -21,7 +21,7 @@ import pytest
 
 from clinml.predictionlog import read_predictions
 from clinml.serving.columns import Batch
-from clinml.serving.requestlog import PredictionLog
+from clinml.serving.requestlog import ACTIVITY, PredictionLog
 from clinml.serving.shadow import ShadowRequest, ShadowScorer
 from tests.waiting import wait_for
 
@@ -139,6 +139,35 @@ def test_requests_waiting_together_are_scored_in_one_call_and_logged_each_its_ow
     for i in range(8):
         assert np.allclose(logged[f"req-{i}"], [0.1 * (1.0 + i), 0.1 * (2.0 + i)])
     assert scorer.scored == 8
+
+
+def test_nothing_is_scored_while_a_request_is_being_answered() -> None:
+    """The shadow's model calls hold the interpreter lock: it waits for a moment when no
+    request is in flight, however long that takes (before, it waited 2 ms and scored
+    anyway), and a closing scorer does not wait for one."""
+    scored: list[str] = []
+    scorer = ShadowScorer(
+        lambda batch: np.zeros(batch.rows), lambda r, s: scored.append(r.request_id)
+    )
+    ACTIVITY.started()  # a request is being answered
+    answering = True
+    try:
+        assert scorer.offer(_request(1))
+        # the one wait in this module that is meant to expire: a busy service, for a
+        # while far longer than the 2 ms the worker used to defer to it
+        assert not scorer.flush(0.5) and scored == []
+        ACTIVITY.finished()
+        answering = False
+        assert scorer.flush(120) and scored == ["req-1"]
+        ACTIVITY.started()
+        answering = True
+        assert scorer.offer(_request(2))
+        scorer.close(timeout=120)  # closing scores what is queued, busy or not
+        assert scored == ["req-1", "req-2"]
+    finally:
+        if answering:
+            ACTIVITY.finished()
+        scorer.close()
 
 
 class Leaky(Exception):
