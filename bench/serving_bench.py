@@ -601,16 +601,25 @@ def check_v2(
 DROPPED = "clinml_prediction_log_dropped_rows_total"
 
 
-def log_rows_dropped(url: str) -> float:
+def metric(url: str, name: str, secret: str | None = None) -> float:
+    """The value of ``name`` on ours' ``/metrics`` (summed over its labels); ``secret``:
+    an admin key, where ``/metrics`` asks for one."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30.0).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+def log_rows_dropped(url: str, secret: str | None = None) -> float:
     """Prediction-log rows ours has dropped so far (its ``/metrics``): a queue that
     fills under load drops rows rather than slow the answers, and a point measured while
     it did flatters ours."""
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=30.0).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(DROPPED)
-    )
+    return metric(url, DROPPED, secret)
 
 
 def bench_champion(

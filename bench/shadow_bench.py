@@ -40,7 +40,9 @@ from bench.serving_bench import (  # noqa: E402
     Champion,
     _server_env,
     ensure_wrk,
+    log_rows_dropped,
     machine,
+    metric,
     payload_label,
     prepare,
     sample_records,
@@ -85,19 +87,6 @@ def ensure_challenger(champion: Champion) -> str:
     return str(challenger)
 
 
-def _metric(url: str, secret: str, name: str) -> float:
-    import httpx
-
-    text = httpx.get(
-        f"{url}/metrics", headers={"Authorization": f"Bearer {secret}"}, timeout=30
-    ).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
-
-
 def switch(champion: Champion, url: str, secret: str, on: bool, version: str) -> None:
     """Shadow ``version`` (or stop), and have the server take it up now."""
     import httpx
@@ -118,6 +107,24 @@ def switch(champion: Champion, url: str, secret: str, on: bool, version: str) ->
         raise BenchError(f"POST /admin/reload: {reloaded.status_code} {reloaded.text}")
 
 
+def _until_the_shadow_scores(url: str, secret: str, record: dict[str, Any]) -> None:
+    """Send single requests until the shadow has scored one, so that the points measure
+    a running shadow, not its start."""
+    import time
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {secret}"}
+    name = "clinml_shadow_scored_total"
+    before = metric(url, name, secret)
+    deadline = time.monotonic() + 600
+    while metric(url, name, secret) <= before:
+        if time.monotonic() > deadline:
+            raise BenchError("the shadow scored nothing within 600 s of its start")
+        httpx.post(f"{url}/predict", json={"records": [record]}, headers=headers, timeout=60)
+        time.sleep(0.2)
+
+
 def one_round(
     condition: str,
     champion: Champion,
@@ -127,32 +134,30 @@ def one_round(
     scripts: dict[int, Path],
     version: str,
     server_pid: int,
+    record: dict[str, Any],
 ) -> list[dict[str, Any]]:
     switch(champion, url, secret, condition == "on", version)
+    if condition == "on":
+        _until_the_shadow_scores(url, secret, record)
     rows = []
     warmup = max(1, args.duration // 2)
     for n, script in scripts.items():
         for c in args.concurrency:
             before = {
-                key: _metric(url, secret, f"clinml_shadow_{key}_total")
+                key: metric(url, f"clinml_shadow_{key}_total", secret)
                 for key in ("scored", "dropped", "errors")
             }
-            dropped = log_rows_dropped_with(url, secret)
+            dropped = log_rows_dropped(url, secret)
             with pinned({LOAD_CORE}):
                 medians = measure(f"{url}/predict", script, c, args.duration, 1, warmup, server_pid)
             row = {"condition": condition, "payload": payload_label(n), "concurrency": c}
             row |= medians
             for key, value in before.items():
-                row[f"shadow_{key}"] = _metric(url, secret, f"clinml_shadow_{key}_total") - value
-            row["log_dropped_rows"] = log_rows_dropped_with(url, secret) - dropped
+                row[f"shadow_{key}"] = metric(url, f"clinml_shadow_{key}_total", secret) - value
+            row["log_dropped_rows"] = log_rows_dropped(url, secret) - dropped
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
-
-
-def log_rows_dropped_with(url: str, secret: str) -> float:
-    """``log_rows_dropped``, with the admin key ``/metrics`` needs here."""
-    return _metric(url, secret, "clinml_prediction_log_dropped_rows_total")
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, kind: str) -> str:
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                 for condition in ("off", "on") if i % 2 == 0 else ("on", "off"):
                     rows += one_round(
                         condition, champion, running.url, secret, args, scripts, version,
-                        running.pid,
+                        running.pid, records[0],
                     )  # fmt: skip
         finally:
             switch(champion, running.url, secret, False, version)
