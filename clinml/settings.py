@@ -142,6 +142,13 @@ class Settings(BaseSettings):
         "clinml/cpus.py). 0: each library's own default, one thread per host core "
         "(the behaviour before issue 20; for comparison only).",
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="Train on this Ray cluster: the search's fits, the refits and the "
+        "evaluations run as Ray tasks, with the same results as in-process. 'local' starts "
+        "one in the training process; HOST:6379 a cluster's head, ray://HOST:10001 Ray "
+        "Client, 'auto' the cluster this process runs in. Unset: in-process (docs/training.md).",
+    )
     execution: Literal["inline", "split"] = Field(
         default="inline",
         description="Where the model runs: inline, in the API worker's process, or split, in "

@@ -156,15 +156,29 @@ def materialize(
     stages.materialize(spec, settings, Progress(total=1), full=full)
 
 
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="Train on this Ray cluster ('local', HOST:6379, ray://HOST:10001, auto); "
+        "overrides CLINML_RAY_ADDRESS.",
+    ),
+]
+
+
+def _on_ray(settings: Settings, ray: str | None) -> Settings:
+    return settings if ray is None else settings.model_copy(update={"ray_address": ray})
+
+
 @app.command()
-def train(usecase: UseCase) -> None:
+def train(usecase: UseCase, ray: RayAddress = None) -> None:
     """Train every candidate and the logistic-regression reference; register the selected one
     (the reference unless another is clearly better) as the challenger."""
     from clinml.pipelines import stages
     from clinml.pipelines.progress import Progress
 
     settings, spec = _setup(usecase)
-    stages.train(spec, settings, Progress(total=1))
+    stages.train(spec, _on_ray(settings, ray), Progress(total=1))
     typer.echo(f"next: clinml promote {usecase}")
 
 
@@ -424,7 +438,7 @@ def audit_checkpoint() -> None:
 
 
 @app.command()
-def run(usecase: UseCase, data: DataFile = None) -> None:
+def run(usecase: UseCase, data: DataFile = None, ray: RayAddress = None) -> None:
     """ingest + materialize + train + promote + package: up to a servable champion.
 
     Exit 1 when the gate refuses the challenger (nothing is packaged), as `clinml promote`.
@@ -437,7 +451,7 @@ def run(usecase: UseCase, data: DataFile = None) -> None:
     progress = Progress(total=6)
     stages.ingest(spec, settings, progress, data=data)
     stages.materialize(spec, settings, progress, full=True)
-    version = stages.train(spec, settings, progress)
+    version = stages.train(spec, _on_ray(settings, ray), progress)
     try:
         stages.promote(spec, settings, progress)
     except PromotionRefused as refused:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from clinml.environment import FeastEnvironment
     from clinml.features.offline import PostgresTables
     from clinml.monitoring.retraining import RetrainingData
+    from clinml.training.distributed import RayCluster
     from clinml.training.governance import Decision
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ def train(
         events = read_labels(spec, paths, utc_now(), _offline_tables(spec, environment))
         store = feature_store.open_store(spec, paths, environment)
         tracker = Tracker.from_settings(settings, create=True)  # the first run creates it
-        result = train_stage.run(spec, store, tracker, events, report=progress.detail, tags=tags)
+        with training_cluster(settings) as cluster:
+            result = train_stage.run(
+                spec, store, tracker, events, report=progress.detail, tags=tags, cluster=cluster
+            )
         metrics = result.selected.metrics
         primary = spec.primary_metric
         progress.detail(
@@ -182,6 +186,19 @@ def train(
             f"held-out rows of {result.test_patients:,} patients)"
         )
     return result.version
+
+
+@contextmanager
+def training_cluster(settings: Settings) -> Iterator[RayCluster | None]:
+    """The Ray cluster training runs on (``CLINML_RAY_ADDRESS``), connected for the
+    block; None without one (training runs in-process)."""
+    if not settings.ray_address:
+        yield None
+        return
+    from clinml.training.distributed import RayCluster
+
+    with RayCluster.connect(settings.ray_address) as cluster:
+        yield cluster
 
 
 # The steps of ``retrain``: gather, store, materialize, train.

@@ -23,11 +23,19 @@ worker processes (loky), each fit on one thread (OpenMP, BLAS, torch, joblib), s
 search never starts more threads than it was given and no thread pool is nested inside
 another. Independent fits in separate processes share no barrier, so they keep their
 speed when other work takes CPUs from them; one fit spread over OpenMP threads does not
-(docs/training.md, "CPU use").
+(docs/training.md, "CPU use"). With a Ray cluster (``cluster``), the fits are Ray tasks
+instead, all of a candidate's at once, the search sample put in the object store once
+(:mod:`clinml.training.distributed`).
+
+A fit that raises (other than a spec error, which stops training) fails its
+configuration: the trial is recorded with the exception's type (``failed``) and no score,
+and the search goes on with the others; only when every configuration fails does the
+search stop. In-process and on Ray alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -38,9 +46,10 @@ import numpy as np
 import pandas as pd
 
 from clinml.cpus import limit_threads
-from clinml.errors import SpecError
+from clinml.errors import ClinmlError, SpecError
 from clinml.spec import CandidateSpec, UseCaseSpec
 from clinml.training.candidates import SEARCH_SPACES, build_pipeline, fit
+from clinml.training.distributed import Failed, RayCluster
 from clinml.training.metrics import point_metrics
 
 RANKING_METRICS = ("roc_auc", "average_precision")
@@ -54,6 +63,8 @@ class Trial:
     # Fit and predict seconds of its folds, summed (the folds may run side by side).
     seconds: float
     log_loss: float = math.nan
+    # The type of the exception a fold's fit raised; None when every fold was fitted.
+    failed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ class SearchResult:
                     "cv_log_loss": t.log_loss,
                     "fold_scores": repr([round(s, 4) for s in t.fold_scores]),
                     "seconds": round(t.seconds, 2),
+                    "failed": t.failed or "",
                     "selected": t.params == self.best_params,
                 }
                 for i, t in enumerate(self.trials)
@@ -141,6 +153,7 @@ def search(
     report: Callable[[str], None] = lambda _: None,
     times: np.ndarray | None = None,
     threads: int = 1,
+    cluster: RayCluster | None = None,
 ) -> SearchResult:
     """Cross-validated search over one candidate's configurations.
 
@@ -154,7 +167,11 @@ def search(
         times: optional event time of each row, kept with the out-of-fold predictions.
         threads: CPUs to use: worker processes, one thread each (1: every fit in this
             process, on one thread; 0: in this process, with each library's own thread
-            defaults, as before issue 20).
+            defaults, as before issue 20). Unused with ``cluster``.
+        cluster: run the fits as tasks on this Ray cluster instead.
+
+    Raises:
+        ClinmlError: every configuration failed.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -175,10 +192,11 @@ def search(
     # Configurations fitted per round: one at a time in this process (progress per
     # configuration); in workers, all at once, or under a time budget enough to keep
     # every worker busy, the budget being checked between rounds.
-    if threads <= 1:
+    workers = cluster.cpus if cluster is not None else threads
+    if workers <= 1:
         per_round = 1
     elif budget.time_budget_s:
-        per_round = -(-threads // len(folds))
+        per_round = -(-workers // len(folds))
     else:
         per_round = len(configs)
     started = time.perf_counter()
@@ -189,8 +207,13 @@ def search(
             report(f"{name}: time budget reached after {len(trials)} of {len(configs)} configs")
             break
         batch = configs[first : first + per_round]
-        fitted = _fit_folds(name, spec, batch, folds, xs, ys, gs, threads)
+        fitted = _fit_folds(name, spec, batch, folds, xs, ys, gs, threads, cluster)
         for i, (config, config_folds) in enumerate(zip(batch, fitted, strict=True), start=first):
+            failed = next((f.kind for f in config_folds if isinstance(f, Failed)), None)
+            if failed is not None:
+                trials.append(Trial(config, math.nan, [], 0.0, math.nan, failed))
+                report(f"{name} [{i + 1}/{len(configs)}] failed ({failed}) {_short(config)}")
+                continue
             oof = np.empty(len(ys))
             scores = []
             seconds = 0.0
@@ -209,7 +232,12 @@ def search(
             )
             if best is None or loss < best[0]:
                 best = (loss, score, config, oof)
-    assert best is not None
+    if best is None:
+        kinds = sorted({t.failed for t in trials if t.failed})
+        raise ClinmlError(
+            f"training.candidates.{name}: every configuration searched failed "
+            f"({', '.join(kinds)}); the training log has each one"
+        )
     return SearchResult(
         candidate=name,
         scoring=scoring,
@@ -234,42 +262,64 @@ def _fit_folds(
     y: np.ndarray,
     groups: np.ndarray,
     threads: int,
-) -> list[list[tuple[np.ndarray, float]]]:
+    cluster: RayCluster | None = None,
+) -> list[list[tuple[np.ndarray, float] | Failed]]:
     """Fit every configuration on every fold: per configuration, per fold, the held-out
-    rows' probabilities and the seconds the fit took.
+    rows' probabilities and the seconds the fit took, or :class:`Failed`.
 
     With ``threads`` above 1 the fits run in ``threads`` loky worker processes (fewer when
     there are fewer fits), one thread each; ``inner_max_num_threads`` makes loky start its
-    workers with ``OMP_NUM_THREADS=1`` and its kin, before any library reads them.
+    workers with ``OMP_NUM_THREADS=1`` and its kin, before any library reads them. With
+    ``cluster``, they are Ray tasks sharing ``x``, ``y`` and ``groups`` through the
+    object store, each told its rows.
     """
     # torch is imported by the first fit of a worker when any candidate needs it: loky
     # takes a worker's memory after its first task as the reference, and restarts a
     # worker that grows by 300 MB beyond it (importing torch later would look like that).
     torch = "mlp" in spec.training.candidates
-    tasks = [
+    fits = [
         (
             f"training.candidates.{name}: {config}",
             build_pipeline(name, spec, config, spec.training.seed, n_rows=len(fit_rows)),
-            x.iloc[fit_rows],
-            y[fit_rows],
-            groups[fit_rows],
-            x.iloc[score_rows],
+            fit_rows,
+            score_rows,
         )
         for config in configs
         for fit_rows, score_rows in folds
     ]
-    if threads <= 1 or len(tasks) == 1:
-        inner = 0 if threads == 0 else 1
-        results = [_fit_fold(*task, threads=inner, torch=torch) for task in tasks]
+    if cluster is not None:
+        results = cluster.map(_fit_fold_rows, (x, y, groups), fits, torch=torch)
     else:
-        from joblib import Parallel, delayed, parallel_config
+        tasks = [
+            (what, pipeline, x.iloc[fit_rows], y[fit_rows], groups[fit_rows], x.iloc[score_rows])
+            for what, pipeline, fit_rows, score_rows in fits
+        ]
+        if threads <= 1 or len(tasks) == 1:
+            inner = 0 if threads == 0 else 1
+            results = [_fit_fold(*task, threads=inner, torch=torch) for task in tasks]
+        else:
+            from joblib import Parallel, delayed, parallel_config
 
-        workers = min(threads, len(tasks))
-        with parallel_config(backend="loky", n_jobs=workers, inner_max_num_threads=1):
-            results = Parallel()(
-                delayed(_fit_fold)(*task, threads=1, torch=torch) for task in tasks
-            )
+            workers = min(threads, len(tasks))
+            with parallel_config(backend="loky", n_jobs=workers, inner_max_num_threads=1):
+                results = Parallel()(
+                    delayed(_fit_fold)(*task, threads=1, torch=torch) for task in tasks
+                )
     return [results[i : i + len(folds)] for i in range(0, len(results), len(folds))]
+
+
+def _fit_fold_rows(
+    shared: tuple[pd.DataFrame, np.ndarray, np.ndarray],
+    what: str,
+    pipeline: Any,
+    fit_rows: np.ndarray,
+    score_rows: np.ndarray,
+) -> tuple[np.ndarray, float] | Failed:
+    """:func:`_fit_fold` of one fold given by its rows of the shared search sample (a Ray
+    task; its threads are set by the task)."""
+    x, y, groups = shared
+    fold = (x.iloc[fit_rows], y[fit_rows], groups[fit_rows], x.iloc[score_rows])
+    return _fit_fold(what, pipeline, *fold, threads=-1)
 
 
 def _fit_fold(
@@ -281,17 +331,23 @@ def _fit_fold(
     x_score: pd.DataFrame,
     threads: int = 1,
     torch: bool = False,
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float] | Failed:
     """Fit one unfitted pipeline on one fold's rows: the held-out rows' probabilities and
-    the seconds it took, on ``threads`` threads. Runs in a search worker or in the
-    training process; ``what`` names the candidate and configuration in an error."""
+    the seconds it took, on ``threads`` threads (-1: as the caller set them), or
+    :class:`Failed` when the fit raised. Runs in a search worker, a Ray task or the
+    training process; ``what`` names the candidate and configuration in a spec error."""
     started = time.perf_counter()
-    with limit_threads(threads, torch=torch):
+    with limit_threads(threads, torch=torch) if threads >= 0 else contextlib.nullcontext():
         try:
-            fit(pipeline, x_fit, y_fit, groups_fit)
-        except TypeError as exc:  # scikit-learn's InvalidParameterError is a TypeError
-            raise SpecError(f"{what}: {exc}") from None
-        probability = pipeline.predict_proba(x_score)[:, 1]
+            try:
+                fit(pipeline, x_fit, y_fit, groups_fit)
+            except TypeError as exc:  # scikit-learn's InvalidParameterError is a TypeError
+                raise SpecError(f"{what}: {exc}") from None
+            probability = pipeline.predict_proba(x_score)[:, 1]
+        except ClinmlError:
+            raise
+        except Exception as exc:  # this configuration failed; the search goes on
+            return Failed(type(exc).__name__)
     return probability, time.perf_counter() - started
 
 

@@ -43,6 +43,7 @@ from clinml.training import model_io
 from clinml.training.assignment import TAG as RECORD_TAG
 from clinml.training.assignment import PatientAssignment, TrainingRecord, utc_instant, utc_instants
 from clinml.training.candidates import build_pipeline, fit, svm_variant
+from clinml.training.distributed import Failed, RayCluster
 from clinml.training.evaluate import (
     Evaluation,
     choose_threshold,
@@ -305,6 +306,7 @@ def fit_candidates(
     report: Callable[[str], None] = lambda _: None,
     n_boot: int | None = None,
     threads: int | None = None,
+    cluster: RayCluster | None = None,
 ) -> Fitted:
     """Search, refit and evaluate every candidate in the spec on ``frame``.
 
@@ -315,6 +317,8 @@ def fit_candidates(
         report: receives progress lines.
         n_boot: bootstrap resamples (default: the spec's).
         threads: CPUs to use (default: :func:`resolve_threads`).
+        cluster: run the searches' fits, the refits and the evaluations as tasks on this
+            Ray cluster (:mod:`clinml.training.distributed`); the same results.
     """
     required = [c.name for c in spec.features if not c.nullable]
     missing = frame[required].isna().any(axis=1)
@@ -344,12 +348,15 @@ def fit_candidates(
     window = budget_window(frame, split, spec)
     names = list(dict.fromkeys([*spec.training.candidates, REFERENCE_CANDIDATE]))
     threads = resolve_threads(threads)
-    report(_cpu_line(threads))
+    report(_cpu_line(threads) if cluster is None else _cluster_line(cluster))
     with limit_threads(_in_process(threads), torch="mlp" in names):
-        fitted = [
-            fit_candidate(spec, frame, y, split, name, window, n_boot, report, threads)
-            for name in names
-        ]
+        if cluster is None:
+            fitted = [
+                fit_candidate(spec, frame, y, split, name, window, n_boot, report, threads)
+                for name in names
+            ]
+        else:
+            fitted = _fit_on_cluster(cluster, spec, frame, y, split, names, window, n_boot, report)
         selection = select(spec, fitted, spec.evaluation.bootstrap if n_boot is None else n_boot)
     report(f"selected {selection.selected}: {selection.reason}")
     return Fitted(frame, y, split, fitted, selection)
@@ -384,15 +391,57 @@ def _fit_candidate(
     report: Callable[[str], None],
     threads: int,
 ) -> FittedCandidate:
+    result = _search(spec, frame, y, split, name, report, threads)
+    fitted = _finish(spec, frame, y, split, name, window, n_boot, result)
+    report(_candidate_line(spec, fitted))
+    return fitted
+
+
+def _search(
+    spec: UseCaseSpec,
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    split: Split,
+    name: str,
+    report: Callable[[str], None],
+    threads: int,
+    cluster: RayCluster | None = None,
+) -> SearchResult:
+    """The candidate's cross-validated search on the training rows."""
+    patients = frame[spec.entity.key].to_numpy()
+    x_train = frame.iloc[split.train][spec.feature_names]
+    times = frame.iloc[split.train][spec.event_timestamp].to_numpy()
+    return search(
+        name,
+        spec,
+        x_train,
+        y[split.train],
+        patients[split.train],
+        report,
+        times=times,
+        threads=threads,
+        cluster=cluster,
+    )
+
+
+def _finish(
+    spec: UseCaseSpec,
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    split: Split,
+    name: str,
+    window: BudgetWindow | None,
+    n_boot: int | None,
+    result: SearchResult,
+) -> FittedCandidate:
+    """Refit the search's best configuration on every training row, choose the operating
+    threshold on its out-of-fold probabilities, and evaluate on the held-out rows (and the
+    temporal holdout)."""
     features = spec.feature_names
     patients = frame[spec.entity.key].to_numpy()
     x_train, y_train = frame.iloc[split.train][features], y[split.train]
     x_test, y_test = frame.iloc[split.test][features], y[split.test]
     attributes = frame[spec.sensitive_attributes]
-    times = frame.iloc[split.train][spec.event_timestamp].to_numpy()
-    result = search(
-        name, spec, x_train, y_train, patients[split.train], report, times=times, threads=threads
-    )
     started = time.perf_counter()
     pipeline = build_pipeline(name, spec, result.best_params, spec.training.seed, len(x_train))
     try:
@@ -430,17 +479,6 @@ def _fit_candidate(
             attributes.iloc[split.temporal],
             n_boot=n_boot,
         )
-    primary = spec.primary_metric
-    low, high = evaluation.ci[primary]
-    report(
-        f"{name:<6} cv {result.scoring}={result.best_score:.3f} | test {primary}="
-        f"{evaluation.metrics[primary]:.3f} [{low:.3f}, {high:.3f}] "
-        f"ece={evaluation.metrics['ece']:.3f} threshold={threshold:.3f} "
-        f"sensitivity={evaluation.metrics['sensitivity']:.3f} "
-        f"alerts/100={100 * evaluation.metrics['alert_rate']:.1f} "
-        + (f"| recent {primary}={temporal.metrics[primary]:.3f} " if temporal else "")
-        + f"(search {result.seconds:.0f}s, fit {fit_seconds:.1f}s)"
-    )
     return FittedCandidate(
         name,
         pipeline,
@@ -451,6 +489,61 @@ def _fit_candidate(
         fit_seconds,
         probability,
         train_rows=len(x_train),
+    )
+
+
+def _finish_task(
+    shared: tuple[UseCaseSpec, pd.DataFrame, np.ndarray, Split, BudgetWindow | None, int | None],
+    name: str,
+    result: SearchResult,
+) -> FittedCandidate:
+    """:func:`_finish` as a Ray task, the frame and split shared through the object store."""
+    spec, frame, y, split, window, n_boot = shared
+    return _finish(spec, frame, y, split, name, window, n_boot, result)
+
+
+def _fit_on_cluster(
+    cluster: RayCluster,
+    spec: UseCaseSpec,
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    split: Split,
+    names: list[str],
+    window: BudgetWindow | None,
+    n_boot: int | None,
+    report: Callable[[str], None],
+) -> list[FittedCandidate]:
+    """Every candidate on the Ray cluster: the searches one candidate after another, each
+    one's fits as tasks side by side; then the refits and evaluations, all at once."""
+    results = [_search(spec, frame, y, split, name, report, 1, cluster) for name in names]
+    finished = cluster.map(
+        _finish_task,
+        (spec, frame, y, split, window, n_boot),
+        list(zip(names, results, strict=True)),
+        torch="mlp" in names,
+    )
+    fitted = []
+    for name, item in zip(names, finished, strict=True):
+        if isinstance(item, Failed):
+            raise ClinmlError(f"training.candidates.{name}: the refit failed ({item.kind})")
+        report(_candidate_line(spec, item))
+        fitted.append(item)
+    return fitted
+
+
+def _candidate_line(spec: UseCaseSpec, fitted: FittedCandidate) -> str:
+    """The progress line of a fitted candidate."""
+    result, evaluation, temporal = fitted.search, fitted.evaluation, fitted.temporal
+    primary = spec.primary_metric
+    low, high = evaluation.ci[primary]
+    return (
+        f"{fitted.name:<6} cv {result.scoring}={result.best_score:.3f} | test {primary}="
+        f"{evaluation.metrics[primary]:.3f} [{low:.3f}, {high:.3f}] "
+        f"ece={evaluation.metrics['ece']:.3f} threshold={fitted.threshold:.3f} "
+        f"sensitivity={evaluation.metrics['sensitivity']:.3f} "
+        f"alerts/100={100 * evaluation.metrics['alert_rate']:.1f} "
+        + (f"| recent {primary}={temporal.metrics[primary]:.3f} " if temporal else "")
+        + f"(search {result.seconds:.0f}s, fit {fitted.fit_seconds:.1f}s)"
     )
 
 
@@ -484,6 +577,14 @@ def _cpu_line(threads: int) -> str:
     return (
         f"CPUs for training: {threads} (search fits in {threads} worker processes, one "
         "thread per process)"
+    )
+
+
+def _cluster_line(cluster: RayCluster) -> str:
+    """The progress line saying where training's work runs, on Ray."""
+    return (
+        f"training on Ray at {cluster.address} ({cluster.cpus} CPUs): search fits, refits and "
+        "evaluations as tasks of one CPU each"
     )
 
 
@@ -846,6 +947,7 @@ def run(
     events: pd.DataFrame,
     report: Callable[[str], None] = lambda _: None,
     tags: dict[str, str] | None = None,
+    cluster: RayCluster | None = None,
 ) -> TrainResult:
     """Train, evaluate and log every candidate; register the best as the challenger.
 
@@ -857,6 +959,7 @@ def run(
         report: receives progress lines.
         tags: more tags for the registered version and its run (why it was trained,
             e.g. a retrain on drift and what it was trained on).
+        cluster: a Ray cluster to train on (:func:`fit_candidates`).
 
     Returns:
         Every candidate's run and metrics, and the registered version.
@@ -864,7 +967,8 @@ def run(
     from clinml.features.store import training_frame
 
     frame = training_frame(store, spec, events)
-    return register(spec, fit_candidates(spec, frame, report=report), tracker, report, tags)
+    fitted = fit_candidates(spec, frame, report=report, cluster=cluster)
+    return register(spec, fitted, tracker, report, tags)
 
 
 def register(
