@@ -41,7 +41,9 @@ COPY serving ./serving
 COPY monitoring ./monitoring
 COPY pipelines ./pipelines
 COPY configs ./configs
-RUN pip install --constraint constraints.txt . \
+# With Ray: the same image runs the KubeRay cluster's head and workers, and the training
+# CronJob that submits to it (deploy/k8s/raycluster.yaml, docs/deployment.md).
+RUN pip install --constraint constraints.txt '.[ray]' \
     && mkdir -p /data \
     && chown clinml:clinml /data
 

@@ -28,7 +28,9 @@ def test_dockerfile_installs_the_project_and_runs_the_service_as_non_root() -> N
     keywords = [k for k, _ in steps]
     assert keywords[0] == "FROM" and "python:3.11" in steps[0][1]
     runs = " ".join(rest for k, rest in steps if k == "RUN")
-    assert "pip install --constraint constraints.txt ." in runs  # the tested pins
+    # the tested pins, with Ray: the same image runs a KubeRay cluster's nodes and the
+    # training job that submits to it (deploy/k8s/raycluster.yaml)
+    assert "pip install --constraint constraints.txt '.[ray]'" in runs
     copied = " ".join(rest for k, rest in steps if k == "COPY")
     assert "constraints.txt" in copied
     assert "torch==2.13.0" in runs
