@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class RayCluster:
                 "training on Ray needs the ray package: pip install 'clinml[ray]'"
             ) from None
         started_here = not ray.is_initialized()
+        environment = dict(os.environ)  # ray.init sets RAY_AUTH_MODE, PYTHONBREAKPOINT, ...
         if started_here:
             options: dict[str, Any] = {
                 "logging_level": logging.WARNING,
@@ -106,6 +108,7 @@ class RayCluster:
         finally:
             if started_here:
                 ray.shutdown()
+                _restore(environment)  # a later `ray start` or Ray job must not inherit them
 
     def map(
         self,
@@ -146,6 +149,13 @@ class RayCluster:
                     f"({type(exc).__name__}); see the Ray cluster's logs"
                 ) from None
         return results
+
+
+def _restore(environment: dict[str, str]) -> None:
+    """Put ``os.environ`` back as ``environment`` was."""
+    for key in set(os.environ) - set(environment):
+        del os.environ[key]
+    os.environ.update(environment)
 
 
 def _answers(address: str, timeout_s: float = 10.0) -> None:

@@ -147,6 +147,27 @@ def clinml_serve(home: Path, spec_file: Path, env: dict[str, str]) -> Iterator[s
             process.kill()
 
 
+def reduced_spec(
+    home: Path, usecase: str, n_patients: int, bootstrap: int = 200
+) -> tuple[dict, Path]:
+    """A reduced copy of the shipped spec of ``usecase``, kept under its name in
+    ``home/configs``: ``n_patients`` generated, boosting alone (and the reference), two
+    search configurations, ``bootstrap`` resamples. Returns (the spec as a dict, its file):
+    a test that changes the dict writes the file again."""
+    import yaml
+
+    raw = yaml.safe_load((PROJECT_ROOT / "configs" / f"{usecase}.yaml").read_text())
+    raw["source"]["options"]["n_patients"] = n_patients
+    training = raw["training"]
+    training["candidates"] = {"gbm": training["candidates"]["gbm"]}
+    training["search"]["n_iter"] = 2
+    raw["evaluation"]["bootstrap"] = bootstrap
+    spec_file = home / "configs" / f"{usecase}.yaml"
+    spec_file.parent.mkdir(parents=True)
+    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return raw, spec_file
+
+
 def registry_aliases(tracker, model: str) -> dict[str, str]:
     """Alias -> version number of ``model`` in the registry."""
     return {

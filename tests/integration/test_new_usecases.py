@@ -32,13 +32,11 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
-import yaml
 
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec, load_spec
-from tests.conftest import PROJECT_ROOT
 from tests.integration.served import clinml as served_cli
-from tests.integration.served import clinml_serve
+from tests.integration.served import clinml_serve, reduced_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -130,15 +128,7 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     # Before anything is served: every row the live service logs comes after it.
     until = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     home = tmp_path_factory.mktemp(f"{usecase.name}-home")
-    raw = yaml.safe_load((PROJECT_ROOT / "configs" / f"{usecase.name}.yaml").read_text())
-    raw["source"]["options"]["n_patients"] = usecase.n_patients
-    training = raw["training"]
-    training["candidates"] = {"gbm": training["candidates"]["gbm"]}
-    training["search"]["n_iter"] = 2
-    raw["evaluation"]["bootstrap"] = 200
-    spec_file = home / "configs" / f"{usecase.name}.yaml"
-    spec_file.parent.mkdir(parents=True)
-    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _, spec_file = reduced_spec(home, usecase.name, usecase.n_patients)
     ran = clinml(home, "run", str(spec_file))
     assert ran.returncode == 0, ran.stdout + ran.stderr
     return Trained(usecase, home, spec_file, load_spec(spec_file), ran, until)

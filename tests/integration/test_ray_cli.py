@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from clinml.settings import Settings
-from tests.conftest import PROJECT_ROOT
 from tests.integration.served import clinml as served_cli
+from tests.integration.served import reduced_spec
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -61,15 +60,7 @@ def trained(
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
     address, ray_home = head
     home = tmp_path_factory.mktemp("ray-cli-home")
-    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "readmission.yaml").read_text())
-    raw["source"]["options"]["n_patients"] = 3_000
-    training = raw["training"]
-    training["candidates"] = {"gbm": training["candidates"]["gbm"]}
-    training["search"]["n_iter"] = 2
-    raw["evaluation"]["bootstrap"] = 100
-    spec_file = home / "configs" / "readmission.yaml"
-    spec_file.parent.mkdir(parents=True)
-    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _, spec_file = reduced_spec(home, "readmission", 3_000, bootstrap=100)
     env = {"CLINML_PSEUDONYM_KEY": KEY, "HOME": str(ray_home)}
     ran = served_cli(home, "run", str(spec_file), env=env)
     assert ran.returncode == 0, ran.stdout + ran.stderr

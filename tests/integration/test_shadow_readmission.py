@@ -28,9 +28,8 @@ import yaml
 
 from clinml.settings import Settings
 from clinml.spec import UseCaseSpec, load_spec
-from tests.conftest import PROJECT_ROOT
 from tests.integration.served import clinml as served_cli
-from tests.integration.served import clinml_serve
+from tests.integration.served import clinml_serve, reduced_spec
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -61,15 +60,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from tests.integration.served import api_keys, registry_aliases
 
     home = tmp_path_factory.mktemp("shadow-readmission-home")
-    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "readmission.yaml").read_text())
-    raw["source"]["options"]["n_patients"] = N_PATIENTS
+    raw, spec_file = reduced_spec(home, "readmission", N_PATIENTS)
     training = raw["training"]
-    training["candidates"] = {"gbm": training["candidates"]["gbm"]}
-    training["search"]["n_iter"] = 2
-    raw["evaluation"]["bootstrap"] = 200
-    spec_file = home / "configs" / "readmission.yaml"
-    spec_file.parent.mkdir(parents=True)
-    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     ran = clinml(home, "run", str(spec_file))
     assert ran.returncode == 0, ran.stdout + ran.stderr
 

@@ -62,8 +62,15 @@ def frame(spec: UseCaseSpec) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    home = tmp_path_factory.mktemp("ray-home")
+def ray_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HOME of every Ray instance this module starts (Ray 2.60 does not start a
+    second instance in one process under another HOME)."""
+    return tmp_path_factory.mktemp("ray-home")
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_home: Path) -> Iterator[RayCluster]:
+    home = ray_home
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HOME", str(home))  # Ray's token goes here, not the user's home
         with RayCluster.connect("local") as connected:
@@ -98,6 +105,17 @@ def test_an_address_where_nothing_answers_is_one_clear_error(tmp_path: Path, mon
         pass
 
 
+def test_a_local_cluster_leaves_the_environment_as_it_found_it(ray_home: Path, monkeypatch) -> None:
+    """ray.init exports RAY_AUTH_MODE=token (and more) into the process: a `ray start`
+    run later from it then demands a token it never made."""
+    monkeypatch.setenv("HOME", str(ray_home))
+    before = dict(os.environ)
+    with RayCluster.connect("local") as cluster:
+        assert cluster.cpus >= 1
+        assert os.environ.get("RAY_AUTH_MODE") == "token"  # what Ray did meanwhile
+    assert dict(os.environ) == before
+
+
 def test_training_on_ray_gives_the_in_process_results(
     spec: UseCaseSpec, frame: pd.DataFrame, cluster: RayCluster, in_process: Fitted
 ) -> None:
@@ -115,6 +133,15 @@ def test_training_on_ray_gives_the_in_process_results(
         assert ours.temporal.metrics == theirs.temporal.metrics
     assert on_ray.selection.selected == in_process.selection.selected
     assert on_ray.selection.reason == in_process.selection.reason
+
+
+def _training_rows(spec: UseCaseSpec, frame: pd.DataFrame, fitted: Fitted) -> tuple:
+    """The training split's features, outcomes, patients and event times, as the
+    training gave them to each candidate's search."""
+    rows = fitted.split.train
+    x = frame.iloc[rows][spec.feature_names]
+    patients = frame[spec.entity.key].to_numpy()[rows]
+    return x, fitted.y[rows], patients, frame.iloc[rows][spec.event_timestamp].to_numpy()
 
 
 class _Killer(threading.Thread):
@@ -143,11 +170,7 @@ def test_a_worker_killed_mid_search_is_replaced_and_the_search_completes(
     spec: UseCaseSpec, frame: pd.DataFrame, cluster: RayCluster, in_process: Fitted
 ) -> None:
     [gbm] = [c for c in in_process.candidates if c.name == "gbm"]
-    split = in_process.split
-    x = frame.iloc[split.train][spec.feature_names]
-    y = in_process.y[split.train]
-    patients = frame[spec.entity.key].to_numpy()[split.train]
-    times = frame.iloc[split.train][spec.event_timestamp].to_numpy()
+    x, y, patients, times = _training_rows(spec, frame, in_process)
     killer = _Killer()
     killer.start()
     try:
@@ -181,10 +204,7 @@ def test_a_fit_that_raises_is_a_failed_trial_and_the_search_goes_on(
     spec: UseCaseSpec, frame: pd.DataFrame, in_process: Fitted, monkeypatch
 ) -> None:
     [gbm] = [c for c in in_process.candidates if c.name == "gbm"]
-    split = in_process.split
-    x = frame.iloc[split.train][spec.feature_names]
-    y = in_process.y[split.train]
-    patients = frame[spec.entity.key].to_numpy()[split.train]
+    x, y, patients, _ = _training_rows(spec, frame, in_process)
     rates = [t.params.get("learning_rate") for t in gbm.search.trials]
     failing = next(r for r in rates if r != gbm.search.best_params.get("learning_rate"))
     monkeypatch.setattr(search_module, "fit", _failing_for(failing))
