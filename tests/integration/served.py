@@ -108,7 +108,7 @@ def http_status(url: str) -> int | None:
 
 
 @contextmanager
-def clinml_serve(home: Path, spec_file: Path, env: dict[str, str]) -> Iterator[str]:
+def clinml_serve(home: Path, spec_file: Path | str, env: dict[str, str]) -> Iterator[str]:
     """A real ``clinml serve`` of ``spec_file`` on the data directory ``home`` (with
     ``env`` added to this environment), from ready until the block ends; yields its URL.
     Then SIGTERM, as a service manager stops it: the server and its workers all go,
@@ -137,6 +137,7 @@ def clinml_serve(home: Path, spec_file: Path, env: dict[str, str]) -> Iterator[s
         assert process.poll() is None, f"clinml serve exited with {process.returncode}"
         yield url
         workers = psutil.Process(process.pid).children(recursive=True)
+        assert workers, "clinml serve started no server"
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
         _, left = psutil.wait_procs(workers, timeout=60)

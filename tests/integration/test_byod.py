@@ -4,7 +4,6 @@ and `clinml serve` serves it until SIGTERM stops the whole server."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytest
 from clinml.settings import Settings
 from clinml.spec import load_spec
 from tests.conftest import PROJECT_ROOT, make_tiny_frame
-from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -71,45 +69,9 @@ def test_init_then_run_on_a_csv(tmp_path: Path) -> None:
 def _serve_then_sigterm(home: Path) -> None:
     """`clinml serve`, ready, then SIGTERM as a service manager sends it: the server and
     every worker it started are gone afterwards and the port is free again."""
-    import psutil
-
-    from clinml.serving.launch import free_port, port_is_free
-    from tests.integration.served import api_keys
+    from tests.integration.served import api_keys, clinml_serve
 
     key = api_keys(home)["dev"]
-    port = free_port()
-    served = subprocess.Popen(
-        [str(Path(sys.executable).parent / "clinml"), "serve", "visits", "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "CLINML_HOME": str(home), "CLINML_PSEUDONYM_KEY": "byod-test-key"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(
-            lambda: _status(f"{url}/readyz") == 200 or served.poll() is not None,
-            "clinml serve to become ready",
-            300,
-            every_s=0.5,
-        )
-        assert served.poll() is None, f"clinml serve exited with {served.returncode}"
+    with clinml_serve(home, "visits", {"CLINML_PSEUDONYM_KEY": "byod-test-key"}) as url:
         answer = httpx.get(f"{url}/model", headers={"X-API-Key": key}, timeout=30)
         assert answer.status_code == 200
-        server = psutil.Process(served.pid).children(recursive=True)
-        assert server, "clinml serve started no server"
-        served.send_signal(signal.SIGTERM)
-        served.wait(timeout=120)
-        _, left = psutil.wait_procs(server, timeout=60)
-        assert not left, [p.cmdline()[:4] for p in left]
-        assert port_is_free("127.0.0.1", port)
-    finally:
-        if served.poll() is None:
-            served.kill()
-
-
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
