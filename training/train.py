@@ -728,6 +728,7 @@ def _log_candidate(
                 "temporal_rows": len(split.temporal),
                 "search_rows": result.search_rows,
                 "search_trials": len(result.trials),
+                "search_trials_failed": sum(t.failed is not None for t in result.trials),
                 "search_scoring": result.scoring,
                 "cv_folds": spec.training.search.cv_folds,
                 "class_weight": spec.training.class_weight,

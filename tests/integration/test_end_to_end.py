@@ -81,6 +81,7 @@ def test_every_candidate_is_a_run_and_the_selected_one_is_champion(
         }
         # (The slope is left out where a model separates the 143 test cases perfectly.)
         assert {"calibration_intercept", "observed_expected"} <= set(metrics)
+        assert run.data.params["search_trials_failed"] == "0"
         evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
         assert (
             "evaluation/subgroups.csv" in evaluation
