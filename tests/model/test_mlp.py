@@ -12,6 +12,13 @@ from sklearn.metrics import roc_auc_score
 from clinml.training import mlp
 from clinml.training.mlp import TorchMLPClassifier, balanced_class_weights, stratified_holdout
 
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 SMALL = {"hidden_units": (16,), "epochs": 30, "batch_size": 64, "device": "cpu"}
 
 
@@ -225,3 +232,29 @@ def test_skops_round_trip_gives_identical_probabilities(data, fitted) -> None:
     np.testing.assert_array_equal(loaded.predict_proba(x_test), fitted.predict_proba(x_test))
     assert loaded.loss_curve_ == fitted.loss_curve_
     assert (loaded.n_epochs_, loaded.best_epoch_) == (fitted.n_epochs_, fitted.best_epoch_)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+def test_cuda_training_learns_like_the_cpu_and_leaves_a_cpu_network(data, fitted) -> None:
+    """Run by bench/gpu_check.sh on a GPU machine: the network trains on CUDA ("auto"
+    picks it), lands on the CPU, and persists like a CPU-trained one."""
+    import skops.io
+
+    from clinml.training.model_io import TRUSTED_PREFIXES
+
+    x_train, y_train, x_test, y_test = data
+    params = {**SMALL, "device": "auto"}
+    model = TorchMLPClassifier(**params, seed=3).fit(x_train, y_train)
+
+    assert model.trained_on_ == "cuda"
+    assert {p.device.type for p in model.net_.parameters()} == {"cpu"}
+    # CUDA kernels round differently from the CPU's: the same quality, not the same bits
+    cpu_auc = roc_auc_score(y_test, fitted.predict_proba(x_test)[:, 1])
+    assert roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]) == pytest.approx(
+        cpu_auc, abs=0.02
+    )
+    payload = skops.io.dumps(model)
+    untrusted = skops.io.get_untrusted_types(data=payload)
+    assert all(name.startswith(TRUSTED_PREFIXES) for name in untrusted), untrusted
+    loaded = skops.io.loads(payload, trusted=untrusted)
+    np.testing.assert_array_equal(loaded.predict_proba(x_test), model.predict_proba(x_test))
