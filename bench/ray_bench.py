@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.child import result_of  # noqa: E402
 from bench.docsection import write_section  # noqa: E402
 from bench.training_bench import COHORT_END  # noqa: E402
 
@@ -142,16 +142,7 @@ def one(mode: str, size: int) -> dict[str, object]:
 
 
 def _run(mode: str, size: int) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--one", mode, str(size)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
-    if done.returncode != 0:
-        sys.exit(f"{mode} at {size} failed:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = result_of(__file__, "--one", mode, str(size))
     print(
         f"  {mode}: {result['total_s']:.0f} s (start-up {result['connect_s']:.1f} s), "
         f"selected {result['selected']} AUROC {result['test_roc_auc']:.6f}",
@@ -347,8 +338,7 @@ def main() -> None:
     if args.check_size:
         print(f"Ray at ~{args.check_size:,} encounters (the projection's check)", flush=True)
         check = _run("ray", args.check_size)
-    command = "  ".join([".venv/bin/python bench/ray_bench.py", *sys.argv[1:]]).strip()
-    command = " ".join(command.split())
+    command = " ".join([".venv/bin/python bench/ray_bench.py", *sys.argv[1:]])
     section = _markdown(rounds, scaled, check, started, command)
     print(section)
     if not args.no_write:

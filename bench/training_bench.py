@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.child import result_of  # noqa: E402
 from bench.docsection import write_section  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -188,16 +188,7 @@ def main() -> None:
     results = []
     for size in args.sizes:
         print(f"training on ~{size:,} encounters ...", flush=True)
-        done = subprocess.run(
-            [sys.executable, __file__, "--one", str(size)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            check=False,
-        )
-        if done.returncode != 0:
-            sys.exit(f"size {size} failed:\n{done.stderr[-4000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = result_of(__file__, "--one", str(size))
         print(f"  {result['total_s'] / 60:.1f} min, peak {result['peak_rss_mib']:,.0f} MiB")
         results.append(result)
     command = ".venv/bin/python bench/training_bench.py" + (
