@@ -3,7 +3,7 @@
 On a machine with a CUDA device, in one run:
 
 1. **Training**: the readmission spec's MLP candidate, with its own hyperparameters,
-   fitted on about ``--rows`` labelled encounters (the cohort bench/ray_bench.py makes):
+   fitted on about ``--rows`` labelled encounters (the cohort bench/training_bench.py makes):
    on the CPU with one thread (what a clinml refit uses, ``clinml.training.train``), on
    the CPU with every core, and on CUDA; ``--rounds`` times each, the order rotating.
 2. **Model execution** (what a request costs the model service, without HTTP): the
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.docsection import write_section  # noqa: E402
-from bench.ray_bench import cohort  # noqa: E402
+from bench.training_bench import cohort  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.child import result_of  # noqa: E402
 from bench.docsection import write_section  # noqa: E402
-from bench.training_bench import COHORT_END  # noqa: E402
+from bench.training_bench import cohort  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- ray-bench:start -->", "<!-- ray-bench:end -->"
@@ -61,26 +61,6 @@ DRIVER = "driver"
 PROJECTED_SIZES = (1_000_000, 10_000_000)
 PROJECTED_WORKERS = (8, 32)
 GOAL = 1.3
-# Labelled encounters per generated patient since issue 17 changed the generator: 2.09
-# measured at 1 478 patients. Fewer than that, so the sample can take the size asked for.
-ENCOUNTERS_PER_PATIENT = 1.8
-
-
-def cohort(size: int):
-    """About ``size`` labelled readmission encounters, as bench/training_bench.py makes them."""
-    import numpy as np
-
-    from clinml.features.datasets import readmission
-    from clinml.spec import load_spec
-    from clinml.training.search import grouped_sample
-
-    spec = load_spec(ROOT / "configs" / "readmission.yaml")
-    frame = readmission.load(
-        spec.source.seed, COHORT_END, n_patients=int(size / ENCOUNTERS_PER_PATIENT) + 50
-    )
-    frame = frame[frame[spec.label.column].notna()].reset_index(drop=True)
-    keep = grouped_sample(frame[spec.entity.key].to_numpy(), size, seed=0)
-    return spec, frame.iloc[np.sort(keep)].reset_index(drop=True)
 
 
 def one(mode: str, size: int) -> dict[str, object]:
