@@ -48,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.child import result_of  # noqa: E402
 from bench.docsection import write_section  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -236,22 +237,12 @@ def timed(arguments: list[str], env_threads: str | None, busy: bool) -> dict[str
         for _ in range(BUSY_PROCESSES if busy else 0)
     ]
     try:
-        done = subprocess.run(
-            [sys.executable, __file__, *arguments],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            timeout=AFTER_LIMIT_S + 300,  # a backstop: each run stops itself
-            check=False,
-        )
+        # the timeout is a backstop: each run stops itself
+        return result_of(__file__, *arguments, env=env, timeout=AFTER_LIMIT_S + 300)
     finally:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(arguments)} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _seconds(run: dict, digits: int = 0) -> str:

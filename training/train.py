@@ -377,22 +377,8 @@ def fit_candidate(
     (on ``threads`` CPUs; default: :func:`resolve_threads`)."""
     threads = resolve_threads(threads)
     with limit_threads(_in_process(threads), torch=name == "mlp"):
-        return _fit_candidate(spec, frame, y, split, name, window, n_boot, report, threads)
-
-
-def _fit_candidate(
-    spec: UseCaseSpec,
-    frame: pd.DataFrame,
-    y: np.ndarray,
-    split: Split,
-    name: str,
-    window: BudgetWindow | None,
-    n_boot: int | None,
-    report: Callable[[str], None],
-    threads: int,
-) -> FittedCandidate:
-    result = _search(spec, frame, y, split, name, report, threads)
-    fitted = _finish(spec, frame, y, split, name, window, n_boot, result)
+        result = _search(spec, frame, y, split, name, report, threads)
+        fitted = _finish(spec, frame, y, split, name, window, n_boot, result)
     report(_candidate_line(spec, fitted))
     return fitted
 
